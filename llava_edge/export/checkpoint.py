@@ -209,6 +209,9 @@ def _special_ids(path: Path, tok, config: dict[str, Any]) -> tuple[int | None, l
 
 def load_checkpoint(path: str | Path, vision_tower: str | Path | None = None) -> LoadedCheckpoint:
     """Read a LLaVA checkpoint directory (either layout) into a float32 LlavaForConditionalGeneration."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     path = Path(path).expanduser().resolve()
     layout = detect_layout(path)
     if layout == "llava-hf":

@@ -172,6 +172,9 @@ def build_checkpoint(out_dir: str | Path, preset: str | TinySpec = "llava-hf-v1.
     """
     from transformers import LlavaForConditionalGeneration
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     spec = PRESETS[preset] if isinstance(preset, str) else preset
     if layout is None:
         layout = "original" if isinstance(preset, str) and preset.startswith("original") else "llava-hf"

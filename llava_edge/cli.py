@@ -1,0 +1,255 @@
+"""llava-edge command line. Each command is a thin wrapper over the Python API.
+
+Commands that only run a package (run, chat, inspect) import no torch; export/quantize/demo import
+it lazily. Errors a user can cause print one line and exit 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="Export, quantize, compile and run LLaVA on edge devices and plain CPUs.\n\n"
+    "Typical flow: export CHECKPOINT -o PKG, then run PKG --image x.jpg --prompt '...'.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .package import PackageError
+    from .runtime.ort_backend import BackendError
+    from .runtime.preprocess import ImageError
+
+    errors: list[type[BaseException]] = [PackageError, ImageError, BackendError, ValueError, FileNotFoundError]
+    if "llava_edge.export.checkpoint" in sys.modules:
+        from .export.checkpoint import CheckpointError
+        from .export.exporter import ExportError
+
+        errors += [CheckpointError, ExportError]
+    return tuple(errors)
+
+
+def friendly(fn: Callable) -> Callable:
+    """One-line error and exit code 2 for bad input; Ctrl-C exits 130 quietly."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130)
+        except typer.Exit:
+            raise
+        except Exception as e:  # noqa: BLE001 - classified below
+            if isinstance(e, _user_errors()):
+                console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+                raise typer.Exit(2)
+            raise
+
+    return wrapper
+
+
+def _sampling(greedy: bool, temperature: float | None, top_p: float, top_k: int, repetition_penalty: float,
+              seed: int | None):
+    from .runtime.sampling import SamplingConfig
+
+    if greedy and temperature not in (None, 0.0):
+        raise ValueError("--greedy and --temperature exclude each other")
+    return SamplingConfig(temperature=0.0 if greedy or temperature is None else temperature, top_p=top_p,
+                          top_k=top_k, repetition_penalty=repetition_penalty, seed=seed)
+
+
+@app.command()
+@friendly
+def export(
+    checkpoint: Path = typer.Argument(..., help="LLaVA checkpoint directory (llava-hf or original LLaVA layout)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Model package directory to create."),
+    dtype: str = typer.Option("fp32", help="Graph precision: fp32 or fp16."),
+    opset: int = typer.Option(17, help="ONNX opset (>= 17)."),
+    vision_tower: Optional[Path] = typer.Option(None, help="Local CLIP directory for original checkpoints whose "
+                                                "mm_vision_tower is a hub name."),
+    template: Optional[str] = typer.Option(None, help="Override the chat template (llava_hf, llava_v1, plain)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing package directory."),
+) -> None:
+    """Split a checkpoint into vision / embed / decoder ONNX graphs, verified against PyTorch."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from .export.exporter import export_package
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=False) as progress:
+        current = {"task": None}
+
+        def on_stage(name: str) -> None:
+            if current["task"] is not None:
+                progress.update(current["task"], completed=1, total=1)
+            current["task"] = progress.add_task(name, total=None)
+
+        result = export_package(checkpoint, output, dtype=dtype, opset=opset, overwrite=overwrite,
+                                vision_tower=vision_tower, chat_template=template, on_stage=on_stage)
+        progress.update(current["task"], completed=1, total=1)
+    errs = ", ".join(f"{k} {v:.2e}" for k, v in result.errors.items())
+    console.print(f"[green]exported[/] {output} ({result.manifest.dtype}); max |onnx - torch|: {errs}")
+
+
+@app.command()
+@friendly
+def run(
+    package: Path = typer.Argument(..., help="Model package directory (from export/quantize)."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The question or instruction."),
+    image: Optional[Path] = typer.Option(None, "--image", "-i", help="Image file (jpg, png, ...)."),
+    max_new_tokens: int = typer.Option(64, help="Generate at most this many tokens."),
+    greedy: bool = typer.Option(False, "--greedy", help="Deterministic argmax decoding (the default without "
+                                "--temperature)."),
+    temperature: Optional[float] = typer.Option(None, help="Sample with this temperature (> 0)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
+    top_k: int = typer.Option(0, help="Sample among the k most likely tokens (0 = all)."),
+    repetition_penalty: float = typer.Option(1.0, help="> 1 discourages repeats."),
+    seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
+    stop: list[str] = typer.Option([], help="Stop when this text is generated (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token_ids, timings)."),
+    threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads."),
+    device: str = typer.Option("cpu", help="cpu or cuda (onnxruntime-gpu)."),
+    template: Optional[str] = typer.Option(None, help="Override the package's chat template."),
+) -> None:
+    """Answer one prompt about one image, streaming the answer."""
+    from .runtime.pipeline import Pipeline, Request
+
+    sampling = _sampling(greedy, temperature, top_p, top_k, repetition_penalty, seed)
+    pipe = Pipeline.from_package(package, device=device, threads=threads, template=template)
+    req = Request([(prompt, None)], [image] if image is not None else [])
+    gen = pipe.run([req], max_new_tokens=max_new_tokens, sampling=sampling, stop=stop)
+    while True:
+        try:
+            event = next(gen)
+            if not as_json:
+                out.print(event.text, end="", highlight=False, soft_wrap=True)
+        except StopIteration as done:
+            result = done.value[0]
+            break
+    if as_json:
+        print(json.dumps(result.as_dict()))
+    else:
+        out.print()
+        t = result.timings
+        console.print(f"[dim]{len(result.token_ids)} tokens, vision {t.vision_ms:.1f} ms, prefill {t.prefill_ms:.1f} ms, "
+                      f"{t.tokens_per_s:.1f} tok/s ({result.finish_reason})[/]")
+
+
+@app.command()
+@friendly
+def chat(
+    package: Path = typer.Argument(..., help="Model package directory."),
+    image: Optional[Path] = typer.Option(None, "--image", "-i", help="Image the conversation is about."),
+    max_new_tokens: int = typer.Option(128, help="Per answer."),
+    temperature: Optional[float] = typer.Option(None, help="Sample with this temperature (default greedy)."),
+    top_p: float = typer.Option(1.0),
+    seed: Optional[int] = typer.Option(None),
+    threads: Optional[int] = typer.Option(None),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Multi-turn chat in the terminal. /image PATH switches image, /reset forgets, /quit (or Ctrl-D) exits."""
+    from .runtime.pipeline import Pipeline, PromptTooLongError, Request
+    from .runtime.preprocess import ImageError, load_image
+
+    sampling = _sampling(False, temperature, top_p, 0, 1.0, seed)
+    pipe = Pipeline.from_package(package, device=device, threads=threads)
+    current = load_image(image) if image else None
+    history: list[tuple[str, str]] = []
+    console.print("[dim]/image PATH, /reset, /quit[/]")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            out.print()
+            return
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return
+        if line == "/reset":
+            history.clear()
+            continue
+        if line.startswith("/image"):
+            try:
+                current = load_image(line.split(maxsplit=1)[1])
+                history.clear()
+            except (IndexError, ImageError) as e:
+                console.print(f"[red]error:[/] {e if not isinstance(e, IndexError) else 'usage: /image PATH'}")
+            continue
+        req = Request([*history, (line, None)], [current] if current is not None else [])
+        out.print("llava> ", end="")
+        try:
+            gen = pipe.run([req], max_new_tokens=max_new_tokens, sampling=sampling)
+            while True:
+                try:
+                    out.print(next(gen).text, end="", highlight=False, soft_wrap=True)
+                except StopIteration as done:
+                    result = done.value[0]
+                    break
+        except PromptTooLongError as e:
+            console.print(f"\n[red]error:[/] {e}; use /reset")
+            continue
+        out.print()
+        history.append((line, result.text))
+
+
+@app.command()
+@friendly
+def inspect(package: Path = typer.Argument(..., help="Model package directory."),
+            as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON.")) -> None:
+    """Show a package's graphs, shapes, dtypes, sizes, quantization and tool versions."""
+    from .package import load_manifest
+
+    m = load_manifest(package)
+    if as_json:
+        print(m.to_json())
+        return
+    t, v = m.text, m.vision
+    out.print(f"[bold]{package}[/]  format v{m.format_version}, {m.dtype}, from {m.source.get('layout')} "
+              f"checkpoint {m.source.get('path')}")
+    out.print(f"decoder: {t.num_layers} layers, hidden {t.hidden_size}, heads {t.num_heads} (kv {t.num_kv_heads}) x "
+              f"{t.head_dim}, vocab {t.vocab_size}, context {t.max_context}, template {t.chat_template}")
+    out.print(f"vision: {v.image_size}px / patch {v.patch_size} -> {v.num_image_tokens} tokens per image, layer "
+              f"{v.vision_feature_layer}, strategy {v.select_strategy}, pad-to-square {v.pad_to_square}")
+    table = Table("graph", "file", "size", "inputs", "outputs", "max err")
+    for name, g in m.graphs.items():
+        fmt = lambda ts: "\n".join(f"{x.name} {x.dtype}{x.shape}" for x in ts)  # noqa: E731
+        err = "-" if g.max_abs_error is None else f"{g.max_abs_error:.1e}"
+        table.add_row(name, g.file, f"{g.size_bytes / 1e6:.2f} MB", fmt(g.inputs[:3]) + ("\n..." if len(g.inputs) > 3 else ""),
+                      fmt(g.outputs[:2]) + ("\n..." if len(g.outputs) > 2 else ""), err)
+    out.print(table)
+    out.print(f"quantization: {json.dumps(m.quantization) if m.quantization else 'none'}")
+    out.print("versions: " + ", ".join(f"{k} {val}" for k, val in m.versions.items()))
+
+
+@app.command()
+@friendly
+def demo(
+    workdir: Optional[Path] = typer.Option(None, help="Keep the demo's checkpoint and package here "
+                                           "(default: a temporary directory)."),
+    max_new_tokens: int = typer.Option(16),
+) -> None:
+    """The whole path on a built-in model, no files needed: checkpoint -> export -> verify -> answer."""
+    from .demo import run_demo
+
+    with tempfile.TemporaryDirectory(prefix="llava-edge-demo-") as tmp:
+        run_demo(Path(workdir) if workdir else Path(tmp), max_new_tokens=max_new_tokens, console=out)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny checkpoints in each layout and their exported packages, built once per run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+PRESETS = ["llava-hf-v1.5", "llava-hf-gqa", "original-v1"]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, dict]:
+    """preset -> {"checkpoint": dir, "package": dir, "model": the LlavaForConditionalGeneration written}."""
+    import torch
+
+    from llava_edge.export.exporter import export_package
+    from llava_edge.export.factory import build_checkpoint
+
+    torch.set_num_threads(2)
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for preset in PRESETS:
+        ckpt = root / preset / "checkpoint"
+        model, spec = build_checkpoint(ckpt, preset)
+        pkg = root / preset / "package"
+        export_package(ckpt, pkg)
+        out[preset] = {"checkpoint": ckpt, "package": pkg, "model": model, "spec": spec}
+    return out
+
+
+@pytest.fixture(scope="session")
+def images():
+    """Real-world-like odd inputs: portrait, landscape, grayscale, RGBA, tiny, palette."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    gradient = np.linspace(0, 255, 97 * 41 * 3).reshape(97, 41, 3).astype(np.uint8)
+    return {
+        "portrait": Image.fromarray(gradient),
+        "landscape": Image.fromarray(rng.integers(0, 255, (33, 120, 3), dtype=np.uint8)),
+        "grayscale": Image.fromarray(rng.integers(0, 255, (50, 51), dtype=np.uint8)),
+        "rgba": Image.fromarray(rng.integers(0, 255, (40, 61, 4), dtype=np.uint8)),
+        "tiny": Image.fromarray(rng.integers(0, 255, (3, 5, 3), dtype=np.uint8)),
+        "palette": Image.fromarray(rng.integers(0, 255, (45, 45, 3), dtype=np.uint8)).convert("P"),
+    }
