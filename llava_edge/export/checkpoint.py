@@ -131,7 +131,23 @@ def _strict_load(model: torch.nn.Module, state: dict[str, torch.Tensor], where: 
             raise CheckpointError(
                 f"checkpoint {where}: weight {k} has shape {tuple(v.shape)}, config implies {tuple(expected[k].shape)}"
             )
-    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False, assign=True)
+    _materialize_buffers(model)
+
+
+def _materialize_buffers(model: torch.nn.Module) -> None:
+    """The model was built on the meta device (no memory for weights we are about to replace); its
+    computed buffers (rotary inv_freq, CLIP position ids) are rebuilt here from the module's config."""
+    for module in model.modules():
+        meta = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
+        if not meta:
+            continue
+        fresh = type(module)(module.config)
+        for name in meta:
+            setattr(module, name, getattr(fresh, name))
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"weights left uninitialised after loading: {', '.join(left[:5])}")
 
 
 def _vision_from_processor(pre: dict[str, Any], image_size: int, patch_size: int, layer, strategy: str,
@@ -230,8 +246,9 @@ def _load_llava_hf(path: Path) -> LoadedCheckpoint:
     if tt not in ("llama", "mistral"):
         raise CheckpointError(f"language model type {tt!r} is not supported (LLaMA-architecture decoders only)")
     config = LlavaConfig.from_pretrained(path, local_files_only=True)
-    model = LlavaForConditionalGeneration(config)
     state = {_normalize_hf_key(k): v for k, v in _load_state_dict(path).items()}
+    with torch.device("meta"):  # no memory until the real weights are assigned
+        model = LlavaForConditionalGeneration(config)
     _strict_load(model, state, path)
     model = model.float().eval()
 
@@ -317,15 +334,17 @@ def _load_original(path: Path, vision_tower: str | Path | None) -> LoadedCheckpo
         vision_config=vcfg, text_config=tcfg, image_token_id=image_token_id, vision_feature_layer=layer,
         vision_feature_select_strategy=strategy, projector_hidden_act="gelu", tie_word_embeddings=False,
     )
-    model = LlavaForConditionalGeneration(config)
+    state_in = _load_state_dict(path)
+    meta = torch.device("meta")
+    with meta:
+        model = LlavaForConditionalGeneration(config)
     # The original model splices image features where input_ids hold -200 and never embeds that id;
     # we give <image> its own (zero) embedding row so ids stay valid. lm_head keeps the real vocab,
     # so the image token can never be generated.
-    model.model.language_model.embed_tokens = torch.nn.Embedding(image_token_id + 1, tcfg.hidden_size)
+    model.model.language_model.embed_tokens = torch.nn.Embedding(image_token_id + 1, tcfg.hidden_size, device=meta)
     if projector == "linear":
-        model.model.multi_modal_projector = torch.nn.Linear(vcfg.hidden_size, tcfg.hidden_size)
+        model.model.multi_modal_projector = torch.nn.Linear(vcfg.hidden_size, tcfg.hidden_size, device=meta)
 
-    state_in = _load_state_dict(path)
     state: dict[str, torch.Tensor] = {}
     tower_in_ckpt = False
     for k, v in state_in.items():

@@ -1,0 +1,99 @@
+"""Checkpoint layouts and export failure modes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from llava_edge.export.checkpoint import CheckpointError, load_checkpoint
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("preset", ["llava-hf-v1.5", "llava-hf-gqa", "original-v1"])
+def test_loader_reads_what_the_factory_wrote(tiny_models, preset):
+    m = tiny_models[preset]
+    ck = load_checkpoint(m["checkpoint"])
+    _same_weights(ck.model, m["model"])
+    assert ck.layout == ("original" if preset.startswith("original") else "llava-hf")
+    assert ck.tokenizer.token_to_id("<image>") == ck.image_token_id
+
+
+def test_hub_key_layout_loads(tiny_models, tmp_path):
+    """llava-hf files on the hub say language_model.model.* and vision_tower.vision_model.*."""
+    src = tiny_models["llava-hf-v1.5"]["checkpoint"]
+    dst = tmp_path / "hub"
+    shutil.copytree(src, dst)
+    state = load_file(dst / "model.safetensors")
+    renamed = {("vision_tower.vision_model." + k[len("vision_tower."):]) if k.startswith("vision_tower.") else k: v
+               for k, v in state.items()}
+    assert any(k.startswith("vision_tower.vision_model.") for k in renamed)
+    save_file(renamed, dst / "model.safetensors")
+    _same_weights(load_checkpoint(dst).model, tiny_models["llava-hf-v1.5"]["model"])
+
+
+def test_missing_weight_is_named(tiny_models, tmp_path):
+    dst = tmp_path / "broken"
+    shutil.copytree(tiny_models["llava-hf-v1.5"]["checkpoint"], dst)
+    state = load_file(dst / "model.safetensors")
+    state = {k: v for k, v in state.items() if "layers.1.mlp.down_proj" not in k}
+    save_file(state, dst / "model.safetensors")
+    with pytest.raises(CheckpointError, match="layers.1.mlp.down_proj"):
+        load_checkpoint(dst)
+
+
+def test_original_without_local_vision_tower(tiny_models, tmp_path):
+    dst = tmp_path / "orig"
+    shutil.copytree(tiny_models["original-v1"]["checkpoint"], dst)
+    shutil.rmtree(dst / "clip-vision")
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["mm_vision_tower"] = "openai/clip-vit-large-patch14-336"
+    (dst / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="--vision-tower"):
+        load_checkpoint(dst)
+    # pointing at a local copy works
+    shutil.copytree(tiny_models["original-v1"]["checkpoint"] / "clip-vision", tmp_path / "clip")
+    _same_weights(load_checkpoint(dst, vision_tower=tmp_path / "clip").model, tiny_models["original-v1"]["model"])
+
+
+def test_missing_weights_file(tmp_path):
+    d = tmp_path / "c"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llava", "vision_config": {}, "text_config": {}}))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(d)
+
+
+def test_interrupted_export_leaves_no_package(tiny_models, tmp_path, monkeypatch):
+    from llava_edge.export import exporter
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(exporter, "export_decoder", boom)
+    with pytest.raises(KeyboardInterrupt):
+        exporter.export_package(tiny_models["llava-hf-gqa"]["checkpoint"], tmp_path / "pkg")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fp16_export_tracks_fp32(tiny_models, tmp_path, images):
+    from llava_edge.export.exporter import export_package
+    from llava_edge.runtime.pipeline import Pipeline
+
+    res = export_package(tiny_models["llava-hf-gqa"]["checkpoint"], tmp_path / "fp16", dtype="fp16")
+    assert res.manifest.dtype == "float16"
+    assert res.errors["pipeline_logits"] < 5e-2
+    p16 = Pipeline.from_package(tmp_path / "fp16")
+    p32 = Pipeline.from_package(tiny_models["llava-hf-gqa"]["package"])
+    a = p16.generate(images["landscape"], "What is this?", max_new_tokens=8)
+    b = p32.generate(images["landscape"], "What is this?", max_new_tokens=8)
+    assert a.token_ids[:4] == b.token_ids[:4]

@@ -1,0 +1,129 @@
+"""The CLI as a user meets it: JSON output, determinism, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from llava_edge.cli import app
+
+runner = CliRunner()
+
+
+def _image(tmp_path, name="cat.png", size=(40, 30)):
+    path = tmp_path / name
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _assert_user_error(result, *needles):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output  # one line, however long, no wrapped continuation
+    text = " ".join(result.output.split())
+    for n in needles:
+        assert n in text, result.output
+
+
+def test_run_json_is_deterministic_and_complete(tiny_models, tmp_path):
+    pkg = str(tiny_models["llava-hf-v1.5"]["package"])
+    args = ["run", pkg, "--image", str(_image(tmp_path)), "--prompt", "What is in the picture?",
+            "--max-new-tokens", "12", "--greedy", "--json"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    obj = json.loads(first.output.strip().splitlines()[-1])
+    assert set(obj) >= {"text", "token_ids", "timings"}
+    assert set(obj["timings"]) >= {"vision_ms", "prefill_ms", "decode_ms", "tokens_per_s"}
+    assert len(obj["token_ids"]) == 12 and obj["finish_reason"] == "length"
+    second = json.loads(runner.invoke(app, args).output.strip().splitlines()[-1])
+    assert second["token_ids"] == obj["token_ids"]
+
+
+def test_sampling_with_seed_is_reproducible_and_differs_from_greedy(tiny_models, tmp_path):
+    pkg = str(tiny_models["llava-hf-v1.5"]["package"])
+    base = ["run", pkg, "--image", str(_image(tmp_path)), "--prompt", "hi", "--max-new-tokens", "16", "--json"]
+    sample = base + ["--temperature", "1.5", "--top-p", "0.95", "--seed", "3"]
+    a = json.loads(runner.invoke(app, sample).output.strip().splitlines()[-1])
+    b = json.loads(runner.invoke(app, sample).output.strip().splitlines()[-1])
+    g = json.loads(runner.invoke(app, base + ["--greedy"]).output.strip().splitlines()[-1])
+    assert a["token_ids"] == b["token_ids"]
+    assert a["token_ids"] != g["token_ids"]
+
+
+def test_missing_image(tiny_models, tmp_path):
+    pkg = str(tiny_models["llava-hf-v1.5"]["package"])
+    r = runner.invoke(app, ["run", pkg, "--image", str(tmp_path / "nope.jpg"), "--prompt", "x"])
+    _assert_user_error(r, "image not found")
+
+
+def test_corrupt_image(tiny_models, tmp_path):
+    pkg = str(tiny_models["llava-hf-v1.5"]["package"])
+    bad = tmp_path / "bad.jpg"
+    good = _image(tmp_path, "good.jpg")
+    bad.write_bytes(good.read_bytes()[:60])  # a truncated file with a valid header
+    r = runner.invoke(app, ["run", pkg, "--image", str(bad), "--prompt", "x"])
+    _assert_user_error(r, "cannot decode image")
+    (tmp_path / "text.png").write_text("not an image")
+    _assert_user_error(runner.invoke(app, ["run", pkg, "--image", str(tmp_path / "text.png"), "--prompt", "x"]),
+                       "cannot decode image")
+
+
+def test_prompt_longer_than_context(tiny_models, tmp_path):
+    pkg = str(tiny_models["llava-hf-v1.5"]["package"])
+    r = runner.invoke(app, ["run", pkg, "--image", str(_image(tmp_path)), "--prompt", "hello " * 50,
+                            "--max-new-tokens", "200"])
+    _assert_user_error(r, "exceeds the model's context of 256")
+
+
+def test_not_a_llava_checkpoint(tmp_path):
+    d = tmp_path / "llama"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    _assert_user_error(runner.invoke(app, ["export", str(d), "-o", str(tmp_path / "pkg")]), "not a LLaVA checkpoint")
+    _assert_user_error(runner.invoke(app, ["export", str(tmp_path / "missing"), "-o", str(tmp_path / "pkg")]),
+                       "not found")
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_package_from_newer_format(tiny_models, tmp_path):
+    pkg = tmp_path / "pkg"
+    shutil.copytree(tiny_models["llava-hf-v1.5"]["package"], pkg)
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (pkg / "manifest.json").write_text(json.dumps(manifest))
+    _assert_user_error(runner.invoke(app, ["run", str(pkg), "--prompt", "x"]), "newer than this llava-edge supports")
+    _assert_user_error(runner.invoke(app, ["inspect", str(pkg)]), "newer")
+
+
+def test_inspect_shows_graphs(tiny_models):
+    r = runner.invoke(app, ["inspect", str(tiny_models["llava-hf-gqa"]["package"])])
+    assert r.exit_code == 0, r.output
+    for needle in ("vision.onnx", "embed.onnx", "decoder.onnx", "kv 2", "onnxruntime"):
+        assert needle in r.output
+
+
+def test_chat_multi_turn_streams_and_remembers(tiny_models, tmp_path):
+    pkg = str(tiny_models["llava-hf-v1.5"]["package"])
+    r = runner.invoke(app, ["chat", pkg, "--image", str(_image(tmp_path)), "--max-new-tokens", "4"],
+                      input="first question\nsecond question\n/quit\n")
+    assert r.exit_code == 0, r.output
+    assert r.output.count("llava>") == 2
+
+
+def test_greedy_and_temperature_conflict(tiny_models):
+    r = runner.invoke(app, ["run", str(tiny_models["llava-hf-v1.5"]["package"]), "--prompt", "x", "--greedy",
+                            "--temperature", "0.7"])
+    _assert_user_error(r, "exclude each other")
+
+
+@pytest.mark.slow
+def test_demo_completes(tmp_path):
+    r = runner.invoke(app, ["demo", "--workdir", str(tmp_path / "demo"), "--max-new-tokens", "4"])
+    assert r.exit_code == 0, r.output
+    assert "demo done" in r.output
