@@ -223,7 +223,9 @@ def decode_attention(
     if workspace is not None and num_splits > 1 and not workspace.fits(B, H, kvH, D, num_splits):
         raise ValueError("workspace was allocated for a different batch/heads/num_splits")
     if out is None:
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or not out.is_contiguous():
+        raise ValueError("out must be a contiguous tensor shaped like q")
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
     dummy = out  # scratch pointers are never touched when num_splits == 1
     _decode_attention_kernel[(B, kvH, num_splits)](
