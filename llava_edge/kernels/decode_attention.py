@@ -17,9 +17,10 @@ The new token's k/v are written to the cache at ``seq_lens[b]`` by split 0 only;
 covers that position takes k/v from registers instead of memory, so no split reads a position another
 program is writing (no intra-launch race).
 
-Parameter order is: input pointers, scratch pointers, int32 scalars, output pointers, constexprs,
-the order a TensorRT AOT plugin passes arguments (inputs, extra scalar args, outputs), so the very
-same kernel is what ``trt_plugins`` compiles.
+Parameter order is: input pointers, int32 scalars, output pointers, constexprs: the order in which a
+TensorRT AOT plugin passes arguments (inputs, extra scalar args, outputs), so the very same kernel is
+what ``trt_plugins`` compiles. State updated in place (caches, split-K scratch) appears twice, as an
+input and as the aliased output, the way TensorRT plugins express in-place updates.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ __all__ = ["DecodeWorkspace", "decode_attention", "default_num_splits"]
 @triton.jit
 def _decode_attention_kernel(
     Q, K_new, V_new, Seq_lens, Cos, Sin, K_cache, V_cache,  # inputs
-    Partial_O, Partial_ML, Counters,  # scratch (counters must start at 0; left at 0)
+    Partial_O, Partial_ML, Counters,  # split-K scratch (counters must start at 0; left at 0)
     num_kv_heads, max_seq, chunk,  # int32 scalars
-    Out, K_cache_out, V_cache_out,  # outputs (cache outputs alias the cache inputs)
+    Out, K_cache_out, V_cache_out, Partial_O_out, Partial_ML_out, Counters_out,  # outputs; all but Out
+    # alias the input of the same name (in-place state): reads go through the input, writes through the output
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, QK_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -112,13 +114,13 @@ def _decode_attention_kernel(
     else:
         # Publish this split's partial (unnormalised acc, running max, running sum) ...
         part = (b * num_heads + heads) * NUM_SPLITS + split  # [BLOCK_H]
-        tl.store(Partial_O + part[:, None] * HEAD_DIM + offs_dv[None, :], acc, mask=h_mask[:, None])
-        tl.store(Partial_ML + part * 2, m_i, mask=h_mask)
-        tl.store(Partial_ML + part * 2 + 1, l_i, mask=h_mask)
+        tl.store(Partial_O_out + part[:, None] * HEAD_DIM + offs_dv[None, :], acc, mask=h_mask[:, None])
+        tl.store(Partial_ML_out + part * 2, m_i, mask=h_mask)
+        tl.store(Partial_ML_out + part * 2 + 1, l_i, mask=h_mask)
         # ... then count arrivals. The barrier orders every thread's stores before the (acq_rel, gpu
         # scope) atomic; whoever sees NUM_SPLITS - 1 arrived last and all partials are visible to it.
         tl.debug_barrier()
-        arrived = tl.atomic_add(Counters + kv_row, 1, sem="acq_rel")
+        arrived = tl.atomic_add(Counters_out + kv_row, 1, sem="acq_rel")
         if arrived == NUM_SPLITS - 1:
             offs_s = tl.arange(0, NUM_SPLITS)
             parts = (b * num_heads + heads[:, None]) * NUM_SPLITS + offs_s[None, :]  # [BLOCK_H, S]
@@ -135,7 +137,7 @@ def _decode_attention_kernel(
                               + offs_dv[None, :], mask=h_mask[:, None], other=0.0, cache_modifier=".cg")
                 o += w_si[:, None] * p_o
             tl.store(out_ptr, (o / denom[:, None]).to(Out.dtype.element_ty), mask=h_mask[:, None])
-            tl.store(Counters + kv_row, 0)  # ready for the next launch without a memset
+            tl.store(Counters_out + kv_row, 0)  # ready for the next launch without a memset
 
 
 @dataclass
@@ -227,15 +229,13 @@ def decode_attention(
     elif out.shape != q.shape or not out.is_contiguous():
         raise ValueError("out must be a contiguous tensor shaped like q")
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
-    dummy = out  # scratch pointers are never touched when num_splits == 1
+    # scratch pointers are never touched when num_splits == 1
+    scratch = (workspace.partial_o, workspace.partial_ml, workspace.counters) if workspace else (out, out, out)
     _decode_attention_kernel[(B, kvH, num_splits)](
         q.contiguous(), k.contiguous(), v.contiguous(), seq_lens.to(torch.int32), cos.float().contiguous(),
-        sin.float().contiguous(), k_cache, v_cache,
-        workspace.partial_o if workspace else dummy,
-        workspace.partial_ml if workspace else dummy,
-        workspace.counters if workspace else seq_lens,
+        sin.float().contiguous(), k_cache, v_cache, *scratch,
         kvH, S, chunk,
-        out, k_cache, v_cache,
+        out, k_cache, v_cache, *scratch,
         HEAD_DIM=D, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         NUM_SPLITS=num_splits, QK_SCALE=scale * 1.4426950408889634,
         DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
