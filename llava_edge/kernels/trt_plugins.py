@@ -20,8 +20,9 @@ AOT plugin", and ``qdp_defs.py``):
   10.9, ONNX Attention import from 10.14, KV-cache / RotaryEmbedding layers from 10.15. JetPack 6
   ships TensorRT 10.3: no Python plugins, so the exporter must emit standard ops there.
 
-``tensorrt`` is imported lazily (only :func:`register_plugins` needs it); everything else, including
-the AOT compilation (Triton compiles PTX/cubin for a given target without a GPU), works on CPU.
+``tensorrt`` is imported lazily (only :func:`register_plugins` needs it), and so is ``triton``: the
+exporter calls :func:`attention_impl_for` / :func:`plugin_node` in environments without either. The
+AOT compilation works on CPU (Triton compiles PTX/cubin for a given target without a GPU).
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
-
-import triton
 
 __all__ = [
     "PLUGIN_NAMESPACE",
@@ -157,6 +156,8 @@ def _target(cc: int | None):
 
 
 def _compile(fn, pointers: dict[str, str], ints: list[str], constexprs: dict[str, Any], cc: int | None) -> AotKernel:
+    import triton
+
     if not isinstance(fn, triton.runtime.JITFunction):
         raise RuntimeError("AOT compilation needs real Triton kernels: unset TRITON_INTERPRET in this process")
     sig = dict(pointers)
@@ -173,6 +174,8 @@ def compile_decode_attention(
     dtype: str, head_dim: int, group: int, num_splits: int, block_n: int = 64,
     sm_scale: float | None = None, cc: int | None = None,
 ) -> AotKernel:
+    import triton
+
     from .decode_attention import _decode_attention_kernel as fn
 
     t = "*" + _TL[dtype]
@@ -256,6 +259,8 @@ def register_plugins(cc: int | None = None) -> None:
     CI (no TensorRT there); the kernels and their AOT compilation are.
     """
     trt, trtp = _import_tensorrt()
+    import triton
+
     dt = {trt.float16: "float16", trt.float32: "float32"}
 
     # ---- decode attention: out = attention; caches and split-K scratch updated in place (aliased).
