@@ -107,9 +107,17 @@ def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_s
     return N, K
 
 
+def _output(out: torch.Tensor | None, M: int, N: int, x: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if tuple(out.shape) != (M, N) or not out.is_contiguous() or out.dtype != x.dtype:
+        raise ValueError(f"out must be contiguous [{M}, {N}] {x.dtype}")
+    return out
+
+
 def int4_gemv(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
-    block_n: int = 32, block_k: int | None = None,
+    block_n: int = 32, block_k: int | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode path: ``x [M, K]`` with small M; returns ``[M, N]`` in ``x.dtype``."""
     N, K = _check(x, qweight, scales, group_size)
@@ -118,7 +126,7 @@ def int4_gemv(
     block_k = block_k or group_size
     if group_size % block_k or block_k < 2:
         raise ValueError(f"block_k={block_k} must divide group_size={group_size}")
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    y = _output(out, M, N, x)
     _int4_gemv_kernel[(triton.cdiv(N, block_n), M)](
         x, qweight.contiguous(), scales.contiguous(), N, K, x.stride(0), y,
         GROUP_SIZE=group_size, BLOCK_N=block_n, BLOCK_K=block_k,
@@ -128,7 +136,7 @@ def int4_gemv(
 
 def int4_gemm(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
-    block_m: int = 64, block_n: int = 64, block_k: int | None = None,
+    block_m: int = 64, block_n: int = 64, block_k: int | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Prefill path: ``x [M, K]``; returns ``[M, N]`` in ``x.dtype``. ``block_k`` must divide the group."""
     N, K = _check(x, qweight, scales, group_size)
@@ -137,7 +145,7 @@ def int4_gemm(
     block_k = block_k or min(group_size, 64)
     if group_size % block_k or block_k < 32:
         raise ValueError(f"block_k={block_k} must be >= 32 and divide group_size={group_size}")
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    y = _output(out, M, N, x)
     _int4_gemm_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
         x, qweight.contiguous(), scales.contiguous(), M, N, K, x.stride(0), y,
         GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
