@@ -1,0 +1,348 @@
+"""TensorRT integration: which attention implementation a TensorRT version gets, the ONNX node form of
+our plugins, AOT (ahead-of-time PTX) compilation of the Triton kernels, and the ``tensorrt.plugin``
+(QDP) registrations.
+
+Why AOT: an engine with an AOT plugin carries the kernel's PTX and launch parameters, so it runs in a
+plain TensorRT runtime (C++, ``trtexec``, our torch-free runtime) with no Python callback per layer.
+
+Facts this module relies on (TensorRT docs and the NVIDIA/TensorRT sample
+``samples/python/quickly_deployable_plugins``, README "ONNX model with a plugin" / "ONNX model with an
+AOT plugin", and ``qdp_defs.py``):
+
+* Plugin ids are ``"<namespace>::<name>"`` (``tensorrt.plugin.register``).
+* The ONNX parser maps a node to a QDP when the node's ``op_type`` equals the plugin *name* and the
+  node has a string attribute ``plugin_namespace`` with the namespace; a bool attribute ``aot = True``
+  selects the ``@tensorrt.plugin.aot_impl`` implementation instead of the Python ``impl``.
+* ``aot_impl`` returns ``(kernel_name, ptx, KernelLaunchParams, SymIntExprs)``; TensorRT launches the
+  kernel with the input pointers, then the extra int32 scalar args, then the output pointers: the
+  parameter order our kernels are written in.
+* Version gates (docs/shared ARCHITECTURE.md): Python plugins from 10.6, AOT Triton plugins from
+  10.9, ONNX Attention import from 10.14, KV-cache / RotaryEmbedding layers from 10.15. JetPack 6
+  ships TensorRT 10.3: no Python plugins, so the exporter must emit standard ops there.
+
+``tensorrt`` is imported lazily (only :func:`register_plugins` needs it), and so is ``triton``: the
+exporter calls :func:`attention_impl_for` / :func:`plugin_node` in environments without either. The
+AOT compilation works on CPU (Triton compiles PTX/cubin for a given target without a GPU).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = [
+    "PLUGIN_NAMESPACE",
+    "ONNX_DOMAIN",
+    "PLUGIN_IO",
+    "AttentionImpl",
+    "parse_trt_version",
+    "attention_impl_for",
+    "plugin_node",
+    "AotKernel",
+    "compile_decode_attention",
+    "compile_prefill_attention",
+    "compile_int4_matmul",
+    "register_plugins",
+]
+
+PLUGIN_NAMESPACE = "llava_edge"
+# The parser keys on op_type + plugin_namespace; a custom domain keeps the graph valid ONNX (the checker
+# rejects unknown ops in the default domain). "trt.plugins" is the domain onnxruntime's TensorRT EP uses
+# for TensorRT plugin nodes.
+ONNX_DOMAIN = "trt.plugins"
+
+# Input / output order of each plugin node (= the kernels' pointer parameter order). Outputs named
+# "<x>_out" alias input "<x>": the caller binds one buffer to both (in-place cache / scratch).
+PLUGIN_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "decode_attention": (
+        ("q", "k", "v", "seq_lens", "cos", "sin", "k_cache", "v_cache", "partial_o", "partial_ml", "counters"),
+        ("out", "k_cache_out", "v_cache_out", "partial_o_out", "partial_ml_out", "counters_out"),
+    ),
+    "prefill_attention": (
+        ("q", "k", "v", "prompt_lens", "start_pos", "cos", "sin", "k_cache", "v_cache"),
+        ("out", "k_cache_out", "v_cache_out"),
+    ),
+    "int4_matmul": (("x", "qweight", "scales"), ("y",)),
+}
+
+AttentionImpl = Literal["plugin", "trt-attention", "standard"]
+AOT_MIN = (10, 9)
+NATIVE_KV_MIN = (10, 15)
+
+
+def parse_trt_version(version: str) -> tuple[int, ...]:
+    """``"10.3.0.30"`` -> ``(10, 3, 0, 30)`` (``tensorrt.__version__`` or a manifest string)."""
+    parts = []
+    for p in version.strip().split("."):
+        if not p.isdigit():  # "10.9.0.post1", "10.15.0rc1": stop at the first non-numeric part
+            digits = p[: len(p) - len(p.lstrip("0123456789"))]
+            if digits:
+                parts.append(int(digits))
+            break
+        parts.append(int(p))
+    if not parts:
+        raise ValueError(f"not a TensorRT version: {version!r}")
+    return tuple(parts)
+
+
+def attention_impl_for(trt_version: tuple[int, ...], prefer_native: bool = False) -> AttentionImpl:
+    """How the exporter should express decoder attention for a target TensorRT version.
+
+    * ``"standard"`` below 10.9: no AOT plugins (10.6-10.8 only have Python-callback plugins, which
+      would tie the engine to a Python interpreter; JetPack 6 / TRT 10.3 has none at all).
+    * ``"plugin"`` from 10.9: our fused AOT Triton plugins.
+    * ``"trt-attention"`` from 10.15 when ``prefer_native``: TensorRT's own KV-cache attention layers
+      (ONNX Attention / RotaryEmbedding / TensorScatter import); opt-in until measured to be faster.
+    """
+    v = tuple(trt_version) + (0,) * (2 - len(trt_version))
+    if v < AOT_MIN:
+        return "standard"
+    if prefer_native and v >= NATIVE_KV_MIN:
+        return "trt-attention"
+    return "plugin"
+
+
+def plugin_node(
+    op: str,
+    inputs: list[str],
+    outputs: list[str],
+    *,
+    name: str | None = None,
+    aot: bool = True,
+    **attrs: Any,
+):
+    """The ONNX node TensorRT's parser turns into our QDP ``llava_edge::<op>``.
+
+    ``attrs`` are the plugin attributes (e.g. ``num_splits``, ``block_n``, ``sm_scale``). The graph
+    must import opset ``ONNX_DOMAIN`` version 1.
+    """
+    import onnx
+
+    if op not in PLUGIN_IO:
+        raise ValueError(f"unknown plugin {op!r}; known: {sorted(PLUGIN_IO)}")
+    want_in, want_out = PLUGIN_IO[op]
+    if len(inputs) != len(want_in) or len(outputs) != len(want_out):
+        raise ValueError(f"{op} takes inputs {want_in} and outputs {want_out}")
+    return onnx.helper.make_node(
+        op, inputs, outputs, name=name, domain=ONNX_DOMAIN, plugin_namespace=PLUGIN_NAMESPACE,
+        aot=bool(aot), **attrs,
+    )
+
+
+# ---------------------------------------------------------------------------------- AOT compilation
+@dataclass(frozen=True)
+class AotKernel:
+    """A kernel compiled for one GPU target: what ``aot_impl`` hands to TensorRT."""
+
+    name: str
+    ptx: str
+    num_warps: int
+    shared_mem: int
+
+
+_TL = {"float16": "fp16", "float32": "fp32", "bfloat16": "bf16"}
+
+
+def _target(cc: int | None):
+    from triton.backends.compiler import GPUTarget
+
+    if cc is None:
+        import torch
+
+        major, minor = torch.cuda.get_device_capability()
+        cc = major * 10 + minor
+    return GPUTarget("cuda", cc, 32)
+
+
+def _compile(fn, pointers: dict[str, str], ints: list[str], constexprs: dict[str, Any], cc: int | None) -> AotKernel:
+    import triton
+
+    if not isinstance(fn, triton.runtime.JITFunction):
+        raise RuntimeError("AOT compilation needs real Triton kernels: unset TRITON_INTERPRET in this process")
+    sig = dict(pointers)
+    sig.update({n: "i32" for n in ints})
+    sig.update({n: "constexpr" for n in constexprs})
+    missing = set(fn.arg_names) - set(sig)
+    if missing:
+        raise RuntimeError(f"AOT signature for {fn.__name__} misses {sorted(missing)}")
+    k = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=_target(cc))
+    return AotKernel(k.metadata.name, k.asm["ptx"], k.metadata.num_warps, k.metadata.shared)
+
+
+def compile_decode_attention(
+    dtype: str, head_dim: int, group: int, num_splits: int, block_n: int = 64,
+    sm_scale: float | None = None, cc: int | None = None,
+) -> AotKernel:
+    import triton
+
+    from .decode_attention import _decode_attention_kernel as fn
+
+    t = "*" + _TL[dtype]
+    ptrs = {n: t for n in ("Q", "K_new", "V_new", "K_cache", "V_cache", "Out", "K_cache_out", "V_cache_out")}
+    ptrs.update(Seq_lens="*i32", Cos="*fp32", Sin="*fp32", Partial_O="*fp32", Partial_ML="*fp32",
+                Counters="*i32", Partial_O_out="*fp32", Partial_ML_out="*fp32", Counters_out="*i32")
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
+    const = dict(HEAD_DIM=head_dim, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+                 NUM_SPLITS=num_splits, QK_SCALE=scale * 1.4426950408889634,
+                 DOT_PRECISION="ieee" if dtype == "float32" else "tf32")
+    return _compile(fn, ptrs, ["num_kv_heads", "max_seq", "chunk"], const, cc)
+
+
+def compile_prefill_attention(
+    dtype: str, head_dim: int, group: int, block_m: int = 64, block_n: int = 64,
+    sm_scale: float | None = None, cc: int | None = None,
+) -> AotKernel:
+    from .prefill_attention import _prefill_attention_kernel as fn
+
+    t = "*" + _TL[dtype]
+    ptrs = {n: t for n in ("Q", "K", "V", "K_cache", "V_cache", "Out", "K_cache_out", "V_cache_out")}
+    ptrs.update(Prompt_lens="*i32", Start_pos="*i32", Cos="*fp32", Sin="*fp32")
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
+    const = dict(HEAD_DIM=head_dim, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n,
+                 QK_SCALE=scale * 1.4426950408889634, DOT_PRECISION="ieee" if dtype == "float32" else "tf32")
+    return _compile(fn, ptrs, ["seq_len", "num_kv_heads", "max_seq"], const, cc)
+
+
+def compile_int4_matmul(
+    dtype: str, group_size: int, kernel: Literal["gemv", "gemm"], block_m: int = 64, block_n: int = 64,
+    block_k: int | None = None, cc: int | None = None,
+) -> AotKernel:
+    from .int4_matmul import _int4_gemm_kernel, _int4_gemv_kernel
+
+    t = "*" + _TL[dtype]
+    ptrs = {"X": t, "QW": "*u8", "Scales": "*fp16", "Y": t}
+    if kernel == "gemv":
+        const = dict(GROUP_SIZE=group_size, BLOCK_N=block_n, BLOCK_K=block_k or group_size)
+        return _compile(_int4_gemv_kernel, ptrs, ["N", "K", "stride_xm"], const, cc)
+    const = dict(GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k or min(group_size, 64),
+                 DOT_PRECISION="ieee" if dtype == "float32" else "tf32")
+    return _compile(_int4_gemm_kernel, ptrs, ["M", "N", "K", "stride_xm"], const, cc)
+
+
+# ------------------------------------------------------------------------------- QDP registration
+def _import_tensorrt():
+    try:
+        import tensorrt as trt
+        import tensorrt.plugin as trtp
+    except ImportError as e:
+        raise ImportError(
+            "TensorRT Python plugins need `tensorrt>=10.9` (pip install 'llava-edge[tensorrt]'); "
+            f"it is not importable here ({e}). Export with attention_impl_for(...) == 'standard' instead."
+        ) from e
+    version = parse_trt_version(trt.__version__)
+    if version < AOT_MIN:
+        raise RuntimeError(f"TensorRT {trt.__version__} has no AOT Python plugins (needs >= 10.9)")
+    return trt, trtp
+
+
+def _const(expr, what: str) -> int:
+    """Shape dims that become constexprs (heads, head_dim) must be static in the ONNX graph."""
+    if not getattr(expr, "is_constant", False):
+        raise ValueError(f"{what} must be a static dimension for the AOT plugin")
+    return int(expr.constant_value)
+
+
+def _launch(trtp, k: AotKernel, grid: tuple):
+    p = trtp.KernelLaunchParams()
+    p.grid_x, p.grid_y, p.grid_z = grid
+    p.block_x = k.num_warps * 32
+    p.shared_mem = k.shared_mem
+    return p
+
+
+def register_plugins(cc: int | None = None) -> None:
+    """Register ``llava_edge::{decode_attention, prefill_attention, int4_matmul}`` with TensorRT.
+
+    Call once before parsing an ONNX graph that contains :func:`plugin_node` nodes (engine build).
+    Running a built engine needs nothing from here: the PTX is inside the engine. Not exercised in CPU
+    CI (no TensorRT there); the kernels and their AOT compilation are.
+    """
+    trt, trtp = _import_tensorrt()
+    import triton
+
+    dt = {trt.float16: "float16", trt.float32: "float32"}
+
+    # ---- decode attention: out = attention; caches and split-K scratch updated in place (aliased).
+    @trtp.register(f"{PLUGIN_NAMESPACE}::decode_attention")
+    def _decode_desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, seq_lens: trtp.TensorDesc,
+                     cos: trtp.TensorDesc, sin: trtp.TensorDesc, k_cache: trtp.TensorDesc, v_cache: trtp.TensorDesc,
+                     partial_o: trtp.TensorDesc, partial_ml: trtp.TensorDesc, counters: trtp.TensorDesc,
+                     num_splits: int, block_n: int, sm_scale: float):
+        return (q.like(), k_cache.aliased(), v_cache.aliased(), partial_o.aliased(), partial_ml.aliased(),
+                counters.aliased())
+
+    @trtp.autotune(f"{PLUGIN_NAMESPACE}::decode_attention")
+    def _decode_tune(q, k, v, seq_lens, cos, sin, k_cache, v_cache, partial_o, partial_ml, counters, outputs):
+        f = "FP16|FP32"
+        return [trtp.AutoTuneCombination(f"{f}, {f}, {f}, INT32, FP32, FP32, {f}, {f}, FP32, FP32, INT32, "
+                                         f"{f}, {f}, {f}, FP32, FP32, INT32")]
+
+    @trtp.aot_impl(f"{PLUGIN_NAMESPACE}::decode_attention")
+    def _decode_aot(q, k, v, seq_lens, cos, sin, k_cache, v_cache, partial_o, partial_ml, counters,
+                    num_splits: int, block_n: int, sm_scale: float, outputs, tactic):
+        heads = _const(q.shape_expr[1], "num_heads")
+        head_dim = _const(q.shape_expr[2], "head_dim")
+        kv_heads = _const(k.shape_expr[1], "num_kv_heads")
+        max_seq = _const(k_cache.shape_expr[2], "max_seq")
+        kern = compile_decode_attention(dt[q.dtype], head_dim, heads // kv_heads, num_splits, block_n,
+                                        sm_scale or None, cc)
+        chunk = triton.cdiv(triton.cdiv(max_seq, num_splits), block_n) * block_n
+        args = trtp.SymIntExprs.from_tuple([trtp.SymInt32(x) for x in (kv_heads, max_seq, chunk)])
+        return kern.name.encode(), kern.ptx.encode(), _launch(trtp, kern, (q.shape_expr[0], kv_heads, num_splits)), args
+
+    # ---- prefill attention
+    @trtp.register(f"{PLUGIN_NAMESPACE}::prefill_attention")
+    def _prefill_desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, prompt_lens: trtp.TensorDesc,
+                      start_pos: trtp.TensorDesc, cos: trtp.TensorDesc, sin: trtp.TensorDesc,
+                      k_cache: trtp.TensorDesc, v_cache: trtp.TensorDesc, block_m: int, block_n: int,
+                      sm_scale: float):
+        return q.like(), k_cache.aliased(), v_cache.aliased()
+
+    @trtp.autotune(f"{PLUGIN_NAMESPACE}::prefill_attention")
+    def _prefill_tune(q, k, v, prompt_lens, start_pos, cos, sin, k_cache, v_cache, outputs):
+        f = "FP16|FP32"
+        return [trtp.AutoTuneCombination(f"{f}, {f}, {f}, INT32, INT32, FP32, FP32, {f}, {f}, {f}, {f}, {f}")]
+
+    @trtp.aot_impl(f"{PLUGIN_NAMESPACE}::prefill_attention")
+    def _prefill_aot(q, k, v, prompt_lens, start_pos, cos, sin, k_cache, v_cache, block_m: int, block_n: int,
+                     sm_scale: float, outputs, tactic):
+        heads = _const(q.shape_expr[2], "num_heads")
+        head_dim = _const(q.shape_expr[3], "head_dim")
+        kv_heads = _const(k.shape_expr[2], "num_kv_heads")
+        kern = compile_prefill_attention(dt[q.dtype], head_dim, heads // kv_heads, block_m, block_n,
+                                         sm_scale or None, cc)
+        seq = q.shape_expr[1]
+        args = trtp.SymIntExprs.from_tuple([trtp.SymInt32(x) for x in (seq, kv_heads, k_cache.shape_expr[2])])
+        grid = (trtp.cdiv(seq, block_m), q.shape_expr[0] * heads, 1)
+        return kern.name.encode(), kern.ptx.encode(), _launch(trtp, kern, grid), args
+
+    # ---- int4 matmul: two tactics (GEMV, GEMM); TensorRT times both for the profile's shapes.
+    @trtp.register(f"{PLUGIN_NAMESPACE}::int4_matmul")
+    def _int4_desc(x: trtp.TensorDesc, qweight: trtp.TensorDesc, scales: trtp.TensorDesc, group_size: int):
+        y = x.like()
+        y.shape_expr[-1] = qweight.shape_expr[0]
+        return y
+
+    @trtp.autotune(f"{PLUGIN_NAMESPACE}::int4_matmul")
+    def _int4_tune(x, qweight, scales, outputs):
+        c = trtp.AutoTuneCombination()
+        c.pos([0, 3], "FP16|FP32")
+        c.pos(1, "INT8")  # uint8 bytes; TensorRT has no uint8 plugin I/O type, the bits are the same
+        c.pos(2, "FP16")
+        c.tactics([1, 2])
+        return [c]
+
+    @trtp.aot_impl(f"{PLUGIN_NAMESPACE}::int4_matmul")
+    def _int4_aot(x, qweight, scales, group_size: int, outputs, tactic):
+        n = qweight.shape_expr[0]
+        kdim = x.shape_expr[-1]
+        m = x.shape_expr.numel() // kdim
+        if tactic == 1:
+            kern = compile_int4_matmul(dt[x.dtype], group_size, "gemv", block_n=32, cc=cc)
+            args, grid = (n, kdim, kdim), (trtp.cdiv(n, 32), m, 1)
+        else:
+            kern = compile_int4_matmul(dt[x.dtype], group_size, "gemm", cc=cc)
+            args, grid = (m, n, kdim, kdim), (trtp.cdiv(m, 64), trtp.cdiv(n, 64), 1)
+        sym = trtp.SymIntExprs.from_tuple([trtp.SymInt32(a) for a in args])
+        return kern.name.encode(), kern.ptx.encode(), _launch(trtp, kern, grid), sym
