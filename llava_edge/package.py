@@ -189,6 +189,9 @@ def staged_package(target: str | os.PathLike, overwrite: bool = False) -> Iterat
             raise PackageError(f"output directory {target} exists and is not empty (use --overwrite)")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; a package is an ordinary directory
     try:
         yield staging
         if target.exists():

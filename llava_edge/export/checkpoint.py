@@ -1,0 +1,366 @@
+"""Load a LLaVA checkpoint from disk into one in-memory form, whatever layout it was saved in.
+
+Two layouts exist in the wild: llava-hf (`LlavaForConditionalGeneration`) and the original LLaVA repo
+(`LlavaLlamaForCausalLM` + a separate CLIP directory). Both become a `LlavaForConditionalGeneration`
+plus the preprocessing/prompt facts the package needs. We load state dicts ourselves rather than
+through `from_pretrained` because transformers versions disagree on key names (hub files say
+`vision_tower.vision_model.*`, 5.x writes `vision_tower.*`, 4.57 silently re-initialises the tower when
+reading the latter): here every layout maps to one set of names and anything missing is an error.
+Never downloads.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..package import VisionConfig
+
+
+class CheckpointError(Exception):
+    """The directory is not a loadable LLaVA checkpoint; the message names the missing piece."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: Any  # LlavaForConditionalGeneration, eval mode, float32
+    layout: str  # "llava-hf" or "original"
+    path: Path
+    tokenizer: Any  # tokenizers.Tokenizer, with the image token registered
+    image_token: str
+    image_token_id: int
+    vision: VisionConfig
+    chat_template: str
+    eos_token_ids: list[int]
+    bos_token_id: int | None
+    pad_token_id: int
+    projector: str  # "mlp2x_gelu" / "linear"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"missing {path.name} in {path.parent}") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+
+
+def detect_layout(path: Path) -> str:
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {path}")
+    config = _read_json(path / "config.json")
+    archs = config.get("architectures") or []
+    if "mm_vision_tower" in config or any("LlavaLlama" in a for a in archs):
+        return "original"
+    if config.get("model_type") == "llava" and "vision_config" in config:
+        return "llava-hf"
+    if "LlavaForConditionalGeneration" in archs:
+        return "llava-hf"
+    kind = config.get("model_type") or (archs[0] if archs else "unknown")
+    raise CheckpointError(
+        f"{path} is not a LLaVA checkpoint (config.json says model_type/architecture '{kind}'); "
+        "expected a llava-hf LlavaForConditionalGeneration or an original LlavaLlamaForCausalLM directory"
+    )
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Single-file or sharded safetensors (preferred), else pytorch_model*.bin (weights only)."""
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(_read_json(index)["weight_map"].values()))
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise CheckpointError(f"checkpoint {path} is incomplete: missing shard(s) {', '.join(missing)}")
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(load_file(path / f))
+        return state
+    singles = sorted(path.glob("*.safetensors"))
+    if singles:
+        state = {}
+        for f in singles:
+            try:
+                state.update(load_file(f))
+            except Exception as e:  # safetensors raises its own error types on truncation
+                raise CheckpointError(f"cannot read weights {f}: {e}") from None
+        return state
+    bins = sorted(path.glob("pytorch_model*.bin"))
+    if bins:
+        state = {}
+        for f in bins:
+            state.update(torch.load(f, map_location="cpu", weights_only=True))
+        return state
+    raise CheckpointError(f"no weights in {path}: expected model.safetensors (or shards) or pytorch_model.bin")
+
+
+def _normalize_hf_key(key: str) -> str:
+    """Map every known llava-hf key spelling to LlavaForConditionalGeneration's parameter names."""
+    for old, new in (
+        ("language_model.model.", "model.language_model."),
+        ("language_model.lm_head.", "lm_head."),
+        ("model.vision_tower.vision_model.", "model.vision_tower."),
+        ("vision_tower.vision_model.", "model.vision_tower."),
+        ("vision_tower.", "model.vision_tower."),
+        ("multi_modal_projector.", "model.multi_modal_projector."),
+    ):
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
+
+
+def _strict_load(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
+    expected = model.state_dict()
+    # Buffers that are recomputed (rotary inv_freq, CLIP position ids) are not required on disk.
+    optional = {k for k in expected if k.endswith(("inv_freq", "position_ids"))}
+    missing = sorted(set(expected) - set(state) - optional)
+    if missing and "lm_head.weight" in missing and getattr(model.config, "tie_word_embeddings", False):
+        state["lm_head.weight"] = state["model.language_model.embed_tokens.weight"]
+        missing.remove("lm_head.weight")
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise CheckpointError(f"checkpoint {where} is missing weights: {shown}")
+    for k, v in state.items():
+        if k in expected and expected[k].shape != v.shape:
+            raise CheckpointError(
+                f"checkpoint {where}: weight {k} has shape {tuple(v.shape)}, config implies {tuple(expected[k].shape)}"
+            )
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+
+
+def _vision_from_processor(pre: dict[str, Any], image_size: int, patch_size: int, layer, strategy: str,
+                           pad: bool) -> VisionConfig:
+    size = pre.get("size", {"shortest_edge": image_size})
+    shortest = size.get("shortest_edge") if isinstance(size, dict) else int(size)
+    if shortest is None:
+        shortest = min(size.get("height", image_size), size.get("width", image_size))
+    crop = pre.get("crop_size", {"height": image_size, "width": image_size})
+    crop_size = crop.get("height", image_size) if isinstance(crop, dict) else int(crop)
+    if crop_size != image_size:
+        raise CheckpointError(f"processor crop size {crop_size} differs from the vision tower's {image_size}")
+    n = (image_size // patch_size) ** 2 + (0 if strategy == "default" else 1)
+    return VisionConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        shortest_edge=int(shortest),
+        image_mean=[float(x) for x in pre.get("image_mean", [0.48145466, 0.4578275, 0.40821073])],
+        image_std=[float(x) for x in pre.get("image_std", [0.26862954, 0.26130258, 0.27577711])],
+        rescale_factor=float(pre.get("rescale_factor", 1 / 255)),
+        resample=int(pre.get("resample", 3)),
+        do_center_crop=bool(pre.get("do_center_crop", True)),
+        pad_to_square=pad,
+        num_image_tokens=n,
+        vision_feature_layer=layer,
+        select_strategy=strategy,
+    )
+
+
+def _load_tokenizer(path: Path, image_token: str, add_image_token: bool):
+    from tokenizers import AddedToken, Tokenizer
+
+    tj = path / "tokenizer.json"
+    if tj.is_file():
+        tok = Tokenizer.from_file(str(tj))
+    else:
+        try:  # e.g. only a sentencepiece tokenizer.model: let transformers convert it, offline
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True).backend_tokenizer
+        except Exception as e:
+            raise CheckpointError(f"no usable tokenizer in {path} (tokenizer.json or tokenizer.model): {e}") from None
+    if add_image_token and tok.token_to_id(image_token) is None:
+        tok.add_special_tokens([AddedToken(image_token, special=True, normalized=False)])
+    if tok.token_to_id(image_token) is None:
+        raise CheckpointError(f"tokenizer in {path} has no image token {image_token!r}")
+    return tok
+
+
+def _special_ids(path: Path, tok, config: dict[str, Any]) -> tuple[int | None, list[int], int]:
+    tcfg = {}
+    if (path / "tokenizer_config.json").is_file():
+        tcfg = _read_json(path / "tokenizer_config.json")
+
+    def tok_id(name: str, default: str | None) -> int | None:
+        val = tcfg.get(name, default)
+        if isinstance(val, dict):
+            val = val.get("content")
+        return tok.token_to_id(val) if val else None
+
+    bos = tok_id("bos_token", "<s>")
+    eos = tok_id("eos_token", "</s>")
+    eos_cfg = config.get("eos_token_id")
+    eos_ids = [eos] if eos is not None else []
+    for e in eos_cfg if isinstance(eos_cfg, list) else [eos_cfg]:
+        if isinstance(e, int) and e not in eos_ids:
+            eos_ids.append(e)
+    if not eos_ids:
+        raise CheckpointError(f"cannot tell the end-of-sequence token of {path}")
+    pad = tok_id("pad_token", None)
+    if pad is None:
+        pad = tok_id("unk_token", "<unk>") or eos_ids[0]
+    return bos, eos_ids, pad
+
+
+def load_checkpoint(path: str | Path, vision_tower: str | Path | None = None) -> LoadedCheckpoint:
+    """Read a LLaVA checkpoint directory (either layout) into a float32 LlavaForConditionalGeneration."""
+    path = Path(path).expanduser().resolve()
+    layout = detect_layout(path)
+    if layout == "llava-hf":
+        return _load_llava_hf(path)
+    return _load_original(path, vision_tower)
+
+
+def _load_llava_hf(path: Path) -> LoadedCheckpoint:
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    raw = _read_json(path / "config.json")
+    vt = raw.get("vision_config", {}).get("model_type", "clip_vision_model")
+    if vt not in ("clip_vision_model", "clip"):
+        raise CheckpointError(f"vision tower type {vt!r} is not supported (CLIP towers only)")
+    tt = raw.get("text_config", {}).get("model_type", "llama")
+    if tt not in ("llama", "mistral"):
+        raise CheckpointError(f"language model type {tt!r} is not supported (LLaMA-architecture decoders only)")
+    config = LlavaConfig.from_pretrained(path, local_files_only=True)
+    model = LlavaForConditionalGeneration(config)
+    state = {_normalize_hf_key(k): v for k, v in _load_state_dict(path).items()}
+    _strict_load(model, state, path)
+    model = model.float().eval()
+
+    proc = _read_json(path / "processor_config.json") if (path / "processor_config.json").is_file() else {}
+    # transformers 5 nests the image processor in processor_config.json; 4.x wrote its own file.
+    if (path / "preprocessor_config.json").is_file():
+        pre = _read_json(path / "preprocessor_config.json")
+    elif isinstance(proc.get("image_processor"), dict):
+        pre = proc["image_processor"]
+    else:
+        raise CheckpointError(f"missing preprocessor_config.json in {path} (image preprocessing settings)")
+    strategy = config.vision_feature_select_strategy
+    vc = config.vision_config
+    # "do_pad" is LlavaImageProcessor's pad-to-square (LLaVA-1.5's 'pad' aspect ratio).
+    vision = _vision_from_processor(pre, vc.image_size, vc.patch_size, config.vision_feature_layer, strategy,
+                                    bool(pre.get("do_pad", False)))
+    extra = int(proc.get("num_additional_image_tokens", 1 if strategy == "default" else 0))
+    if strategy == "default" and extra != 1:
+        raise CheckpointError(
+            f"{path}/processor_config.json sets num_additional_image_tokens={extra}; a CLIP tower with the "
+            "'default' strategy needs 1 (the CLS token) or image tokens and features disagree"
+        )
+    image_token = proc.get("image_token", "<image>")
+    tok = _load_tokenizer(path, image_token, add_image_token=False)
+    if tok.token_to_id(image_token) != config.image_token_id:
+        raise CheckpointError(
+            f"tokenizer maps {image_token!r} to {tok.token_to_id(image_token)} but config.json says "
+            f"image_token_id={config.image_token_id}"
+        )
+    bos, eos, pad = _special_ids(path, tok, raw.get("text_config", {}))
+    return LoadedCheckpoint(
+        model=model, layout="llava-hf", path=path, tokenizer=tok, image_token=image_token,
+        image_token_id=config.image_token_id, vision=vision, chat_template="llava_hf",
+        eos_token_ids=eos, bos_token_id=bos, pad_token_id=pad, projector="mlp2x_gelu",
+    )
+
+
+def _resolve_vision_tower(path: Path, name: str, override: str | Path | None) -> Path:
+    candidates = [Path(override)] if override else []
+    candidates += [Path(name).expanduser(), path / name, path / Path(name).name]
+    for c in candidates:
+        if (c / "config.json").is_file():
+            return c.resolve()
+    raise CheckpointError(
+        f"mm_vision_tower {name!r} is not a local CLIP directory (looked in {', '.join(str(c) for c in candidates)}); "
+        "put the CLIP vision model next to the checkpoint or pass --vision-tower DIR (nothing is downloaded)"
+    )
+
+
+def _load_original(path: Path, vision_tower: str | Path | None) -> LoadedCheckpoint:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    raw = _read_json(path / "config.json")
+    if raw.get("mm_use_im_start_end"):
+        raise CheckpointError("checkpoints with mm_use_im_start_end=true (LLaVA v0) are not supported")
+    projector = raw.get("mm_projector_type", "linear")
+    if projector not in ("linear", "mlp2x_gelu"):
+        raise CheckpointError(f"mm_projector_type {projector!r} is not supported (linear or mlp2x_gelu)")
+    select = raw.get("mm_vision_select_feature", "patch")
+    if select not in ("patch", "cls_patch"):
+        raise CheckpointError(f"mm_vision_select_feature {select!r} is not supported")
+    strategy = "default" if select == "patch" else "full"
+    layer = int(raw.get("mm_vision_select_layer", -2))
+
+    clip_dir = _resolve_vision_tower(path, raw.get("mm_vision_tower", ""), vision_tower)
+    clip_raw = _read_json(clip_dir / "config.json")
+    if clip_raw.get("model_type") == "clip":
+        vcfg = CLIPVisionConfig(**clip_raw["vision_config"])
+    elif clip_raw.get("model_type") == "clip_vision_model":
+        vcfg = CLIPVisionConfig.from_pretrained(clip_dir, local_files_only=True)
+    else:
+        raise CheckpointError(f"{clip_dir} is not a CLIP model (model_type {clip_raw.get('model_type')!r})")
+
+    tok = _load_tokenizer(path, "<image>", add_image_token=True)
+    image_token_id = tok.token_to_id("<image>")
+    keys = {k for k in LlamaConfig().to_dict()} | {"head_dim", "rope_theta", "rope_scaling"}
+    text_kwargs = {k: v for k, v in raw.items() if k in keys and k not in ("architectures", "model_type")}
+    tcfg = LlamaConfig(**text_kwargs)
+    vocab = tcfg.vocab_size
+    if image_token_id < vocab:
+        raise CheckpointError(f"tokenizer's <image> id {image_token_id} collides with the vocabulary ({vocab})")
+    config = LlavaConfig(
+        vision_config=vcfg, text_config=tcfg, image_token_id=image_token_id, vision_feature_layer=layer,
+        vision_feature_select_strategy=strategy, projector_hidden_act="gelu", tie_word_embeddings=False,
+    )
+    model = LlavaForConditionalGeneration(config)
+    # The original model splices image features where input_ids hold -200 and never embeds that id;
+    # we give <image> its own (zero) embedding row so ids stay valid. lm_head keeps the real vocab,
+    # so the image token can never be generated.
+    model.model.language_model.embed_tokens = torch.nn.Embedding(image_token_id + 1, tcfg.hidden_size)
+    if projector == "linear":
+        model.model.multi_modal_projector = torch.nn.Linear(vcfg.hidden_size, tcfg.hidden_size)
+
+    state_in = _load_state_dict(path)
+    state: dict[str, torch.Tensor] = {}
+    tower_in_ckpt = False
+    for k, v in state_in.items():
+        if k.startswith("model.mm_projector."):
+            rest = k[len("model.mm_projector.") :]
+            if projector == "mlp2x_gelu":
+                rest = rest.replace("0.", "linear_1.", 1) if rest.startswith("0.") else rest.replace("2.", "linear_2.", 1)
+            state["model.multi_modal_projector." + rest] = v
+        elif k.startswith("model.vision_tower.vision_tower.vision_model."):
+            tower_in_ckpt = True
+            state["model.vision_tower." + k[len("model.vision_tower.vision_tower.vision_model.") :]] = v
+        elif k.startswith("model."):
+            state["model.language_model." + k[len("model.") :]] = v
+        elif k.startswith("lm_head."):
+            state[k] = v
+    if not tower_in_ckpt:
+        for k, v in _load_state_dict(clip_dir).items():
+            if k.startswith("vision_model."):  # hub CLIPModel / CLIPVisionModel files
+                state["model.vision_tower." + k[len("vision_model.") :]] = v
+            elif k.startswith(("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")):  # transformers 5
+                state["model.vision_tower." + k] = v
+    emb_key = "model.language_model.embed_tokens.weight"
+    if emb_key in state and state[emb_key].shape[0] == vocab:
+        state[emb_key] = torch.cat([state[emb_key], state[emb_key].new_zeros(image_token_id + 1 - vocab, tcfg.hidden_size)])
+    _strict_load(model, state, path)
+    model = model.float().eval()
+
+    pre = {}
+    for where in (clip_dir / "preprocessor_config.json", clip_dir / "processor_config.json"):
+        if where.is_file():
+            pre = _read_json(where)
+            pre = pre.get("image_processor", pre)
+            break
+    vision = _vision_from_processor(pre, vcfg.image_size, vcfg.patch_size, layer, strategy,
+                                    raw.get("image_aspect_ratio", "square") == "pad")
+    bos, eos, pad = _special_ids(path, tok, raw)
+    return LoadedCheckpoint(
+        model=model, layout="original", path=path, tokenizer=tok, image_token="<image>",
+        image_token_id=image_token_id, vision=vision, chat_template="llava_v1",
+        eos_token_ids=eos, bos_token_id=bos, pad_token_id=pad, projector=projector,
+    )

@@ -1,0 +1,127 @@
+"""`llava-edge export`: checkpoint directory -> verified model package."""
+
+from __future__ import annotations
+
+import copy
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import onnx
+import torch
+
+from .. import __version__
+from ..package import FORMAT_VERSION, TOKENIZER_NAME, Manifest, TextConfig, staged_package, write_manifest
+from . import verify
+from .checkpoint import LoadedCheckpoint, load_checkpoint
+from .onnx_export import export_decoder, export_embed, export_vision
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
+# Max |ONNX - torch| accepted on random inputs, per graph dtype. fp32 graphs match to ~1e-6 on tiny
+# models; the bound leaves room for the accumulation order of large hidden sizes.
+TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2}
+
+
+class ExportError(Exception):
+    pass
+
+
+@dataclass
+class ExportResult:
+    package_dir: Path
+    manifest: Manifest
+    errors: dict[str, float]
+
+
+def _versions() -> dict[str, str]:
+    import onnxruntime
+    import transformers
+
+    return {
+        "llava_edge": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+        "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
+    }
+
+
+def _text_config(ck: LoadedCheckpoint) -> TextConfig:
+    tc = ck.model.config.text_config
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    return TextConfig(
+        hidden_size=tc.hidden_size, num_layers=tc.num_hidden_layers, num_heads=tc.num_attention_heads,
+        num_kv_heads=tc.num_key_value_heads, head_dim=head_dim, vocab_size=ck.model.lm_head.out_features,
+        max_context=tc.max_position_embeddings, bos_token_id=ck.bos_token_id, eos_token_ids=ck.eos_token_ids,
+        pad_token_id=ck.pad_token_id, image_token=ck.image_token, image_token_id=ck.image_token_id,
+        chat_template=ck.chat_template,
+    )
+
+
+def export_package(
+    checkpoint_dir: str | Path,
+    out_dir: str | Path,
+    dtype: str = "fp32",
+    opset: int = 17,
+    overwrite: bool = False,
+    vision_tower: str | Path | None = None,
+    chat_template: str | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Load the checkpoint, export vision/embed/decoder, verify each in onnxruntime, write the package.
+
+    The package appears at out_dir only once everything succeeded (staged directory + rename).
+    """
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown dtype {dtype!r}; use fp32 or fp16")
+    if opset < 17:
+        raise ExportError("opset must be >= 17 (LayerNormalization and friends)")
+    torch_dtype = DTYPES[dtype]
+    stage = on_stage or (lambda name: None)
+
+    stage("load checkpoint")
+    ck = load_checkpoint(checkpoint_dir, vision_tower=vision_tower)
+    if chat_template:
+        ck.chat_template = chat_template
+    model = ck.model if torch_dtype == torch.float32 else copy.deepcopy(ck.model).to(torch_dtype)
+
+    errors: dict[str, float] = {}
+    with staged_package(out_dir, overwrite=overwrite) as tmp:
+        ck.tokenizer.save(str(tmp / TOKENIZER_NAME))
+        graphs = {}
+        for name, fn in (
+            ("vision", lambda: export_vision(model, ck.vision, tmp, torch_dtype, opset)),
+            ("embed", lambda: export_embed(model, tmp, opset)),
+            ("decoder", lambda: export_decoder(model, tmp, torch_dtype, opset)),
+        ):
+            stage(f"export {name}")
+            exported = fn()
+            onnx.checker.check_model(str(tmp / exported.spec.file))
+            stage(f"verify {name}")
+            err = verify.max_abs_error(exported, tmp, verify.random_inputs(name, exported))
+            exported.spec.max_abs_error = err
+            errors[name] = err
+            if not err <= TOLERANCE[torch_dtype]:
+                raise ExportError(f"{name}.onnx differs from PyTorch by {err:.3g} (> {TOLERANCE[torch_dtype]:.0e})")
+            graphs[name] = exported.spec
+
+        stage("verify against transformers")
+        errors["pipeline_logits"] = verify.pipeline_logits_error(
+            ck.model, ck.tokenizer, ck.image_token_id, ck.vision.num_image_tokens, tmp, ck.vision.image_size
+        )
+        if not errors["pipeline_logits"] <= TOLERANCE[torch_dtype] * 10:
+            raise ExportError(
+                f"split graphs differ from transformers' LlavaForConditionalGeneration by "
+                f"{errors['pipeline_logits']:.3g} in logits"
+            )
+        manifest = Manifest(
+            format_version=FORMAT_VERSION,
+            source={"path": str(ck.path), "layout": ck.layout, "projector": ck.projector,
+                    "architecture": "LlavaForConditionalGeneration" if ck.layout == "llava-hf" else "LlavaLlamaForCausalLM"},
+            dtype="float32" if torch_dtype == torch.float32 else "float16",
+            text=_text_config(ck),
+            vision=ck.vision,
+            graphs=graphs,
+            versions=_versions(),
+            extra={"opset": opset, "verification": errors},
+        )
+        write_manifest(tmp, manifest)
+    return ExportResult(Path(out_dir), manifest, errors)

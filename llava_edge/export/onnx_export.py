@@ -1,0 +1,146 @@
+"""torch -> ONNX for the three graphs, with the names and dynamic dims of the graph contract.
+
+We use torch's TorchScript exporter (dynamo=False): on our hand-written modules it emits plain
+opset-17 ops (MatMul, Softmax, ...) that every onnxruntime and TensorRT >= 8.6 reads, exports a tiny
+model in well under a second, and supports symbolic dims by name. The dynamo exporter also works on
+these modules but takes ~10x longer and fixes size-1 example dims. Revisit when the TorchScript
+exporter is removed from torch.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+
+from ..package import GraphSpec, TensorSpec
+from .graphs import Decoder, TokenEmbedding, VisionEncoder
+
+# onnxruntime 1.31 reads IR <= 13; onnx 1.23 writes 14 by default.
+MAX_IR_VERSION = 10
+# Above this the protobuf 2 GB limit is near: weights go to one external data file.
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+
+_NP_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64"}
+
+
+@dataclass
+class ExportedGraph:
+    spec: GraphSpec
+    module: torch.nn.Module  # kept for verification
+    example: tuple
+
+
+def _finish(model_path: Path, size_hint: int) -> list[str]:
+    """Clamp the IR version, give the decoder's weights stable names, move big weights out of line."""
+    model = onnx.load(str(model_path), load_external_data=True)
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    _name_matmul_weights(model)
+    for f in model_path.parent.glob(model_path.name + "*.data"):
+        f.unlink()
+    external: list[str] = []
+    if size_hint > EXTERNAL_DATA_THRESHOLD:
+        location = model_path.name + ".data"
+        onnx.save_model(model, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=location, size_threshold=1024)
+        external.append(location)
+    else:
+        onnx.save_model(model, str(model_path))
+    return external
+
+
+def _name_matmul_weights(model: onnx.ModelProto) -> None:
+    """'/layers.3/mlp/up_proj/MatMul' reads 'onnx::MatMul_512' -> 'layers.3.mlp.up_proj.weight_t'.
+
+    The TorchScript exporter folds Linear's transpose into an anonymous initializer; the quantizer and
+    the TensorRT builder find weights by these names instead. weight_t is [in, out]."""
+    inits = {i.name: i for i in model.graph.initializer}
+    renames: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in inits and node.name.endswith("/MatMul"):
+            new = node.name.strip("/")[: -len("/MatMul")].replace("/", ".") + ".weight_t"
+            if node.input[1] not in renames and new not in inits:
+                renames[node.input[1]] = new
+    for old, new in renames.items():
+        inits[old].name = new
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in renames:
+                node.input[i] = renames[name]
+
+
+def _spec(path: Path, names_in, tensors_in, dyn_in, names_out, tensors_out, dyn_out, external) -> GraphSpec:
+    def shape(t: torch.Tensor, dyn: dict[int, str]) -> list[int | str]:
+        return [dyn.get(i, int(s)) for i, s in enumerate(t.shape)]
+
+    return GraphSpec(
+        file=path.name,
+        inputs=[TensorSpec(n, _NP_DTYPES[t.dtype], shape(t, dyn_in.get(n, {}))) for n, t in zip(names_in, tensors_in)],
+        outputs=[TensorSpec(n, _NP_DTYPES[t.dtype], shape(t, dyn_out.get(n, {}))) for n, t in zip(names_out, tensors_out)],
+        external_data=external,
+    )
+
+
+def _export(module, example, path: Path, names_in, names_out, dyn_in, dyn_out, opset: int) -> GraphSpec:
+    dynamic_axes = {**dyn_in, **dyn_out}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+        outputs = module(*example)
+        if isinstance(outputs, torch.Tensor):
+            outputs = (outputs,)
+        torch.onnx.export(
+            module, example, str(path), input_names=names_in, output_names=names_out,
+            dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False, do_constant_folding=True,
+        )
+    size = sum(p.numel() * p.element_size() for p in module.parameters())
+    external = _finish(path, size)
+    return _spec(path, names_in, example, dyn_in, names_out, outputs, dyn_out, external)
+
+
+def export_vision(llava, vision_cfg, out_dir: Path, dtype: torch.dtype, opset: int) -> ExportedGraph:
+    module = VisionEncoder(llava, vision_cfg.vision_feature_layer, vision_cfg.select_strategy).eval()
+    s = vision_cfg.image_size
+    example = (torch.randn(2, 3, s, s, dtype=dtype),)
+    spec = _export(module, example, out_dir / "vision.onnx", ["pixel_values"], ["image_features"],
+                   {"pixel_values": {0: "batch"}}, {"image_features": {0: "batch"}}, opset)
+    return ExportedGraph(spec, module, example)
+
+
+def export_embed(llava, out_dir: Path, opset: int) -> ExportedGraph:
+    module = TokenEmbedding(llava).eval()
+    example = (torch.tensor([[1, 5, 9], [1, 7, 3]], dtype=torch.int64),)
+    spec = _export(module, example, out_dir / "embed.onnx", ["input_ids"], ["inputs_embeds"],
+                   {"input_ids": {0: "batch", 1: "seq"}}, {"inputs_embeds": {0: "batch", 1: "seq"}}, opset)
+    return ExportedGraph(spec, module, example)
+
+
+def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return ["inputs_embeds", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+def export_decoder(llava, out_dir: Path, dtype: torch.dtype, opset: int) -> ExportedGraph:
+    module = Decoder(llava).eval()
+    n_layers = len(module.layers)
+    names_in, names_out = decoder_io_names(n_layers)
+    hidden = llava.config.text_config.hidden_size
+    b, t, p = 2, 3, 4  # sizes > 1 so that the tracer cannot specialise them
+    example = (
+        torch.randn(b, t, hidden, dtype=dtype),
+        torch.ones(b, p + t, dtype=torch.int64),
+        torch.arange(p, p + t, dtype=torch.int64).unsqueeze(0).repeat(b, 1),
+        *[torch.randn(b, module.num_kv_heads, p, module.head_dim, dtype=dtype) for _ in range(2 * n_layers)],
+    )
+    dyn_in = {
+        "inputs_embeds": {0: "batch", 1: "seq"},
+        "attention_mask": {0: "batch", 1: "total_seq"},
+        "position_ids": {0: "batch", 1: "seq"},
+        **{n: {0: "batch", 2: "past_seq"} for n in names_in[3:]},
+    }
+    dyn_out = {"logits": {0: "batch", 1: "seq"}, **{n: {0: "batch", 2: "total_seq"} for n in names_out[1:]}}
+    spec = _export(module, example, out_dir / "decoder.onnx", names_in, names_out, dyn_in, dyn_out, opset)
+    return ExportedGraph(spec, module, example)

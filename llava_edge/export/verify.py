@@ -1,0 +1,79 @@
+"""Numerical checks of exported graphs: each graph against its torch module, and the whole split
+pipeline against transformers' LlavaForConditionalGeneration forward."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from .onnx_export import ExportedGraph
+
+
+def session(path: Path) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def max_abs_error(graph: ExportedGraph, package_dir: Path, inputs: tuple[torch.Tensor, ...]) -> float:
+    """Run the ONNX graph and its torch module on the same inputs; return the largest difference."""
+    sess = session(package_dir / graph.spec.file)
+    feeds = {spec.name: t.numpy() for spec, t in zip(graph.spec.inputs, inputs)}
+    got = sess.run(None, feeds)
+    with torch.no_grad():
+        want = graph.module(*inputs)
+    if isinstance(want, torch.Tensor):
+        want = (want,)
+    return float(max(np.abs(g.astype(np.float64) - w.double().numpy()).max() for g, w in zip(got, want)))
+
+
+def random_inputs(graph_name: str, graph: ExportedGraph, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Inputs with shapes unlike the export example (other batch, lengths, a padded row), so that a
+    dimension the tracer wrongly fixed shows up as an error here rather than at run time."""
+    g = torch.Generator().manual_seed(seed)
+    ex = graph.example
+    if graph_name == "vision":
+        return (torch.randn((3, *ex[0].shape[1:]), generator=g).to(ex[0].dtype),)
+    if graph_name == "embed":
+        vocab = graph.module.embed_tokens.num_embeddings
+        return (torch.randint(0, vocab, (3, 5), generator=g),)
+    b, t, p = 3, 2, 6
+    hidden = ex[0].shape[-1]
+    kv_shape = ex[3].shape
+    mask = torch.ones(b, p + t, dtype=torch.int64)
+    mask[1, :3] = 0  # a left-padded row
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, p:]
+    past = [torch.randn((b, kv_shape[1], p, kv_shape[3]), generator=g).to(ex[0].dtype) for _ in ex[3:]]
+    return (torch.randn((b, t, hidden), generator=g).to(ex[0].dtype), mask, pos, *past)
+
+
+def pipeline_logits_error(llava, tokenizer, image_token_id: int, num_image_tokens: int, package_dir: Path,
+                          image_size: int, seed: int = 0) -> float:
+    """transformers' full LLaVA forward vs our split graphs (vision -> splice -> decoder) on one prompt
+    with an image. This is the check that catches a wrong feature layer, select strategy or projector."""
+    g = torch.Generator().manual_seed(seed)
+    pixel = torch.randn((1, 3, image_size, image_size), generator=g)
+    text_ids = tokenizer.encode("USER: describe the picture ASSISTANT:").ids
+    ids = [text_ids[0]] + [image_token_id] * num_image_tokens + text_ids[1:]
+    input_ids = torch.tensor([ids])
+    with torch.no_grad():
+        want = llava(input_ids=input_ids, pixel_values=pixel, attention_mask=torch.ones_like(input_ids)).logits
+
+    vision = session(package_dir / "vision.onnx")
+    embed = session(package_dir / "embed.onnx")
+    decoder = session(package_dir / "decoder.onnx")
+    feat_dtype = vision.get_inputs()[0].type
+    np_dtype = np.float16 if "float16" in feat_dtype else np.float32
+    feats = vision.run(None, {"pixel_values": pixel.numpy().astype(np_dtype)})[0]
+    emb = embed.run(None, {"input_ids": input_ids.numpy()})[0]
+    emb[0, 1 : 1 + num_image_tokens] = feats[0]
+    feeds = {"inputs_embeds": emb, "attention_mask": np.ones((1, len(ids)), np.int64),
+             "position_ids": np.arange(len(ids), dtype=np.int64)[None]}
+    for inp in decoder.get_inputs()[3:]:
+        kv = inp.shape
+        feeds[inp.name] = np.zeros((1, kv[1], 0, kv[3]), np_dtype)
+    got = decoder.run(["logits"], feeds)[0]
+    return float(np.abs(got.astype(np.float64) - want.double().numpy()).max())

@@ -1,0 +1,87 @@
+"""onnxruntime backend over the portable decoder graph (past in, present out)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from ..package import Manifest
+
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+class BackendError(Exception):
+    pass
+
+
+@dataclass
+class PortableKVCache:
+    """Past keys/values as the graph returned them. The portable graph concatenates, so each step
+    allocates new present tensors; the in-place cache is the fast decoder's job."""
+
+    past: list[np.ndarray]
+    length: int = 0
+    max_len: int = 0
+    names: list[str] = field(default_factory=list)
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    # Keep MatMulNBits numerics exact to the stored weights unless the package asks otherwise.
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    return opts
+
+
+class OrtBackend:
+    name = "onnxruntime"
+
+    def __init__(self, package_dir: str | os.PathLike, manifest: Manifest, device: str = "cpu",
+                 threads: int | None = None):
+        if device not in PROVIDERS:
+            raise BackendError(f"unknown device {device!r}; use cpu or cuda")
+        providers = PROVIDERS[device]
+        if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BackendError("onnxruntime has no CUDA provider here: install onnxruntime-gpu or use --device cpu")
+        root = Path(package_dir)
+        opts = session_options(threads)
+        self.manifest = manifest
+        self.vision = ort.InferenceSession(str(root / manifest.graphs["vision"].file), opts, providers=providers)
+        self.embedder = ort.InferenceSession(str(root / manifest.graphs["embed"].file), opts, providers=providers)
+        self.decoder = ort.InferenceSession(str(root / manifest.graphs["decoder"].file), opts, providers=providers)
+        self.float_dtype = np.dtype(manifest.dtype)
+        self.past_names = [i.name for i in self.decoder.get_inputs()[3:]]
+        self.present_names = [o.name for o in self.decoder.get_outputs()[1:]]
+        t = manifest.text
+        self._kv_shape = (t.num_kv_heads, t.head_dim)
+
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self.vision.run(None, {"pixel_values": pixel_values.astype(self.float_dtype, copy=False)})[0]
+
+    def embed(self, input_ids: np.ndarray) -> np.ndarray:
+        return self.embedder.run(None, {"input_ids": input_ids.astype(np.int64, copy=False)})[0]
+
+    def new_cache(self, batch: int, max_len: int) -> PortableKVCache:
+        empty = np.zeros((batch, *self._kv_shape[:1], 0, self._kv_shape[1]), dtype=self.float_dtype)
+        return PortableKVCache(past=[empty] * len(self.past_names), max_len=max_len, names=self.past_names)
+
+    def step(self, cache: PortableKVCache, inputs_embeds: np.ndarray, attention_mask: np.ndarray,
+             position_ids: np.ndarray) -> np.ndarray:
+        t = inputs_embeds.shape[1]
+        if cache.length + t > cache.max_len:
+            raise BackendError(f"KV cache full: {cache.length} + {t} > {cache.max_len}")
+        feeds = {"inputs_embeds": inputs_embeds.astype(self.float_dtype, copy=False),
+                 "attention_mask": attention_mask, "position_ids": position_ids}
+        feeds.update(zip(cache.names, cache.past))
+        outputs = self.decoder.run(None, feeds)
+        cache.past = outputs[1:]
+        cache.length += t
+        return outputs[0][:, -1, :].astype(np.float32, copy=False)

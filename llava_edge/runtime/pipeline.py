@@ -1,0 +1,236 @@
+"""The Python API: Pipeline.from_package(dir).generate(image, prompt, ...).
+
+One generation loop serves single requests, batches and streaming: it yields TokenEvents as tokens
+arrive and returns the final results. Batches are left-padded (real tokens end at the same column, so
+every row's next token comes from the last position and rows finish independently).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from ..package import TOKENIZER_NAME, Manifest, load_manifest
+from . import prompt as prompts
+from .preprocess import preprocess
+from .sampling import Sampler, SamplingConfig
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+@dataclass
+class Timings:
+    vision_ms: float = 0.0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    new_tokens: int = 0  # decode steps after the first token, summed over the batch
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / (self.decode_ms / 1000) if self.decode_ms > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"vision_ms": round(self.vision_ms, 3), "prefill_ms": round(self.prefill_ms, 3),
+                "decode_ms": round(self.decode_ms, 3), "tokens_per_s": round(self.tokens_per_s, 2)}
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # generated ids, eos included when generation stopped on it
+    finish_reason: str  # "eos", "stop" (a stop string), "length"
+    prompt_tokens: int
+    timings: Timings
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
+                "prompt_tokens": self.prompt_tokens, "timings": self.timings.as_dict()}
+
+
+@dataclass
+class TokenEvent:
+    index: int  # which request of the batch
+    token_id: int
+    text: str  # newly decodable text (may be "" while a multi-byte character is incomplete)
+
+
+@dataclass
+class Request:
+    turns: list[tuple[str, str | None]]  # conversation so far; the last turn's answer is None
+    images: list[Any] = field(default_factory=list)
+
+
+class _Detokenizer:
+    """Incremental text for one sequence: emits only text that will not change with later tokens."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") or not text.startswith(self.text):
+            return ""
+        delta, self.text = text[len(self.text) :], text
+        return delta
+
+
+class Pipeline:
+    def __init__(self, package_dir: str | os.PathLike, manifest: Manifest, backend, tokenizer: Tokenizer,
+                 template: str | None = None):
+        self.package_dir = Path(package_dir)
+        self.manifest = manifest
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.template = template or manifest.text.chat_template
+        if self.template not in prompts.TEMPLATES:
+            raise ValueError(f"unknown chat template {self.template!r}; known: {', '.join(prompts.TEMPLATES)}")
+
+    @classmethod
+    def from_package(cls, package_dir: str | os.PathLike, backend: str = "ort", device: str = "cpu",
+                     threads: int | None = None, template: str | None = None) -> "Pipeline":
+        manifest = load_manifest(package_dir)
+        tokenizer = Tokenizer.from_file(str(Path(package_dir) / TOKENIZER_NAME))
+        if backend == "ort":
+            from .ort_backend import OrtBackend
+
+            engine = OrtBackend(package_dir, manifest, device=device, threads=threads)
+        else:
+            raise ValueError(f"unknown backend {backend!r}")
+        return cls(package_dir, manifest, engine, tokenizer, template)
+
+    # -- prompt preparation -------------------------------------------------------------------
+    def encode_request(self, request: Request) -> np.ndarray:
+        t = self.manifest.text
+        text = prompts.render(self.template, request.turns, t.image_token, len(request.images))
+        ids = self.tokenizer.encode(text).ids
+        ids, n_images = prompts.expand_image_tokens(ids, t.image_token_id, self.manifest.vision.num_image_tokens)
+        if n_images != len(request.images):
+            raise ValueError(f"the prompt has {n_images} image placeholder(s) but {len(request.images)} image(s) were given")
+        return ids
+
+    # -- generation ---------------------------------------------------------------------------
+    def run(self, requests: Sequence[Request], max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
+            stop: Sequence[str] = ()) -> Iterator[TokenEvent]:
+        """Generate for a batch; yields TokenEvents, returns list[GenerationResult] (StopIteration.value)."""
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        sampling = sampling or SamplingConfig()
+        t = self.manifest.text
+        encoded = [self.encode_request(r) for r in requests]
+        lengths = [len(e) for e in encoded]
+        longest = max(lengths)
+        if longest + max_new_tokens > t.max_context:
+            raise PromptTooLongError(
+                f"prompt of {longest} tokens (image tokens included) plus max_new_tokens={max_new_tokens} "
+                f"exceeds the model's context of {t.max_context}"
+            )
+        b = len(requests)
+        timings = Timings()
+
+        # vision: all images of the batch in one call
+        images = [im for r in requests for im in r.images]
+        features = None
+        if images:
+            t0 = time.perf_counter()
+            pixels = np.stack([preprocess(im, self.manifest.vision) for im in images])
+            features = self.backend.encode_images(pixels)
+            timings.vision_ms = (time.perf_counter() - t0) * 1000
+
+        # left-padded batch
+        t0 = time.perf_counter()
+        ids = np.full((b, longest), t.pad_token_id, dtype=np.int64)
+        mask = np.zeros((b, longest), dtype=np.int64)
+        for i, e in enumerate(encoded):
+            ids[i, longest - len(e) :] = e
+            mask[i, longest - len(e) :] = 1
+        embeds = self.backend.embed(ids)
+        if features is not None:
+            slots = ids == t.image_token_id
+            embeds[slots] = features.reshape(-1, features.shape[-1]).astype(embeds.dtype, copy=False)
+        positions = np.maximum(mask.cumsum(-1) - 1, 0)
+        cache = self.backend.new_cache(b, longest + max_new_tokens)
+        logits = self.backend.step(cache, embeds, mask, positions)
+        timings.prefill_ms = (time.perf_counter() - t0) * 1000
+
+        sampler = Sampler(sampling)
+        seen = [e.copy() for e in encoded] if sampling.repetition_penalty != 1.0 else None
+        generated: list[list[int]] = [[] for _ in range(b)]
+        detok = [_Detokenizer(self.tokenizer) for _ in range(b)]
+        finish: list[str | None] = [None] * b
+        eos = set(t.eos_token_ids)
+        next_pos = positions[:, -1] + 1
+        t_decode = time.perf_counter()
+        for step in range(max_new_tokens):
+            tokens = sampler(logits, seen)
+            for i in range(b):
+                if finish[i] is not None:
+                    continue
+                tok = int(tokens[i])
+                generated[i].append(tok)
+                if seen is not None:
+                    seen[i] = np.append(seen[i], tok)
+                if tok in eos:
+                    finish[i] = "eos"
+                    continue
+                delta = detok[i].push(tok)
+                if stop and any(s in detok[i].text for s in stop):
+                    finish[i] = "stop"
+                if delta:
+                    yield TokenEvent(i, tok, delta)
+            if all(f is not None for f in finish) or step == max_new_tokens - 1:
+                break
+            tokens = np.array([generated[i][-1] if finish[i] is None else t.pad_token_id for i in range(b)],
+                              dtype=np.int64)
+            mask = np.concatenate([mask, np.ones((b, 1), dtype=np.int64)], axis=1)
+            logits = self.backend.step(cache, self.backend.embed(tokens[:, None]), mask, next_pos[:, None])
+            next_pos = next_pos + 1
+            timings.new_tokens += sum(f is None for f in finish)
+        timings.decode_ms = (time.perf_counter() - t_decode) * 1000
+
+        results = []
+        for i in range(b):
+            text = detok[i].tokenizer.decode(generated[i], skip_special_tokens=True)
+            reason = finish[i] or "length"
+            if reason == "stop":
+                cut = min(text.find(s) for s in stop if s in text)
+                text = text[:cut]
+            results.append(GenerationResult(text.strip(), generated[i], reason, lengths[i], timings))
+        return results
+
+    def _collect(self, gen: Iterator[TokenEvent]) -> list[GenerationResult]:
+        while True:
+            try:
+                next(gen)
+            except StopIteration as done:
+                return done.value
+
+    def generate(self, image: Any, prompt: str, max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
+                 stop: Sequence[str] = (), history: Sequence[tuple[str, str]] = ()) -> GenerationResult:
+        """One image (or None) and one question; history holds earlier (question, answer) turns."""
+        req = Request([*history, (prompt, None)], [image] if image is not None else [])
+        return self._collect(self.run([req], max_new_tokens, sampling, stop))[0]
+
+    def generate_batch(self, images: Sequence[Any], prompts_: Sequence[str], max_new_tokens: int = 64,
+                       sampling: SamplingConfig | None = None, stop: Sequence[str] = ()) -> list[GenerationResult]:
+        if len(images) != len(prompts_):
+            raise ValueError("generate_batch needs one image (or None) per prompt")
+        reqs = [Request([(p, None)], [im] if im is not None else []) for im, p in zip(images, prompts_)]
+        return self._collect(self.run(reqs, max_new_tokens, sampling, stop))
+
+    def stream(self, image: Any, prompt: str, max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
+               stop: Sequence[str] = (), history: Sequence[tuple[str, str]] = ()) -> Iterator[str]:
+        """Text deltas as they are generated."""
+        req = Request([*history, (prompt, None)], [image] if image is not None else [])
+        for event in self.run([req], max_new_tokens, sampling, stop):
+            yield event.text

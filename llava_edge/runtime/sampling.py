@@ -1,0 +1,78 @@
+"""Next-token choice in numpy: greedy, temperature, top-k, top-p, repetition penalty, seeded.
+
+Works on the [B, V] logits of the last position only, in place where it can: the only full-vocabulary
+copy per step is the float64 softmax of the rows that sample (greedy rows take an argmax, no copy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0  # >1 discourages tokens already in the sequence (CTRL rule)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class Sampler:
+    def __init__(self, config: SamplingConfig):
+        self.config = config
+        self.rng = np.random.default_rng(config.seed)
+
+    def apply_repetition_penalty(self, logits: np.ndarray, seen: list[np.ndarray]) -> None:
+        p = self.config.repetition_penalty
+        if p == 1.0:
+            return
+        for row, ids in zip(logits, seen):
+            if len(ids):
+                u = np.unique(ids)
+                vals = row[u]
+                row[u] = np.where(vals > 0, vals / p, vals * p)
+
+    def __call__(self, logits: np.ndarray, seen: list[np.ndarray] | None = None) -> np.ndarray:
+        """logits [B, V] (modified in place) -> next token ids [B]."""
+        if seen is not None:
+            self.apply_repetition_penalty(logits, seen)
+        if self.config.greedy:
+            return logits.argmax(axis=-1).astype(np.int64)
+        return np.array([self._sample_row(row) for row in logits], dtype=np.int64)
+
+    def _sample_row(self, row: np.ndarray) -> int:
+        c = self.config
+        x = row.astype(np.float64) / c.temperature
+        if c.top_k and c.top_k < x.size:
+            kth = np.partition(x, -c.top_k)[-c.top_k]
+            x[x < kth] = -np.inf
+        x -= x.max()
+        probs = np.exp(x)
+        probs /= probs.sum()
+        if c.top_p < 1.0:
+            order = np.argsort(-probs, kind="stable")
+            cum = np.cumsum(probs[order])
+            # keep the smallest prefix whose mass reaches top_p (always at least one token)
+            cut = int(np.searchsorted(cum, c.top_p) + 1)
+            keep = order[:cut]
+            mask = np.zeros_like(probs)
+            mask[keep] = probs[keep]
+            probs = mask / mask.sum()
+        return int(self.rng.choice(probs.size, p=probs))
