@@ -6,43 +6,29 @@ sees is exactly what the layer sees at inference, image tokens included. Everyth
 (layer by layer, in :mod:`.sequential`) replays those captured inputs, so the rest of the model
 never needs to run again.
 
-Prompts follow LLaVA-1.5's format, ``"USER: <image>\\n{question} ASSISTANT: {answer}</s>"`` per turn
-(the image only in the first), with ``<image>`` expanded to ``num_image_tokens`` image-token ids as
-transformers' processor does. Images are preprocessed in numpy from the package's
-:class:`~llava_edge.package.VisionConfig` (same steps as the CLIP image processor), so calibration
-sees the pixels the runtime will feed.
+Prompts and pixels are built with the runtime's own code (``llava_edge.runtime.prompt`` and
+``.preprocess``, the package's chat template, e.g. ``"USER: <image>\\n{question} ASSISTANT: {answer}</s>"``
+with ``<image>`` expanded to ``num_image_tokens`` ids), so calibration sees exactly the token ids and
+pixels the runtime will feed.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
+from ..runtime import prompt as prompts
+from ..runtime.preprocess import preprocess
 from .data import Conversation
 from .progress import progress_iter
 
-IMAGE_MARKER = "<image>"
-EOS_MARKER = "</s>"
-
-
-@dataclass
-class PromptFormat:
-    image_token_id: int
-    num_image_tokens: int
-    bos_token_id: int | None = None
-    eos_token_id: int | None = None
-    max_seq_len: int = 2048
-
-
 @dataclass
 class EncodedSample:
-    input_ids: torch.Tensor  # [1, T] int64
+    input_ids: torch.Tensor  # [1, T] int64, image tokens already expanded
     pixel_values: torch.Tensor | None  # [1, 3, S, S] float32, or None for text-only samples
 
 
@@ -54,88 +40,37 @@ class LayerInput:
     kwargs: dict[str, Any]
 
 
-def text_encoder(tokenizer: Any) -> Callable[[str], list[int]]:
-    """Plain-text encoder (no special tokens) from a `tokenizers.Tokenizer` or a transformers one."""
-
-    def encode(text: str) -> list[int]:
-        out = tokenizer.encode(text, add_special_tokens=False)
-        return list(out.ids) if hasattr(out, "ids") else list(out)
-
-    return encode
-
-
-def conversation_text(conv: Conversation, with_image: bool) -> str:
-    parts = []
-    for i, (q, a) in enumerate(conv.turns):
-        prefix = f"{IMAGE_MARKER}\n" if (i == 0 and with_image) else ""
-        parts.append(f"USER: {prefix}{q} ASSISTANT:" + (f" {a}{EOS_MARKER}" if a else ""))
-    return "".join(parts)
-
-
-def encode_conversation(conv: Conversation, encode: Callable[[str], list[int]], fmt: PromptFormat) -> list[int]:
-    """Token ids of a conversation: text pieces are tokenized separately and the markers are
-    replaced by ids, so the result does not depend on how a tokenizer handles ``<image>``."""
-    text = conversation_text(conv, conv.image is not None)
-    ids: list[int] = [] if fmt.bos_token_id is None else [fmt.bos_token_id]
-    for piece in re.split(f"({re.escape(IMAGE_MARKER)}|{re.escape(EOS_MARKER)})", text):
-        if piece == IMAGE_MARKER:
-            ids.extend([fmt.image_token_id] * fmt.num_image_tokens)
-        elif piece == EOS_MARKER:
-            if fmt.eos_token_id is not None:
-                ids.append(fmt.eos_token_id)
-        elif piece:
-            ids.extend(encode(piece))
-    if len(ids) > fmt.max_seq_len:
-        last_image = max((i for i, t in enumerate(ids) if t == fmt.image_token_id), default=-1)
-        if last_image >= fmt.max_seq_len:
-            raise ValueError(f"max_seq_len={fmt.max_seq_len} cannot hold the {fmt.num_image_tokens} image tokens")
-        ids = ids[: fmt.max_seq_len]
+def encode_conversation(conv: Conversation, tokenizer: Any, text: Any, num_image_tokens: int,
+                        template: str | None = None, max_seq_len: int | None = None) -> np.ndarray:
+    """Token ids exactly as the runtime builds them (same template renderer, tokenizer and image
+    token expansion), with the answers filled in; truncated at ``max_seq_len`` but never inside the
+    image tokens."""
+    turns = [(q, a or None) for q, a in conv.turns]  # an empty answer ends the turn at "ASSISTANT:"
+    rendered = prompts.render(template or text.chat_template, turns, text.image_token, int(conv.image is not None))
+    ids = tokenizer.encode(rendered).ids
+    ids, n_images = prompts.expand_image_tokens(ids, text.image_token_id, num_image_tokens)
+    if n_images != int(conv.image is not None):
+        raise ValueError(f"{conv.source}: the rendered prompt has {n_images} image tokens (tokenizer lacks "
+                         f"{text.image_token!r} as a single token?)")
+    limit = max_seq_len or text.max_context
+    if len(ids) > limit:
+        where = np.flatnonzero(ids == text.image_token_id)
+        if where.size and where[-1] >= limit:
+            raise ValueError(f"max_seq_len={limit} cannot hold the {num_image_tokens} image tokens")
+        ids = ids[:limit]
     return ids
 
 
-def preprocess_image(image: Image.Image, vision: Any) -> np.ndarray:
-    """CLIP preprocessing in numpy -> float32 [3, S, S]: optional pad-to-square with the mean
-    colour (LLaVA-1.5), resize of the shortest edge, centre crop, rescale, normalize."""
-    image = image.convert("RGB")
-    if vision.pad_to_square and image.width != image.height:
-        side = max(image.size)
-        bg = tuple(int(round(m * 255)) for m in vision.image_mean)
-        canvas = Image.new("RGB", (side, side), bg)
-        canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
-        image = canvas
-    short = vision.shortest_edge
-    w, h = image.size
-    if w <= h:
-        size = (short, int(short * h / w))
-    else:
-        size = (int(short * w / h), short)
-    image = image.resize(size, resample=vision.resample)
-    s = vision.image_size
-    if vision.do_center_crop or image.size != (s, s):
-        left = (image.width - s) // 2
-        top = (image.height - s) // 2
-        image = image.crop((left, top, left + s, top + s))
-    x = np.asarray(image, dtype=np.float32) * vision.rescale_factor
-    x = (x - np.asarray(vision.image_mean, np.float32)) / np.asarray(vision.image_std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
-
-
-def encode_samples(
-    convs: Sequence[Conversation],
-    encode: Callable[[str], list[int]],
-    fmt: PromptFormat,
-    vision: Any | None,
-    image_preprocess: Callable[[Image.Image, Any], np.ndarray] = preprocess_image,
-) -> list[EncodedSample]:
+def encode_samples(convs: Sequence[Conversation], tokenizer: Any, text: Any, vision: Any,
+                   template: str | None = None, max_seq_len: int | None = None) -> list[EncodedSample]:
+    """Conversations -> model inputs; ``text``/``vision`` are the package's TextConfig/VisionConfig."""
     out = []
     for conv in convs:
-        if conv.image is not None and vision is None:
-            raise ValueError("image calibration samples need the package's vision config")
-        ids = encode_conversation(conv, encode, fmt)
+        ids = encode_conversation(conv, tokenizer, text, vision.num_image_tokens, template, max_seq_len)
         pix = None
         if conv.image is not None:
-            pix = torch.from_numpy(image_preprocess(conv.image, vision)).unsqueeze(0)
-        out.append(EncodedSample(torch.tensor([ids], dtype=torch.long), pix))
+            pix = torch.from_numpy(preprocess(conv.image, vision)).unsqueeze(0)
+        out.append(EncodedSample(torch.from_numpy(ids).unsqueeze(0), pix))
     return out
 
 
