@@ -40,6 +40,7 @@ class GPTQConfig:
 @dataclass
 class GPTQResult:
     quantized: QuantizedLinear
+    weight: torch.Tensor  # the float weights the sweep settled on (q * s as it computed them)
     damp: float  # the relative damping that made H positive definite
     loss: float  # sum of the per-column GPTQ losses (err^2 / d), for diagnostics
 
@@ -108,6 +109,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> GPT
     del H
 
     codes = torch.zeros_like(W)
+    Q = torch.zeros_like(W)
     scales = torch.zeros(n, k // g, dtype=torch.float32, device=W.device) if static_scales is None else static_scales
     total_loss = torch.zeros((), device=W.device)
     for i1 in range(0, k, cfg.blocksize):
@@ -129,6 +131,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> GPT
             d = Hinv1[i, i]
             q = torch.clamp(torch.round(w / s), qmin, qmax)
             codes[:, col] = q
+            Q[:, col] = q * s
             r = w - q * s
             total_loss += (r * r).sum() / (2 * d * d)  # the reference implementation's loss
             err = r / d
@@ -139,5 +142,6 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> GPT
     if cfg.act_order:
         inv = torch.argsort(perm)
         codes = codes[:, inv]
+        Q = Q[:, inv]
     q = QuantizedLinear(q=codes.to(torch.int8), scales=scales, bits=cfg.bits, group_size=g)
-    return GPTQResult(quantized=q, damp=used_damp, loss=float(total_loss))
+    return GPTQResult(quantized=q, weight=Q, damp=used_damp, loss=float(total_loss))

@@ -86,11 +86,14 @@ class QualityReport:
         console = console or Console()
         if self.layer_errors:
             t = Table(title="Per-layer relative error of the layer update (held-out inputs)")
-            for col in ("layer", self.config.get("method", "method"), "rtn", "ratio"):
-                t.add_column(str(col), justify="right")
+            with_method = any(r["method"] is not None for r in self.layer_errors)
+            cols = ["layer", str(self.config.get("method", "method")), "rtn", "ratio"] if with_method else ["layer", "rtn"]
+            for col in cols:
+                t.add_column(col, justify="right")
             for r in self.layer_errors:
                 fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-                t.add_row(str(r["layer"]), fmt(r["method"]), fmt(r["rtn"]), fmt(r["ratio"]))
+                row = [str(r["layer"]), fmt(r["method"]), fmt(r["rtn"]), fmt(r["ratio"])]
+                t.add_row(*(row if with_method else [row[0], row[2]]))
             console.print(t)
         s = Table(title="Quantization summary")
         s.add_column("metric")
