@@ -110,7 +110,7 @@ def to_autogptq(q: QuantizedLinear, v1: bool = True, g_idx: np.ndarray | None = 
     return {
         "qweight": pack_int32(codes, q.bits, axis=0),
         "qzeros": pack_int32(zeros, q.bits, axis=1),
-        "scales": q.scales.cpu().numpy().T.astype(np.float16),
+        "scales": np.ascontiguousarray(q.scales.cpu().numpy().T, dtype=np.float16),
         "g_idx": g_idx,
     }
 
