@@ -166,7 +166,8 @@ def quantize_package(
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(src / TOKENIZER_NAME))
-    convs = load_calibration(calib, (0 if from_gptq is not None else samples) + holdout, seed, calib_images)
+    n_wanted = (0 if from_gptq is not None else samples) + holdout
+    convs = load_calibration(calib, n_wanted, seed, calib_images) if n_wanted else []
     encoded = encode_samples(convs, tokenizer, manifest.text, manifest.vision, max_seq_len=max_seq_len)
     n_cal = len(encoded) - holdout if from_gptq is None else 0
     if from_gptq is None and n_cal < 1:
