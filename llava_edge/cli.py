@@ -34,6 +34,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .runtime.preprocess import ImageError
 
     errors: list[type[BaseException]] = [PackageError, ImageError, BackendError, ValueError, FileNotFoundError]
+    if "llava_edge.calibration.quantize" in sys.modules:
+        from .calibration.data import CalibrationDataError
+        from .calibration.gptq_import import GPTQImportError
+        from .calibration.quantize import QuantizeError
+
+        errors += [QuantizeError, CalibrationDataError, GPTQImportError]
     if "llava_edge.export.checkpoint" in sys.modules:
         from .export.checkpoint import CheckpointError
         from .export.exporter import ExportError
@@ -104,6 +110,41 @@ def export(
         progress.update(current["task"], completed=1, total=1)
     errs = ", ".join(f"{k} {v:.2e}" for k, v in result.errors.items())
     console.print(f"[green]exported[/] {output} ({result.manifest.dtype}); max |onnx - torch|: {errs}")
+
+
+@app.command()
+@friendly
+def quantize(
+    package: Path = typer.Argument(..., help="fp32/fp16 model package (from export)."),
+    checkpoint: Optional[Path] = typer.Option(None, help="The checkpoint the package came from (needed for "
+                                              "calibration unless --from-gptq)."),
+    calib: Optional[str] = typer.Option(None, help="LLaVA-Instruct JSON/JSONL, or a folder of images with "
+                                        "prompts; default: the built-in synthetic set."),
+    calib_images: Optional[str] = typer.Option(None, help="Image folder for a JSON/JSONL --calib."),
+    samples: int = typer.Option(128, help="Calibration conversations."),
+    bits: int = typer.Option(4, help="4 or 8."),
+    group_size: int = typer.Option(128, help="Quantization group along the input dim: 32, 64 or 128."),
+    act_order: bool = typer.Option(True, "--act-order/--no-act-order", help="GPTQ column order by Hessian "
+                                   "diagonal (static groups: no g_idx at run time)."),
+    method: str = typer.Option("gptq", help="gptq or rtn (round-to-nearest baseline)."),
+    format: str = typer.Option("matmulnbits", help="matmulnbits (onnxruntime) or qdq (DequantizeLinear+MatMul, "
+                               "for TensorRT)."),
+    from_gptq: Optional[Path] = typer.Option(None, help="Import an existing AutoGPTQ checkpoint instead."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="New package directory "
+                                          "(default PKG-METHOD-intBITS-gGROUP)."),
+    quantize_lm_head: bool = typer.Option(False, help="Quantize lm_head too (kept fp by default)."),
+    seed: int = typer.Option(0),
+    threads: Optional[int] = typer.Option(None, help="torch threads for GPTQ."),
+    overwrite: bool = typer.Option(False),
+) -> None:
+    """GPTQ (or RTN) the decoder to 4 bits, calibrated on image+text conversations; writes a new package."""
+    from .calibration.quantize import quantize_package
+
+    result = quantize_package(package, checkpoint, output, calib=calib, calib_images=calib_images, samples=samples,
+                              bits=bits, group_size=group_size, act_order=act_order, method=method, format=format,
+                              from_gptq=from_gptq, quantize_lm_head=quantize_lm_head, seed=seed, threads=threads,
+                              overwrite=overwrite)
+    console.print(f"[green]quantized[/] -> {result.package_dir}")
 
 
 @app.command()

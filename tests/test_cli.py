@@ -127,3 +127,23 @@ def test_demo_completes(tmp_path):
     r = runner.invoke(app, ["demo", "--workdir", str(tmp_path / "demo"), "--max-new-tokens", "4"])
     assert r.exit_code == 0, r.output
     assert "demo done" in r.output
+
+
+def test_quantize_then_run_and_inspect(tiny_models, tmp_path):
+    m = tiny_models["llava-hf-gqa"]
+    q = tmp_path / "int4"
+    r = runner.invoke(app, ["quantize", str(m["package"]), "--checkpoint", str(m["checkpoint"]), "--samples", "4",
+                            "--group-size", "32", "--method", "rtn", "-o", str(q)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["run", str(q), "--image", str(_image(tmp_path)), "--prompt", "hi",
+                            "--max-new-tokens", "6", "--json"])
+    assert r.exit_code == 0, r.output
+    assert len(json.loads(r.output.strip().splitlines()[-1])["token_ids"]) == 6
+    r = runner.invoke(app, ["inspect", str(q), "--json"])
+    assert json.loads(r.output)["quantization"]["bits"] == 4
+
+
+def test_quantize_without_checkpoint_is_a_user_error(tiny_models, tmp_path):
+    r = runner.invoke(app, ["quantize", str(tiny_models["llava-hf-gqa"]["package"]), "-o", str(tmp_path / "q")])
+    _assert_user_error(r)
+    assert not (tmp_path / "q").exists()
