@@ -97,3 +97,13 @@ def test_fp16_export_tracks_fp32(tiny_models, tmp_path, images):
     a = p16.generate(images["landscape"], "What is this?", max_new_tokens=8)
     b = p32.generate(images["landscape"], "What is this?", max_new_tokens=8)
     assert a.token_ids[:4] == b.token_ids[:4]
+
+
+def test_fp16_export_without_room_for_an_fp32_reference(tiny_models, tmp_path, monkeypatch):
+    """Big checkpoints on small machines load once, in fp16, and verify against transformers in fp16."""
+    from llava_edge.export import exporter
+
+    monkeypatch.setattr(exporter, "_fits_in_memory", lambda n: False)
+    res = exporter.export_package(tiny_models["original-v1"]["checkpoint"], tmp_path / "p", dtype="fp16")
+    assert res.manifest.extra["reference_dtype"] == "float16"
+    assert res.errors["pipeline_logits"] < 5e-2

@@ -115,6 +115,12 @@ def _normalize_hf_key(key: str) -> str:
     return key
 
 
+def weights_bytes(path: str | Path) -> int:
+    """Bytes of weight files on disk (safetensors or .bin), for memory planning before loading."""
+    p = Path(path)
+    return sum(f.stat().st_size for pat in ("*.safetensors", "pytorch_model*.bin") for f in p.glob(pat))
+
+
 def _strict_load(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
     expected = model.state_dict()
     # Buffers that are recomputed (rotary inv_freq, CLIP position ids) are not required on disk.
@@ -223,19 +229,21 @@ def _special_ids(path: Path, tok, config: dict[str, Any]) -> tuple[int | None, l
     return bos, eos_ids, pad
 
 
-def load_checkpoint(path: str | Path, vision_tower: str | Path | None = None) -> LoadedCheckpoint:
-    """Read a LLaVA checkpoint directory (either layout) into a float32 LlavaForConditionalGeneration."""
+def load_checkpoint(path: str | Path, vision_tower: str | Path | None = None,
+                    dtype: torch.dtype = torch.float32) -> LoadedCheckpoint:
+    """Read a LLaVA checkpoint directory (either layout) into a LlavaForConditionalGeneration of `dtype`
+    (float32 by default: the reference for verification)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     path = Path(path).expanduser().resolve()
     layout = detect_layout(path)
     if layout == "llava-hf":
-        return _load_llava_hf(path)
-    return _load_original(path, vision_tower)
+        return _load_llava_hf(path, dtype)
+    return _load_original(path, vision_tower, dtype)
 
 
-def _load_llava_hf(path: Path) -> LoadedCheckpoint:
+def _load_llava_hf(path: Path, dtype: torch.dtype) -> LoadedCheckpoint:
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     raw = _read_json(path / "config.json")
@@ -250,7 +258,7 @@ def _load_llava_hf(path: Path) -> LoadedCheckpoint:
     with torch.device("meta"):  # no memory until the real weights are assigned
         model = LlavaForConditionalGeneration(config)
     _strict_load(model, state, path)
-    model = model.float().eval()
+    model = model.to(dtype).eval()
 
     proc = _read_json(path / "processor_config.json") if (path / "processor_config.json").is_file() else {}
     # transformers 5 nests the image processor in processor_config.json; 4.x wrote its own file.
@@ -298,7 +306,7 @@ def _resolve_vision_tower(path: Path, name: str, override: str | Path | None) ->
     )
 
 
-def _load_original(path: Path, vision_tower: str | Path | None) -> LoadedCheckpoint:
+def _load_original(path: Path, vision_tower: str | Path | None, dtype: torch.dtype) -> LoadedCheckpoint:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     raw = _read_json(path / "config.json")
@@ -370,7 +378,7 @@ def _load_original(path: Path, vision_tower: str | Path | None) -> LoadedCheckpo
     if emb_key in state and state[emb_key].shape[0] == vocab:
         state[emb_key] = torch.cat([state[emb_key], state[emb_key].new_zeros(image_token_id + 1 - vocab, tcfg.hidden_size)])
     _strict_load(model, state, path)
-    model = model.float().eval()
+    model = model.to(dtype).eval()
 
     pre = {}
     for where in (clip_dir / "preprocessor_config.json", clip_dir / "processor_config.json"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from .. import __version__
 from ..package import FORMAT_VERSION, TOKENIZER_NAME, Manifest, TextConfig, staged_package, write_manifest
 from . import verify
-from .checkpoint import LoadedCheckpoint, load_checkpoint
+from .checkpoint import LoadedCheckpoint, load_checkpoint, weights_bytes
 from .onnx_export import export_decoder, export_embed, export_vision
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
@@ -32,6 +33,14 @@ class ExportResult:
     package_dir: Path
     manifest: Manifest
     errors: dict[str, float]
+
+
+def _fits_in_memory(nbytes: int) -> bool:
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return True
+    return nbytes < 0.7 * total
 
 
 def _versions() -> dict[str, str]:
@@ -78,10 +87,14 @@ def export_package(
     stage = on_stage or (lambda name: None)
 
     stage("load checkpoint")
-    ck = load_checkpoint(checkpoint_dir, vision_tower=vision_tower)
+    # fp16 export keeps an fp32 reference for verification when both fit in memory; otherwise (a 7B
+    # on a 24 GB machine) it loads fp16 once and verifies against transformers in fp16.
+    fp32_reference = torch_dtype == torch.float32 or _fits_in_memory(6 * weights_bytes(checkpoint_dir))
+    ck = load_checkpoint(checkpoint_dir, vision_tower=vision_tower,
+                         dtype=torch.float32 if fp32_reference else torch_dtype)
     if chat_template:
         ck.chat_template = chat_template
-    model = ck.model if torch_dtype == torch.float32 else copy.deepcopy(ck.model).to(torch_dtype)
+    model = ck.model if ck.model.dtype == torch_dtype else copy.deepcopy(ck.model).to(torch_dtype)
 
     errors: dict[str, float] = {}
     with staged_package(out_dir, overwrite=overwrite) as tmp:
@@ -121,7 +134,8 @@ def export_package(
             vision=ck.vision,
             graphs=graphs,
             versions=_versions(),
-            extra={"opset": opset, "verification": errors},
+            extra={"opset": opset, "verification": errors,
+                   "reference_dtype": str(ck.model.dtype).replace("torch.", "")},
         )
         write_manifest(tmp, manifest)
     return ExportResult(Path(out_dir), manifest, errors)
