@@ -191,6 +191,10 @@ def import_tensorrt():
             "TensorRT is not installed: on Jetson use the JetPack one (python3-libnvinfer; create the venv with "
             "--system-site-packages), elsewhere `pip install 'llava-edge[tensorrt]'`; or use --backend ort "
             f"({e})") from e
+    if not hasattr(trt, "__version__"):  # a bare directory named tensorrt on sys.path (namespace package)
+        raise TensorRTUnavailable(
+            f"`import tensorrt` found {list(getattr(trt, '__path__', []))}, which is not NVIDIA TensorRT; install "
+            "TensorRT (or remove that directory from the path), or use --backend ort")
     return trt
 
 
