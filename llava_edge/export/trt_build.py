@@ -291,7 +291,7 @@ def _make_progress(trt, emit: Callable[[str], None]):
 
 
 def _build_one(trt, logger, onnx_path: Path, profiles: list[Profile], workspace_gb: float, cache_bytes: bytes | None,
-               emit: Callable[[str], None]) -> tuple[bytes, bytes]:
+               emit: Callable[[str], None], fp32: bool = False) -> tuple[bytes, bytes]:
     """One ONNX graph -> serialized plan; returns (plan, updated timing cache)."""
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
@@ -302,6 +302,10 @@ def _build_one(trt, logger, onnx_path: Path, profiles: list[Profile], workspace_
         raise EngineBuildError(f"TensorRT could not parse {onnx_path.name}: {errs}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * GiB))
+    if fp32 and hasattr(trt.BuilderFlag, "TF32"):
+        # TF32 is on by default and would round fp32 matmuls to 10-bit mantissas: an fp32 package is
+        # asked for precision (tests, reference runs), so keep it exact.
+        config.clear_flag(trt.BuilderFlag.TF32)
     monitor = _make_progress(trt, emit)
     if monitor is not None:
         config.progress_monitor = monitor
@@ -386,7 +390,8 @@ def build_engines(
                 log_file.write(f"=== {name}: {graph.file}\n")
                 t_graph = time.perf_counter()
                 data, cache_bytes = _build_one(trt, logger, root / graph.file, plan.profiles[name],
-                                               plan.limits.workspace_gb, cache_bytes, stage)
+                                               plan.limits.workspace_gb, cache_bytes, stage,
+                                               fp32=manifest.dtype == "float32")
                 rel = f"{ENGINES_DIR}/{name}.plan"
                 (staging / f"{name}.plan").write_bytes(data)
                 files[name] = EngineFile(file=rel, onnx_file=graph.file, onnx_size_bytes=graph.size_bytes,
