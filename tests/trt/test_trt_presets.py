@@ -1,0 +1,121 @@
+"""Memory budget arithmetic, target detection, limits and optimization-profile shapes (pure Python)."""
+
+from __future__ import annotations
+
+import pytest
+
+from llava_edge.export import trt_presets as tp
+from llava_edge.export.trt_presets import GiB, LLAVA_15_7B, PRESETS
+
+
+def test_kv_cache_formula_llava_7b():
+    # 2 (k,v) * 32 layers * 32 kv heads * 128 dims * 2 bytes = 512 KiB per token
+    assert tp.kv_cache_bytes(LLAVA_15_7B, context=1, batch=1) == 512 * 1024
+    assert tp.kv_cache_bytes(LLAVA_15_7B, 2048, 1) == 1 * GiB
+    assert tp.kv_cache_bytes(LLAVA_15_7B, 2048, 2, kv_buffers=2) == 4 * GiB
+    assert tp.kv_cache_bytes(LLAVA_15_7B, 1024, 1, bytes_per_elem=1) == GiB // 4
+
+
+def test_weight_bytes_7b_int4_vs_fp16():
+    w4 = tp.weight_bytes_from_dims(LLAVA_15_7B, 4, 128)
+    w16 = tp.weight_bytes_from_dims(LLAVA_15_7B, 16)
+    # 6.48 B linear params: int4 = 3.24 GB + 1 fp16 scale per 128 (0.10 GB) + fp16 lm_head 0.26 GB
+    assert 3.55e9 < w4["decoder"] < 3.65e9
+    assert 13.2e9 < w16["decoder"] < 13.3e9
+    assert w4["vision"] == w16["vision"] and 0.6e9 < w4["vision"] < 0.65e9  # CLIP-L/336 (23 layers) + projector
+    assert w4["embed"] == 32064 * 4096 * 2
+
+
+def test_orin_nano_7b_int4_verdict():
+    """The question of the issue: LLaVA-1.5-7B int4 + fp16 CLIP-L on Orin Nano 8 GB (6 GiB usable)."""
+    nano = PRESETS["orin-nano"]
+    w = tp.weight_bytes_from_dims(LLAVA_15_7B, 4)
+    ping = tp.max_context_that_fits(nano, LLAVA_15_7B, w, batch=1, kv_buffers=2)
+    inplace = tp.max_context_that_fits(nano, LLAVA_15_7B, w, batch=1, kv_buffers=1)
+    # fits one image (576 tokens) + a short question and answer, not the preset's aspirational 1024
+    assert 640 <= ping < 1024
+    assert inplace > ping + 256
+    assert not tp.estimate_memory(nano, LLAVA_15_7B, w, 1024, 1, 576 + 256).fits
+    # fp16 7B does not fit an 8 GB or 16 GB Orin at all
+    w16 = tp.weight_bytes_from_dims(LLAVA_15_7B, 16)
+    assert tp.max_context_that_fits(nano, LLAVA_15_7B, w16) == 0
+    assert tp.max_context_that_fits(PRESETS["orin-nx"], LLAVA_15_7B, w16) == 0
+    assert tp.max_context_that_fits(PRESETS["orin-agx"], LLAVA_15_7B, w16) >= 4096
+
+
+def test_max_context_is_the_boundary():
+    p = PRESETS["orin-nx"]
+    w = tp.weight_bytes_from_dims(LLAVA_15_7B, 4)
+    c = tp.max_context_that_fits(p, LLAVA_15_7B, w, batch=2, multiple=64)
+    pf = LLAVA_15_7B.num_image_tokens + p.prompt_text_tokens
+    assert c % 64 == 0 and c > 0
+    assert tp.estimate_memory(p, LLAVA_15_7B, w, c, 2, min(pf, c)).fits
+    assert not tp.estimate_memory(p, LLAVA_15_7B, w, c + 64, 2, min(pf, c + 64)).fits
+
+
+def test_budget_total_and_describe():
+    b = tp.estimate_memory(PRESETS["orin-nano"], LLAVA_15_7B, {"decoder": GiB}, 1024, 1, 600, workspace_gb=0.5)
+    assert b.total == GiB + b.kv_cache + b.activations + int(0.5 * GiB) + int(0.6 * GiB)
+    assert b.headroom == b.usable_bytes - b.total
+    assert "fits" in b.describe() and b.as_dict()["fits"] is b.fits
+
+
+def test_orin_summary_rows():
+    rows = {r["target"]: r for r in tp.orin_summary()}
+    assert rows["orin-nano"]["max_context_pingpong"] < rows["orin-nx"]["max_context_pingpong"] < rows["orin-agx"]["max_context_pingpong"]
+
+
+@pytest.mark.parametrize("name,mem,expected", [
+    ("Orin", 7.4 * GiB, "orin-nano"), ("Orin", 15.3 * GiB, "orin-nx"), ("Orin", 61 * GiB, "orin-agx"),
+    ("NVIDIA H200", 139 * GiB, "datacenter"),
+])
+def test_detect_target(name, mem, expected):
+    t = tp.detect_target(name, int(mem))
+    assert t.name == expected
+    if expected == "datacenter":
+        assert t.usable_gb == pytest.approx(139 * 0.9, rel=0.01)
+
+
+def test_orin_presets_facts():
+    for n in ("orin-nano", "orin-nx", "orin-agx"):
+        p = PRESETS[n]
+        assert p.compute_capability == "8.7" and not p.fp8 and p.unified_memory
+        assert p.jetpack_trt["6.x"] == "10.3"
+
+
+def test_resolve_limits_caps_context_and_prompt():
+    p = PRESETS["orin-agx"]
+    lim = tp.resolve_limits(p, model_max_context=256, num_image_tokens=16)
+    assert lim.max_context == 256 and lim.max_prompt <= 255 and lim.max_batch == p.max_batch
+    lim = tp.resolve_limits(p, 4096, 576, max_batch=1, max_context=2048, max_images=1)
+    assert lim.max_prompt == 576 + p.prompt_text_tokens and lim.max_batch == 1
+    with pytest.raises(ValueError):
+        tp.BuildLimits(max_batch=0, max_context=10, max_images=1, max_prompt=5, workspace_gb=1)
+    with pytest.raises(ValueError):
+        tp.BuildLimits(max_batch=1, max_context=10, max_images=1, max_prompt=11, workspace_gb=1)
+
+
+def test_profile_shapes_match_decoder_inputs(trt_package):
+    import onnx
+
+    from llava_edge.package import load_manifest
+
+    m = load_manifest(trt_package)
+    lim = tp.resolve_limits(PRESETS["orin-agx"], m.text.max_context, m.vision.num_image_tokens, max_batch=3)
+    profs = tp.profile_shapes(m, lim)
+    dec_inputs = [i.name for i in onnx.load(str(trt_package / "decoder.onnx"), load_external_data=False).graph.input]
+    prefill, decode = profs["decoder"]
+    for prof in (prefill, decode):
+        assert list(prof.shapes) == dec_inputs
+        for name, (mn, opt, mx) in prof.shapes.items():
+            assert all(a <= b <= c for a, b, c in zip(mn, opt, mx)), (prof.name, name)
+    t = m.text
+    assert decode.shapes["inputs_embeds"][2] == (3, 1, t.hidden_size)  # decode: exactly one token
+    assert decode.shapes["inputs_embeds"][0][1] == 1
+    assert decode.shapes["past_key_values.0.key"][2] == (3, t.num_kv_heads, lim.max_context - 1, t.head_dim)
+    assert decode.shapes["attention_mask"][2] == (3, lim.max_context)
+    assert prefill.shapes["past_key_values.1.value"][2][2] == 0  # prefill on an empty cache
+    assert prefill.shapes["inputs_embeds"][2][1] == lim.max_prompt
+    s = m.vision.image_size
+    assert profs["vision"][0].shapes["pixel_values"][2] == (3 * lim.max_images, 3, s, s)
+    assert profs["embed"][0].shapes["input_ids"][2] == (3, lim.max_prompt)
