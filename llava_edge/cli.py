@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -40,6 +41,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         from .calibration.quantize import QuantizeError
 
         errors += [QuantizeError, CalibrationDataError, GPTQImportError]
+    if "llava_edge.export.trt_build" in sys.modules:
+        from .export.trt_build import EngineBuildError
+
+        errors.append(EngineBuildError)
     if "llava_edge.export.checkpoint" in sys.modules:
         from .export.checkpoint import CheckpointError
         from .export.exporter import ExportError
@@ -62,7 +67,7 @@ def friendly(fn: Callable) -> Callable:
             raise
         except Exception as e:  # noqa: BLE001 - classified below
             if isinstance(e, _user_errors()):
-                console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+                console.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
                 raise typer.Exit(2)
             raise
 
@@ -149,6 +154,38 @@ def quantize(
 
 @app.command()
 @friendly
+def build(
+    package: Path = typer.Argument(..., help="Model package (fp16, or int4 quantized with --format qdq)."),
+    target: str = typer.Option("auto", help="auto, orin-agx, orin-nx, orin-nano or datacenter: sets memory "
+                               "budget and default limits."),
+    max_batch: Optional[int] = typer.Option(None, help="Largest batch the engines accept."),
+    max_context: Optional[int] = typer.Option(None, help="Longest prompt + answer, in tokens."),
+    max_images: Optional[int] = typer.Option(None, help="Images per prompt."),
+    workspace_gb: Optional[float] = typer.Option(None, help="TensorRT builder workspace."),
+    timing_cache: Optional[Path] = typer.Option(None, help="Reuse/refresh this timing cache file."),
+    plugins: str = typer.Option("auto", help="auto|on|off: our Triton attention plugin (TensorRT >= 10.9)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Plan only (profiles, memory, op support); "
+                                 "needs no TensorRT."),
+    trt_version: Optional[str] = typer.Option(None, help="With --dry-run: plan for this TensorRT version."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan/result as JSON."),
+) -> None:
+    """Compile TensorRT engines into PKG/engines, sized for the target device."""
+    from .export.trt_build import build_engines, result_summary
+
+    result = build_engines(package, target=target, max_batch=max_batch, max_context=max_context,
+                           max_images=max_images, workspace_gb=workspace_gb, timing_cache=timing_cache,
+                           plugins=plugins, on_stage=lambda s: console.print(f"[dim]{s}[/]"), dry_run=dry_run,
+                           trt_version=trt_version)
+    summary = result_summary(result)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for k, v in summary.items():
+            out.print(f"{k}: {v}", highlight=False, markup=False)
+
+
+@app.command()
+@friendly
 def run(
     package: Path = typer.Argument(..., help="Model package directory (from export/quantize)."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="The question or instruction."),
@@ -165,20 +202,21 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token_ids, timings)."),
     threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads."),
     device: str = typer.Option("cpu", help="cpu or cuda (onnxruntime-gpu)."),
+    backend: str = typer.Option("ort", help="ort (onnxruntime) or tensorrt (engines from `build`)."),
     template: Optional[str] = typer.Option(None, help="Override the package's chat template."),
 ) -> None:
     """Answer one prompt about one image, streaming the answer."""
     from .runtime.pipeline import Pipeline, Request
 
     sampling = _sampling(greedy, temperature, top_p, top_k, repetition_penalty, seed)
-    pipe = Pipeline.from_package(package, device=device, threads=threads, template=template)
+    pipe = Pipeline.from_package(package, backend=backend, device=device, threads=threads, template=template)
     req = Request([(prompt, None)], [image] if image is not None else [])
     gen = pipe.run([req], max_new_tokens=max_new_tokens, sampling=sampling, stop=stop)
     while True:
         try:
             event = next(gen)
             if not as_json:
-                out.print(event.text, end="", highlight=False, soft_wrap=True)
+                out.print(event.text, end="", highlight=False, soft_wrap=True, markup=False)
         except StopIteration as done:
             result = done.value[0]
             break
@@ -202,13 +240,14 @@ def chat(
     seed: Optional[int] = typer.Option(None),
     threads: Optional[int] = typer.Option(None),
     device: str = typer.Option("cpu"),
+    backend: str = typer.Option("ort", help="ort or tensorrt."),
 ) -> None:
     """Multi-turn chat in the terminal. /image PATH switches image, /reset forgets, /quit (or Ctrl-D) exits."""
     from .runtime.pipeline import Pipeline, PromptTooLongError, Request
     from .runtime.preprocess import ImageError, load_image
 
     sampling = _sampling(False, temperature, top_p, 0, 1.0, seed)
-    pipe = Pipeline.from_package(package, device=device, threads=threads)
+    pipe = Pipeline.from_package(package, backend=backend, device=device, threads=threads)
     current = load_image(image) if image else None
     history: list[tuple[str, str]] = []
     console.print("[dim]/image PATH, /reset, /quit[/]")
@@ -238,7 +277,7 @@ def chat(
             gen = pipe.run([req], max_new_tokens=max_new_tokens, sampling=sampling)
             while True:
                 try:
-                    out.print(next(gen).text, end="", highlight=False, soft_wrap=True)
+                    out.print(next(gen).text, end="", highlight=False, soft_wrap=True, markup=False)
                 except StopIteration as done:
                     result = done.value[0]
                     break

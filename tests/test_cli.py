@@ -147,3 +147,22 @@ def test_quantize_without_checkpoint_is_a_user_error(tiny_models, tmp_path):
     r = runner.invoke(app, ["quantize", str(tiny_models["llava-hf-gqa"]["package"]), "-o", str(tmp_path / "q")])
     _assert_user_error(r)
     assert not (tmp_path / "q").exists()
+
+
+def test_build_dry_run_plans_without_tensorrt(tiny_models):
+    r = runner.invoke(app, ["build", str(tiny_models["llava-hf-gqa"]["package"]), "--dry-run", "--trt-version",
+                            "10.3", "--target", "orin-nano", "--json"])
+    assert r.exit_code == 0, r.output
+    plan = json.loads(r.output[r.output.index("{"):])
+    assert plan["built"] is False and plan["attention"] == "standard" and plan["memory"]["fits"] is True
+
+
+def test_tensorrt_backend_without_tensorrt_is_a_user_error(tiny_models):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    pkg = str(tiny_models["llava-hf-gqa"]["package"])
+    _assert_user_error(runner.invoke(app, ["build", pkg]), "TensorRT is not installed", "llava-edge[tensorrt]")
+    _assert_user_error(runner.invoke(app, ["run", pkg, "--prompt", "x", "--backend", "tensorrt"]))

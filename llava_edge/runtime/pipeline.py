@@ -105,8 +105,12 @@ class Pipeline:
             from .ort_backend import OrtBackend
 
             engine = OrtBackend(package_dir, manifest, device=device, threads=threads)
+        elif backend == "tensorrt":
+            from .trt_backend import TrtBackend
+
+            engine = TrtBackend(package_dir, manifest)
         else:
-            raise ValueError(f"unknown backend {backend!r}")
+            raise ValueError(f"unknown backend {backend!r}; use ort or tensorrt")
         return cls(package_dir, manifest, engine, tokenizer, template)
 
     # -- prompt preparation -------------------------------------------------------------------
