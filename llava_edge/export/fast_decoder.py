@@ -107,7 +107,9 @@ def _llava_model(checkpoint_or_loaded: Any):
         from .checkpoint import load_checkpoint
 
         return load_checkpoint(checkpoint_or_loaded).model
-    return getattr(checkpoint_or_loaded, "model", checkpoint_or_loaded)
+    if hasattr(checkpoint_or_loaded, "lm_head"):  # already a LlavaForConditionalGeneration
+        return checkpoint_or_loaded
+    return checkpoint_or_loaded.model  # a LoadedCheckpoint
 
 
 class _GraphBuilder:
