@@ -1,0 +1,144 @@
+"""onnxruntime backend over the fast decoder graph: one preallocated KV buffer per layer, updated in place.
+
+Same Backend protocol as OrtBackend, so the pipeline does not change. The differences are inside:
+- the cache is one [B, kvH, max_len, D] buffer per layer and tensor, bound with IO binding as both
+  the past input and the present output of GroupQueryAttention (shared-buffer mode): no cache tensor
+  is allocated or copied per token;
+- rows are stored from position 0 with their own lengths. The pipeline hands a left-padded prompt;
+  prefill moves each row's real tokens to the front (once), and every later step appends at each
+  row's own length, so rows of different lengths share a batch and finish independently;
+- the graph returns logits of each row's last real token only ([B,V]), into a bound output buffer.
+
+Imports neither torch nor onnx (runtime rule).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from ..package import Manifest
+from .ort_backend import BackendError, session_options
+
+
+@dataclass
+class FastKVCache:
+    """Preallocated in-place cache. lengths[b] = tokens of row b in the cache."""
+
+    batch: int
+    max_len: int
+    keys: list[np.ndarray]
+    values: list[np.ndarray]
+    ort_values: list[Any]  # OrtValues over keys/values (same memory), bound as past and present
+    lengths: np.ndarray  # int32 [B]
+    logits: np.ndarray  # float32 [B, V], bound as the graph's output
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return int(self.lengths.max()) if self.batch else 0
+
+
+class FastOrtBackend:
+    name = "onnxruntime-fast"
+
+    def __init__(self, package_dir: str | os.PathLike, manifest: Manifest, threads: int | None = None,
+                 decoder: str = "decoder_fast", device: str = "cpu"):
+        if decoder not in manifest.graphs:
+            fast = [g for g in manifest.graphs if g.startswith("decoder_fast")]
+            raise BackendError(f"package has no '{decoder}' graph (has: {', '.join(fast) or 'none'}); "
+                               "add one with llava_edge.export.fast_decoder.export_fast_decoder")
+        if device != "cpu":
+            raise BackendError("the fast backend is CPU-only for now (GroupQueryAttention shared buffer on CPU)")
+        root = Path(package_dir)
+        opts = session_options(threads)
+        providers = ["CPUExecutionProvider"]
+        self.manifest = manifest
+        self.vision = ort.InferenceSession(str(root / manifest.graphs["vision"].file), opts, providers=providers)
+        self.embedder = ort.InferenceSession(str(root / manifest.graphs["embed"].file), opts, providers=providers)
+        self.decoder = ort.InferenceSession(str(root / manifest.graphs[decoder].file), opts, providers=providers)
+        self.decoder_graph = decoder
+        past = [i for i in self.decoder.get_inputs() if i.name.startswith("past_key_values.")]
+        self.past_names = [i.name for i in past]
+        self.present_names = [o.name for o in self.decoder.get_outputs() if o.name.startswith("present.")]
+        self.float_dtype = np.dtype(np.float16 if "float16" in past[0].type else np.float32)
+        t = manifest.text
+        self.kv_heads, self.head_dim, self.vocab = t.num_kv_heads, t.head_dim, t.vocab_size
+        self.max_context = t.max_context
+
+    # -- protocol ---------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        dtype = np.dtype(self.manifest.dtype)
+        return self.vision.run(None, {"pixel_values": pixel_values.astype(dtype, copy=False)})[0]
+
+    def embed(self, input_ids: np.ndarray) -> np.ndarray:
+        return self.embedder.run(None, {"input_ids": input_ids.astype(np.int64, copy=False)})[0]
+
+    def new_cache(self, batch: int, max_len: int) -> FastKVCache:
+        if max_len > self.max_context:
+            raise BackendError(f"max_len {max_len} exceeds the model's context {self.max_context} (rotary table)")
+        shape = (batch, self.kv_heads, max_len, self.head_dim)
+        keys = [np.zeros(shape, self.float_dtype) for _ in range(len(self.past_names) // 2)]
+        values = [np.zeros(shape, self.float_dtype) for _ in range(len(self.past_names) // 2)]
+        ort_values = []
+        for k, v in zip(keys, values):
+            ort_values += [ort.OrtValue.ortvalue_from_numpy(k), ort.OrtValue.ortvalue_from_numpy(v)]
+        return FastKVCache(batch, max_len, keys, values, ort_values, np.zeros(batch, np.int32),
+                           np.zeros((batch, self.vocab), np.float32))
+
+    def step(self, cache: FastKVCache, inputs_embeds: np.ndarray, attention_mask: np.ndarray,
+             position_ids: np.ndarray) -> np.ndarray:
+        b, t = inputs_embeds.shape[:2]
+        if b != cache.batch:
+            raise BackendError(f"batch {b} does not match the cache's {cache.batch}")
+        embeds = inputs_embeds.astype(self.float_dtype, copy=False)
+        if not cache.lengths.any():
+            # prefill: left-padded rows -> right-padded from position 0
+            n = attention_mask[:, -t:].sum(axis=1).astype(np.int32)
+            if (n < t).any():
+                packed = np.zeros_like(embeds)
+                for i in range(b):
+                    packed[i, : n[i]] = embeds[i, t - n[i]:]
+                embeds = packed
+            new_lengths = n
+            index = np.arange(b, dtype=np.int64) * t + (n - 1)
+        else:
+            # every row appends t tokens at its own length (finished rows get the pipeline's padding)
+            if not (attention_mask[:, -t:] == 1).all():
+                raise BackendError("the fast backend appends whole columns after prefill (no padding inside)")
+            if position_ids is not None and not np.array_equal(position_ids[:, 0], cache.lengths):
+                raise BackendError("position_ids do not continue the cached rows (fast cache stores rows from 0)")
+            new_lengths = cache.lengths + t
+            index = np.arange(b, dtype=np.int64) * t + (t - 1)
+        if int(new_lengths.max()) > cache.max_len:
+            raise BackendError(f"KV cache full: {int(new_lengths.max())} > {cache.max_len}")
+        self._run(cache, np.ascontiguousarray(embeds), new_lengths, index)
+        cache.lengths = new_lengths
+        return cache.logits.copy()
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _run(self, cache: FastKVCache, embeds: np.ndarray, new_lengths: np.ndarray, index: np.ndarray) -> None:
+        binding = cache.extra.get("binding")
+        if binding is None:
+            binding = self.decoder.io_binding()
+            for name, out_name, ov in zip(self.past_names, self.present_names, cache.ort_values):
+                binding.bind_ortvalue_input(name, ov)
+                binding.bind_ortvalue_output(out_name, ov)
+            binding.bind_output("logits", "cpu", 0, np.float32, list(cache.logits.shape),
+                                cache.logits.ctypes.data)
+            cache.extra["binding"] = binding
+        seqlens = (new_lengths - 1).astype(np.int32)
+        total = np.array(int(new_lengths.max()), dtype=np.int32)
+        feeds = (("inputs_embeds", embeds), ("seqlens_k", seqlens), ("total_sequence_length", total),
+                 ("logits_index", index))
+        keep = []  # OrtValues wrap the numpy memory; keep them alive through the run
+        for name, arr in feeds:
+            ov = ort.OrtValue.ortvalue_from_numpy(arr)
+            keep.append(ov)
+            binding.bind_ortvalue_input(name, ov)
+        self.decoder.run_with_iobinding(binding)

@@ -1,0 +1,124 @@
+"""The fast decoder (GroupQueryAttention, in-place KV): same greedy tokens as the portable path and
+transformers, ragged batches included, and the cache really is written in place."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from llava_edge.export.fast_decoder import export_fast_decoder, quantize_int4_rtn
+from llava_edge.package import load_manifest
+from llava_edge.runtime.fast_backend import FastOrtBackend
+from llava_edge.runtime.ort_backend import BackendError
+from llava_edge.runtime.pipeline import Pipeline, Request
+from llava_edge.runtime.preprocess import preprocess
+
+PRESETS = ["llava-hf-v1.5", "llava-hf-gqa", "original-v1"]
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def fast_packages(tiny_models, tmp_path_factory):
+    """A copy of each tiny package with decoder_fast and decoder_fast_int4 added."""
+    out = {}
+    for preset in PRESETS:
+        pkg = tmp_path_factory.mktemp("fast") / preset
+        shutil.copytree(tiny_models[preset]["package"], pkg)
+        export_fast_decoder(tiny_models[preset]["model"], pkg)
+        export_fast_decoder(tiny_models[preset]["model"], pkg, quant="int4-rtn", block_size=32)
+        out[preset] = pkg
+    return out
+
+
+def _pipes(pkg, decoder="decoder_fast"):
+    from tokenizers import Tokenizer
+
+    m = load_manifest(pkg)
+    tok = Tokenizer.from_file(str(pkg / "tokenizer.json"))
+    return Pipeline.from_package(pkg), Pipeline(pkg, m, FastOrtBackend(pkg, m, threads=2, decoder=decoder), tok)
+
+
+def _hf_greedy(model, pipe, images, questions):
+    enc = [pipe.encode_request(Request([(q, None)], [im])) for q, im in zip(questions, images)]
+    longest = max(len(e) for e in enc)
+    pad = pipe.manifest.text.pad_token_id
+    ids = torch.full((len(enc), longest), pad, dtype=torch.long)
+    mask = torch.zeros((len(enc), longest), dtype=torch.long)
+    for i, e in enumerate(enc):
+        ids[i, longest - len(e):] = torch.from_numpy(e)
+        mask[i, longest - len(e):] = 1
+    px = torch.from_numpy(np.stack([preprocess(im, pipe.manifest.vision) for im in images]))
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, do_sample=False,
+                             max_new_tokens=NEW_TOKENS, pad_token_id=pad)
+    eos = set(pipe.manifest.text.eos_token_ids)
+    rows = []
+    for row in out[:, longest:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        rows.append(row[:cut])
+    return rows
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_fast_greedy_matches_portable_and_transformers(tiny_models, fast_packages, images, preset):
+    portable, fast = _pipes(fast_packages[preset])
+    q = "What is in the picture?"
+    ours = fast.generate(images["landscape"], q, max_new_tokens=NEW_TOKENS).token_ids
+    assert len(ours) == NEW_TOKENS
+    assert ours == portable.generate(images["landscape"], q, max_new_tokens=NEW_TOKENS).token_ids
+    assert ours == _hf_greedy(tiny_models[preset]["model"], fast, [images["landscape"]], [q])[0]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_fast_ragged_batch_matches(tiny_models, fast_packages, images, preset):
+    portable, fast = _pipes(fast_packages[preset])
+    imgs = [images["portrait"], images["rgba"], images["tiny"]]
+    qs = ["Describe it.", "Where is the small red circle, on the left or on the right of the image?", "Count."]
+    ours = [r.token_ids for r in fast.generate_batch(imgs, qs, max_new_tokens=NEW_TOKENS)]
+    assert ours == [r.token_ids for r in portable.generate_batch(imgs, qs, max_new_tokens=NEW_TOKENS)]
+    assert ours == _hf_greedy(tiny_models[preset]["model"], fast, imgs, qs)
+
+
+def test_cache_is_written_in_place(fast_packages):
+    pkg = fast_packages["llava-hf-gqa"]
+    m = load_manifest(pkg)
+    be = FastOrtBackend(pkg, m, threads=1)
+    cache = be.new_cache(2, 16)
+    buffers = [k.ctypes.data for k in cache.keys]
+    ids = np.array([[3, 5, 6, 7], [5, 6, 7, 8]], dtype=np.int64)
+    mask = np.array([[0, 1, 1, 1], [1, 1, 1, 1]], dtype=np.int64)
+    be.step(cache, be.embed(ids), mask, np.maximum(mask.cumsum(1) - 1, 0))
+    assert cache.lengths.tolist() == [3, 4]
+    # the first row's 3 real tokens were stored from position 0, nothing beyond each row's length
+    assert np.abs(cache.keys[0][0, :, :3]).sum() > 0 and np.abs(cache.keys[0][0, :, 3:]).sum() == 0
+    assert np.abs(cache.keys[0][1, :, 4:]).sum() == 0
+    mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+    be.step(cache, be.embed(np.array([[9], [9]])), mask, np.array([[3], [4]]))
+    assert cache.lengths.tolist() == [4, 5]
+    assert [k.ctypes.data for k in cache.keys] == buffers  # same memory: written in place
+    assert np.abs(cache.keys[0][0, :, 3]).sum() > 0
+    with pytest.raises(BackendError, match="position_ids"):
+        be.step(cache, be.embed(np.array([[9], [9]])), np.ones((2, 7), np.int64), np.array([[0], [0]]))
+
+
+def test_int4_graph_uses_matmulnbits_and_runs(fast_packages, images):
+    pkg = fast_packages["llava-hf-v1.5"]
+    ops = {n.op_type for n in onnx.load(str(pkg / "decoder_fast_int4.onnx"), load_external_data=False).graph.node}
+    assert {"MatMulNBits", "GroupQueryAttention"} <= ops
+    _, fast = _pipes(pkg, "decoder_fast_int4")
+    out = fast.generate(images["landscape"], "What is in the picture?", max_new_tokens=8)
+    assert len(out.token_ids) >= 1 and all(0 <= t < fast.manifest.text.vocab_size for t in out.token_ids)
+
+
+def test_int4_rtn_round_trips():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(64, 8)).astype(np.float32)
+    packed, scales = quantize_int4_rtn(w, 32)
+    assert packed.shape == (8, 2, 16) and scales.shape == (16,)
+    q = np.stack([packed & 15, packed >> 4], -1).reshape(8, 2, 32).astype(np.float32) - 8
+    deq = (q * scales.reshape(8, 2, 1)).reshape(8, 64).T
+    assert np.abs(deq - w).max() <= scales.max() / 2 + 1e-6
