@@ -45,6 +45,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         from .export.trt_build import EngineBuildError
 
         errors.append(EngineBuildError)
+    if "llava_edge.benchmarks.harness" in sys.modules:
+        from .benchmarks.harness import BenchmarkError
+
+        errors.append(BenchmarkError)
     if "llava_edge.export.checkpoint" in sys.modules:
         from .export.checkpoint import CheckpointError
         from .export.exporter import ExportError
@@ -95,6 +99,10 @@ def export(
                                                 "mm_vision_tower is a hub name."),
     template: Optional[str] = typer.Option(None, help="Override the chat template (llava_hf, llava_v1, plain)."),
     overwrite: bool = typer.Option(False, help="Replace an existing package directory."),
+    fast: bool = typer.Option(False, "--fast", help="Also add the fast decoder (GroupQueryAttention, in-place KV "
+                              "cache; CPU) for --backend ort-fast."),
+    fast_int4: bool = typer.Option(False, "--fast-int4", help="Also add an int4 (round-to-nearest) fast decoder "
+                                   "for --backend ort-fast-int4."),
 ) -> None:
     """Split a checkpoint into vision / embed / decoder ONNX graphs, verified against PyTorch."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -112,6 +120,13 @@ def export(
 
         result = export_package(checkpoint, output, dtype=dtype, opset=opset, overwrite=overwrite,
                                 vision_tower=vision_tower, chat_template=template, on_stage=on_stage)
+        if fast or fast_int4:
+            from .export.fast_decoder import export_fast_decoder
+
+            for quant, wanted in ((None, fast), ("int4-rtn", fast_int4)):
+                if wanted:
+                    on_stage("export fast decoder" + (" (int4)" if quant else ""))
+                    export_fast_decoder(checkpoint, output, quant=quant)
         progress.update(current["task"], completed=1, total=1)
     errs = ", ".join(f"{k} {v:.2e}" for k, v in result.errors.items())
     console.print(f"[green]exported[/] {output} ({result.manifest.dtype}); max |onnx - torch|: {errs}")
@@ -315,6 +330,45 @@ def inspect(package: Path = typer.Argument(..., help="Model package directory.")
     out.print(table)
     out.print(f"quantization: {json.dumps(m.quantization) if m.quantization else 'none'}")
     out.print("versions: " + ", ".join(f"{k} {val}" for k, val in m.versions.items()))
+
+
+@app.command()
+@friendly
+def bench(
+    package: Path = typer.Argument(..., help="Model package to measure."),
+    backend: str = typer.Option("ort-cpu", help="Comma list of ort-cpu, ort-fast, ort-fast-int4 (tensorrt: "
+                                "not yet)."),
+    batch: str = typer.Option("1", help="Comma list of batch sizes."),
+    prompt_len: str = typer.Option("64", help="Comma list of text prompt lengths (image tokens come on top)."),
+    new_tokens: int = typer.Option(128, help="Tokens generated per request (eos ignored)."),
+    baseline: Optional[str] = typer.Option(None, help="'transformers' to run HF generate in the same run."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint for the transformers baseline."),
+    repeat: int = typer.Option(3, help="Measured repeats (medians reported)."),
+    warmup: int = typer.Option(1, help="Unmeasured warm-up runs."),
+    threads: Optional[int] = typer.Option(None, help="Threads for onnxruntime and torch."),
+    no_image: bool = typer.Option(False, "--no-image", help="Text-only prompts."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write results JSON here."),
+    plot: Optional[Path] = typer.Option(None, help="Write a PNG of latency breakdown and tokens/s."),
+) -> None:
+    """Latency (vision, time to first token, per token), throughput and memory, vs transformers."""
+    from .benchmarks.harness import run_benchmark
+
+    run_benchmark(package, backend=backend, batch=[int(x) for x in batch.split(",")],
+                  prompt_len=[int(x) for x in prompt_len.split(",")], new_tokens=new_tokens, baseline=baseline,
+                  checkpoint=checkpoint, repeat=repeat, warmup=warmup, threads=threads, with_image=not no_image,
+                  out_json=output, plot=plot, on_progress=lambda s: console.print(f"[dim]{escape(s)}[/]"))
+
+
+@app.command("random-checkpoint")
+@friendly
+def random_checkpoint(
+    arch: str = typer.Argument(..., help="llava-1.5-7b, edge-1b or small-100m."),
+    output: Path = typer.Argument(..., help="Checkpoint directory to write (llava-hf layout, fp16)."),
+) -> None:
+    """Write a random-weight checkpoint of a named architecture, for speed work without weights."""
+    from .benchmarks.arch import build_random_checkpoint
+
+    console.print(f"[green]wrote[/] {build_random_checkpoint(arch, output)}")
 
 
 @app.command()

@@ -107,3 +107,20 @@ def test_fp16_export_without_room_for_an_fp32_reference(tiny_models, tmp_path, m
     res = exporter.export_package(tiny_models["original-v1"]["checkpoint"], tmp_path / "p", dtype="fp16")
     assert res.manifest.extra["reference_dtype"] == "float16"
     assert res.errors["pipeline_logits"] < 5e-2
+
+
+def test_large_decoder_goes_to_one_external_file_and_nothing_else(tiny_models, tmp_path, monkeypatch):
+    """Above the threshold weights move to decoder.onnx.data; no stray per-tensor files remain."""
+    from llava_edge.export import onnx_export
+    from llava_edge.export.exporter import export_package
+    from llava_edge.package import load_manifest
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 10_000)
+    export_package(tiny_models["llava-hf-gqa"]["checkpoint"], tmp_path / "p")
+    m = load_manifest(tmp_path / "p")
+    assert m.graphs["decoder"].external_data == ["decoder.onnx.data"]
+    names = sorted(p.name for p in (tmp_path / "p").iterdir())
+    expected = {"manifest.json", "tokenizer.json"}
+    for g in m.graphs.values():
+        expected |= {g.file, *g.external_data}
+    assert set(names) == expected, names

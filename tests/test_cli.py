@@ -166,3 +166,26 @@ def test_tensorrt_backend_without_tensorrt_is_a_user_error(tiny_models):
     pkg = str(tiny_models["llava-hf-gqa"]["package"])
     _assert_user_error(runner.invoke(app, ["build", pkg]), "TensorRT is not installed", "llava-edge[tensorrt]")
     _assert_user_error(runner.invoke(app, ["run", pkg, "--prompt", "x", "--backend", "tensorrt"]))
+
+
+def test_export_fast_then_run_fast_backend_matches_portable(tiny_models, tmp_path):
+    pkg = tmp_path / "pkg"
+    r = runner.invoke(app, ["export", str(tiny_models["original-v1"]["checkpoint"]), "-o", str(pkg), "--fast"])
+    assert r.exit_code == 0, r.output
+    args = ["run", str(pkg), "--image", str(_image(tmp_path)), "--prompt", "What is it?", "--max-new-tokens", "16",
+            "--json"]
+    portable = json.loads(runner.invoke(app, args).output.strip().splitlines()[-1])
+    fast = json.loads(runner.invoke(app, args + ["--backend", "ort-fast"]).output.strip().splitlines()[-1])
+    assert fast["token_ids"] == portable["token_ids"] and len(fast["token_ids"]) == 16
+    _assert_user_error(runner.invoke(app, args + ["--backend", "ort-fast-int4"]), "decoder_fast_int4")
+
+
+def test_bench_writes_json_with_baseline_ratios(tiny_models, tmp_path):
+    m = tiny_models["llava-hf-gqa"]
+    out_json = tmp_path / "r.json"
+    r = runner.invoke(app, ["bench", str(m["package"]), "--baseline", "transformers", "--checkpoint",
+                            str(m["checkpoint"]), "--new-tokens", "4", "--prompt-len", "8", "--repeat", "1",
+                            "--warmup", "0", "-o", str(out_json)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(out_json.read_text())
+    assert "transformers" in json.dumps(data) and "machine" in json.dumps(data)

@@ -9,6 +9,8 @@ exporter is removed from torch.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +36,14 @@ class ExportedGraph:
     example: tuple
 
 
-def _finish(model_path: Path, size_hint: int) -> list[str]:
-    """Clamp the IR version, give the decoder's weights stable names, move big weights out of line."""
-    model = onnx.load(str(model_path), load_external_data=True)
+def _finish(raw_path: Path, model_path: Path, size_hint: int) -> list[str]:
+    """Clamp the IR version, give the decoder's weights stable names, move big weights out of line.
+
+    raw_path is torch's output in a scratch directory: above 2 GB the TorchScript exporter writes one
+    external file per tensor next to it, which must not end up in the package."""
+    model = onnx.load(str(raw_path), load_external_data=True)
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     _name_matmul_weights(model)
-    for f in model_path.parent.glob(model_path.name + "*.data"):
-        f.unlink()
     external: list[str] = []
     if size_hint > EXTERNAL_DATA_THRESHOLD:
         location = model_path.name + ".data"
@@ -86,17 +89,21 @@ def _spec(path: Path, names_in, tensors_in, dyn_in, names_out, tensors_out, dyn_
 
 def _export(module, example, path: Path, names_in, names_out, dyn_in, dyn_out, opset: int) -> GraphSpec:
     dynamic_axes = {**dyn_in, **dyn_out}
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
-        outputs = module(*example)
-        if isinstance(outputs, torch.Tensor):
-            outputs = (outputs,)
-        torch.onnx.export(
-            module, example, str(path), input_names=names_in, output_names=names_out,
-            dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False, do_constant_folding=True,
-        )
-    size = sum(p.numel() * p.element_size() for p in module.parameters())
-    external = _finish(path, size)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{path.stem}-raw-", dir=path.parent))
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+            outputs = module(*example)
+            if isinstance(outputs, torch.Tensor):
+                outputs = (outputs,)
+            torch.onnx.export(
+                module, example, str(scratch / path.name), input_names=names_in, output_names=names_out,
+                dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False, do_constant_folding=True,
+            )
+        size = sum(p.numel() * p.element_size() for p in module.parameters())
+        external = _finish(scratch / path.name, path, size)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return _spec(path, names_in, example, dyn_in, names_out, outputs, dyn_out, external)
 
 

@@ -105,12 +105,17 @@ class Pipeline:
             from .ort_backend import OrtBackend
 
             engine = OrtBackend(package_dir, manifest, device=device, threads=threads)
+        elif backend in ("ort-fast", "ort-fast-int4"):
+            from .fast_backend import FastOrtBackend
+
+            engine = FastOrtBackend(package_dir, manifest, threads=threads, device=device,
+                                    decoder="decoder_fast" if backend == "ort-fast" else "decoder_fast_int4")
         elif backend == "tensorrt":
             from .trt_backend import TrtBackend
 
             engine = TrtBackend(package_dir, manifest)
         else:
-            raise ValueError(f"unknown backend {backend!r}; use ort or tensorrt")
+            raise ValueError(f"unknown backend {backend!r}; use ort, ort-fast, ort-fast-int4 or tensorrt")
         return cls(package_dir, manifest, engine, tokenizer, template)
 
     # -- prompt preparation -------------------------------------------------------------------
