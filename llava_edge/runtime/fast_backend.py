@@ -121,6 +121,25 @@ class FastOrtBackend:
         cache.lengths = new_lengths
         return cache.logits.copy()
 
+    # -- prefix reuse -------------------------------------------------------------------------------
+    def snapshot(self, cache: FastKVCache) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+        """A copy of row 0's filled positions: the live buffers are overwritten by later steps."""
+        if cache.batch != 1:
+            raise BackendError("prefix snapshots are for batch 1")
+        n = int(cache.lengths[0])
+        return [k[:, :, :n].copy() for k in cache.keys], [v[:, :, :n].copy() for v in cache.values], n
+
+    def resume(self, state: tuple[list[np.ndarray], list[np.ndarray], int], prefix_len: int,
+               max_len: int) -> FastKVCache:
+        keys, values, n = state
+        if prefix_len > n:
+            raise BackendError(f"prefix of {prefix_len} tokens is longer than the snapshot ({n})")
+        cache = self.new_cache(1, max_len)
+        for dst, src in zip([*cache.keys, *cache.values], [*keys, *values]):
+            dst[:, :, :prefix_len] = src[:, :, :prefix_len]
+        cache.lengths[:] = prefix_len
+        return cache
+
     # -- internals ----------------------------------------------------------------------------------
     def _run(self, cache: FastKVCache, embeds: np.ndarray, new_lengths: np.ndarray, index: np.ndarray) -> None:
         binding = cache.extra.get("binding")

@@ -85,3 +85,15 @@ class OrtBackend:
         cache.past = outputs[1:]
         cache.length += t
         return outputs[0][:, -1, :].astype(np.float32, copy=False)
+
+    # -- prefix reuse ---------------------------------------------------------------------------
+    def snapshot(self, cache: PortableKVCache) -> tuple[list[np.ndarray], int]:
+        """Past arrays are never written in place by this backend, so a snapshot is references only."""
+        return list(cache.past), cache.length
+
+    def resume(self, state: tuple[list[np.ndarray], int], prefix_len: int, max_len: int) -> PortableKVCache:
+        past, length = state
+        if prefix_len > length:
+            raise BackendError(f"prefix of {prefix_len} tokens is longer than the snapshot ({length})")
+        sliced = [np.ascontiguousarray(p[:, :, :prefix_len]) for p in past]
+        return PortableKVCache(past=sliced, length=prefix_len, max_len=max_len, names=self.past_names)

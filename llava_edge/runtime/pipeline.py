@@ -18,7 +18,8 @@ from tokenizers import Tokenizer
 
 from ..package import TOKENIZER_NAME, Manifest, load_manifest
 from . import prompt as prompts
-from .preprocess import preprocess
+from .prefix_cache import PrefixCache, image_digest
+from .preprocess import load_image, preprocess
 from .sampling import Sampler, SamplingConfig
 
 
@@ -87,18 +88,21 @@ class _Detokenizer:
 
 class Pipeline:
     def __init__(self, package_dir: str | os.PathLike, manifest: Manifest, backend, tokenizer: Tokenizer,
-                 template: str | None = None):
+                 template: str | None = None, prefix_cache: int = 2):
         self.package_dir = Path(package_dir)
         self.manifest = manifest
         self.backend = backend
         self.tokenizer = tokenizer
         self.template = template or manifest.text.chat_template
+        # prompts whose KV is kept for reuse (0 disables); each entry holds one prompt's whole KV
+        self.prefix_cache = PrefixCache(prefix_cache) if prefix_cache > 0 else None
         if self.template not in prompts.TEMPLATES:
             raise ValueError(f"unknown chat template {self.template!r}; known: {', '.join(prompts.TEMPLATES)}")
 
     @classmethod
     def from_package(cls, package_dir: str | os.PathLike, backend: str = "ort", device: str = "cpu",
-                     threads: int | None = None, template: str | None = None) -> "Pipeline":
+                     threads: int | None = None, template: str | None = None,
+                     prefix_cache: int = 2) -> "Pipeline":
         manifest = load_manifest(package_dir)
         tokenizer = Tokenizer.from_file(str(Path(package_dir) / TOKENIZER_NAME))
         if backend == "ort":
@@ -116,7 +120,7 @@ class Pipeline:
             engine = TrtBackend(package_dir, manifest)
         else:
             raise ValueError(f"unknown backend {backend!r}; use ort, ort-fast, ort-fast-int4 or tensorrt")
-        return cls(package_dir, manifest, engine, tokenizer, template)
+        return cls(package_dir, manifest, engine, tokenizer, template, prefix_cache)
 
     # -- prompt preparation -------------------------------------------------------------------
     def encode_request(self, request: Request) -> np.ndarray:
@@ -146,30 +150,43 @@ class Pipeline:
             )
         b = len(requests)
         timings = Timings()
+        images = [load_image(im) for r in requests for im in r.images]  # decode (and fail) once, early
 
-        # vision: all images of the batch in one call
-        images = [im for r in requests for im in r.images]
-        features = None
-        if images:
-            t0 = time.perf_counter()
-            pixels = np.stack([preprocess(im, self.manifest.vision) for im in images])
-            features = self.backend.encode_images(pixels)
-            timings.vision_ms = (time.perf_counter() - t0) * 1000
+        # prefix reuse (batch 1): skip the tokens, and the vision encoder, that an earlier prompt covered
+        reuse = self.prefix_cache is not None and b == 1 and hasattr(self.backend, "resume")
+        digests = tuple(image_digest(im) for im in images) if reuse else ()
+        hit, start = self.prefix_cache.lookup(digests, encoded[0]) if reuse else (None, 0)
 
         # left-padded batch
-        t0 = time.perf_counter()
         ids = np.full((b, longest), t.pad_token_id, dtype=np.int64)
         mask = np.zeros((b, longest), dtype=np.int64)
         for i, e in enumerate(encoded):
             ids[i, longest - len(e) :] = e
             mask[i, longest - len(e) :] = 1
-        embeds = self.backend.embed(ids)
-        if features is not None:
-            slots = ids == t.image_token_id
-            embeds[slots] = features.reshape(-1, features.shape[-1]).astype(embeds.dtype, copy=False)
         positions = np.maximum(mask.cumsum(-1) - 1, 0)
-        cache = self.backend.new_cache(b, longest + max_new_tokens)
-        logits = self.backend.step(cache, embeds, mask, positions)
+        new_ids = ids[:, start:]
+        slots = new_ids == t.image_token_id
+
+        features = None
+        if slots.any():  # all images of the batch in one call
+            t0 = time.perf_counter()
+            pixels = np.stack([preprocess(im, self.manifest.vision) for im in images])
+            features = self.backend.encode_images(pixels)
+            timings.vision_ms = (time.perf_counter() - t0) * 1000
+
+        t0 = time.perf_counter()
+        embeds = self.backend.embed(new_ids)
+        if features is not None:
+            flat = features.reshape(-1, features.shape[-1])
+            # a reused prefix can only cover leading image tokens: the rest are the last rows
+            embeds[slots] = flat[flat.shape[0] - int(slots.sum()) :].astype(embeds.dtype, copy=False)
+        if hit is not None:
+            cache = self.backend.resume(hit.state, start, longest + max_new_tokens)
+        else:
+            cache = self.backend.new_cache(b, longest + max_new_tokens)
+        logits = self.backend.step(cache, embeds, mask, positions[:, start:])
+        if reuse:
+            self.prefix_cache.store(digests, encoded[0], self.backend.snapshot(cache))
         timings.prefill_ms = (time.perf_counter() - t0) * 1000
 
         sampler = Sampler(sampling)
