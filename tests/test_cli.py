@@ -189,3 +189,19 @@ def test_bench_writes_json_with_baseline_ratios(tiny_models, tmp_path):
     assert r.exit_code == 0, r.output
     data = json.loads(out_json.read_text())
     assert "transformers" in json.dumps(data) and "machine" in json.dumps(data)
+
+
+def test_gptq_package_runs_on_the_fast_backend(tiny_models, tmp_path):
+    m = tiny_models["llava-hf-gqa"]
+    pkg, q = tmp_path / "pkg", tmp_path / "int4"
+    assert runner.invoke(app, ["export", str(m["checkpoint"]), "-o", str(pkg), "--fast"]).exit_code == 0
+    r = runner.invoke(app, ["quantize", str(pkg), "--checkpoint", str(m["checkpoint"]), "--samples", "4",
+                            "--group-size", "32", "-o", str(q)])
+    assert r.exit_code == 0, r.output
+    graph = json.loads(runner.invoke(app, ["inspect", str(q), "--json"]).output)["graphs"]["decoder_fast"]
+    assert (q / graph["file"]).read_bytes().count(b"MatMulNBits") > 0
+    args = ["run", str(q), "--image", str(_image(tmp_path)), "--prompt", "What is it?", "--max-new-tokens", "12",
+            "--json"]
+    portable = json.loads(runner.invoke(app, args).output.strip().splitlines()[-1])
+    fast = json.loads(runner.invoke(app, args + ["--backend", "ort-fast"]).output.strip().splitlines()[-1])
+    assert fast["token_ids"] == portable["token_ids"]

@@ -218,14 +218,24 @@ def quantize_package(
     with staged_package(out, overwrite=overwrite) as tmp:
         dec = manifest.graphs["decoder"]
         decoder_files = {dec.file, *dec.external_data}
+        # The fast decoder (GroupQueryAttention, onnxruntime only) names its weights like the portable
+        # one, so the same quantized weights go into it, always as MatMulNBits.
+        fast = manifest.graphs.get("decoder_fast")
+        fast_files = {fast.file, *fast.external_data} if fast else set()
         for f in src.iterdir():
-            if f.name in decoder_files or f.name == REPORT_NAME:
+            if f.name in decoder_files | fast_files or f.name == REPORT_NAME:
                 continue
             (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
         t0 = time.perf_counter()
         written = write_quantized_decoder(src / dec.file, tmp / dec.file, quantized, format)
-        timings["write"] = time.perf_counter() - t0
         new = Manifest.from_dict(asdict(manifest))
+        if fast is not None:
+            stage("write quantized fast decoder")
+            written_fast = write_quantized_decoder(src / fast.file, tmp / fast.file, quantized, "matmulnbits",
+                                                   check=False)
+            new.graphs["decoder_fast"].external_data = written_fast.external_data
+            new.graphs["decoder_fast"].max_abs_error = None
+        timings["write"] = time.perf_counter() - t0
         new.graphs["decoder"].external_data = written.external_data
         new.graphs["decoder"].max_abs_error = None  # measured vs torch fp; see the report instead
         new.quantization = {
