@@ -117,7 +117,8 @@ class _OursEngine:
         manifest.text.eos_token_ids = []  # benchmark only: fixed-length runs
         tokenizer = Tokenizer.from_file(str(package_dir / TOKENIZER_NAME))
         self.backend = TimedBackend(_make_backend(name, package_dir, manifest, threads))
-        self.pipe = Pipeline(package_dir, manifest, self.backend, tokenizer)
+        # prefix_cache=0: every repeat measures a cold prompt (vision + full prefill), as transformers does
+        self.pipe = Pipeline(package_dir, manifest, self.backend, tokenizer, prefix_cache=0)
 
     def run(self, requests: list, new_tokens: int) -> Sample:
         self.backend.reset()
