@@ -194,6 +194,8 @@ def render(scene: Scene) -> tuple[Image.Image, np.ndarray]:
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (255, 255, 255))
     mask = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
     d, dm = ImageDraw.Draw(img), ImageDraw.Draw(mask)
+    # No anti-aliasing: an anti-aliased digit in the id mask would blend into other objects' ids.
+    d.fontmode = dm.fontmode = "1"
     for i, s in enumerate(scene.shapes):
         _draw_shape(d, s, COLORS[s.color])
         _draw_shape(dm, s, i + 1)

@@ -4,8 +4,9 @@ Recipe (LLaVA's two stages, preceded by the two pre-trainings a real LLaVA inher
 Vicuna, because nothing pre-trained is reachable here):
 
 * stage V, vision pre-training: a small CLIP-architecture ViT learns with *auxiliary attribute heads*
-  (per patch: colour, kind, size, grid cell and digit of the object under it, read from layer -2,
-  the layer LLaVA uses; per image: shape count and count per colour, read from the pooled CLS).
+  (per patch, read from layer -2, the layer LLaVA uses: colour, kind, size, grid cell and digit of
+  the object under it, its nearest neighbour's colour and kind in each direction, and the scene's
+  shape count and count per colour; the counts also from the pooled CLS so the last layer trains).
   Why not CLIP-style contrastive: with the small batches 2 CPU cores afford, a contrastive loss gives
   a weak, slow signal and needs a text tower; dense labels make *every patch feature* carry what the
   projector must pass on, which is exactly what LLaVA consumes (patch tokens, CLS dropped).
@@ -190,6 +191,9 @@ def build_model(cfg: ModelConfig, vocab_size: int):
     return model
 
 
+NEIGHBOUR_DIRS = ("left of", "right of", "above", "below")
+
+
 class VisionHeads(nn.Module):
     """Auxiliary heads for vision pre-training (discarded afterwards)."""
 
@@ -205,17 +209,25 @@ class VisionHeads(nn.Module):
         self.digit = nn.Linear(hidden, len(D.DIGITS))
         self.count = nn.Linear(hidden, D.MAX_SHAPES)
         self.color_count = nn.Linear(hidden, len(D.COLORS) * (D.MAX_SHAPES + 1))
+        # per object patch, the colour and kind of its nearest neighbour in each direction (0 = none)
+        self.nb_color = nn.Linear(hidden, len(NEIGHBOUR_DIRS) * (len(D.COLORS) + 1))
+        self.nb_kind = nn.Linear(hidden, len(NEIGHBOUR_DIRS) * (len(D.SHAPES) + 1))
 
 
 def patch_labels(samples: list[D.Sample], patch: int) -> dict[str, torch.Tensor]:
     """Per-patch targets from the object mask; -100 where a head does not apply."""
     colors, kinds = list(D.COLORS), list(D.SHAPES)
-    out: dict[str, list] = {k: [] for k in ("color", "kind", "size", "cell", "digit", "count", "color_count")}
+    out: dict[str, list] = {k: [] for k in ("color", "kind", "size", "cell", "digit", "count", "color_count",
+                                            "nb_color", "nb_kind")}
     for s in samples:
         _, mask = D.render(s.scene)
         g = mask.shape[0] // patch
         blocks = mask.reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, patch * patch)
         lab = {k: np.full(g * g, -100, np.int64) for k in ("color", "kind", "size", "cell", "digit")}
+        nd = len(NEIGHBOUR_DIRS)
+        lab["nb_color"] = np.full((g * g, nd), -100, np.int64)
+        lab["nb_kind"] = np.full((g * g, nd), -100, np.int64)
+        nbs = [[D.neighbour(s.scene, sh, d) for d in NEIGHBOUR_DIRS] for sh in s.scene.shapes]
         for p in range(g * g):
             ids, cnt = np.unique(blocks[p][blocks[p] > 0], return_counts=True)
             if len(ids) == 0 or cnt.max() < 3:
@@ -228,6 +240,8 @@ def patch_labels(samples: list[D.Sample], patch: int) -> dict[str, torch.Tensor]
                 lab["kind"][p] = 1 + kinds.index(sh.kind)
                 lab["size"][p] = D.SIZES.index(sh.size)
                 lab["cell"][p] = sh.row * D.GRID + sh.col
+                lab["nb_color"][p] = [0 if n is None else 1 + colors.index(n.color) for n in nbs[oid]]
+                lab["nb_kind"][p] = [0 if n is None else 1 + kinds.index(n.kind) for n in nbs[oid]]
             else:
                 dg = s.scene.digit
                 lab["color"][p] = VisionHeads.N_COLOR - 1
@@ -361,10 +375,18 @@ def train(out: str | Path, cfg: TrainConfig) -> dict:
         for k in ("color", "kind", "size", "cell", "digit"):
             logits = getattr(heads, k)(feat)
             loss = loss + F.cross_entropy(logits.flatten(0, 1), lab[k].flatten(), ignore_index=-100)
-        pooled = o.pooler_output
-        loss = loss + F.cross_entropy(heads.count(pooled), lab["count"])
-        cc = heads.color_count(pooled).view(-1, D.MAX_SHAPES + 1)
-        return loss + F.cross_entropy(cc, lab["color_count"].flatten())
+        for k in ("nb_color", "nb_kind"):
+            logits = getattr(heads, k)(feat).view(*lab[k].shape, -1)
+            loss = loss + F.cross_entropy(logits.flatten(0, 2), lab[k].flatten(), ignore_index=-100)
+        # Scene counts from the pooled CLS (trains the last layer) and from *every* patch: LLaVA drops
+        # the CLS token, so the patch tokens themselves must carry scene-level statistics.
+        n_p = feat.shape[1]
+        for f, cnt, cc in ((o.pooler_output, lab["count"], lab["color_count"]),
+                           (feat.flatten(0, 1), lab["count"].repeat_interleave(n_p),
+                            lab["color_count"].repeat_interleave(n_p, dim=0))):
+            loss = loss + F.cross_entropy(heads.count(f), cnt)
+            loss = loss + F.cross_entropy(heads.color_count(f).view(-1, D.MAX_SHAPES + 1), cc.flatten())
+        return loss
 
     _loop("vision", cfg.vision, [*vt.parameters(), *heads.parameters()], vision_step, deadline, log)
     del heads
