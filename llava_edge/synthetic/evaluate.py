@@ -153,16 +153,42 @@ def demo_scenes(n: int = 3, seed: int = DEMO_SEED) -> list[tuple[Image.Image, li
     return out
 
 
+def run_demo(answer_fn: AnswerFn, save_dir: str | Path | None = None, n: int = 3) -> tuple[int, int]:
+    """Print each demo scene's questions with the model's and the true answers (and save the
+    pictures, enlarged 4x, so a person can check). Returns (right, total)."""
+    right = total = 0
+    for k, (image, qs, refs) in enumerate(demo_scenes(n)):
+        if save_dir is not None:
+            Path(save_dir).mkdir(parents=True, exist_ok=True)
+            path = Path(save_dir) / f"demo_{k}.png"
+            image.resize((image.width * 4, image.height * 4), Image.NEAREST).save(path)
+            print(f"scene {k}: {path}")
+        else:
+            print(f"scene {k}:")
+        for q, ref in zip(qs, refs):
+            got = answer_fn(image, q)
+            ok = normalize(got) == normalize(ref)
+            right, total = right + ok, total + 1
+            print(f"  {'ok ' if ok else 'XX '} {q:<50} -> {got:<12} (truth: {ref})")
+    print(f"{right}/{total} right")
+    return right, total
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Exact-match accuracy per question type on the held-out split.")
     ap.add_argument("--checkpoint", required=True, help="llava-hf checkpoint directory")
     ap.add_argument("--n", type=int, default=300, help="held-out samples (each has 5-9 questions)")
     ap.add_argument("--seed", type=int, default=D.HELDOUT_SEED)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--demo", default=None, metavar="DIR", help="instead: run the demo scenes, save pictures in DIR")
     a = ap.parse_args(argv)
     t0 = time.time()
-    res = evaluate(torch_answerer(a.checkpoint, threads=a.threads), n=a.n, seed=a.seed, progress=True)
+    fn = torch_answerer(a.checkpoint, threads=a.threads)
+    if a.demo:
+        run_demo(fn, a.demo)
+        return
+    res = evaluate(fn, n=a.n, seed=a.seed, progress=True)
     print(format_table(res, "accuracy"))
     print(f"({time.time() - t0:.0f}s)")
     if a.json:

@@ -22,7 +22,7 @@ def _tiny_cfg(seed: int = 0) -> T.TrainConfig:
     mc = T.ModelConfig(vision_hidden=32, vision_layers=2, vision_heads=2, vision_mlp=64,
                        text_hidden=32, text_layers=2, text_heads=2, text_kv_heads=1, text_mlp=64)
     st = lambda: T.StageConfig(steps=2, batch=3, lr=1e-3, warmup=1)  # noqa: E731
-    return T.TrainConfig(seed=seed, threads=2, model=mc, vision=st(), language=st(), stage1=st(), stage2=st())
+    return T.TrainConfig(seed=seed, threads=1, model=mc, vision=st(), language=st(), stage1=st(), stage2=st())
 
 
 @pytest.fixture(scope="module")
