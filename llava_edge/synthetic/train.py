@@ -1,0 +1,485 @@
+"""Train a tiny LLaVA on the synthetic scenes, on CPU, in minutes, and save it as a llava-hf checkpoint.
+
+Recipe (LLaVA's two stages, preceded by the two pre-trainings a real LLaVA inherits from CLIP and
+Vicuna, because nothing pre-trained is reachable here):
+
+* stage V, vision pre-training: a small CLIP-architecture ViT learns with *auxiliary attribute heads*
+  (per patch, read from layer -2, the layer LLaVA uses: colour, kind, size, grid cell and digit of
+  the object under it, its nearest neighbour's colour and kind in each direction, and the scene's
+  shape count and count per colour; the counts also from the pooled CLS so the last layer trains).
+  Why not CLIP-style contrastive: with the small batches 2 CPU cores afford, a contrastive loss gives
+  a weak, slow signal and needs a text tower; dense labels make *every patch feature* carry what the
+  projector must pass on, which is exactly what LLaVA consumes (patch tokens, CLS dropped).
+* stage L, language pre-training: the LLaMA decoder learns the vocabulary and grammar from text only
+  (captions and Q/A transcripts without images), standing in for Vicuna.
+* stage 1 (paper): vision tower and LM frozen, only the projector trains on image-caption pairs.
+* stage 2 (paper): vision tower frozen, projector + LM train on multi-turn instruction conversations,
+  loss on answer tokens only.
+
+Everything is seeded (torch + the generator's ``(seed, index)`` streams) and step-counted, so a run is
+reproducible; ``--minutes-budget`` is only a safety cap (a run that hits it says so in
+``training_info.json``).
+
+    python -m llava_edge.synthetic.train --out DIR --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llava_edge.synthetic import data as D
+
+PAD, UNK, BOS, EOS, IMAGE = "<pad>", "<unk>", "<s>", "</s>", "<image>"
+SPECIAL_TOKENS = [PAD, UNK, BOS, EOS, IMAGE]  # ids 0..4 in this order
+IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]  # OpenAI CLIP statistics, as a real LLaVA uses
+IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
+DESCRIBE = "describe the image."
+
+
+def user_prompt(question: str) -> str:
+    """The first user turn in llava-1.5 / llava-hf format (the runtime uses exactly this)."""
+    return f"USER: {IMAGE}\n{question} ASSISTANT:"
+
+
+@dataclass
+class ModelConfig:
+    """Dims of the tiny LLaVA. LM widths are multiples of 128 so GPTQ's group size 128 applies."""
+
+    image_size: int = D.IMAGE_SIZE
+    patch_size: int = 8
+    vision_hidden: int = 96
+    vision_layers: int = 4
+    vision_heads: int = 4
+    vision_mlp: int = 384
+    text_hidden: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2  # grouped-query attention
+    text_mlp: int = 384
+    max_positions: int = 256
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class StageConfig:
+    steps: int
+    batch: int
+    lr: float
+    warmup: int = 30
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    threads: int = 1  # measured: with the 2 cores shared, 2 OpenMP threads ran 2-10x slower than 1
+    model: ModelConfig = field(default_factory=ModelConfig)
+    vision: StageConfig = field(default_factory=lambda: StageConfig(steps=800, batch=32, lr=2e-3))
+    language: StageConfig = field(default_factory=lambda: StageConfig(steps=300, batch=32, lr=2e-3))
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=300, batch=24, lr=2e-3))
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=2000, batch=24, lr=1e-3))
+    describe_prob: float = 0.1  # share of stage-2 conversations that start with "describe the image."
+    minutes_budget: float | None = None
+
+    def scaled(self, factor: float) -> "TrainConfig":
+        """Same recipe with every stage's step count scaled (tests use a tiny factor)."""
+        for st in (self.vision, self.language, self.stage1, self.stage2):
+            st.steps = max(1, int(round(st.steps * factor)))
+            st.warmup = min(st.warmup, max(1, st.steps // 5))
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer and processor
+
+
+def build_tokenizer(seed: int = D.TRAIN_SEED, n_samples: int = 2000):
+    """A word-level tokenizer trained with `tokenizers` on generated text.
+
+    Word-level because the language is closed (every word comes from the generator): each colour,
+    shape, digit and position word is one token, so answers are 1-2 tokens and decoding is exact.
+    The post-processor prepends ``<s>`` so HF and a plain ``tokenizers.Tokenizer`` agree.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token=UNK))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    corpus = [D.vocabulary_text(), user_prompt(DESCRIBE)]
+    for s in D.generate(seed, n_samples):
+        corpus.append(s.caption)
+        corpus.extend(f"USER: {t.question} ASSISTANT: {t.answer}" for t in s.turns)
+    trainer = trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, min_frequency=1, show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos_id)]
+    )
+    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    return tok
+
+
+def hf_tokenizer(tok):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
+        extra_special_tokens={"image_token": IMAGE}, clean_up_tokenization_spaces=False,
+    )
+
+
+def image_processor(cfg: ModelConfig):
+    from transformers import CLIPImageProcessor
+
+    s = cfg.image_size
+    return CLIPImageProcessor(
+        size={"shortest_edge": s}, crop_size={"height": s, "width": s}, do_resize=True, do_center_crop=True,
+        image_mean=IMAGE_MEAN, image_std=IMAGE_STD, resample=3, do_rescale=True, rescale_factor=1 / 255,
+    )
+
+
+def pixels(images: Iterable) -> torch.Tensor:
+    """PIL images -> normalized [B,3,H,W], the same numbers CLIPImageProcessor gives (images are
+    already at the tower's size, so its resize and crop are identities; a test checks this)."""
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images]) / 255.0
+    arr = (arr - np.array(IMAGE_MEAN, np.float32)) / np.array(IMAGE_STD, np.float32)
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+def build_model(cfg: ModelConfig, vocab_size: int):
+    from transformers import CLIPVisionConfig, GenerationConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(
+        hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_mlp, num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads, image_size=cfg.image_size, patch_size=cfg.patch_size,
+        projection_dim=cfg.vision_hidden, hidden_act="quick_gelu",
+    )
+    text = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=cfg.text_hidden, intermediate_size=cfg.text_mlp,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+        num_key_value_heads=cfg.text_kv_heads, max_position_embeddings=cfg.max_positions,
+        bos_token_id=SPECIAL_TOKENS.index(BOS), eos_token_id=SPECIAL_TOKENS.index(EOS),
+        pad_token_id=SPECIAL_TOKENS.index(PAD), tie_word_embeddings=False, rms_norm_eps=1e-5,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=SPECIAL_TOKENS.index(IMAGE),
+        projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
+        image_seq_length=cfg.num_patches,
+    )
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id,
+        do_sample=False, max_new_tokens=8,
+    )
+    return model
+
+
+NEIGHBOUR_DIRS = ("left of", "right of", "above", "below")
+
+
+class VisionHeads(nn.Module):
+    """Auxiliary heads for vision pre-training (discarded afterwards)."""
+
+    N_COLOR = len(D.COLORS) + 2  # none, colours..., black (digit)
+    N_KIND = len(D.SHAPES) + 2  # none, kinds..., digit
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.color = nn.Linear(hidden, self.N_COLOR)
+        self.kind = nn.Linear(hidden, self.N_KIND)
+        self.size = nn.Linear(hidden, len(D.SIZES))
+        self.cell = nn.Linear(hidden, D.GRID * D.GRID)
+        self.digit = nn.Linear(hidden, len(D.DIGITS))
+        self.count = nn.Linear(hidden, D.MAX_SHAPES)
+        self.color_count = nn.Linear(hidden, len(D.COLORS) * (D.MAX_SHAPES + 1))
+        # per object patch, the colour and kind of its nearest neighbour in each direction (0 = none)
+        self.nb_color = nn.Linear(hidden, len(NEIGHBOUR_DIRS) * (len(D.COLORS) + 1))
+        self.nb_kind = nn.Linear(hidden, len(NEIGHBOUR_DIRS) * (len(D.SHAPES) + 1))
+
+
+def patch_labels(samples: list[D.Sample], patch: int) -> dict[str, torch.Tensor]:
+    """Per-patch targets from the object mask; -100 where a head does not apply."""
+    colors, kinds = list(D.COLORS), list(D.SHAPES)
+    out: dict[str, list] = {k: [] for k in ("color", "kind", "size", "cell", "digit", "count", "color_count",
+                                            "nb_color", "nb_kind")}
+    for s in samples:
+        _, mask = D.render(s.scene)
+        g = mask.shape[0] // patch
+        blocks = mask.reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, patch * patch)
+        lab = {k: np.full(g * g, -100, np.int64) for k in ("color", "kind", "size", "cell", "digit")}
+        nd = len(NEIGHBOUR_DIRS)
+        lab["nb_color"] = np.full((g * g, nd), -100, np.int64)
+        lab["nb_kind"] = np.full((g * g, nd), -100, np.int64)
+        nbs = [[D.neighbour(s.scene, sh, d) for d in NEIGHBOUR_DIRS] for sh in s.scene.shapes]
+        for p in range(g * g):
+            ids, cnt = np.unique(blocks[p][blocks[p] > 0], return_counts=True)
+            if len(ids) == 0 or cnt.max() < 3:
+                lab["color"][p] = lab["kind"][p] = 0
+                continue
+            oid = int(ids[cnt.argmax()]) - 1
+            if oid < len(s.scene.shapes):
+                sh = s.scene.shapes[oid]
+                lab["color"][p] = 1 + colors.index(sh.color)
+                lab["kind"][p] = 1 + kinds.index(sh.kind)
+                lab["size"][p] = D.SIZES.index(sh.size)
+                lab["cell"][p] = sh.row * D.GRID + sh.col
+                lab["nb_color"][p] = [0 if n is None else 1 + colors.index(n.color) for n in nbs[oid]]
+                lab["nb_kind"][p] = [0 if n is None else 1 + kinds.index(n.kind) for n in nbs[oid]]
+            else:
+                dg = s.scene.digit
+                lab["color"][p] = VisionHeads.N_COLOR - 1
+                lab["kind"][p] = VisionHeads.N_KIND - 1
+                lab["cell"][p] = dg.row * D.GRID + dg.col
+                lab["digit"][p] = int(dg.value)
+        for k, v in lab.items():
+            out[k].append(v)
+        out["count"].append(len(s.scene.shapes) - 1)
+        out["color_count"].append([sum(x.color == c for x in s.scene.shapes) for c in colors])
+    return {k: torch.tensor(np.array(v)) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequences
+
+
+def encode_conversation(tok, turns: list[tuple[str, str]], num_image_tokens: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one conversation in llava-1.5 format, ``<image>`` already expanded.
+
+    ``USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>``, labels = -100 except
+    on answer tokens and their ``</s>`` (the model learns to answer, not to ask).
+    """
+    eos = tok.token_to_id(EOS)
+    ids = [tok.token_to_id(BOS)]
+    labels = [-100]
+    for i, (q, a) in enumerate(turns):
+        prompt = user_prompt(q).replace(IMAGE, IMAGE * num_image_tokens) if i == 0 else f"USER: {q} ASSISTANT:"
+        p = tok.encode(prompt, add_special_tokens=False).ids
+        ans = tok.encode(" " + a, add_special_tokens=False).ids + [eos]
+        ids += p + ans
+        labels += [-100] * len(p) + ans
+    return ids, labels
+
+
+def pad_batch(seqs: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    n = max(len(i) for i, _ in seqs)
+    ids = torch.full((len(seqs), n), SPECIAL_TOKENS.index(PAD), dtype=torch.long)
+    lab = torch.full((len(seqs), n), -100, dtype=torch.long)
+    att = torch.zeros((len(seqs), n), dtype=torch.long)
+    for r, (i, l) in enumerate(seqs):
+        ids[r, : len(i)] = torch.tensor(i)
+        lab[r, : len(l)] = torch.tensor(l)
+        att[r, : len(i)] = 1
+    return {"input_ids": ids, "labels": lab, "attention_mask": att}
+
+
+def sample_turns(s: D.Sample, rng: np.random.Generator, describe_prob: float) -> list[tuple[str, str]]:
+    """A 1-3 turn conversation drawn from the sample's questions (sometimes opening with a caption)."""
+    k = int(rng.integers(1, 4))
+    idx = rng.permutation(len(s.turns))[:k]
+    turns = [(s.turns[int(i)].question, s.turns[int(i)].answer) for i in idx]
+    if rng.random() < describe_prob:
+        turns = [(DESCRIBE, s.caption)] + turns[:1]
+    return turns
+
+
+# ---------------------------------------------------------------------------------------------
+# Loops
+
+
+def _schedule(st: StageConfig) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < st.warmup:
+            return (step + 1) / st.warmup
+        t = (step - st.warmup) / max(1, st.steps - st.warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+def _loop(name: str, st: StageConfig, params: list[nn.Parameter], step_fn: Callable[[int], torch.Tensor],
+          deadline: float | None, log: dict) -> None:
+    opt = torch.optim.AdamW(params, lr=st.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(st))
+    t0, ema, done = time.time(), None, 0
+    for step in range(st.steps):
+        if deadline is not None and time.time() > deadline:
+            print(f"[{name}] minutes budget reached: stopped at step {step}/{st.steps}", flush=True)
+            break
+        loss = step_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        done = step + 1
+        if step % 100 == 0 or step == st.steps - 1:
+            print(f"[{name}] step {step:5d}/{st.steps} loss {ema:.4f} ({time.time() - t0:.0f}s)", flush=True)
+    log[name] = {"steps_planned": st.steps, "steps_done": done, "final_loss_ema": ema,
+                 "seconds": round(time.time() - t0, 1), "batch": st.batch, "lr": st.lr}
+
+
+def _batch(seed: int, stage: int, step: int, size: int) -> list[D.Sample]:
+    """Stage ``stage``'s ``step``-th batch: disjoint index ranges of the training split per stage."""
+    start = stage * 100_000_000 + step * size
+    return list(D.generate(seed, size, start))
+
+
+def train(out: str | Path, cfg: TrainConfig) -> dict:
+    """Run all four stages and save a llava-hf checkpoint directory at ``out``. Returns the log."""
+    from transformers import LlavaProcessor
+
+    if cfg.seed == D.HELDOUT_SEED:
+        raise ValueError(f"seed {cfg.seed} is the held-out split's seed; pick another")
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    t_start = time.time()
+    deadline = None if cfg.minutes_budget is None else t_start + 60 * cfg.minutes_budget
+    mc = cfg.model
+    tok = build_tokenizer(cfg.seed)
+    model = build_model(mc, tok.get_vocab_size())
+    model.train()
+    log: dict = {}
+    vt = model.model.vision_tower
+    proj = model.model.multi_modal_projector
+    lm = model.model.language_model
+    n_img = mc.num_patches
+    data_rng = np.random.default_rng([cfg.seed, 7])
+
+    # Stage V: vision tower with auxiliary heads.
+    heads = VisionHeads(mc.vision_hidden)
+
+    def vision_step(step: int) -> torch.Tensor:
+        samples = _batch(cfg.seed, 0, step, cfg.vision.batch)
+        lab = patch_labels(samples, mc.patch_size)
+        o = vt(pixel_values=pixels(s.image for s in samples), output_hidden_states=True)
+        feat = o.hidden_states[-2][:, 1:]  # what LLaVA reads
+        loss = 0.0
+        for k in ("color", "kind", "size", "cell", "digit"):
+            logits = getattr(heads, k)(feat)
+            loss = loss + F.cross_entropy(logits.flatten(0, 1), lab[k].flatten(), ignore_index=-100)
+        for k in ("nb_color", "nb_kind"):
+            logits = getattr(heads, k)(feat).view(*lab[k].shape, -1)
+            loss = loss + F.cross_entropy(logits.flatten(0, 2), lab[k].flatten(), ignore_index=-100)
+        # Scene counts from the pooled CLS (trains the last layer) and from *every* patch: LLaVA drops
+        # the CLS token, so the patch tokens themselves must carry scene-level statistics.
+        n_p = feat.shape[1]
+        for f, cnt, cc in ((o.pooler_output, lab["count"], lab["color_count"]),
+                           (feat.flatten(0, 1), lab["count"].repeat_interleave(n_p),
+                            lab["color_count"].repeat_interleave(n_p, dim=0))):
+            loss = loss + F.cross_entropy(heads.count(f), cnt)
+            loss = loss + F.cross_entropy(heads.color_count(f).view(-1, D.MAX_SHAPES + 1), cc.flatten())
+        return loss
+
+    _loop("vision", cfg.vision, [*vt.parameters(), *heads.parameters()], vision_step, deadline, log)
+    del heads
+    vt.requires_grad_(False)
+    vt.eval()
+
+    # Stage L: language model on text only.
+    def language_step(step: int) -> torch.Tensor:
+        samples = _batch(cfg.seed, 1, step, cfg.language.batch)
+        seqs = []
+        for s in samples:
+            if data_rng.random() < 0.3:
+                text = s.caption
+            else:
+                turns = sample_turns(s, data_rng, 0.0)
+                text = "".join(f"USER: {q} ASSISTANT: {a}{EOS}" for q, a in turns)
+            ids = tok.encode(text).ids + ([tok.token_to_id(EOS)] if not text.endswith(EOS) else [])
+            seqs.append((ids, ids))
+        b = pad_batch(seqs)
+        b["labels"][b["attention_mask"] == 0] = -100
+        return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+
+    lm_params = [*lm.parameters(), *model.lm_head.parameters()]
+    _loop("language", cfg.language, lm_params, language_step, deadline, log)
+
+    # Stage 1: projector only, captions.
+    for p in lm_params:
+        p.requires_grad_(False)
+
+    def stage1_step(step: int) -> torch.Tensor:
+        samples = _batch(cfg.seed, 2, step, cfg.stage1.batch)
+        b = pad_batch([encode_conversation(tok, [(DESCRIBE, s.caption)], n_img) for s in samples])
+        return model(pixel_values=pixels(s.image for s in samples), **b).loss
+
+    _loop("stage1", cfg.stage1, list(proj.parameters()), stage1_step, deadline, log)
+
+    # Stage 2: projector + LM, instruction conversations.
+    for p in lm_params:
+        p.requires_grad_(True)
+
+    def stage2_step(step: int) -> torch.Tensor:
+        samples = _batch(cfg.seed, 3, step, cfg.stage2.batch)
+        b = pad_batch([encode_conversation(tok, sample_turns(s, data_rng, cfg.describe_prob), n_img)
+                       for s in samples])
+        return model(pixel_values=pixels(s.image for s in samples), **b).loss
+
+    _loop("stage2", cfg.stage2, [*proj.parameters(), *lm_params], stage2_step, deadline, log)
+
+    model.eval()
+    log["total_seconds"] = round(time.time() - t_start, 1)
+    log["budget_hit"] = any(v["steps_done"] < v["steps_planned"] for v in log.values() if isinstance(v, dict))
+    save_checkpoint(out, model, tok, mc)
+    info = {"config": asdict(cfg), "log": log, "num_parameters": sum(p.numel() for p in model.parameters()),
+            "torch": torch.__version__}
+    (Path(out) / "training_info.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def save_checkpoint(out: str | Path, model, tok, mc: ModelConfig) -> None:
+    """Write the standard llava-hf layout: config, weights, tokenizer, image processor, processor."""
+    from transformers import LlavaProcessor
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor = LlavaProcessor(
+        image_processor=image_processor(mc), tokenizer=hf_tokenizer(tok), patch_size=mc.patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, image_token=IMAGE,
+    )
+    processor.save_pretrained(out)
+    # Also the per-part files older tools look for (transformers 5 folds them into
+    # processor_config.json / tokenizer_config.json).
+    processor.image_processor.save_pretrained(out)
+    tc_path = out / "tokenizer_config.json"
+    tc = json.loads(tc_path.read_text())
+    tc["tokenizer_class"] = "PreTrainedTokenizerFast"  # the 4.x name; 5.x maps it to TokenizersBackend
+    tc_path.write_text(json.dumps(tc, indent=2))
+    (out / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK, "image_token": IMAGE}, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="checkpoint directory to write")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--minutes-budget", type=float, default=None, help="safety cap on wall time")
+    ap.add_argument("--steps-scale", type=float, default=1.0, help="scale every stage's steps (tests: 0.01)")
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args(argv)
+    cfg = TrainConfig(seed=a.seed, threads=a.threads, minutes_budget=a.minutes_budget).scaled(a.steps_scale)
+    info = train(a.out, cfg)
+    print(json.dumps(info["log"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
