@@ -371,6 +371,33 @@ def random_checkpoint(
     console.print(f"[green]wrote[/] {build_random_checkpoint(arch, output)}")
 
 
+@app.command("eval")
+@friendly
+def evaluate_cmd(
+    target: Path = typer.Argument(..., help="A model package (scored through the runtime) or a llava-hf "
+                                  "checkpoint (scored with transformers)."),
+    n: int = typer.Option(300, help="Held-out scenes (5-9 questions each)."),
+    backend: str = typer.Option("ort", help="Runtime backend for packages: ort, ort-fast, ort-fast-int4."),
+    threads: Optional[int] = typer.Option(None),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write per-type results JSON here."),
+) -> None:
+    """Exact-match accuracy per question type on the synthetic held-out set (the trained tiny LLaVA's task)."""
+    from .package import MANIFEST_NAME
+    from .synthetic.evaluate import evaluate, format_table, overall, package_answerer, torch_answerer
+
+    if not target.exists():
+        raise FileNotFoundError(f"{target} not found")
+    if (target / MANIFEST_NAME).is_file():
+        answer = package_answerer(target, backend=backend, threads=threads)
+    else:
+        answer = torch_answerer(target, threads=threads)
+    results = evaluate(answer, n=n)
+    out.print(format_table(results), markup=False, soft_wrap=True)
+    out.print(f"overall: {100 * overall(results):.2f}%", markup=False)
+    if output:
+        output.write_text(json.dumps(results, indent=2))
+
+
 @app.command()
 @friendly
 def demo(

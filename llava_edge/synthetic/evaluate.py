@@ -135,6 +135,20 @@ def torch_answerer(checkpoint_dir: str | Path, max_new_tokens: int = 8, threads:
     return answer
 
 
+def package_answerer(package_dir: str | Path, backend: str = "ort", max_new_tokens: int = 8,
+                     threads: int | None = None) -> AnswerFn:
+    """Greedy answers from an exported model package through the runtime (no torch). The prefix cache
+    makes the later questions about one scene cheap, as on a kiosk."""
+    from llava_edge.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_package(package_dir, backend=backend, threads=threads)
+
+    def answer(image: Image.Image, question: str) -> str:
+        return pipe.generate(image, question, max_new_tokens=max_new_tokens).text
+
+    return answer
+
+
 def demo_scenes(n: int = 3, seed: int = DEMO_SEED) -> list[tuple[Image.Image, list[str], list[str]]]:
     """A few scenes for ``llava-edge demo``: ``(image, questions, expected answers)``.
 
