@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageDraw
 from rich.console import Console
 

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -194,13 +195,19 @@ def staged_package(target: str | os.PathLike, overwrite: bool = False) -> Iterat
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; a package is an ordinary directory
     try:
         yield staging
-        if target.exists():
-            backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-            target.rename(backup)
-            staging.rename(target)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            staging.rename(target)
+        replace_dir(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put directory `new` in place of `target` by renames; the old one is removed only once the new
+    one is in, so no moment leaves neither."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
+        target.rename(old)
+        new.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(target)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from llava_edge.export.verify import hf_greedy_tokens
 from llava_edge.runtime.pipeline import Pipeline, Request
 from llava_edge.runtime.preprocess import preprocess
 
@@ -15,25 +16,8 @@ NEW_TOKENS = 32
 
 
 def _hf_generate(model, pipe: Pipeline, images, questions, max_new_tokens=NEW_TOKENS):
-    """transformers' generate on the same token ids and pixels, left-padded like the runtime."""
     enc = [pipe.encode_request(Request([(q, None)], [im])) for q, im in zip(questions, images)]
-    longest = max(len(e) for e in enc)
-    pad = pipe.manifest.text.pad_token_id
-    ids = torch.full((len(enc), longest), pad, dtype=torch.long)
-    mask = torch.zeros((len(enc), longest), dtype=torch.long)
-    for i, e in enumerate(enc):
-        ids[i, longest - len(e):] = torch.from_numpy(e)
-        mask[i, longest - len(e):] = 1
-    pixels = torch.from_numpy(np.stack([preprocess(im, pipe.manifest.vision) for im in images]))
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, do_sample=False,
-                             max_new_tokens=max_new_tokens, pad_token_id=pad)
-    eos = set(pipe.manifest.text.eos_token_ids)
-    seqs = []
-    for row in out[:, longest:].tolist():
-        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
-        seqs.append(row[:cut])
-    return seqs, enc
+    return hf_greedy_tokens(model, pipe, images, questions, max_new_tokens), enc
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -13,7 +13,6 @@ Method (why the numbers can be trusted on a noisy machine):
 from __future__ import annotations
 
 import copy
-import gc
 import json
 import os
 import time

@@ -25,12 +25,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..export.onnx_export import EXTERNAL_DATA_THRESHOLD, MAX_IR_VERSION, save_onnx
 from .packing import QuantizedLinear, pack_int4_onnx
 
 FORMATS = ("matmulnbits", "qdq")
-MAX_IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 writes 14
 QDQ_OPSET = 21
-EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of initializers above which weights go out of line
 _NP_FLOAT = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 
 
@@ -165,17 +164,8 @@ def write_quantized_decoder(
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
 
-    for f in dst.parent.glob(dst.name + "*.data"):
-        f.unlink()
     size = sum(_tensor_bytes(i) for i in graph.initializer)
-    external: list[str] = []
-    if size > external_threshold:
-        location = dst.name + ".data"
-        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=location, size_threshold=1024)
-        external.append(location)
-    else:
-        onnx.save_model(model, str(dst))
+    external = save_onnx(model, dst, external=size > external_threshold)
     if check:  # the fast decoder holds onnxruntime-internal ops the checker does not know
         onnx.checker.check_model(str(dst))
     return WriteResult(dst, external, replaced)

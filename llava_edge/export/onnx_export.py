@@ -44,15 +44,22 @@ def _finish(raw_path: Path, model_path: Path, size_hint: int) -> list[str]:
     model = onnx.load(str(raw_path), load_external_data=True)
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     _name_matmul_weights(model)
-    external: list[str] = []
-    if size_hint > EXTERNAL_DATA_THRESHOLD:
-        location = model_path.name + ".data"
-        onnx.save_model(model, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=location, size_threshold=1024)
-        external.append(location)
-    else:
-        onnx.save_model(model, str(model_path))
-    return external
+    return save_onnx(model, model_path, external=size_hint > EXTERNAL_DATA_THRESHOLD)
+
+
+def save_onnx(model: onnx.ModelProto, path: Path, external: bool) -> list[str]:
+    """Write a graph, its weights inline or in one `<name>.data` file beside it (protobuf stops at
+    2 GB); stale data files of an earlier write are removed. Returns the external files written."""
+    path = Path(path)
+    for f in path.parent.glob(path.name + "*.data"):
+        f.unlink()
+    if not external:
+        onnx.save_model(model, str(path))
+        return []
+    location = path.name + ".data"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=location, size_threshold=1024)
+    return [location]
 
 
 def _name_matmul_weights(model: onnx.ModelProto) -> None:

@@ -39,7 +39,7 @@ from typing import Any, Callable, Literal
 
 from .. import __version__
 from ..kernels.trt_plugins import AOT_MIN, ONNX_DOMAIN, AttentionImpl, attention_impl_for, parse_trt_version
-from ..package import Manifest, load_manifest
+from ..package import Manifest, load_manifest, replace_dir
 from ..runtime.trt_backend import (
     ENGINE_GRAPHS, ENGINES_DIR, RECORD_FORMAT, RECORD_NAME, EngineFile, EngineRecord, gpu_info, import_tensorrt,
 )
@@ -416,23 +416,12 @@ def build_engines(
             built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), llava_edge_version=__version__,
         )
         (staging / RECORD_NAME).write_text(record.to_json())  # last: its presence means "complete"
-        _replace_dir(staging, engines_dir)
+        replace_dir(staging, engines_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     stage(f"engines written to {engines_dir}")
     return BuildResult(root, plan, record, engines_dir / BUILD_LOG, time.perf_counter() - t0, built=True)
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Swap ``new`` in as ``target`` with renames (the old engines survive until the new ones are in)."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{time.time_ns()}")
-        target.rename(old)
-        new.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        new.rename(target)
 
 
 def result_summary(result: BuildResult) -> dict[str, Any]:

@@ -77,3 +77,29 @@ def pipeline_logits_error(llava, tokenizer, image_token_id: int, num_image_token
         feeds[inp.name] = np.zeros((1, kv[1], 0, kv[3]), np_dtype)
     got = decoder.run(["logits"], feeds)[0]
     return float(np.abs(got.astype(np.float64) - want.double().numpy()).max())
+
+
+def hf_greedy_tokens(llava, pipeline, images, questions, max_new_tokens: int) -> list[list[int]]:
+    """transformers' `generate(do_sample=False)` on the runtime's own token ids and pixels, left-padded
+    as the runtime pads; each row cut after its first eos. The reference the runtime must reproduce."""
+    from ..runtime.pipeline import Request
+    from ..runtime.preprocess import preprocess
+
+    enc = [pipeline.encode_request(Request([(q, None)], [im])) for q, im in zip(questions, images)]
+    longest = max(len(e) for e in enc)
+    pad = pipeline.manifest.text.pad_token_id
+    ids = torch.full((len(enc), longest), pad, dtype=torch.long)
+    mask = torch.zeros((len(enc), longest), dtype=torch.long)
+    for i, e in enumerate(enc):
+        ids[i, longest - len(e):] = torch.from_numpy(e)
+        mask[i, longest - len(e):] = 1
+    pixels = torch.from_numpy(np.stack([preprocess(im, pipeline.manifest.vision) for im in images]))
+    with torch.no_grad():
+        out = llava.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=pad)
+    eos = set(pipeline.manifest.text.eos_token_ids)
+    rows = []
+    for row in out[:, longest:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        rows.append(row[:cut])
+    return rows

@@ -8,14 +8,13 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from llava_edge.export.fast_decoder import export_fast_decoder, quantize_int4_rtn
+from llava_edge.export.verify import hf_greedy_tokens
 from llava_edge.package import load_manifest
 from llava_edge.runtime.fast_backend import FastOrtBackend
 from llava_edge.runtime.ort_backend import BackendError
-from llava_edge.runtime.pipeline import Pipeline, Request
-from llava_edge.runtime.preprocess import preprocess
+from llava_edge.runtime.pipeline import Pipeline
 
 PRESETS = ["llava-hf-v1.5", "llava-hf-gqa", "original-v1"]
 NEW_TOKENS = 24
@@ -43,24 +42,7 @@ def _pipes(pkg, decoder="decoder_fast"):
 
 
 def _hf_greedy(model, pipe, images, questions):
-    enc = [pipe.encode_request(Request([(q, None)], [im])) for q, im in zip(questions, images)]
-    longest = max(len(e) for e in enc)
-    pad = pipe.manifest.text.pad_token_id
-    ids = torch.full((len(enc), longest), pad, dtype=torch.long)
-    mask = torch.zeros((len(enc), longest), dtype=torch.long)
-    for i, e in enumerate(enc):
-        ids[i, longest - len(e):] = torch.from_numpy(e)
-        mask[i, longest - len(e):] = 1
-    px = torch.from_numpy(np.stack([preprocess(im, pipe.manifest.vision) for im in images]))
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, do_sample=False,
-                             max_new_tokens=NEW_TOKENS, pad_token_id=pad)
-    eos = set(pipe.manifest.text.eos_token_ids)
-    rows = []
-    for row in out[:, longest:].tolist():
-        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
-        rows.append(row[:cut])
-    return rows
+    return hf_greedy_tokens(model, pipe, images, questions, NEW_TOKENS)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
