@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import check_kv_cache
+
 __all__ = ["DecodeWorkspace", "decode_attention", "default_num_splits"]
 
 
@@ -207,12 +209,7 @@ def decode_attention(
     S = k_cache.shape[2]
     if H % kvH or k.shape != (B, kvH, D) or v.shape != (B, kvH, D):
         raise ValueError(f"bad shapes q={tuple(q.shape)} k={tuple(k.shape)} v={tuple(v.shape)}")
-    if k_cache.shape != (B, kvH, S, D) or v_cache.shape != k_cache.shape:
-        raise ValueError(f"cache must be [B, kvH, max_seq, D], got {tuple(k_cache.shape)}")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("KV cache must be contiguous (it is updated in place)")
-    if D & (D - 1) or D < 32:
-        raise ValueError(f"head_dim must be a power of two >= 32, got {D}")
+    check_kv_cache(k_cache, v_cache, B, kvH, D)
     if cos.shape[-1] != D // 2:
         raise ValueError(f"rotary tables must be [max_pos, {D // 2}], got {tuple(cos.shape)}")
     group = H // kvH

@@ -182,3 +182,15 @@ def int4_matmul_ref(
     """``y = x @ dequant(W)^T`` in float32, returned in ``x.dtype``. ``x: [..., K]``."""
     w = unpack_int4(qweight, scales, group_size)
     return (x.float() @ w.T).to(x.dtype)
+
+
+def check_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, batch: int, kv_heads: int, head_dim: int) -> None:
+    """The cache contract every kernel relies on: [B, kvH, max_seq, D], contiguous (written in place),
+    head_dim a power of two >= 32 (one tile of the head dimension)."""
+    S = k_cache.shape[2] if k_cache.dim() == 4 else -1
+    if k_cache.shape != (batch, kv_heads, S, head_dim) or v_cache.shape != k_cache.shape:
+        raise ValueError(f"cache must be [B, kvH, max_seq, D], got {tuple(k_cache.shape)}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("KV cache must be contiguous (it is updated in place)")
+    if head_dim & (head_dim - 1) or head_dim < 32:
+        raise ValueError(f"head_dim must be a power of two >= 32, got {head_dim}")
