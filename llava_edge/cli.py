@@ -221,20 +221,13 @@ def run(
     template: Optional[str] = typer.Option(None, help="Override the package's chat template."),
 ) -> None:
     """Answer one prompt about one image, streaming the answer."""
-    from .runtime.pipeline import Pipeline, Request
+    from .runtime.pipeline import Pipeline, Request, drain
 
     sampling = _sampling(greedy, temperature, top_p, top_k, repetition_penalty, seed)
     pipe = Pipeline.from_package(package, backend=backend, device=device, threads=threads, template=template)
     req = Request([(prompt, None)], [image] if image is not None else [])
-    gen = pipe.run([req], max_new_tokens=max_new_tokens, sampling=sampling, stop=stop)
-    while True:
-        try:
-            event = next(gen)
-            if not as_json:
-                out.print(event.text, end="", highlight=False, soft_wrap=True, markup=False)
-        except StopIteration as done:
-            result = done.value[0]
-            break
+    stream = None if as_json else (lambda e: out.print(e.text, end="", highlight=False, soft_wrap=True, markup=False))
+    result = drain(pipe.run([req], max_new_tokens=max_new_tokens, sampling=sampling, stop=stop), stream)[0]
     if as_json:
         print(json.dumps(result.as_dict()))
     else:
@@ -258,7 +251,7 @@ def chat(
     backend: str = typer.Option("ort", help="ort or tensorrt."),
 ) -> None:
     """Multi-turn chat in the terminal. /image PATH switches image, /reset forgets, /quit (or Ctrl-D) exits."""
-    from .runtime.pipeline import Pipeline, PromptTooLongError, Request
+    from .runtime.pipeline import Pipeline, PromptTooLongError, Request, drain
     from .runtime.preprocess import ImageError, load_image
 
     sampling = _sampling(False, temperature, top_p, 0, 1.0, seed)
@@ -289,13 +282,8 @@ def chat(
         req = Request([*history, (line, None)], [current] if current is not None else [])
         out.print("llava> ", end="")
         try:
-            gen = pipe.run([req], max_new_tokens=max_new_tokens, sampling=sampling)
-            while True:
-                try:
-                    out.print(next(gen).text, end="", highlight=False, soft_wrap=True, markup=False)
-                except StopIteration as done:
-                    result = done.value[0]
-                    break
+            result = drain(pipe.run([req], max_new_tokens=max_new_tokens, sampling=sampling),
+                           lambda e: out.print(e.text, end="", highlight=False, soft_wrap=True, markup=False))[0]
         except PromptTooLongError as e:
             console.print(f"\n[red]error:[/] {e}; use /reset")
             continue

@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -67,6 +67,17 @@ class TokenEvent:
 class Request:
     turns: list[tuple[str, str | None]]  # conversation so far; the last turn's answer is None
     images: list[Any] = field(default_factory=list)
+
+
+def drain(gen: Iterator[TokenEvent], on_event: Callable[[TokenEvent], None] | None = None) -> list[GenerationResult]:
+    """Run a `Pipeline.run` generator to the end, passing each event to on_event; return its results."""
+    while True:
+        try:
+            event = next(gen)
+        except StopIteration as done:
+            return done.value
+        if on_event is not None:
+            on_event(event)
 
 
 class _Detokenizer:
@@ -234,25 +245,19 @@ class Pipeline:
             results.append(GenerationResult(text.strip(), generated[i], reason, lengths[i], timings))
         return results
 
-    def _collect(self, gen: Iterator[TokenEvent]) -> list[GenerationResult]:
-        while True:
-            try:
-                next(gen)
-            except StopIteration as done:
-                return done.value
 
     def generate(self, image: Any, prompt: str, max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
                  stop: Sequence[str] = (), history: Sequence[tuple[str, str]] = ()) -> GenerationResult:
         """One image (or None) and one question; history holds earlier (question, answer) turns."""
         req = Request([*history, (prompt, None)], [image] if image is not None else [])
-        return self._collect(self.run([req], max_new_tokens, sampling, stop))[0]
+        return drain(self.run([req], max_new_tokens, sampling, stop))[0]
 
     def generate_batch(self, images: Sequence[Any], prompts_: Sequence[str], max_new_tokens: int = 64,
                        sampling: SamplingConfig | None = None, stop: Sequence[str] = ()) -> list[GenerationResult]:
         if len(images) != len(prompts_):
             raise ValueError("generate_batch needs one image (or None) per prompt")
         reqs = [Request([(p, None)], [im] if im is not None else []) for im, p in zip(images, prompts_)]
-        return self._collect(self.run(reqs, max_new_tokens, sampling, stop))
+        return drain(self.run(reqs, max_new_tokens, sampling, stop))
 
     def stream(self, image: Any, prompt: str, max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
                stop: Sequence[str] = (), history: Sequence[tuple[str, str]] = ()) -> Iterator[str]:
