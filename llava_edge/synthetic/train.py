@@ -82,6 +82,17 @@ class StageConfig:
     warmup: int = 30
 
 
+#: Relative weight of each question type when stage 2 draws a conversation's turns. The first two
+#: shipped runs left ``exists`` and ``count_color`` at chance and ``shape`` weak while count, text and
+#: size were solved: a linear probe on the frozen tower's patch features read the per-colour counts at
+#: 98.6% from any single patch, so the missing skill was the LM's (route the question's colour to the
+#: right count), and it gets more of the turns; solved types fewer. Uniform = the generator's own mix.
+TURN_WEIGHTS: dict[str, float] = {
+    "count": 0.5, "text": 0.5, "size": 0.75, "color": 1.0, "position": 1.0, "relation": 1.0,
+    "shape": 1.5, "exists": 2.0, "count_color": 2.0,
+}
+
+
 @dataclass
 class TrainConfig:
     seed: int = 0
@@ -90,8 +101,10 @@ class TrainConfig:
     vision: StageConfig = field(default_factory=lambda: StageConfig(steps=800, batch=32, lr=2e-3))
     language: StageConfig = field(default_factory=lambda: StageConfig(steps=300, batch=32, lr=2e-3))
     stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=300, batch=24, lr=2e-3))
-    stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=3000, batch=24, lr=1.5e-3))
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=3750, batch=24, lr=1.5e-3))
     describe_prob: float = 0.1  # share of stage-2 conversations that start with "describe the image."
+    # stage-2 question-type mix and balanced count_color / exists turns (None = the generator's mix)
+    turn_weights: dict[str, float] | None = field(default_factory=lambda: dict(TURN_WEIGHTS))
     minutes_budget: float | None = None
 
     def scaled(self, factor: float) -> "TrainConfig":
@@ -209,6 +222,8 @@ class VisionHeads(nn.Module):
         self.digit = nn.Linear(hidden, len(D.DIGITS))
         self.count = nn.Linear(hidden, D.MAX_SHAPES)
         self.color_count = nn.Linear(hidden, len(D.COLORS) * (D.MAX_SHAPES + 1))
+        # the scene's inventory: is there a (colour, kind) shape, one bit per pair (multi-label)
+        self.inventory = nn.Linear(hidden, len(D.COLORS) * len(D.SHAPES))
         # per object patch, the colour and kind of its nearest neighbour in each direction (0 = none)
         self.nb_color = nn.Linear(hidden, len(NEIGHBOUR_DIRS) * (len(D.COLORS) + 1))
         self.nb_kind = nn.Linear(hidden, len(NEIGHBOUR_DIRS) * (len(D.SHAPES) + 1))
@@ -218,7 +233,7 @@ def patch_labels(samples: list[D.Sample], patch: int) -> dict[str, torch.Tensor]
     """Per-patch targets from the object mask; -100 where a head does not apply."""
     colors, kinds = list(D.COLORS), list(D.SHAPES)
     out: dict[str, list] = {k: [] for k in ("color", "kind", "size", "cell", "digit", "count", "color_count",
-                                            "nb_color", "nb_kind")}
+                                            "nb_color", "nb_kind", "inventory")}
     for s in samples:
         _, mask = D.render(s.scene)
         g = mask.shape[0] // patch
@@ -252,6 +267,8 @@ def patch_labels(samples: list[D.Sample], patch: int) -> dict[str, torch.Tensor]
             out[k].append(v)
         out["count"].append(len(s.scene.shapes) - 1)
         out["color_count"].append([sum(x.color == c for x in s.scene.shapes) for c in colors])
+        names = {x.name for x in s.scene.shapes}
+        out["inventory"].append([float(f"{c} {k}" in names) for c in colors for k in kinds])
     return {k: torch.tensor(np.array(v)) for k, v in out.items()}
 
 
@@ -289,11 +306,51 @@ def pad_batch(seqs: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor
     return {"input_ids": ids, "labels": lab, "attention_mask": att}
 
 
-def sample_turns(s: D.Sample, rng: np.random.Generator, describe_prob: float) -> list[tuple[str, str]]:
-    """A 1-3 turn conversation drawn from the sample's questions (sometimes opening with a caption)."""
+def balanced_count_color(scene: D.Scene, rng: np.random.Generator) -> D.Turn:
+    """A "how many C shapes" turn whose answer is uniform over the counts this scene offers.
+
+    The generator asks mostly about a present colour, so "1" is the answer 68% of the time and a model
+    that always says "1" is at chance; here each available count (0, 1, 2, ...) is equally likely, then
+    a colour with that count, so the answer can only be learned by looking.
+    """
+    counts = {c: sum(s.color == c for s in scene.shapes) for c in D.COLORS}
+    values = sorted(set(counts.values()))
+    v = values[int(rng.integers(len(values)))]
+    options = [c for c in D.COLORS if counts[c] == v]
+    c = options[int(rng.integers(len(options)))]
+    return D.Turn(f"how many {c} shapes are there?", str(v), "count_color")
+
+
+def hard_exists(scene: D.Scene, rng: np.random.Generator) -> D.Turn:
+    """An "is there a C K?" turn, half yes; a "no" names, when it can, an absent pair that shares its
+    colour or its kind with a shape in the scene, so colour or kind alone cannot answer it."""
+    names = {s.name for s in scene.shapes}
+    if rng.random() < 0.5:
+        s = scene.shapes[int(rng.integers(len(scene.shapes)))]
+        return D.Turn(f"is there a {s.name}?", "yes", "exists")
+    absent = [f"{c} {k}" for c in D.COLORS for k in D.SHAPES if f"{c} {k}" not in names]
+    near = [a for a in absent if any(a.split()[0] == s.color or a.split()[1] == s.kind for s in scene.shapes)]
+    pool = near if near and rng.random() < 0.8 else absent
+    return D.Turn(f"is there a {pool[int(rng.integers(len(pool)))]}?", "no", "exists")
+
+
+def sample_turns(s: D.Sample, rng: np.random.Generator, describe_prob: float,
+                 weights: dict[str, float] | None = None) -> list[tuple[str, str]]:
+    """A 1-3 turn conversation drawn from the sample's questions (sometimes opening with a caption).
+
+    With ``weights`` (stage 2), turns are drawn without replacement in proportion to their type's
+    weight, and the count_color / exists turns are replaced by their balanced versions above.
+    """
     k = int(rng.integers(1, 4))
-    idx = rng.permutation(len(s.turns))[:k]
-    turns = [(s.turns[int(i)].question, s.turns[int(i)].answer) for i in idx]
+    pool = list(s.turns)
+    if weights is None:
+        idx = rng.permutation(len(pool))[:k]
+    else:
+        pool = [balanced_count_color(s.scene, rng) if t.qtype == "count_color"
+                else hard_exists(s.scene, rng) if t.qtype == "exists" else t for t in pool]
+        w = np.array([weights.get(t.qtype, 1.0) for t in pool], dtype=np.float64)
+        idx = rng.choice(len(pool), size=min(k, len(pool)), replace=False, p=w / w.sum())
+    turns = [(pool[int(i)].question, pool[int(i)].answer) for i in idx]
     if rng.random() < describe_prob:
         turns = [(DESCRIBE, s.caption)] + turns[:1]
     return turns
@@ -381,11 +438,15 @@ def train(out: str | Path, cfg: TrainConfig) -> dict:
         # Scene counts from the pooled CLS (trains the last layer) and from *every* patch: LLaVA drops
         # the CLS token, so the patch tokens themselves must carry scene-level statistics.
         n_p = feat.shape[1]
-        for f, cnt, cc in ((o.pooler_output, lab["count"], lab["color_count"]),
-                           (feat.flatten(0, 1), lab["count"].repeat_interleave(n_p),
-                            lab["color_count"].repeat_interleave(n_p, dim=0))):
+        # The inventory (which colour+kind pairs exist) is there so that "is there a green triangle?"
+        # is one bit of any image token rather than a conjunction the small LM must compute.
+        for f, cnt, cc, inv in ((o.pooler_output, lab["count"], lab["color_count"], lab["inventory"]),
+                                (feat.flatten(0, 1), lab["count"].repeat_interleave(n_p),
+                                 lab["color_count"].repeat_interleave(n_p, dim=0),
+                                 lab["inventory"].repeat_interleave(n_p, dim=0))):
             loss = loss + F.cross_entropy(heads.count(f), cnt)
             loss = loss + F.cross_entropy(heads.color_count(f).view(-1, D.MAX_SHAPES + 1), cc.flatten())
+            loss = loss + F.binary_cross_entropy_with_logits(heads.inventory(f), inv)
         return loss
 
     _loop("vision", cfg.vision, [*vt.parameters(), *heads.parameters()], vision_step, deadline, log)
@@ -429,7 +490,7 @@ def train(out: str | Path, cfg: TrainConfig) -> dict:
 
     def stage2_step(step: int) -> torch.Tensor:
         samples = _batch(cfg.seed, 3, step, cfg.stage2.batch)
-        b = pad_batch([encode_conversation(tok, sample_turns(s, data_rng, cfg.describe_prob), n_img)
+        b = pad_batch([encode_conversation(tok, sample_turns(s, data_rng, cfg.describe_prob, cfg.turn_weights), n_img)
                        for s in samples])
         return model(pixel_values=pixels(s.image for s in samples), **b).loss
 

@@ -85,3 +85,50 @@ def test_conversation_labels_cover_answers_only() -> None:
     supervised = [tok.id_to_token(t) for t in labels if t != -100]
     assert supervised == ["3", T.EOS, "top", "left", T.EOS]
     assert len(ids) == len(labels) and ids[0] == tok.token_to_id(T.BOS)
+
+
+def _scenes(n: int = 400) -> list[D.Sample]:
+    return list(D.generate(D.TRAIN_SEED, n, 50_000))
+
+
+def test_balanced_count_color_is_correct_and_uniform_over_available_counts() -> None:
+    rng = np.random.default_rng(0)
+    answers = []
+    for s in _scenes():
+        t = T.balanced_count_color(s.scene, rng)
+        color = t.question.split()[2]
+        assert t.qtype == "count_color" and color in D.COLORS
+        assert t.answer == str(sum(x.color == color for x in s.scene.shapes))
+        answers.append(t.answer)
+    share = {a: answers.count(a) / len(answers) for a in set(answers)}
+    # the generator's own mix answers "1" about 68% of the time; balanced, no answer dominates
+    assert share["1"] < 0.5 and share["0"] > 0.3 and share.get("2", 0) > 0.1
+
+
+def test_hard_exists_answers_are_right_and_negatives_are_near_misses() -> None:
+    rng = np.random.default_rng(1)
+    yes = near = no = 0
+    for s in _scenes():
+        t = T.hard_exists(s.scene, rng)
+        color, kind = t.question.removeprefix("is there a ").removesuffix("?").split()
+        present = any(x.color == color and x.kind == kind for x in s.scene.shapes)
+        assert t.answer == ("yes" if present else "no")
+        yes += present
+        if not present:
+            no += 1
+            near += any(x.color == color or x.kind == kind for x in s.scene.shapes)
+    assert 0.4 < yes / (yes + no) < 0.6
+    assert near / no > 0.7  # mostly share a colour or a kind with a shape that is there
+
+
+def test_weighted_turns_follow_the_weights() -> None:
+    tok_counts = {"count": 0, "count_color": 0}
+    rng = np.random.default_rng(2)
+    weights = {t: 1.0 for t in D.QUESTION_TYPES} | {"count": 0.25, "count_color": 4.0}
+    for s in _scenes(300):
+        for q, _ in T.sample_turns(s, rng, describe_prob=0.0, weights=weights):
+            if q == "how many shapes are there?":
+                tok_counts["count"] += 1
+            elif q.startswith("how many "):
+                tok_counts["count_color"] += 1
+    assert tok_counts["count_color"] > 3 * tok_counts["count"] > 0
