@@ -81,19 +81,34 @@ def drain(gen: Iterator[TokenEvent], on_event: Callable[[TokenEvent], None] | No
 
 
 class _Detokenizer:
-    """Incremental text for one sequence: emits only text that will not change with later tokens."""
+    """Incremental text for one sequence: emits only text that will not change with later tokens.
+
+    Decodes a short window, not the whole answer, so a token costs O(window) instead of O(answer)
+    (re-decoding everything made a long answer quadratic). The window is the tokens since the text
+    emitted before last (``prefix``) up to now; the new text is what decoding the window adds to
+    decoding its already-emitted head. Both decodes start at the same token, so a tokenizer that
+    treats a sequence's first token specially (a leading space, a byte-fallback run) does so in both
+    and it cancels out. A window ending inside a UTF-8 character (U+FFFD) waits for the next token.
+    This is the prefix/read-offset scheme of Hugging Face TGI and vLLM.
+    """
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.text = ""
+        self._prefix = 0  # window start
+        self._read = 0  # tokens before this are already in self.text
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") or not text.startswith(self.text):
+        decode = self.tokenizer.decode
+        head = decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
+        window = decode(self.ids[self._prefix :], skip_special_tokens=True)
+        if len(window) <= len(head) or window.endswith("\ufffd") or not window.startswith(head):
             return ""
-        delta, self.text = text[len(self.text) :], text
+        delta = window[len(head) :]
+        self._prefix, self._read = self._read, len(self.ids)
+        self.text += delta
         return delta
 
 
