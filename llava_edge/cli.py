@@ -182,6 +182,8 @@ def build(
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan only (profiles, memory, op support); "
                                  "needs no TensorRT."),
     trt_version: Optional[str] = typer.Option(None, help="With --dry-run: plan for this TensorRT version."),
+    kv_cache: str = typer.Option("in-place", help="in-place (static-cache decoder: one KV buffer, CUDA graphs) or "
+                                 "ping-pong (the portable decoder: two KV buffers)."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan/result as JSON."),
 ) -> None:
     """Compile TensorRT engines into PKG/engines, sized for the target device."""
@@ -190,7 +192,7 @@ def build(
     result = build_engines(package, target=target, max_batch=max_batch, max_context=max_context,
                            max_images=max_images, workspace_gb=workspace_gb, timing_cache=timing_cache,
                            plugins=plugins, on_stage=lambda s: console.print(f"[dim]{s}[/]"), dry_run=dry_run,
-                           trt_version=trt_version)
+                           trt_version=trt_version, kv_cache=kv_cache)
     summary = result_summary(result)
     if as_json:
         print(json.dumps(summary, indent=2))

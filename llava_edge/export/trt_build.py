@@ -18,6 +18,13 @@ Two halves:
   / get_timing_cache().serialize()`` for timing-cache reuse, ``IProgressMonitor`` (TensorRT >= 10.0)
   for progress, an ``ILogger`` writing ``engines/build.log``.
 
+The decoder engine is built from the static-cache variant of the package's decoder
+(``export/static_decoder.py``: the whole KV cache in, this step's k/v out), derived at build time from
+``decoder.onnx`` into a temporary file next to it (it shares the decoder's external weights) and
+deleted afterwards; the portable graph stays as it is for onnxruntime. The record says
+``kv_cache: "in-place"`` and the runtime then keeps one cache buffer and captures decode steps in CUDA
+graphs. ``kv_cache="ping-pong"`` builds the portable graph as before (two cache buffers, no graphs).
+
 Engines are written to a staging directory inside the package and renamed to ``engines/`` only when
 all three built, with ``engines/engines.json`` (the record the runtime checks) written last; an
 interrupted build never leaves engines that look valid.
@@ -29,13 +36,15 @@ tests that skip without TensorRT + a GPU.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 from .. import __version__
 from ..kernels.trt_plugins import AOT_MIN, ONNX_DOMAIN, AttentionImpl, attention_impl_for, parse_trt_version
@@ -44,9 +53,10 @@ from ..runtime.trt_backend import (
     ENGINE_GRAPHS, ENGINES_DIR, RECORD_FORMAT, RECORD_NAME, EngineFile, EngineRecord, gpu_info, import_tensorrt,
 )
 from . import trt_ops
+from .static_decoder import StaticDecoderError, make_static_decoder, write_static_decoder
 from .trt_presets import (
-    GiB, PRESETS, BuildLimits, MemoryBudget, ModelDims, Profile, TargetPreset, detect_target, estimate_memory,
-    max_context_that_fits, profile_shapes, resolve_limits,
+    GiB, KV_LAYOUTS, PRESETS, BuildLimits, MemoryBudget, ModelDims, Profile, TargetPreset, detect_target,
+    estimate_memory, max_context_that_fits, prefill_tokens_per_pass, profile_shapes, resolve_limits,
 )
 
 Plugins = Literal["auto", "on", "off"]
@@ -74,6 +84,7 @@ class BuildPlan:
     checks: dict[str, trt_ops.GraphCheck]
     memory: MemoryBudget
     precision: dict[str, str]
+    kv_cache: str = "in-place"  # "in-place" (static-cache decoder graph) | "ping-pong" (portable graph)
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
@@ -81,7 +92,8 @@ class BuildPlan:
         lines = [f"target {self.target.name} ({self.target.description}), TensorRT {v}",
                  f"limits: batch {self.limits.max_batch}, context {self.limits.max_context}, images "
                  f"{self.limits.max_images}, prompt {self.limits.max_prompt}, workspace {self.limits.workspace_gb} GiB",
-                 f"attention: {self.attention} (best for TensorRT {v}: {self.attention_policy})",
+                 f"attention: {self.attention} (best for TensorRT {v}: {self.attention_policy}); KV cache "
+                 f"{self.kv_cache}",
                  f"precision: {', '.join(f'{k} {p}' for k, p in self.precision.items())}",
                  f"memory: {self.memory.describe()}"]
         lines += [c.describe() for c in self.checks.values()]
@@ -137,9 +149,10 @@ def plan_build(package_dir: str | Path, trt_version: str | tuple[int, ...], targ
                max_batch: int | None = None, max_context: int | None = None, max_images: int | None = None,
                workspace_gb: float | None = None, plugins: Plugins = "auto", gpu_name: str | None = None,
                gpu_memory: int | None = None, gpu_compute_capability: str | None = None,
-               manifest: Manifest | None = None) -> BuildPlan:
+               manifest: Manifest | None = None, kv_cache: str = "in-place") -> BuildPlan:
     """Everything about a build that does not need TensorRT; raises :class:`EngineBuildError` early
-    for what would fail (or not fit) later."""
+    for what would fail (or not fit) later. ``kv_cache="in-place"`` checks (and sizes for) the
+    static-cache decoder derived from the package's decoder, in memory."""
     import onnx
 
     root = Path(package_dir)
@@ -148,6 +161,8 @@ def plan_build(package_dir: str | Path, trt_version: str | tuple[int, ...], targ
     if version < (10, 0):
         raise EngineBuildError(f"TensorRT {'.'.join(map(str, version))} is too old: llava-edge needs >= 10.0 "
                                "(JetPack 6 ships 10.3)")
+    if kv_cache not in KV_LAYOUTS:
+        raise EngineBuildError(f"kv_cache must be one of {', '.join(KV_LAYOUTS)}, not {kv_cache!r}")
     if plugins not in ("auto", "on", "off"):
         raise EngineBuildError(f"--plugins must be auto, on or off, not {plugins!r}")
     preset = _resolve_target(target, gpu_name, gpu_memory)
@@ -179,6 +194,8 @@ def plan_build(package_dir: str | Path, trt_version: str | tuple[int, ...], targ
         model = onnx.load(str(root / graph.file), load_external_data=False)
         if name == "decoder":
             decoder_model = model
+            if kv_cache == "in-place":
+                model = _static_decoder(model)
         allowed = plugins != "off" and version >= AOT_MIN
         checks[name] = trt_ops.check_model(model, name, version, fp8=preset.fp8, plugins_allowed=allowed)
     bad = [c.describe() for c in checks.values() if not c.ok]
@@ -220,18 +237,20 @@ def plan_build(package_dir: str | Path, trt_version: str | tuple[int, ...], targ
 
     def budget(lim: BuildLimits) -> MemoryBudget:
         return estimate_memory(preset, dims, weights, lim.max_context, lim.max_batch, lim.max_prompt,
-                               lim.workspace_gb, kv_buffers=2, bytes_per_elem=elt)
+                               lim.workspace_gb, kv_layout=kv_cache, bytes_per_elem=elt)
 
     memory = budget(limits)
     if not memory.fits:
         fit = max_context_that_fits(preset, dims, weights, limits.max_batch,
                                     prefill_tokens=limits.max_images * dims.num_image_tokens + preset.prompt_text_tokens,
-                                    workspace_gb=limits.workspace_gb, kv_buffers=2, bytes_per_elem=elt)
+                                    workspace_gb=limits.workspace_gb, kv_layout=kv_cache, bytes_per_elem=elt)
         need = limits.max_images * dims.num_image_tokens + 64  # one prompt with its images + a short answer
-        inplace = max_context_that_fits(preset, dims, weights, limits.max_batch, workspace_gb=limits.workspace_gb,
-                                        kv_buffers=1, bytes_per_elem=elt)
-        why = (f"{memory.describe()}.\nLargest context that fits with this release's ping-pong KV cache: {fit} "
-               f"tokens (an in-place cache would allow {inplace}).")
+        why = f"{memory.describe()}.\nLargest context that fits with the {kv_cache} KV cache: {fit} tokens"
+        if kv_cache == "ping-pong":
+            inplace = max_context_that_fits(preset, dims, weights, limits.max_batch, workspace_gb=limits.workspace_gb,
+                                            kv_layout="in-place", bytes_per_elem=elt)
+            why += f" (the in-place cache, the default, would allow {inplace})"
+        why += "."
         if max_context is not None or fit < need:
             raise EngineBuildError(
                 f"does not fit on {preset.name}: {why} A prompt with {limits.max_images} image(s) needs at least "
@@ -242,9 +261,21 @@ def plan_build(package_dir: str | Path, trt_version: str | tuple[int, ...], targ
         memory = budget(limits)
         notes.append(f"context reduced from {preset.max_context} to {fit} to fit {preset.name} "
                      f"({preset.usable_gb} GiB usable)")
-    return BuildPlan(target=preset, trt_version=version, limits=limits, profiles=profile_shapes(manifest, limits),
-                     attention_policy=policy, attention=attention, register_plugins=register, checks=checks,
-                     memory=memory, precision={n: _precision(manifest, n) for n in ENGINE_GRAPHS}, notes=notes)
+    if kv_cache == "in-place" and prefill_tokens_per_pass(limits.max_prompt) < limits.max_prompt:
+        notes.append(f"prefill runs in chunks of up to {prefill_tokens_per_pass(limits.max_prompt)} tokens "
+                     f"(static-cache decoder; a {limits.max_prompt}-token prompt takes "
+                     f"{-(-limits.max_prompt // prefill_tokens_per_pass(limits.max_prompt))})")
+    return BuildPlan(target=preset, trt_version=version, limits=limits,
+                     profiles=profile_shapes(manifest, limits, kv_cache), attention_policy=policy, attention=attention,
+                     register_plugins=register, checks=checks, memory=memory,
+                     precision={n: _precision(manifest, n) for n in ENGINE_GRAPHS}, kv_cache=kv_cache, notes=notes)
+
+
+def _static_decoder(model):
+    try:
+        return make_static_decoder(model)
+    except StaticDecoderError as e:
+        raise EngineBuildError(f"cannot build the in-place KV decoder from this package's decoder: {e}") from e
 
 
 # ------------------------------------------------------------------------------------ TensorRT part
@@ -326,6 +357,22 @@ def _build_one(trt, logger, onnx_path: Path, profiles: list[Profile], workspace_
     return bytes(plan), bytes(config.get_timing_cache().serialize())
 
 
+@contextlib.contextmanager
+def _engine_source(root: Path, onnx_file: str, static: bool) -> Iterator[Path]:
+    """The ONNX file TensorRT parses for a graph: the package's file, or for the in-place decoder its
+    static-cache variant, written next to it for the duration of the build (TensorRT's parser reads
+    external weights relative to the model file) and removed afterwards."""
+    if not static:
+        yield root / onnx_file
+        return
+    tmp = root / f".{Path(onnx_file).stem}_static.build-{os.getpid()}.onnx"
+    try:
+        write_static_decoder(root / onnx_file, tmp)
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def build_engines(
     package_dir: str | Path,
     target: str = "auto",
@@ -340,12 +387,14 @@ def build_engines(
     device_index: int = 0,
     dry_run: bool = False,
     trt_version: str | None = None,
+    kv_cache: str = "in-place",
 ) -> BuildResult:
     """Build vision/embed/decoder engines into ``package_dir/engines`` (see the module docstring).
 
     ``timing_cache``: a file to read and update (default ``engines/timing.cache`` of the package, kept
     across rebuilds). ``dry_run``: plan only (no TensorRT needed; ``trt_version`` defaults to what the
-    target ships). Raises :class:`EngineBuildError` (cannot build / does not fit) or
+    target ships). ``kv_cache``: "in-place" (the static-cache decoder, default) or "ping-pong" (the
+    portable graph, as engines built before). Raises :class:`EngineBuildError` (cannot build / does not fit) or
     :class:`~llava_edge.runtime.trt_backend.TensorRTUnavailable` (no tensorrt, cuda-python or GPU).
     """
     t0 = time.perf_counter()
@@ -358,7 +407,7 @@ def build_engines(
             raise EngineBuildError("a dry run needs --target (or a TensorRT version) since there is no GPU to ask")
         version = trt_version or DRY_RUN_TRT.get(target, "10.15")
         plan = plan_build(root, version, target if target != "auto" else "datacenter", max_batch, max_context,
-                          max_images, workspace_gb, plugins, manifest=manifest)
+                          max_images, workspace_gb, plugins, manifest=manifest, kv_cache=kv_cache)
         stage("plan\n" + plan.describe())
         return BuildResult(root, plan, None, None, time.perf_counter() - t0, built=False)
 
@@ -367,7 +416,7 @@ def build_engines(
     stage(f"TensorRT {trt.__version__} on {gpu.name} (compute capability {gpu.compute_capability}, "
           f"{gpu.total_memory / GiB:.1f} GiB)")
     plan = plan_build(root, trt.__version__, target, max_batch, max_context, max_images, workspace_gb, plugins,
-                      gpu.name, gpu.total_memory, gpu.compute_capability, manifest=manifest)
+                      gpu.name, gpu.total_memory, gpu.compute_capability, manifest=manifest, kv_cache=kv_cache)
     stage("plan\n" + plan.describe())
     if plan.register_plugins:
         from ..kernels.trt_plugins import register_plugins
@@ -389,9 +438,9 @@ def build_engines(
                 stage(f"build {name} engine ({plan.precision[name]})")
                 log_file.write(f"=== {name}: {graph.file}\n")
                 t_graph = time.perf_counter()
-                data, cache_bytes = _build_one(trt, logger, root / graph.file, plan.profiles[name],
-                                               plan.limits.workspace_gb, cache_bytes, stage,
-                                               fp32=manifest.dtype == "float32")
+                with _engine_source(root, graph.file, name == "decoder" and plan.kv_cache == "in-place") as src:
+                    data, cache_bytes = _build_one(trt, logger, src, plan.profiles[name], plan.limits.workspace_gb,
+                                                   cache_bytes, stage, fp32=manifest.dtype == "float32")
                 rel = f"{ENGINES_DIR}/{name}.plan"
                 (staging / f"{name}.plan").write_bytes(data)
                 files[name] = EngineFile(file=rel, onnx_file=graph.file, onnx_size_bytes=graph.size_bytes,
@@ -412,7 +461,7 @@ def build_engines(
                     "max_images": plan.limits.max_images, "max_prompt": plan.limits.max_prompt,
                     "workspace_gb": plan.limits.workspace_gb},
             attention=plan.attention, plugins=sorted(plan.checks["decoder"].plugins), strongly_typed=True,
-            kv_cache="ping-pong", engines=files, memory=plan.memory.as_dict(),
+            kv_cache=plan.kv_cache, engines=files, memory=plan.memory.as_dict(),
             built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), llava_edge_version=__version__,
         )
         (staging / RECORD_NAME).write_text(record.to_json())  # last: its presence means "complete"
@@ -429,5 +478,6 @@ def result_summary(result: BuildResult) -> dict[str, Any]:
     p = result.plan
     return {"package": str(result.package_dir), "built": result.built, "target": p.target.name,
             "tensorrt": ".".join(map(str, p.trt_version)), "limits": p.limits.__dict__, "attention": p.attention,
+            "kv_cache": p.kv_cache,
             "precision": p.precision, "memory": p.memory.as_dict(), "notes": p.notes,
             "seconds": round(result.seconds, 1), "log": str(result.log_path) if result.log_path else None}

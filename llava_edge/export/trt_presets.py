@@ -7,14 +7,20 @@ Memory model (all bytes; one process holding the vision, embed and decoder engin
 
     weights      decoder + vision + embed engine weights (≈ the ONNX files: fp16, or int4 + fp16 scales)
     kv_cache     kv_buffers * 2 (k and v) * layers * kv_heads * head_dim * context * batch * bytes
+    kv_staging   in-place only: the engine's new-k/v outputs for the longest prefill chunk
     activations  TensorRT context memory for the largest profile shape (prefill), estimated below
     workspace    the builder's workspace pool limit (tactic scratch, part of context memory)
     overhead     CUDA context + TensorRT runtime + Python/numpy/tokenizers: a per-target estimate
 
-``kv_buffers`` is 2 for this release: the TensorRT backend runs the portable decoder graph (past in,
-present = concat(past, new) out) with two preallocated buffers per layer that swap roles every step
-(ping-pong), so the cache costs twice its payload. The in-place KV graph (attention plugin or TensorRT's
-KV-cache layer) brings it to 1; the budget reports both.
+``kv_layout`` (the engine record's ``kv_cache``):
+
+* ``"in-place"`` (what ``llava-edge build`` makes): the static-cache decoder graph
+  (``export/static_decoder.py``) reads the whole cache buffer and returns only the new tokens' k/v,
+  which the runtime copies in: ONE cache buffer, plus a staging buffer for the new k/v of one prefill
+  chunk. Prefill runs in chunks of at most ``STATIC_PREFILL_CHUNK`` tokens (any cache length is
+  allowed, so longer prompts take several chunks), which also bounds the prefill activations.
+* ``"ping-pong"`` (engines built before): the portable graph with two buffers per layer swapping roles
+  every step, so the cache costs twice its payload; prefill in one piece of up to ``max_prompt``.
 
 On Jetson the CPU and GPU share the same DRAM, so ``usable_gb`` is what is realistically left for us
 after the OS (headless) — not the marketing size. The numbers for ``runtime_overhead_gb`` and
@@ -31,9 +37,14 @@ from typing import Any
 GiB = 1 << 30
 MiB = 1 << 20
 GB = 10**9
+KV_LAYOUTS = ("in-place", "ping-pong")
+# Longest prefill chunk of the static-cache decoder (its prefill profile's max T). Bounds the new-k/v
+# staging (0.5 MiB per token for a 7B in fp16) and the prefill attention scores [B, heads, T, ctx+T];
+# 256 tokens: an image's 576 tokens take 3 chunks.
+STATIC_PREFILL_CHUNK = 256
 
 __all__ = [
-    "TargetPreset", "PRESETS", "detect_target", "ModelDims", "LLAVA_15_7B", "weight_bytes_from_dims",
+    "TargetPreset", "PRESETS", "KV_LAYOUTS", "STATIC_PREFILL_CHUNK", "prefill_tokens_per_pass", "detect_target", "ModelDims", "LLAVA_15_7B", "weight_bytes_from_dims",
     "MemoryBudget", "estimate_memory", "max_context_that_fits", "BuildLimits", "resolve_limits",
     "Profile", "profile_shapes", "orin_summary",
 ]
@@ -195,11 +206,17 @@ class MemoryBudget:
     overhead: int
     context: int
     batch: int
-    kv_buffers: int
+    kv_layout: str
+    kv_staging: int = 0
+
+    @property
+    def kv_buffers(self) -> int:
+        return 1 if self.kv_layout == "in-place" else 2
 
     @property
     def total(self) -> int:
-        return sum(self.weights.values()) + self.kv_cache + self.activations + self.workspace + self.overhead
+        return (sum(self.weights.values()) + self.kv_cache + self.kv_staging + self.activations + self.workspace
+                + self.overhead)
 
     @property
     def fits(self) -> bool:
@@ -211,13 +228,14 @@ class MemoryBudget:
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.update(total=self.total, fits=self.fits, headroom=self.headroom)
+        d.update(kv_buffers=self.kv_buffers, total=self.total, fits=self.fits, headroom=self.headroom)
         return d
 
     def describe(self) -> str:
         w = ", ".join(f"{k} {v / GiB:.2f}" for k, v in self.weights.items())
         return (f"{self.target}: weights ({w}) GiB + KV cache {self.kv_cache / GiB:.2f} GiB "
-                f"(context {self.context} x batch {self.batch}, {self.kv_buffers} buffer(s)) + activations "
+                f"(context {self.context} x batch {self.batch}, {self.kv_layout}: {self.kv_buffers} buffer(s)) + "
+                f"{'new-k/v staging ' + format(self.kv_staging / GiB, '.2f') + ' + ' if self.kv_staging else ''}activations "
                 f"{self.activations / GiB:.2f} + workspace {self.workspace / GiB:.2f} + runtime "
                 f"{self.overhead / GiB:.2f} = {self.total / GiB:.2f} GiB of {self.usable_bytes / GiB:.2f} GiB "
                 f"usable -> {'fits' if self.fits else 'does NOT fit'}")
@@ -228,45 +246,60 @@ def kv_cache_bytes(dims: ModelDims, context: int, batch: int, bytes_per_elem: in
     return kv_buffers * 2 * dims.num_layers * dims.num_kv_heads * dims.head_dim * context * batch * bytes_per_elem
 
 
-def activation_bytes(dims: ModelDims, batch: int, prefill_tokens: int, context: int, bytes_per_elem: int = 2) -> int:
-    """Peak TensorRT context memory of the portable decoder, dominated by prefill at the profile max:
+def activation_bytes(dims: ModelDims, batch: int, prefill_tokens: int, context: int, bytes_per_elem: int = 2,
+                     static_cache: bool = False) -> int:
+    """Peak TensorRT context memory of the decoder, dominated by prefill at the profile max:
     attention scores + probabilities [B, heads, T, total], the MLP intermediates [B, T, 3*I], a few
     hidden-size tensors, and logits for every prompt position [B, T, V] (the graph computes them all).
+    The static-cache graph also materialises one layer's concat(cache, new) k and v [B, kvH, ctx+T, D].
     A 1.5x factor covers TensorRT's own layout/tactic copies; an estimate, not a measurement."""
     t, total = prefill_tokens, context
     scores = 2 * batch * dims.num_heads * t * total * bytes_per_elem
     mlp = 3 * batch * t * dims.intermediate_size * bytes_per_elem
     hidden = 6 * batch * t * dims.hidden_size * bytes_per_elem
     logits = batch * t * dims.vocab_size * bytes_per_elem
-    return int(1.5 * (scores + mlp + hidden + logits))
+    concat = 2 * batch * dims.num_kv_heads * (total + t) * dims.head_dim * bytes_per_elem if static_cache else 0
+    return int(1.5 * (scores + mlp + hidden + logits + concat))
+
+
+def prefill_tokens_per_pass(prefill_tokens: int, kv_layout: str = "in-place") -> int:
+    """Tokens one prefill pass of the engine takes: the whole prompt (ping-pong) or a chunk (in-place)."""
+    if kv_layout not in KV_LAYOUTS:
+        raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, not {kv_layout!r}")
+    return min(prefill_tokens, STATIC_PREFILL_CHUNK) if kv_layout == "in-place" else prefill_tokens
 
 
 def estimate_memory(preset: TargetPreset, dims: ModelDims, weights: dict[str, int], context: int,
                     batch: int, prefill_tokens: int, workspace_gb: float | None = None,
-                    kv_buffers: int = 2, bytes_per_elem: int = 2) -> MemoryBudget:
-    """The whole budget for one process serving ``batch`` sequences of up to ``context`` tokens."""
+                    kv_layout: str = "in-place", bytes_per_elem: int = 2) -> MemoryBudget:
+    """The whole budget for one process serving ``batch`` sequences of up to ``context`` tokens whose
+    longest prompt is ``prefill_tokens``. In-place: one cache buffer, prefill in chunks, staging for one
+    chunk's new k/v; ping-pong: two cache buffers, one prefill pass."""
     ws = preset.workspace_gb if workspace_gb is None else workspace_gb
+    per_pass = min(prefill_tokens_per_pass(prefill_tokens, kv_layout), context)
+    inplace = kv_layout == "in-place"
     return MemoryBudget(
         target=preset.name,
         usable_bytes=int(preset.usable_gb * GiB),
         weights=dict(weights),
-        kv_cache=kv_cache_bytes(dims, context, batch, bytes_per_elem, kv_buffers),
-        activations=activation_bytes(dims, batch, min(prefill_tokens, context), context, bytes_per_elem),
+        kv_cache=kv_cache_bytes(dims, context, batch, bytes_per_elem, 1 if inplace else 2),
+        activations=activation_bytes(dims, batch, per_pass, context, bytes_per_elem, static_cache=inplace),
         workspace=int(ws * GiB),
         overhead=int(preset.runtime_overhead_gb * GiB),
-        context=context, batch=batch, kv_buffers=kv_buffers,
+        context=context, batch=batch, kv_layout=kv_layout,
+        kv_staging=kv_cache_bytes(dims, per_pass, batch, bytes_per_elem) if inplace else 0,
     )
 
 
 def max_context_that_fits(preset: TargetPreset, dims: ModelDims, weights: dict[str, int], batch: int = 1,
                           prefill_tokens: int | None = None, workspace_gb: float | None = None,
-                          kv_buffers: int = 2, bytes_per_elem: int = 2, multiple: int = 64) -> int:
+                          kv_layout: str = "in-place", bytes_per_elem: int = 2, multiple: int = 64) -> int:
     """Largest context (a multiple of ``multiple``) whose budget fits; 0 if not even ``multiple`` does.
     ``prefill_tokens`` defaults to one image + the preset's text budget, capped at the context."""
     pf = prefill_tokens if prefill_tokens is not None else dims.num_image_tokens + preset.prompt_text_tokens
 
     def fits(c: int) -> bool:
-        return estimate_memory(preset, dims, weights, c, batch, min(pf, c), workspace_gb, kv_buffers,
+        return estimate_memory(preset, dims, weights, c, batch, min(pf, c), workspace_gb, kv_layout,
                                bytes_per_elem).fits
 
     lo, hi = 0, 1 << 20  # budgets grow monotonically with the context: bisect on multiples
@@ -344,36 +377,49 @@ def _decoder_profile(name: str, batch: tuple[int, int, int], seq: tuple[int, int
     return Profile(name, shapes)
 
 
-def profile_shapes(manifest: Any, limits: BuildLimits) -> dict[str, list[Profile]]:
-    """Profiles per graph. The decoder gets two:
+def profile_shapes(manifest: Any, limits: BuildLimits, kv_layout: str = "in-place") -> dict[str, list[Profile]]:
+    """Profiles per graph. The decoder gets two, by ``kv_layout``:
 
+    in-place (the static-cache graph: past is the whole cache, fixed at max_context):
+    * ``prefill`` (profile 0): 1..chunk new tokens (``prefill_tokens_per_pass``), on any cache length
+      (the mask says which slots are filled); longer prompts go through in chunks.
+    * ``decode`` (profile 1): exactly 1 new token. Every shape is fixed but the batch, which is what
+      lets the backend capture the decode step in a CUDA graph per batch size.
+
+    ping-pong (the portable graph):
     * ``prefill`` (profile 0): 1..max_prompt new tokens on an empty cache (past = 0). Prefill on a
       non-empty cache is not in the profile — its attention scores [B,heads,T,past+T] at max sizes would
       dominate the engine's memory — so the backend feeds such tokens through ``decode`` one by one.
     * ``decode`` (profile 1): exactly 1 new token, past 0..max_context-1.
 
-    ``opt`` is what TensorRT tunes tactics for: batch 1, one image + 64 text tokens for prefill, half the
-    context for decode.
+    ``opt`` is what TensorRT tunes tactics for: batch 1, one image + 64 text tokens for prefill (capped
+    at the chunk), half the context for ping-pong decode.
     """
     t, v = manifest.text, manifest.vision
-    b, c, p = limits.max_batch, limits.max_context, limits.max_prompt
+    b, c = limits.max_batch, limits.max_context
+    p = prefill_tokens_per_pass(limits.max_prompt, kv_layout)
     past_names = [f"past_key_values.{i}.{kv}" for i in range(t.num_layers) for kv in ("key", "value")]
     p_opt = max(1, min(p, v.num_image_tokens * min(1, limits.max_images) + 64))
-    prefill = _decoder_profile("prefill", (1, 1, b), (1, p_opt, p), (0, 0, 0), (1, p_opt, p),
-                               t.hidden_size, t.num_kv_heads, t.head_dim, past_names)
-    d_opt = max(0, min(c - 1, c // 2))
-    decode = _decoder_profile("decode", (1, 1, b), (1, 1, 1), (0, d_opt, c - 1), (1, d_opt + 1, c),
-                              t.hidden_size, t.num_kv_heads, t.head_dim, past_names)
+    dims = (t.hidden_size, t.num_kv_heads, t.head_dim, past_names)
+    if kv_layout == "in-place":
+        prefill = _decoder_profile("prefill", (1, 1, b), (1, p_opt, p), (c, c, c), (c + 1, c + p_opt, c + p), *dims)
+        decode = _decoder_profile("decode", (1, 1, b), (1, 1, 1), (c, c, c), (c + 1, c + 1, c + 1), *dims)
+    else:
+        prefill = _decoder_profile("prefill", (1, 1, b), (1, p_opt, p), (0, 0, 0), (1, p_opt, p), *dims)
+        d_opt = max(0, min(c - 1, c // 2))
+        decode = _decoder_profile("decode", (1, 1, b), (1, 1, 1), (0, d_opt, c - 1), (1, d_opt + 1, c), *dims)
     s = v.image_size
     n_img = max(1, b * limits.max_images)
     vision = Profile("vision", {"pixel_values": ((1, 3, s, s), (1, 3, s, s), (n_img, 3, s, s))})
-    embed = Profile("embed", {"input_ids": ((1, 1), (1, p_opt), (b, p))})
+    e_opt = max(1, min(limits.max_prompt, v.num_image_tokens * min(1, limits.max_images) + 64))
+    embed = Profile("embed", {"input_ids": ((1, 1), (1, e_opt), (b, limits.max_prompt))})  # whole prompts
     return {"vision": [vision], "embed": [embed], "decoder": [prefill, decode]}
 
 
 def orin_summary(dims: ModelDims = LLAVA_15_7B, weight_bits: int = 4) -> list[dict[str, Any]]:
-    """For the docs and the build log: per Orin preset, the max context for batch 1 with this release's
-    ping-pong cache and with an in-place cache, and the budget at the preset's default context."""
+    """For the docs and the build log: per Orin preset, the max context for batch 1 with the in-place
+    cache (what ``llava-edge build`` makes) and with the older ping-pong one, and the budget at the
+    preset's default context."""
     weights = weight_bytes_from_dims(dims, weight_bits)
     rows = []
     for name in ("orin-nano", "orin-nx", "orin-agx"):
@@ -381,8 +427,8 @@ def orin_summary(dims: ModelDims = LLAVA_15_7B, weight_bits: int = 4) -> list[di
         rows.append({
             "target": name, "usable_gb": p.usable_gb,
             "weights_gib": round(sum(weights.values()) / GiB, 2),
-            "max_context_pingpong": max_context_that_fits(p, dims, weights, 1, kv_buffers=2),
-            "max_context_inplace": max_context_that_fits(p, dims, weights, 1, kv_buffers=1),
+            "max_context_pingpong": max_context_that_fits(p, dims, weights, 1, kv_layout="ping-pong"),
+            "max_context_inplace": max_context_that_fits(p, dims, weights, 1, kv_layout="in-place"),
             "default_context": p.max_context,
             "budget_default": estimate_memory(p, dims, weights, p.max_context, 1,
                                               dims.num_image_tokens + p.prompt_text_tokens).describe(),

@@ -11,23 +11,27 @@ What it does
   memory while deserialising: on Jetson that memory is the GPU's).
 * Allocates every device and pinned host buffer once, at construction, sized from the engines'
   optimization-profile maxima; ``step`` allocates nothing.
-* KV cache: the engine is the portable decoder graph (past in, present = concat(past, new) out). Two
-  device slabs hold all layers' k/v at max batch x max context; each step reads ``past`` from one slab
-  and TensorRT writes ``present`` into the other, then they swap ("ping-pong"). A tensor of shape
-  [B, kvH, n, D] is contiguous, so the present written at length n+t is exactly next step's past: no
-  copy, no reallocation, at the price of twice the cache memory. The in-place graph (attention plugin /
-  TensorRT KV-cache layer, see ``kernels/trt_plugins.attention_impl_for``) is the later optimisation.
-* Profiles: 0 = prefill (T >= 1 new tokens on an empty cache), 1 = decode (T = 1). Tokens added to a
-  non-empty cache with T > 1 go through the decode profile one at a time (correct, slower).
+* KV cache (``trt_kv``), by the record's ``kv_cache``:
+  - ``"in-place"`` (what ``llava-edge build`` makes): the decoder engine is the static-cache graph
+    (``export/static_decoder.py``); one buffer per layer k/v at [max_batch, kvH, max_ctx, D] is bound
+    whole as ``past`` every step and the step's new k/v are copied into it at the current length
+    (``cudaMemcpy2DAsync``, a few KB per layer per token). The cache is never copied or reallocated.
+  - ``"ping-pong"`` (engines built before): the portable graph, two slabs swapped every step, twice
+    the cache memory.
+* Profiles: 0 = prefill (T >= 1 new tokens), 1 = decode (T = 1). In-place: the prefill profile takes
+  any cache length, so a prompt longer than the profile's T and tokens added to a non-empty cache
+  (chat turns, prefix reuse) go through it in chunks. Ping-pong: prefill only on an empty cache,
+  other T > 1 steps one token at a time through the decode profile.
+* CUDA graphs (in-place only, ``cuda_graphs=True`` by default; ``trt_cuda_graph``): the decode step
+  (T = 1, past fixed at max_ctx, fixed buffers) is captured once per batch size and replayed; the
+  input copies and the KV scatter stay outside the graph. Capture failure logs the reason and falls
+  back to plain ``execute_async_v3``. Not possible with the ping-pong graph (a new shape every step).
 * One CUDA stream; host<->device copies from pinned buffers with cudaMemcpyAsync; only the last
   position's logits come back (cudaMemcpy2DAsync over the [B, T, V] output).
 
-Not done (and not claimed): CUDA graph capture of the decode step. TensorRT needs fixed shapes and
-addresses for a captured graph (NVIDIA TensorRT developer guide, "CUDA Graphs": capture
-``execute_async_v3`` after the shapes are set; re-capture when they change), but with the portable
-graph the past length grows every step and the slabs alternate, so each step has a new shape. It
-becomes possible with the in-place cache (fixed [B, kvH, max, D] buffers + a seq-len input), per batch
-size. TODO(trt): capture per batch bucket once the in-place decoder exists.
+NOT run against a real TensorRT or GPU in this repository (none is available, see
+shared/ARCHITECTURE.md): the logic is tested against a fake tensorrt/cuda-python that runs the graphs
+in onnxruntime (tests/trt/test_trt_backend_fake.py).
 
 API references: TensorRT Python API ``IExecutionContext.set_input_shape / set_tensor_address /
 execute_async_v3 / set_optimization_profile_async``, ``ICudaEngine.get_tensor_profile_shape``
@@ -38,7 +42,6 @@ TensorRT samples that replaced pycuda with cuda-python (NVIDIA/TensorRT CHANGELO
 
 from __future__ import annotations
 
-import ctypes
 import json
 import mmap
 import os
@@ -50,6 +53,9 @@ import numpy as np
 
 from ..package import Manifest
 from .ort_backend import BackendError
+from .trt_cuda_graph import CudaGraphRunner
+from .trt_kv import KV_INPLACE, KV_PINGPONG, InPlaceKV, KVDims, PingPongKV, TrtKVCache
+from .trt_memory import DeviceBuffer, PinnedBuffer, ck as _ck
 
 ENGINES_DIR = "engines"
 RECORD_NAME = "engines.json"
@@ -57,6 +63,7 @@ RECORD_FORMAT = 1
 ENGINE_GRAPHS = ("vision", "embed", "decoder")
 PREFILL_PROFILE, DECODE_PROFILE = 0, 1
 ALLOW_GPU_MISMATCH_ENV = "LLAVA_EDGE_TRT_ALLOW_GPU_MISMATCH"
+CUDA_GRAPHS_ENV = "LLAVA_EDGE_TRT_CUDA_GRAPHS"  # "0": run decode steps without CUDA graphs
 
 __all__ = ["EngineFile", "EngineRecord", "EngineMismatchError", "TensorRTUnavailable", "GpuInfo",
            "check_engine_record", "import_tensorrt", "import_cudart", "gpu_info", "TrtBackend", "TrtKVCache"]
@@ -94,7 +101,7 @@ class EngineRecord:
     attention: str  # "standard" | "plugin" | "trt-attention"
     plugins: list[str]
     strongly_typed: bool
-    kv_cache: str  # "ping-pong" (portable graph) | "in-place"
+    kv_cache: str  # "ping-pong" (portable decoder graph) | "in-place" (static-cache graph, export/static_decoder)
     engines: dict[str, EngineFile]
     memory: dict[str, Any] = field(default_factory=dict)
     built_at: str = ""
@@ -212,14 +219,6 @@ def import_cudart():
     return cudart
 
 
-def _ck(result: Any) -> Any:
-    """cuda-python returns (err, *values); raise on error, return the value(s)."""
-    err, *rest = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
-        raise BackendError(f"CUDA error {err}")
-    return rest[0] if len(rest) == 1 else (tuple(rest) if rest else None)
-
-
 @dataclass(frozen=True)
 class GpuInfo:
     name: str
@@ -239,39 +238,6 @@ def gpu_info(device_index: int = 0) -> GpuInfo:
     props = _ck(cudart.cudaGetDeviceProperties(device_index))
     name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
     return GpuInfo(name.strip("\x00 "), f"{props.major}.{props.minor}", int(props.totalGlobalMem))
-
-
-# ------------------------------------------------------------------------------------ device memory
-class _DeviceBuffer:
-    def __init__(self, cudart, nbytes: int):
-        self.cudart, self.nbytes = cudart, max(int(nbytes), 1)
-        self.ptr = int(_ck(cudart.cudaMalloc(self.nbytes)))
-
-    def free(self) -> None:
-        if self.ptr:
-            self.cudart.cudaFree(self.ptr)
-            self.ptr = 0
-
-
-class _PinnedBuffer:
-    """Page-locked host memory (async copies need it) with a numpy view."""
-
-    def __init__(self, cudart, nbytes: int):
-        self.cudart, self.nbytes = cudart, max(int(nbytes), 1)
-        self.ptr = int(_ck(cudart.cudaMallocHost(self.nbytes)))
-        self._bytes = np.ctypeslib.as_array((ctypes.c_uint8 * self.nbytes).from_address(self.ptr))
-
-    def view(self, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        if n > self.nbytes:
-            raise BackendError(f"internal: pinned buffer of {self.nbytes} bytes too small for {shape} {dtype}")
-        return self._bytes[:n].view(dtype).reshape(shape)
-
-    def free(self) -> None:
-        if self.ptr:
-            self._bytes = None
-            self.cudart.cudaFreeHost(self.ptr)
-            self.ptr = 0
 
 
 class _Engine:
@@ -319,25 +285,16 @@ class _Engine:
             self.profile = p
 
 
-@dataclass
-class TrtKVCache:
-    """Handle on the backend's device KV slabs: which slab holds ``past`` and how much is filled."""
-
-    batch: int
-    max_len: int
-    epoch: int
-    length: int = 0
-    current: int = 0  # slab index holding past
-
-
 class TrtBackend:
     """TensorRT engines of a package, driven through the :class:`~llava_edge.runtime.backend.Backend`
-    protocol. ``TrtBackend(package_dir, manifest, device_index=0)``."""
+    protocol. ``TrtBackend(package_dir, manifest, device_index=0, cuda_graphs=None)``; ``cuda_graphs``
+    (default: on unless the environment says LLAVA_EDGE_TRT_CUDA_GRAPHS=0) only applies to in-place
+    engines (see the module docstring)."""
 
     name = "tensorrt"
 
     def __init__(self, package_dir: str | os.PathLike, manifest: Manifest, device_index: int = 0, *,
-                 allow_gpu_mismatch: bool | None = None):
+                 allow_gpu_mismatch: bool | None = None, cuda_graphs: bool | None = None):
         trt = import_tensorrt()
         self.cudart = cudart = import_cudart()
         gpu = gpu_info(device_index)
@@ -349,6 +306,12 @@ class TrtBackend:
             allow_gpu_mismatch = os.environ.get(ALLOW_GPU_MISMATCH_ENV, "") not in ("", "0")
         self.warnings = check_engine_record(self.record, manifest, trt.__version__, gpu.name,
                                             gpu.compute_capability, root, allow_gpu_mismatch)
+        if self.record.kv_cache not in (KV_INPLACE, KV_PINGPONG):
+            raise EngineMismatchError(f"engine record has kv_cache {self.record.kv_cache!r}, which this llava-edge does "
+                                      "not know; rebuild the engines with `llava-edge build`")
+        inplace = self.record.kv_cache == KV_INPLACE
+        if cuda_graphs is None:
+            cuda_graphs = os.environ.get(CUDA_GRAPHS_ENV, "1") != "0"
         self.float_dtype = np.dtype(manifest.dtype)
         self._logger = trt.Logger(trt.Logger.WARNING)
         # AOT plugin engines carry their kernels' PTX: nothing to register at run time (trt_plugins.py).
@@ -357,41 +320,64 @@ class TrtBackend:
         self.stream = int(_ck(cudart.cudaStreamCreate()))
         self.engines = {n: _Engine(trt, self._runtime, root / self.record.engines[n].file, n) for n in ENGINE_GRAPHS}
         t = manifest.text
-        self._layers, self._kvh, self._hd, self._vocab = t.num_layers, t.num_kv_heads, t.head_dim, t.vocab_size
+        self._vocab = t.vocab_size
         self.past_names = [f"past_key_values.{i}.{kv}" for i in range(t.num_layers) for kv in ("key", "value")]
-        self.present_names = [f"present.{i}.{kv}" for i in range(t.num_layers) for kv in ("key", "value")]
+        out = "new" if inplace else "present"
+        self.kv_out_names = [f"{out}.{i}.{kv}" for i in range(t.num_layers) for kv in ("key", "value")]
+        dec = self.engines["decoder"]
+        missing = [n for n in self.past_names + self.kv_out_names if n not in dec.names]
+        if missing:
+            raise EngineMismatchError(f"the decoder engine has no tensor {missing[0]} although its record says kv_cache "
+                                      f"{self.record.kv_cache!r}; rebuild the engines with `llava-edge build`")
 
-        # every buffer, once: device I/O of vision/embed/decoder (but the KV), pinned host staging
-        self.dev: dict[tuple[str, str], _DeviceBuffer] = {}
-        self.host: dict[tuple[str, str], _PinnedBuffer] = {}
+        # every buffer, once: device I/O of vision/embed/decoder (but the cache), pinned host staging
+        self.dev: dict[tuple[str, str], DeviceBuffer] = {}
+        self.host: dict[tuple[str, str], PinnedBuffer] = {}
         for g, eng in self.engines.items():
             for n in eng.names:
-                if g == "decoder" and (n in self.past_names or n in self.present_names):
+                if g == "decoder" and (n in self.past_names or (n in self.kv_out_names and not inplace)):
                     continue
-                self.dev[g, n] = self._alloc(_DeviceBuffer, eng.max_bytes[n])
-                if g == "decoder" and n == "logits":
-                    continue  # only [B, V] comes back: sized below
-                self.host[g, n] = self._alloc(_PinnedBuffer, eng.max_bytes[n])
-        dec = self.engines["decoder"]
+                self.dev[g, n] = self._alloc(DeviceBuffer, eng.max_bytes[n])
+                if g == "decoder" and (n == "logits" or n in self.kv_out_names):
+                    continue  # logits: only [B, V] comes back (sized below); new k/v stay on the device
+                self.host[g, n] = self._alloc(PinnedBuffer, eng.max_bytes[n])
         self.max_batch = dec.profile_max("inputs_embeds", DECODE_PROFILE)[0]
-        self.max_context = dec.profile_max("attention_mask", DECODE_PROFILE)[1]
         self.max_prompt = dec.profile_max("inputs_embeds", PREFILL_PROFILE)[1]
-        self._kv_dtype = dec.dtype[self.present_names[0]]
-        self._slot = self.max_batch * self._kvh * self.max_context * self._hd * self._kv_dtype.itemsize
-        self.slabs = [self._alloc(_DeviceBuffer, self._slot * len(self.past_names)) for _ in range(2)]
+        if inplace:
+            self.max_context = dec.profile_max(self.past_names[0], DECODE_PROFILE)[2]
+        else:
+            self.max_context = dec.profile_max("attention_mask", DECODE_PROFILE)[1]
+        dims = KVDims(t.num_layers, t.num_kv_heads, t.head_dim, dec.dtype[self.kv_out_names[0]], self.max_batch,
+                      self.max_context)
+        if inplace:
+            self.kv: InPlaceKV | PingPongKV = InPlaceKV(
+                dims, self.past_names, self.kv_out_names, [self.dev["decoder", n] for n in self.kv_out_names],
+                cudart, self.stream, self._alloc)
+        else:
+            self.kv = PingPongKV(dims, self.past_names, self.kv_out_names, self._alloc)
         self._logits_dtype = dec.dtype["logits"]
-        self.host["decoder", "logits"] = self._alloc(_PinnedBuffer, self.max_batch * self._vocab * self._logits_dtype.itemsize)
+        self.host["decoder", "logits"] = self._alloc(PinnedBuffer, self.max_batch * self._vocab * self._logits_dtype.itemsize)
         self._epoch = 0
-        self.cuda_graphs = False  # see the module docstring: not possible with the portable graph
+        self.graphs = CudaGraphRunner(cudart, dec.context, self.stream, "decoder", enabled=cuda_graphs and inplace)
+        if cuda_graphs and not inplace:
+            self.graphs.disabled_reason = "ping-pong engines: the decode step has a new shape every step"
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether decode steps run from captured CUDA graphs (False after a capture failure)."""
+        return self.graphs.enabled
 
     # -- memory --------------------------------------------------------------------------------------
-    def _alloc(self, kind, nbytes: int):
-        buf = kind(self.cudart, nbytes)
+    def _alloc(self, kind, nbytes: int, **kw):
+        buf = kind(self.cudart, nbytes, **kw)
         self._buffers.append(buf)
         return buf
 
     def close(self) -> None:
-        """Free device and pinned memory now (Jetson: it is the system's RAM)."""
+        """Free device and pinned memory now (Jetson: it is the system's RAM). Captured graphs go first:
+        they point at the buffers."""
+        if getattr(self, "graphs", None) is not None:
+            self.graphs.close()
         for b in getattr(self, "_buffers", []):
             b.free()
         self._buffers = []
@@ -446,7 +432,7 @@ class TrtBackend:
         return self._run_single("embed", "input_ids", "inputs_embeds", input_ids.astype(np.int64, copy=False))
 
     def new_cache(self, batch: int, max_len: int) -> TrtKVCache:
-        """No allocation: the slabs exist since construction. Invalidates earlier caches (one device
+        """No allocation: the cache exists since construction. Invalidates earlier caches (one device
         cache per backend; the pipeline uses one at a time)."""
         if batch > self.max_batch:
             raise BackendError(f"batch {batch} > the engines' max batch {self.max_batch}; rebuild with --max-batch")
@@ -468,6 +454,14 @@ class TrtBackend:
             raise BackendError(f"KV cache full: {cache.length} + {t} > {cache.max_len}")
         if attention_mask.shape != (b, cache.length + t):
             raise BackendError(f"attention_mask shape {attention_mask.shape} != {(b, cache.length + t)}")
+        if self.kv.layout == KV_INPLACE:  # any T on any cache length: chunks of at most the prefill profile's T
+            chunk = self.max_prompt if t > 1 else 1
+            logits = None
+            for s in range(0, t, chunk):
+                e = min(t, s + chunk)
+                logits = self._step(cache, inputs_embeds[:, s:e], attention_mask[:, : cache.length + e - s],
+                                    position_ids[:, s:e])
+            return logits
         if t > 1 and cache.length > 0:  # not in the prefill profile (past = 0): one token at a time
             logits = None
             for j in range(t):
@@ -485,16 +479,15 @@ class TrtBackend:
         b, t = embeds.shape[:2]
         dec.use_profile(PREFILL_PROFILE if t > 1 else DECODE_PROFILE, self.stream)
         self._h2d("decoder", "inputs_embeds", embeds)
-        self._h2d("decoder", "attention_mask", mask)
+        self._h2d("decoder", "attention_mask", self.kv.decoder_mask(mask, cache.length, t))
         self._h2d("decoder", "position_ids", positions)
-        past_slab, present_slab = self.slabs[cache.current].ptr, self.slabs[1 - cache.current].ptr
-        past_shape = (b, self._kvh, cache.length, self._hd)
-        for j, (pn, on) in enumerate(zip(self.past_names, self.present_names)):
-            ctx.set_input_shape(pn, past_shape)
-            ctx.set_tensor_address(pn, past_slab + j * self._slot)
-            ctx.set_tensor_address(on, present_slab + j * self._slot)
+        self.kv.bind(ctx, cache, b)
         ctx.set_tensor_address("logits", self.dev["decoder", "logits"].ptr)
-        self._execute("decoder")
+        if t == 1:
+            self.graphs.run(key=b)  # in-place: same shapes and addresses every decode step of batch b
+        else:
+            self.graphs.execute()
+        self.kv.commit(cache, b, t)
         # last position of each row: rows are T*V apart on the device, V apart on the host
         itemsize = self._logits_dtype.itemsize
         row = self._vocab * itemsize
@@ -503,6 +496,5 @@ class TrtBackend:
         _ck(self.cudart.cudaMemcpy2DAsync(host.ctypes.data, row, self.dev["decoder", "logits"].ptr + (t - 1) * row,
                                           t * row, row, b, kind, self.stream))
         _ck(self.cudart.cudaStreamSynchronize(self.stream))
-        cache.current = 1 - cache.current
         cache.length += t
         return host.astype(np.float32)  # a copy: the pinned buffer is reused

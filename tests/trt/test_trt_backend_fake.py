@@ -4,7 +4,12 @@ The fakes run the package's ONNX graphs with onnxruntime on host memory, behind 
 backend makes (profiles, set_input_shape, set_tensor_address, execute_async_v3, cudaMemcpy*), and
 enforce what TensorRT would: input shapes inside the active profile, copies in the right direction,
 outputs not larger than their buffers. This tests OUR buffer handling (profile switching, ping-pong KV
-slabs, pinned staging, last-position logits via cudaMemcpy2D), not TensorRT.
+slabs, the in-place cache and its scatter copies, pinned staging, last-position logits via
+cudaMemcpy2D, CUDA graph capture and replay), not TensorRT.
+
+Fake CUDA memory and graphs behave like the real ones where it matters here: cudaMalloc returns NaN
+garbage (not zeros), and work issued on a stream while it is being captured is recorded, not run: a
+captured graph replays it later with the shapes and addresses of the capture.
 """
 
 from __future__ import annotations
@@ -21,21 +26,44 @@ import pytest
 from PIL import Image
 
 import llava_edge.runtime.trt_backend as tb
+from llava_edge.export import trt_presets as tp
+from llava_edge.export.static_decoder import write_static_decoder
 from llava_edge.export.trt_build import plan_build
 from llava_edge.package import load_manifest
 
+CHUNK = 8
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+
+
+class FakeGraph:
+    def __init__(self, work: list) -> None:
+        self.work = work
 
 
 class FakeCudart:
     class cudaMemcpyKind:  # noqa: N801 - cuda-python's names
         cudaMemcpyHostToDevice = 1
         cudaMemcpyDeviceToHost = 2
+        cudaMemcpyDeviceToDevice = 3
 
-    def __init__(self) -> None:
+    class cudaStreamCaptureMode:  # noqa: N801
+        cudaStreamCaptureModeGlobal = 0
+
+    def __init__(self, fail_capture: str | None = None) -> None:
         self.device: dict[int, ctypes.Array] = {}
         self.pinned: dict[int, ctypes.Array] = {}
         self.mallocs = 0
+        self.fail_capture = fail_capture  # "begin" | "execute" | "instantiate": where capture fails
+        self.capturing: list | None = None  # work recorded while the stream is captured
+        self.captures = self.launches = 0
+        self.live_graphs: set[int] = set()
+        self.d2d_bytes = 0
+
+    def record_or_run(self, fn) -> None:
+        if self.capturing is not None:
+            self.capturing.append(fn)
+        else:
+            fn()
 
     def _region(self, table, addr: int, n: int) -> bool:
         return any(a <= addr and addr + n <= a + len(b) for a, b in table.items())
@@ -52,8 +80,14 @@ class FakeCudart:
     def cudaMalloc(self, n):
         self.mallocs += 1
         b = ctypes.create_string_buffer(n)
+        ctypes.memset(b, 0xFF, n)  # uninitialised device memory: NaN as float
         self.device[ctypes.addressof(b)] = b
         return 0, ctypes.addressof(b)
+
+    def cudaMemset(self, p, value, n):
+        assert self._region(self.device, p, n)
+        ctypes.memset(p, value, n)
+        return (0,)
 
     def cudaMallocHost(self, n):
         b = ctypes.create_string_buffer(n)
@@ -78,22 +112,65 @@ class FakeCudart:
         return (0,)
 
     def cudaMemcpyAsync(self, dst, src, n, kind, stream):
-        h2d = kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice
-        assert self._region(self.pinned if h2d else self.device, src, n), "copy source not in the right memory"
-        assert self._region(self.device if h2d else self.pinned, dst, n), "copy destination not in the right memory"
-        ctypes.memmove(dst, src, n)
+        k = self.cudaMemcpyKind
+        src_mem = self.pinned if kind == k.cudaMemcpyHostToDevice else self.device
+        dst_mem = self.pinned if kind == k.cudaMemcpyDeviceToHost else self.device
+        assert self._region(src_mem, src, n), "copy source not in the right memory"
+        assert self._region(dst_mem, dst, n), "copy destination not in the right memory"
+        if kind == k.cudaMemcpyDeviceToDevice:
+            self.d2d_bytes += n
+        self.record_or_run(lambda: ctypes.memmove(dst, src, n))
         return (0,)
 
     def cudaMemcpy2DAsync(self, dst, dpitch, src, spitch, width, height, kind, stream):
+        assert width <= dpitch and width <= spitch
         for r in range(height):
             self.cudaMemcpyAsync(dst + r * dpitch, src + r * spitch, width, kind, stream)
+        return (0,)
+
+    # -- CUDA graphs: capture records the stream's work, launch replays it
+    def cudaStreamBeginCapture(self, stream, mode):
+        assert self.capturing is None, "capture already in progress"
+        if self.fail_capture == "begin":
+            return (900,)
+        self.capturing = []
+        return (0,)
+
+    def cudaStreamEndCapture(self, stream):
+        assert self.capturing is not None
+        graph, self.capturing = FakeGraph(self.capturing), None
+        self.live_graphs.add(id(graph))
+        return 0, graph
+
+    def cudaGraphInstantiate(self, graph, flags):
+        if self.fail_capture == "instantiate":
+            return 999, None
+        self.captures += 1
+        exe = FakeGraph(list(graph.work))
+        self.live_graphs.add(id(exe))
+        return 0, exe
+
+    def cudaGraphLaunch(self, exe, stream):
+        assert self.capturing is None and id(exe) in self.live_graphs
+        self.launches += 1
+        for fn in exe.work:
+            fn()
+        return (0,)
+
+    def cudaGraphDestroy(self, graph):
+        self.live_graphs.discard(id(graph))
+        return (0,)
+
+    def cudaGraphExecDestroy(self, exe):
+        self.live_graphs.discard(id(exe))
         return (0,)
 
 
 class FakeContext:
     def __init__(self, eng: "FakeEngine") -> None:
         self.eng, self.profile, self.shapes, self.addr = eng, 0, {}, {}
-        self.runs: list[tuple[int, tuple]] = []
+        self.runs: list[tuple[int, tuple]] = []  # (profile, inputs_embeds shape) of every execution
+        self.replays = 0  # of those, how many came from a graph launch
 
     def set_optimization_profile_async(self, p, stream):
         self.profile = p
@@ -116,6 +193,9 @@ class FakeContext:
         if name.startswith("present."):
             b, t, _ = self.shapes["inputs_embeds"]
             return (b, d["kvh"], self.shapes["past_key_values.0.key"][2] + t, d["hd"])
+        if name.startswith("new."):
+            b, t, _ = self.shapes["inputs_embeds"]
+            return (b, d["kvh"], t, d["hd"])
         if name == "image_features":
             return (self.shapes["pixel_values"][0], d["n_img"], d["hidden"])
         return (*self.shapes["input_ids"], d["hidden"])
@@ -125,22 +205,37 @@ class FakeContext:
         return True
 
     def execute_async_v3(self, stream):
+        cudart = self.eng.cudart
+        if cudart is not None and cudart.capturing is not None:
+            if cudart.fail_capture == "execute":
+                return False
+            # what a captured graph holds: these kernels with these shapes and addresses
+            shapes, addr, profile = dict(self.shapes), dict(self.addr), self.profile
+            cudart.capturing.append(lambda: self._run(shapes, addr, profile, replay=True))
+            return True
+        self._run(self.shapes, self.addr, self.profile)
+        return True
+
+    def _run(self, shapes, addr, profile, replay=False):
         feeds = {}
         for n in self.eng.inputs:
-            dt, shape = np.dtype(self.eng.dtypes[n]), self.shapes[n]
+            dt, shape = np.dtype(self.eng.dtypes[n]), shapes[n]
             nbytes = int(np.prod(shape)) * dt.itemsize
-            feeds[n] = np.frombuffer(ctypes.string_at(self.addr[n], nbytes), dt).reshape(shape) if nbytes else np.zeros(shape, dt)
+            feeds[n] = np.frombuffer(ctypes.string_at(addr[n], nbytes), dt).reshape(shape) if nbytes else np.zeros(shape, dt)
         outs = self.eng.session.run(None, feeds)
+        saved, self.shapes = self.shapes, shapes
         for n, o in zip(self.eng.outputs, outs):
             assert o.shape == tuple(self.get_tensor_shape(n)), n
             o = np.ascontiguousarray(o)
-            ctypes.memmove(self.addr[n], o.ctypes.data, o.nbytes)
-        self.runs.append((self.profile, self.shapes["inputs_embeds"] if "inputs_embeds" in self.shapes else ()))
-        return True
+            ctypes.memmove(addr[n], o.ctypes.data, o.nbytes)
+        self.shapes = saved
+        self.runs.append((profile, shapes["inputs_embeds"] if "inputs_embeds" in shapes else ()))
+        self.replays += replay
 
 
 class FakeEngine:
-    def __init__(self, spec: dict) -> None:
+    def __init__(self, spec: dict, cudart: FakeCudart | None = None) -> None:
+        self.cudart = cudart
         self.session = ort.InferenceSession(spec["onnx"], providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
@@ -168,44 +263,66 @@ class FakeEngine:
         return self.contexts[-1]
 
 
-def _fake_trt():
+def _fake_trt(cudart: FakeCudart | None = None):
     m = types.ModuleType("fake_tensorrt")
     m.__version__ = "10.3.0.30"
     m.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
     m.TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
     m.nptype = lambda dt: dt
     m.Runtime = type("Runtime", (), {"__init__": lambda self, logger: None,
-                                     "deserialize_cuda_engine": lambda self, buf: FakeEngine(json.loads(bytes(buf)))})
+                                     "deserialize_cuda_engine": lambda self, buf: FakeEngine(json.loads(bytes(buf)), cudart)})
     return m
 
 
-@pytest.fixture
-def fake_backend(trt_package, tmp_path, monkeypatch):
-    """A package copy with fake 'plans' (JSON naming the ONNX graph and plan_build's profiles)."""
-    pkg = tmp_path / "pkg"
+def _fake_package(trt_package, tmp_path: Path, kv_cache: str) -> tuple[Path, object]:
+    """A package copy with fake 'plans' (JSON naming the ONNX graph and plan_build's profiles). In-place:
+    the decoder 'engine' runs the static-cache graph derived from the package's decoder, as the builder
+    does; the record still names decoder.onnx as its source."""
+    pkg = tmp_path / f"pkg-{kv_cache}"
     shutil.copytree(trt_package, pkg)
     m = load_manifest(pkg)
-    plan = plan_build(pkg, "10.3.0.30", "orin-agx", max_batch=2, max_context=96)
+    plan = plan_build(pkg, "10.3.0.30", "orin-agx", max_batch=2, max_context=96, kv_cache=kv_cache)
     (pkg / "engines").mkdir()
     t = m.text
     dims = {"vocab": t.vocab_size, "kvh": t.num_kv_heads, "hd": t.head_dim, "hidden": t.hidden_size,
             "n_img": m.vision.num_image_tokens}
     files = {}
     for name in ("vision", "embed", "decoder"):
-        spec = {"onnx": str(pkg / m.graphs[name].file), "profiles": [p.as_dict() for p in plan.profiles[name]], "dims": dims}
+        onnx_path = pkg / m.graphs[name].file
+        if name == "decoder" and kv_cache == "in-place":
+            onnx_path = write_static_decoder(onnx_path, pkg / "decoder_static.onnx")
+        spec = {"onnx": str(onnx_path), "profiles": [p.as_dict() for p in plan.profiles[name]], "dims": dims}
         data = json.dumps(spec).encode()
         (pkg / "engines" / f"{name}.plan").write_bytes(data)
         files[name] = tb.EngineFile(f"engines/{name}.plan", m.graphs[name].file, m.graphs[name].size_bytes, len(data),
                                     m.dtype, spec["profiles"])
     rec = tb.EngineRecord(tb.RECORD_FORMAT, "10.3.0.30", "FakeGPU", "8.7", "orin-agx", {}, "standard", [], True,
-                          "ping-pong", files)
+                          kv_cache, files)
     (pkg / "engines" / tb.RECORD_NAME).write_text(rec.to_json())
-    cudart = FakeCudart()
-    monkeypatch.setattr(tb, "import_tensorrt", _fake_trt)
+    return pkg, m
+
+
+def _open(pkg, m, monkeypatch, cudart: FakeCudart, **kw) -> tb.TrtBackend:
+    monkeypatch.setattr(tb, "import_tensorrt", lambda: _fake_trt(cudart))
     monkeypatch.setattr(tb, "import_cudart", lambda: cudart)
-    backend = tb.TrtBackend(pkg, m)
+    return tb.TrtBackend(pkg, m, **kw)
+
+
+@pytest.fixture
+def fake_backend(trt_package, tmp_path, monkeypatch):
+    """Ping-pong engines (the portable decoder graph), as built before the in-place cache."""
+    pkg, m = _fake_package(trt_package, tmp_path, "ping-pong")
+    cudart = FakeCudart()
+    backend = _open(pkg, m, monkeypatch, cudart)
     yield pkg, m, backend, cudart
     backend.close()
+
+
+@pytest.fixture
+def inplace_package(trt_package, tmp_path, monkeypatch):
+    """In-place engines with a prefill chunk of 8 tokens, so that prompts go through in several chunks."""
+    monkeypatch.setattr(tp, "STATIC_PREFILL_CHUNK", CHUNK)
+    return _fake_package(trt_package, tmp_path, "in-place")
 
 
 def test_pipeline_tokens_match_onnxruntime(fake_backend):
@@ -273,3 +390,135 @@ def test_close_frees_everything(fake_backend):
     assert cudart.device and cudart.pinned
     be.close()
     assert not cudart.device and not cudart.pinned
+
+
+# ------------------------------------------------------------------------------ in-place + CUDA graphs
+def _generate(pkg, m, backend, batches):
+    from tokenizers import Tokenizer
+
+    from llava_edge.runtime.pipeline import Pipeline
+
+    tok = Tokenizer.from_file(str(pkg / "tokenizer.json"))
+    pipe = Pipeline(pkg, m, backend, tok)
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (30, 41, 3), dtype=np.uint8))
+    out = []
+    for prompts in batches:
+        images = [img if i == 0 else None for i in range(len(prompts))]
+        out.append([r.token_ids for r in pipe.generate_batch(images, prompts, max_new_tokens=10)])
+    return out
+
+
+BATCHES = [["what is in the picture ?", "count the red circles please"], ["describe it"]]
+
+
+@pytest.fixture
+def ort_tokens(inplace_package):
+    from llava_edge.runtime.ort_backend import OrtBackend
+
+    pkg, m = inplace_package
+    return _generate(pkg, m, OrtBackend(pkg, m, threads=2), BATCHES)
+
+
+def test_inplace_cuda_graph_tokens_match_onnxruntime(inplace_package, ort_tokens, monkeypatch):
+    pkg, m = inplace_package
+    cudart = FakeCudart()
+    be = _open(pkg, m, monkeypatch, cudart)
+    try:
+        assert be.kv.layout == "in-place" and be.cuda_graphs
+        assert (be.max_batch, be.max_context, be.max_prompt) == (2, 96, CHUNK)
+        mallocs = cudart.mallocs
+        assert _generate(pkg, m, be, BATCHES) == ort_tokens
+        assert cudart.mallocs == mallocs  # nothing allocated per request or per token
+        # one graph per batch size (2, then 1), replayed for every later decode step
+        assert cudart.captures == be.graphs.captures == 2 and set(be.graphs.graphs) == {1, 2}
+        ctx = be.engines["decoder"].context
+        decode_runs = [s for p, s in ctx.runs if p == 1]
+        # 9 decode steps per request (the first token comes from the prefill), plus a prompt chunk of 1
+        assert len(decode_runs) >= 2 * 9 and all(s[1] == 1 for s in decode_runs)
+        assert ctx.replays == cudart.launches == be.graphs.launches == len(decode_runs) - 2
+        # prompts longer than the chunk went through the prefill profile in several passes
+        prefill_runs = [s for p, s in ctx.runs if p == 0]
+        assert all(s[1] <= CHUNK for s in prefill_runs) and len(prefill_runs) > len(BATCHES)
+        # the scatter moved this step's k/v only: (B * kvH) rows of T * D per layer k/v, never the cache
+        t = m.text
+        kv_token = 2 * t.num_layers * t.num_kv_heads * t.head_dim * 4
+        assert cudart.d2d_bytes == kv_token * sum(s[0] * s[1] for _, s in ctx.runs)
+    finally:
+        be.close()
+    assert not cudart.live_graphs and not cudart.device  # graphs destroyed, memory freed
+
+
+def test_inplace_cache_is_one_buffer(inplace_package, fake_backend, monkeypatch):
+    pkg, m = inplace_package
+    be = _open(pkg, m, monkeypatch, FakeCudart())
+    try:
+        t = m.text
+        per_layer = 2 * t.num_kv_heads * 96 * t.head_dim * 4  # max batch 2, context 96, fp32
+        assert be.kv.device_bytes == 2 * t.num_layers * per_layer
+        assert fake_backend[2].kv.device_bytes == 2 * be.kv.device_bytes  # ping-pong: two slabs
+    finally:
+        be.close()
+
+
+def test_inplace_steps_match_onnxruntime(inplace_package, monkeypatch):
+    """Prefill, tokens added to a non-empty cache (one pass and chunked), decode (captured, replayed)."""
+    from llava_edge.runtime.ort_backend import OrtBackend
+
+    pkg, m = inplace_package
+    cudart = FakeCudart()
+    be, oe = _open(pkg, m, monkeypatch, cudart), OrtBackend(pkg, m, threads=2)
+    try:
+        rng = np.random.default_rng(5)
+        cache, oc = be.new_cache(2, 40), oe.new_cache(2, 40)
+        n = 0
+        for t in (4, 3, 11, 1, 1, 1):
+            ids = rng.integers(3, m.text.vocab_size - 1, (2, t))
+            emb = oe.embed(ids)
+            mask = np.ones((2, n + t), np.int64)
+            mask[0, :2] = 0  # row 0 left-padded
+            pos = np.tile(np.arange(n, n + t), (2, 1))
+            np.testing.assert_allclose(be.step(cache, emb, mask, pos), oe.step(oc, emb, mask, pos), atol=1e-5)
+            n += t
+        assert cache.length == n == 21
+        assert cudart.captures == 1 and cudart.launches == 2
+    finally:
+        be.close()
+
+
+@pytest.mark.parametrize("failure", ["begin", "execute", "instantiate", "off", "env"])
+def test_capture_failure_falls_back_to_plain_execution(inplace_package, ort_tokens, monkeypatch, caplog, failure):
+    pkg, m = inplace_package
+    cudart = FakeCudart(fail_capture=None if failure in ("off", "env") else failure)
+    if failure == "env":
+        monkeypatch.setenv(tb.CUDA_GRAPHS_ENV, "0")
+    be = _open(pkg, m, monkeypatch, cudart, **({"cuda_graphs": False} if failure == "off" else {}))
+    try:
+        with caplog.at_level("WARNING", logger="llava_edge.runtime.trt_cuda_graph"):
+            assert _generate(pkg, m, be, BATCHES) == ort_tokens
+        assert not be.cuda_graphs and be.graphs.disabled_reason
+        assert cudart.launches == 0 and cudart.capturing is None and not cudart.live_graphs
+        if failure in ("off", "env"):
+            assert "cuda_graphs=False" in be.graphs.disabled_reason and not caplog.records
+        else:
+            assert len(caplog.records) == 1 and "without CUDA graphs" in caplog.records[0].getMessage()
+            assert {"begin": "BeginCapture", "execute": "returned False", "instantiate": "Instantiate"}[failure] \
+                in be.graphs.disabled_reason
+    finally:
+        be.close()
+
+
+def test_record_layout_must_match_engine(inplace_package, monkeypatch):
+    pkg, m = inplace_package
+    rec = json.loads((pkg / "engines" / tb.RECORD_NAME).read_text())
+    spec = json.loads((pkg / "engines" / "decoder.plan").read_text())
+    spec["onnx"] = str(pkg / "decoder.onnx")  # a portable engine under an in-place record
+    data = json.dumps(spec).encode()
+    (pkg / "engines" / "decoder.plan").write_bytes(data)
+    rec["engines"]["decoder"]["size_bytes"] = len(data)
+    (pkg / "engines" / tb.RECORD_NAME).write_text(json.dumps(rec))
+    with pytest.raises(tb.EngineMismatchError, match="no tensor new.0.key"):
+        _open(pkg, m, monkeypatch, FakeCudart())
+    rec["kv_cache"] = "paged"
+    (pkg / "engines" / tb.RECORD_NAME).write_text(json.dumps(rec))
+    with pytest.raises(tb.EngineMismatchError, match="kv_cache 'paged'"):
+        _open(pkg, m, monkeypatch, FakeCudart())

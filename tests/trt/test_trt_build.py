@@ -77,7 +77,10 @@ def test_memory_fit_reduces_context_or_refuses(trt_package):
 def test_cli_overrides_reach_profiles(trt_package):
     p = plan_build(trt_package, "10.15", "datacenter", max_batch=2, max_context=128, max_images=2, workspace_gb=0.5)
     assert (p.limits.max_batch, p.limits.max_context, p.limits.max_images, p.limits.workspace_gb) == (2, 128, 2, 0.5)
-    assert p.profiles["decoder"][1].shapes["attention_mask"][2] == (2, 128)
+    assert p.profiles["decoder"][1].shapes["attention_mask"][2] == (2, 128 + 1)  # whole cache + the new token
+    assert p.profiles["decoder"][1].shapes["past_key_values.0.key"][2][::2] == (2, 128)
+    pp = plan_build(trt_package, "10.15", "datacenter", max_batch=2, max_context=128, kv_cache="ping-pong")
+    assert pp.profiles["decoder"][1].shapes["attention_mask"][2] == (2, 128) and pp.kv_cache == "ping-pong"
     assert p.profiles["vision"][0].shapes["pixel_values"][2][0] == 4
 
 
@@ -89,3 +92,24 @@ def test_build_without_tensorrt_says_so(trt_package, tensorrt_missing):
     assert not any(p.name.startswith(".engines") for p in trt_package.iterdir())  # nothing left behind
     with pytest.raises(EngineBuildError, match="needs --target"):
         build_engines(trt_package, dry_run=True)
+
+
+def test_in_place_is_the_default_and_checks_the_static_decoder(trt_package):
+    import onnx
+
+    from llava_edge.export.trt_build import _engine_source
+
+    p = plan_build(trt_package, "10.3", "orin-nano")
+    assert p.kv_cache == "in-place" and "KV cache in-place" in p.describe()
+    assert p.memory.kv_layout == "in-place" and p.memory.kv_buffers == 1
+    assert p.checks["decoder"].ok
+    with pytest.raises(EngineBuildError, match="kv_cache must be"):
+        plan_build(trt_package, "10.3", "orin-nano", kv_cache="paged")
+    # the decoder engine's source: the static variant next to decoder.onnx during the build, gone after
+    with _engine_source(trt_package, "decoder.onnx", static=True) as src:
+        assert src.parent == trt_package and src.name.startswith(".")
+        outs = [o.name for o in onnx.load(str(src), load_external_data=False).graph.output]
+        assert outs[0] == "logits" and outs[1] == "new.0.key"
+    assert not src.exists()
+    with _engine_source(trt_package, "decoder.onnx", static=False) as src:
+        assert src == trt_package / "decoder.onnx"

@@ -25,6 +25,7 @@ def built_package(trt_gpu, trt_package, tmp_path_factory):
     assert result.built and (pkg / "engines" / "engines.json").is_file()
     assert (pkg / "engines" / "build.log").read_text().strip()
     assert any(s.startswith("build decoder") for s in stages)
+    assert result.record.kv_cache == "in-place" and not list(pkg.glob(".decoder_static*"))
     return pkg
 
 
@@ -48,6 +49,8 @@ def test_greedy_tokens_match_onnxruntime(built_package):
         a = ort_pipe.generate(image, prompt, max_new_tokens=12)
         b = trt_pipe.generate(image, prompt, max_new_tokens=12)
         assert b.token_ids == a.token_ids, (prompt, a.token_ids, b.token_ids)
+    graphs = trt_pipe.backend.graphs  # decode steps ran from a captured CUDA graph (or say why not)
+    assert graphs.enabled and graphs.captures == 1 and graphs.launches > 0, graphs.disabled_reason
 
 
 def test_batch_and_logits_close(built_package):

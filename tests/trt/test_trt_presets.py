@@ -30,12 +30,14 @@ def test_orin_nano_7b_int4_verdict():
     """The question of the issue: LLaVA-1.5-7B int4 + fp16 CLIP-L on Orin Nano 8 GB (6 GiB usable)."""
     nano = PRESETS["orin-nano"]
     w = tp.weight_bytes_from_dims(LLAVA_15_7B, 4)
-    ping = tp.max_context_that_fits(nano, LLAVA_15_7B, w, batch=1, kv_buffers=2)
-    inplace = tp.max_context_that_fits(nano, LLAVA_15_7B, w, batch=1, kv_buffers=1)
-    # fits one image (576 tokens) + a short question and answer, not the preset's aspirational 1024
+    ping = tp.max_context_that_fits(nano, LLAVA_15_7B, w, batch=1, kv_layout="ping-pong")
+    inplace = tp.max_context_that_fits(nano, LLAVA_15_7B, w, batch=1, kv_layout="in-place")
+    # ping-pong fits one image (576 tokens) + a short question and answer, not the preset's 1024;
+    # the in-place cache (one buffer, chunked prefill) fits the preset's 1024 with room to spare
     assert 640 <= ping < 1024
-    assert inplace > ping + 256
-    assert not tp.estimate_memory(nano, LLAVA_15_7B, w, 1024, 1, 576 + 256).fits
+    assert inplace >= 1280 and inplace > ping + 512
+    assert not tp.estimate_memory(nano, LLAVA_15_7B, w, 1024, 1, 576 + 256, kv_layout="ping-pong").fits
+    assert tp.estimate_memory(nano, LLAVA_15_7B, w, 1024, 1, 576 + 256).fits
     # fp16 7B does not fit an 8 GB or 16 GB Orin at all
     w16 = tp.weight_bytes_from_dims(LLAVA_15_7B, 16)
     assert tp.max_context_that_fits(nano, LLAVA_15_7B, w16) == 0
@@ -55,14 +57,29 @@ def test_max_context_is_the_boundary():
 
 def test_budget_total_and_describe():
     b = tp.estimate_memory(PRESETS["orin-nano"], LLAVA_15_7B, {"decoder": GiB}, 1024, 1, 600, workspace_gb=0.5)
-    assert b.total == GiB + b.kv_cache + b.activations + int(0.5 * GiB) + int(0.6 * GiB)
+    assert b.total == GiB + b.kv_cache + b.kv_staging + b.activations + int(0.5 * GiB) + int(0.6 * GiB)
     assert b.headroom == b.usable_bytes - b.total
     assert "fits" in b.describe() and b.as_dict()["fits"] is b.fits
+
+
+def test_inplace_cache_is_half_plus_one_chunk_of_staging():
+    """In-place: one cache buffer + the new k/v of one prefill chunk (256 tokens); ping-pong: two."""
+    nano, w = PRESETS["orin-nano"], {"decoder": GiB}
+    ip = tp.estimate_memory(nano, LLAVA_15_7B, w, 1024, 1, 832)
+    pp = tp.estimate_memory(nano, LLAVA_15_7B, w, 1024, 1, 832, kv_layout="ping-pong")
+    assert pp.kv_cache == 2 * ip.kv_cache == GiB and pp.kv_staging == 0
+    assert ip.kv_staging == tp.kv_cache_bytes(LLAVA_15_7B, tp.STATIC_PREFILL_CHUNK, 1) == GiB // 8
+    assert ip.activations < pp.activations  # prefill in 256-token chunks instead of 832 at once
+    assert (ip.kv_layout, ip.kv_buffers, pp.kv_buffers) == ("in-place", 1, 2)
+    assert "in-place: 1 buffer" in ip.describe() and "staging" in ip.describe()
+    with pytest.raises(ValueError, match="kv_layout"):
+        tp.estimate_memory(nano, LLAVA_15_7B, w, 1024, 1, 832, kv_layout="paged")
 
 
 def test_orin_summary_rows():
     rows = {r["target"]: r for r in tp.orin_summary()}
     assert rows["orin-nano"]["max_context_pingpong"] < rows["orin-nx"]["max_context_pingpong"] < rows["orin-agx"]["max_context_pingpong"]
+    assert all(r["max_context_inplace"] > r["max_context_pingpong"] for r in rows.values())
 
 
 @pytest.mark.parametrize("name,mem,expected", [
@@ -102,20 +119,32 @@ def test_profile_shapes_match_decoder_inputs(trt_package):
 
     m = load_manifest(trt_package)
     lim = tp.resolve_limits(PRESETS["orin-agx"], m.text.max_context, m.vision.num_image_tokens, max_batch=3)
-    profs = tp.profile_shapes(m, lim)
     dec_inputs = [i.name for i in onnx.load(str(trt_package / "decoder.onnx"), load_external_data=False).graph.input]
-    prefill, decode = profs["decoder"]
-    for prof in (prefill, decode):
-        assert list(prof.shapes) == dec_inputs
-        for name, (mn, opt, mx) in prof.shapes.items():
-            assert all(a <= b <= c for a, b, c in zip(mn, opt, mx)), (prof.name, name)
-    t = m.text
-    assert decode.shapes["inputs_embeds"][2] == (3, 1, t.hidden_size)  # decode: exactly one token
-    assert decode.shapes["inputs_embeds"][0][1] == 1
-    assert decode.shapes["past_key_values.0.key"][2] == (3, t.num_kv_heads, lim.max_context - 1, t.head_dim)
-    assert decode.shapes["attention_mask"][2] == (3, lim.max_context)
-    assert prefill.shapes["past_key_values.1.value"][2][2] == 0  # prefill on an empty cache
+    t, c = m.text, lim.max_context
+    for layout in ("in-place", "ping-pong"):
+        profs = tp.profile_shapes(m, lim, layout)
+        prefill, decode = profs["decoder"]
+        for prof in (prefill, decode):
+            assert list(prof.shapes) == dec_inputs  # the static graph has the portable graph's inputs
+            for name, (mn, opt, mx) in prof.shapes.items():
+                assert all(a <= b <= c for a, b, c in zip(mn, opt, mx)), (prof.name, name)
+        assert decode.shapes["inputs_embeds"][2] == (3, 1, t.hidden_size)  # decode: exactly one token
+        assert decode.shapes["inputs_embeds"][0][1] == 1
+        s = m.vision.image_size
+        assert profs["vision"][0].shapes["pixel_values"][2] == (3 * lim.max_images, 3, s, s)
+        assert profs["embed"][0].shapes["input_ids"][2] == (3, lim.max_prompt)
+    # ping-pong: past grows, prefill on an empty cache, in one piece
+    prefill, decode = tp.profile_shapes(m, lim, "ping-pong")["decoder"]
+    assert decode.shapes["past_key_values.0.key"][2] == (3, t.num_kv_heads, c - 1, t.head_dim)
+    assert decode.shapes["attention_mask"][2] == (3, c)
+    assert prefill.shapes["past_key_values.1.value"][2][2] == 0
     assert prefill.shapes["inputs_embeds"][2][1] == lim.max_prompt
-    s = m.vision.image_size
-    assert profs["vision"][0].shapes["pixel_values"][2] == (3 * lim.max_images, 3, s, s)
-    assert profs["embed"][0].shapes["input_ids"][2] == (3, lim.max_prompt)
+    # in-place: past is the whole cache in both profiles; decode fixed but for the batch (CUDA graphs)
+    prefill, decode = tp.profile_shapes(m, lim, "in-place")["decoder"]
+    chunk = min(lim.max_prompt, tp.STATIC_PREFILL_CHUNK)
+    for prof in (prefill, decode):
+        mn, opt, mx = prof.shapes["past_key_values.0.value"]
+        assert mn[1:] == opt[1:] == mx[1:] == (t.num_kv_heads, c, t.head_dim)
+    assert {s[1:] for s in decode.shapes["attention_mask"]} == {(c + 1,)}
+    assert prefill.shapes["inputs_embeds"][2][1] == chunk
+    assert prefill.shapes["attention_mask"][0][1] == c + 1 and prefill.shapes["attention_mask"][2][1] == c + chunk

@@ -1,0 +1,119 @@
+"""The static-cache decoder graph for TensorRT: fixed-length KV cache in, this step's k/v out.
+
+Why: the portable decoder (past [B,kvH,P,D] in, present = concat(past, new) [B,kvH,P+T,D] out) has a
+new shape every step, so TensorRT needs two cache buffers that swap roles (ping-pong, 2x the cache
+memory) and a decode step cannot be captured in a CUDA graph. This variant takes the WHOLE
+preallocated cache as ``past`` (fixed length ``max_ctx``, unfilled slots masked out) and returns only
+the new tokens' k/v; the runtime copies those few KB per layer into the cache itself. Decode shapes
+and addresses are then the same every step (per batch size): one cache, capturable.
+
+How: derived from the package's own ``decoder.onnx`` by renaming outputs, not re-exported from torch.
+The portable graph's attention already reads ``concat(past, new)`` under an additive mask built from
+``attention_mask`` ([B, past+T], causal over the new tokens, every past column allowed where the mask
+is 1) and takes rotary positions from ``position_ids``, not from the mask; fed the whole buffer with
+``attention_mask = [cache columns: 1 where filled, 0 where not] ++ [new tokens' columns]`` it computes
+exactly the static-cache attention. So the static graph IS the portable graph with its outputs changed:
+``present.{i}.key/value`` (the Concat) become internal, and the Concat's second input (the new k with
+rotary applied, the new v) becomes ``new.{i}.key/value [B,kvH,T,D]``. That reuses ``graphs.Decoder``'s
+math with no second implementation to drift, and works for every package the builder accepts: fp32,
+fp16 and the int4 ``DequantizeLinear`` decoder (the quantizer rewrites only MatMul weights), with no
+checkpoint needed at build time. Ops are unchanged (standard opset-17 ops), so the TensorRT op check
+(``trt_ops``) gives the same verdict as for the portable graph.
+
+Inputs:  inputs_embeds [B,T,H], attention_mask int64 [B, max_ctx+T], position_ids [B,T],
+         past_key_values.{i}.key/value [B,kvH,max_ctx,D] (the whole cache buffer)
+Outputs: logits [B,T,V], new.{i}.key/value [B,kvH,T,D]
+
+Costs, said plainly: every step attends over all ``max_ctx`` slots (masked ones included), so a short
+conversation does the attention work of a full one (attention is a small part of a 7B decode step,
+which is dominated by reading the weights); a prefill attends over ``max_ctx + T`` columns. Inside the
+engine the Concat still materialises [B,kvH,max_ctx+T,D] for one layer at a time (transient activation
+memory, and one extra read of that layer's cache per step, the same traffic as the ping-pong graph's
+``present`` write). Splitting the attention into cache and new-token parts, or TensorRT 10.15's
+KV-cache layer, would remove that; not done here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+from onnx import helper
+
+__all__ = ["STATIC_OUTPUT_PREFIX", "StaticDecoderError", "static_decoder_io_names", "make_static_decoder",
+           "write_static_decoder"]
+
+STATIC_OUTPUT_PREFIX = "new"
+MAX_IR_VERSION = 10
+
+
+class StaticDecoderError(Exception):
+    """The decoder graph does not have the portable layout this derivation expects."""
+
+
+def static_decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    new = [f"{STATIC_OUTPUT_PREFIX}.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return ["inputs_embeds", "attention_mask", "position_ids", *past], ["logits", *new]
+
+
+def make_static_decoder(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the portable decoder with ``new.{i}.key/value`` outputs instead of ``present.*``.
+
+    ``model`` may be loaded without its external data (``load_external_data=False``): initializers
+    keep their references, and the result is saved next to the same data file. Raises
+    :class:`StaticDecoderError` if a ``present`` output is not ``Concat(past, new, axis=2)``.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    producer = {o: n for n in g.node for o in n.output}
+    outputs = [o for o in g.output if o.name.startswith("present.")]
+    if not outputs:
+        raise StaticDecoderError("the decoder has no present.* outputs: not the portable decoder graph")
+    renames: dict[str, str] = {}
+    new_outputs: list[onnx.ValueInfoProto] = []
+    for o in outputs:
+        _, layer, kv = o.name.split(".")
+        node = producer.get(o.name)
+        past = f"past_key_values.{layer}.{kv}"
+        axis = next((a.i for a in node.attribute if a.name == "axis"), None) if node is not None else None
+        if node is None or node.op_type != "Concat" or len(node.input) != 2 or node.input[0] != past or axis not in (2, -2):
+            raise StaticDecoderError(f"{o.name} is not Concat({past}, new, axis=2); cannot derive the static-cache "
+                                     "decoder from this graph")
+        name = f"{STATIC_OUTPUT_PREFIX}.{layer}.{kv}"
+        if node.input[1] in renames or node.input[1] in {i.name for i in g.input}:
+            raise StaticDecoderError(f"{o.name}: the new k/v tensor {node.input[1]} is shared or a graph input")
+        renames[node.input[1]] = name
+        dims = [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]
+        shape = [dims[0], dims[1], "seq", dims[3]] if len(dims) == 4 else None
+        new_outputs.append(helper.make_tensor_value_info(name, o.type.tensor_type.elem_type, shape))
+    for node in g.node:
+        for i, n in enumerate(node.input):
+            if n in renames:
+                node.input[i] = renames[n]
+        for i, n in enumerate(node.output):
+            if n in renames:
+                node.output[i] = renames[n]
+    for vi in list(g.value_info):
+        if vi.name in renames:
+            g.value_info.remove(vi)
+    keep = [o for o in g.output if not o.name.startswith("present.")]
+    del g.output[:]
+    g.output.extend(keep + new_outputs)
+    out.ir_version = min(out.ir_version, MAX_IR_VERSION)
+    return out
+
+
+def write_static_decoder(decoder_path: str | Path, out_path: str | Path) -> Path:
+    """Derive the static-cache graph of ``decoder_path`` and save it as ``out_path``.
+
+    ``out_path`` must be in the same directory as the decoder: its weights stay where they are (the
+    external data file, if the decoder has one, is referenced, not copied; an inline decoder, < 1 GB
+    by the exporter's rule, is copied inline)."""
+    src, dst = Path(decoder_path), Path(out_path)
+    if src.resolve().parent != dst.resolve().parent:
+        raise StaticDecoderError(f"{dst} must be next to {src} (it shares the decoder's external data)")
+    model = onnx.load(str(src), load_external_data=False)
+    onnx.save_model(make_static_decoder(model), str(dst))
+    return dst
