@@ -18,6 +18,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .errors import UsageError
+
 app = typer.Typer(
     help="Export, quantize, compile and run LLaVA on edge devices and plain CPUs.\n\n"
     "Typical flow: export CHECKPOINT -o PKG, then run PKG --image x.jpg --prompt '...'.",
@@ -34,7 +36,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .runtime.ort_backend import BackendError
     from .runtime.preprocess import ImageError
 
-    errors: list[type[BaseException]] = [PackageError, ImageError, BackendError, ValueError, FileNotFoundError]
+    errors: list[type[BaseException]] = [PackageError, ImageError, BackendError, UsageError, FileNotFoundError]
     if "llava_edge.calibration.quantize" in sys.modules:
         from .calibration.data import CalibrationDataError
         from .calibration.gptq_import import GPTQImportError
@@ -83,7 +85,7 @@ def _sampling(greedy: bool, temperature: float | None, top_p: float, top_k: int,
     from .runtime.sampling import SamplingConfig
 
     if greedy and temperature not in (None, 0.0):
-        raise ValueError("--greedy and --temperature exclude each other")
+        raise UsageError("--greedy and --temperature exclude each other")
     return SamplingConfig(temperature=0.0 if greedy or temperature is None else temperature, top_p=top_p,
                           top_k=top_k, repetition_penalty=repetition_penalty, seed=seed)
 

@@ -205,3 +205,20 @@ def test_gptq_package_runs_on_the_fast_backend(tiny_models, tmp_path):
     portable = json.loads(runner.invoke(app, args).output.strip().splitlines()[-1])
     fast = json.loads(runner.invoke(app, args + ["--backend", "ort-fast"]).output.strip().splitlines()[-1])
     assert fast["token_ids"] == portable["token_ids"]
+
+
+def test_bad_flag_is_a_user_error_but_an_internal_valueerror_is_not(tiny_models, tmp_path, monkeypatch):
+    """Only UsageError (bad input) becomes a one-line error; a ValueError from a bug keeps its traceback."""
+    pkg = str(tiny_models["llava-hf-v1.5"]["package"])
+    args = ["run", pkg, "--image", str(_image(tmp_path)), "--prompt", "hi", "--max-new-tokens", "2"]
+    _assert_user_error(runner.invoke(app, [*args, "--top-p", "1.5"]), "top_p")
+
+    import llava_edge.runtime.pipeline as pipeline
+
+    def broken(*a, **k):
+        raise ValueError("operands could not be broadcast together")  # what a numpy bug looks like
+
+    monkeypatch.setattr(pipeline, "preprocess", broken)
+    result = runner.invoke(app, [*args, "--greedy"])
+    assert result.exit_code not in (0, 2)
+    assert isinstance(result.exception, ValueError) and "broadcast" in str(result.exception)

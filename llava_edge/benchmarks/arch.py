@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..errors import UsageError
+
 
 @dataclass(frozen=True)
 class ArchSpec:
@@ -98,7 +100,7 @@ def get_arch(name: str) -> ArchSpec:
     try:
         return ARCHS[name]
     except KeyError:
-        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHS)}") from None
+        raise UsageError(f"unknown architecture {name!r}; known: {', '.join(ARCHS)}") from None
 
 
 def _llava_config(arch: ArchSpec, image_token_id: int):

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from ..runtime import prompt as prompts
 from ..runtime.preprocess import preprocess
 from .data import Conversation
@@ -56,7 +57,7 @@ def encode_conversation(conv: Conversation, tokenizer: Any, text: Any, num_image
     if len(ids) > limit:
         where = np.flatnonzero(ids == text.image_token_id)
         if where.size and where[-1] >= limit:
-            raise ValueError(f"max_seq_len={limit} cannot hold the {num_image_tokens} image tokens")
+            raise UsageError(f"max_seq_len={limit} cannot hold the {num_image_tokens} image tokens")
         ids = ids[:limit]
     return ids
 

@@ -28,11 +28,13 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..errors import UsageError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 IMAGE_PLACEHOLDER = "<image>"
 
 
-class CalibrationDataError(ValueError):
+class CalibrationDataError(UsageError):
     """The calibration data cannot be read or yields no usable sample."""
 
 

@@ -21,13 +21,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import UsageError
+
 SUPPORTED_BITS = (4, 8)
 
 
 def qrange(bits: int) -> tuple[int, int]:
     """Signed range of a symmetric ``bits``-bit code: (-8, 7) for int4, (-128, 127) for int8."""
     if bits not in SUPPORTED_BITS:
-        raise ValueError(f"unsupported bit width {bits}; supported: {SUPPORTED_BITS}")
+        raise UsageError(f"unsupported bit width {bits}; supported: {SUPPORTED_BITS}")
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UsageError
 from .packing import QuantizedLinear, qrange
 
 # Smallest positive fp16 subnormal: scales are floored here so that an all-zero group still
@@ -17,9 +18,9 @@ _MIN_SCALE = 2.0**-24
 
 def check_group_size(in_features: int, group_size: int) -> None:
     if group_size < 16 or group_size & (group_size - 1):
-        raise ValueError(f"group size must be a power of two >= 16 (MatMulNBits block_size), got {group_size}")
+        raise UsageError(f"group size must be a power of two >= 16 (MatMulNBits block_size), got {group_size}")
     if in_features % group_size:
-        raise ValueError(f"in_features={in_features} is not divisible by group size {group_size}")
+        raise UsageError(f"in_features={in_features} is not divisible by group size {group_size}")
 
 
 def round_scales(scales: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:

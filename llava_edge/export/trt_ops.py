@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from ..errors import UsageError
 from ..kernels.trt_plugins import AOT_MIN, ONNX_DOMAIN, PLUGIN_IO, PLUGIN_NAMESPACE
 
 __all__ = ["SUPPORTED_OPS", "VERSION_GATED", "MAX_OPSET", "supported_ops", "GraphIssue", "GraphCheck",
@@ -70,7 +71,7 @@ def supported_ops(trt_version: tuple[int, ...]) -> frozenset[str]:
     """Default-domain ONNX ops the parser of ``trt_version`` imports (TensorRT >= 10.0 only)."""
     v = _v2(trt_version)
     if v < (10, 0):
-        raise ValueError(f"TensorRT {'.'.join(map(str, trt_version))} is not supported by llava-edge (needs >= 10.0)")
+        raise UsageError(f"TensorRT {'.'.join(map(str, trt_version))} is not supported by llava-edge (needs >= 10.0)")
     return SUPPORTED_OPS | {op for op, gate in VERSION_GATED.items() if v >= gate}
 
 

@@ -34,6 +34,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from ..errors import UsageError
+
 GiB = 1 << 30
 MiB = 1 << 20
 GB = 10**9
@@ -265,7 +267,7 @@ def activation_bytes(dims: ModelDims, batch: int, prefill_tokens: int, context: 
 def prefill_tokens_per_pass(prefill_tokens: int, kv_layout: str = "in-place") -> int:
     """Tokens one prefill pass of the engine takes: the whole prompt (ping-pong) or a chunk (in-place)."""
     if kv_layout not in KV_LAYOUTS:
-        raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, not {kv_layout!r}")
+        raise UsageError(f"kv_layout must be one of {KV_LAYOUTS}, not {kv_layout!r}")
     return min(prefill_tokens, STATIC_PREFILL_CHUNK) if kv_layout == "in-place" else prefill_tokens
 
 
@@ -328,11 +330,11 @@ class BuildLimits:
     def __post_init__(self) -> None:
         for k in ("max_batch", "max_context", "max_prompt"):
             if getattr(self, k) < 1:
-                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+                raise UsageError(f"{k} must be >= 1, got {getattr(self, k)}")
         if self.max_images < 0:
-            raise ValueError("max_images must be >= 0")
+            raise UsageError("max_images must be >= 0")
         if self.max_prompt > self.max_context:
-            raise ValueError(f"max_prompt {self.max_prompt} > max_context {self.max_context}")
+            raise UsageError(f"max_prompt {self.max_prompt} > max_context {self.max_context}")
 
 
 def resolve_limits(preset: TargetPreset, model_max_context: int, num_image_tokens: int,
@@ -343,7 +345,7 @@ def resolve_limits(preset: TargetPreset, model_max_context: int, num_image_token
     k = preset.max_images if max_images is None else max_images
     c = min(preset.max_context if max_context is None else max_context, model_max_context)
     if c < 2:
-        raise ValueError(f"max_context must be >= 2 (got {c})")
+        raise UsageError(f"max_context must be >= 2 (got {c})")
     prompt = min(c - 1, k * num_image_tokens + preset.prompt_text_tokens)  # leave room for one new token
     return BuildLimits(max_batch=b, max_context=c, max_images=k, max_prompt=max(1, prompt),
                        workspace_gb=preset.workspace_gb if workspace_gb is None else workspace_gb)

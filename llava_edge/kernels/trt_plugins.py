@@ -31,6 +31,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ..errors import UsageError
+
 __all__ = [
     "PLUGIN_NAMESPACE",
     "ONNX_DOMAIN",
@@ -82,7 +84,7 @@ def parse_trt_version(version: str) -> tuple[int, ...]:
             break
         parts.append(int(p))
     if not parts:
-        raise ValueError(f"not a TensorRT version: {version!r}")
+        raise UsageError(f"not a TensorRT version: {version!r}")
     return tuple(parts)
 
 

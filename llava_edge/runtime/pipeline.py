@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from tokenizers import Tokenizer
 
+from ..errors import UsageError
 from ..package import TOKENIZER_NAME, Manifest, load_manifest
 from . import prompt as prompts
 from .prefix_cache import PrefixCache, image_digest
@@ -23,8 +24,8 @@ from .preprocess import load_image, preprocess
 from .sampling import Sampler, SamplingConfig
 
 
-class PromptTooLongError(ValueError):
-    pass
+class PromptTooLongError(UsageError):
+    """The prompt plus max_new_tokens does not fit the package's context."""
 
 
 @dataclass
@@ -123,7 +124,7 @@ class Pipeline:
         # prompts whose KV is kept for reuse (0 disables); each entry holds one prompt's whole KV
         self.prefix_cache = PrefixCache(prefix_cache) if prefix_cache > 0 else None
         if self.template not in prompts.TEMPLATES:
-            raise ValueError(f"unknown chat template {self.template!r}; known: {', '.join(prompts.TEMPLATES)}")
+            raise UsageError(f"unknown chat template {self.template!r}; known: {', '.join(prompts.TEMPLATES)}")
 
     @classmethod
     def from_package(cls, package_dir: str | os.PathLike, backend: str = "ort", device: str = "cpu",
@@ -145,7 +146,7 @@ class Pipeline:
 
             engine = TrtBackend(package_dir, manifest)
         else:
-            raise ValueError(f"unknown backend {backend!r}; use ort, ort-fast, ort-fast-int4 or tensorrt")
+            raise UsageError(f"unknown backend {backend!r}; use ort, ort-fast, ort-fast-int4 or tensorrt")
         return cls(package_dir, manifest, engine, tokenizer, template, prefix_cache)
 
     # -- prompt preparation -------------------------------------------------------------------
@@ -155,7 +156,7 @@ class Pipeline:
         ids = self.tokenizer.encode(text).ids
         ids, n_images = prompts.expand_image_tokens(ids, t.image_token_id, self.manifest.vision.num_image_tokens)
         if n_images != len(request.images):
-            raise ValueError(f"the prompt has {n_images} image placeholder(s) but {len(request.images)} image(s) were given")
+            raise UsageError(f"the prompt has {n_images} image placeholder(s) but {len(request.images)} image(s) were given")
         return ids
 
     # -- generation ---------------------------------------------------------------------------
@@ -163,7 +164,7 @@ class Pipeline:
             stop: Sequence[str] = ()) -> Iterator[TokenEvent]:
         """Generate for a batch; yields TokenEvents, returns list[GenerationResult] (StopIteration.value)."""
         if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
+            raise UsageError("max_new_tokens must be >= 1")
         sampling = sampling or SamplingConfig()
         t = self.manifest.text
         encoded = [self.encode_request(r) for r in requests]
@@ -270,7 +271,7 @@ class Pipeline:
     def generate_batch(self, images: Sequence[Any], prompts_: Sequence[str], max_new_tokens: int = 64,
                        sampling: SamplingConfig | None = None, stop: Sequence[str] = ()) -> list[GenerationResult]:
         if len(images) != len(prompts_):
-            raise ValueError("generate_batch needs one image (or None) per prompt")
+            raise UsageError("generate_batch needs one image (or None) per prompt")
         reqs = [Request([(p, None)], [im] if im is not None else []) for im, p in zip(images, prompts_)]
         return drain(self.run(reqs, max_new_tokens, sampling, stop))
 

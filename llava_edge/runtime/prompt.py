@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import UsageError
+
 VICUNA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
@@ -40,7 +42,7 @@ def render(template: str, turns: list[tuple[str, str | None]], image_token: str,
     """turns: [(user, assistant or None for the turn to generate), ...]. Images go at the start of the
     first user message unless the caller already placed image tokens in the text."""
     if template not in TEMPLATES:
-        raise ValueError(f"unknown chat template {template!r}; known: {', '.join(TEMPLATES)}")
+        raise UsageError(f"unknown chat template {template!r}; known: {', '.join(TEMPLATES)}")
     t = TEMPLATES[template]
     placed = sum(u.count(image_token) for u, _ in turns)
     parts = [t.system]

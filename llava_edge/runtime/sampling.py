@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import UsageError
+
 
 @dataclass
 class SamplingConfig:
@@ -21,13 +23,13 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
+            raise UsageError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
+            raise UsageError("top_p must be in (0, 1]")
         if self.top_k < 0:
-            raise ValueError("top_k must be >= 0")
+            raise UsageError("top_k must be >= 0")
         if self.repetition_penalty <= 0:
-            raise ValueError("repetition_penalty must be > 0")
+            raise UsageError("repetition_penalty must be > 0")
 
     @property
     def greedy(self) -> bool:

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llava_edge.errors import UsageError
 from llava_edge.synthetic import data as D
 
 PAD, UNK, BOS, EOS, IMAGE = "<pad>", "<unk>", "<s>", "</s>", "<image>"
@@ -401,10 +402,8 @@ def _batch(seed: int, stage: int, step: int, size: int) -> list[D.Sample]:
 
 def train(out: str | Path, cfg: TrainConfig) -> dict:
     """Run all four stages and save a llava-hf checkpoint directory at ``out``. Returns the log."""
-    from transformers import LlavaProcessor
-
     if cfg.seed == D.HELDOUT_SEED:
-        raise ValueError(f"seed {cfg.seed} is the held-out split's seed; pick another")
+        raise UsageError(f"seed {cfg.seed} is the held-out split's seed; pick another")
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     t_start = time.time()
