@@ -47,3 +47,20 @@ def images():
         "tiny": Image.fromarray(rng.integers(0, 255, (3, 5, 3), dtype=np.uint8)),
         "palette": Image.fromarray(rng.integers(0, 255, (45, 45, 3), dtype=np.uint8)).convert("P"),
     }
+
+
+@pytest.fixture(scope="session")
+def plugin_package(tmp_path_factory):
+    """A tiny GQA package (4 heads, 2 kv heads) with head_dim 32: the smallest the attention kernels take
+    (the other tiny presets have head_dim 16). For the plugin-attention decoder graph tests."""
+    import torch
+
+    from llava_edge.export.exporter import export_package
+    from llava_edge.export.factory import TinySpec, build_checkpoint
+
+    torch.set_num_threads(2)
+    root = tmp_path_factory.mktemp("plugin")
+    spec = TinySpec(hidden=128, heads=4, kv_heads=2, intermediate=128, pad_to_square=False, seed=5)
+    build_checkpoint(root / "checkpoint", spec)
+    export_package(root / "checkpoint", root / "package")
+    return root / "package"
