@@ -53,11 +53,14 @@ from ..runtime.trt_backend import (
     ENGINE_GRAPHS, ENGINES_DIR, RECORD_FORMAT, RECORD_NAME, EngineFile, EngineRecord, gpu_info, import_tensorrt,
 )
 from . import trt_ops
+from .plugin_decoder import PluginDecoderConfig, PluginDecoderError, make_plugin_decoder, write_plugin_decoder
 from .static_decoder import StaticDecoderError, make_static_decoder, write_static_decoder
 from .trt_presets import (
     GiB, KV_LAYOUTS, PRESETS, BuildLimits, MemoryBudget, ModelDims, Profile, TargetPreset, detect_target,
-    estimate_memory, max_context_that_fits, prefill_tokens_per_pass, profile_shapes, resolve_limits,
+    estimate_memory, max_context_that_fits, plugin_decoder_profiles, prefill_tokens_per_pass, profile_shapes,
+    resolve_limits,
 )
+from ..runtime.trt_backend import PLUGIN_ENGINES_RUNNABLE
 
 Plugins = Literal["auto", "on", "off"]
 BUILD_LOG = "build.log"
@@ -86,6 +89,9 @@ class BuildPlan:
     precision: dict[str, str]
     kv_cache: str = "in-place"  # "in-place" (static-cache decoder graph) | "ping-pong" (portable graph)
     notes: list[str] = field(default_factory=list)
+    # which graph the decoder engine is built from: "static" (static_decoder), "plugin" (plugin_decoder,
+    # prefill kind), "portable" (ping-pong)
+    decoder_graph: str = "static"
 
     def describe(self) -> str:
         v = ".".join(map(str, self.trt_version))
@@ -93,7 +99,7 @@ class BuildPlan:
                  f"limits: batch {self.limits.max_batch}, context {self.limits.max_context}, images "
                  f"{self.limits.max_images}, prompt {self.limits.max_prompt}, workspace {self.limits.workspace_gb} GiB",
                  f"attention: {self.attention} (best for TensorRT {v}: {self.attention_policy}); KV cache "
-                 f"{self.kv_cache}",
+                 f"{self.kv_cache}; decoder graph: {self.decoder_graph}",
                  f"precision: {', '.join(f'{k} {p}' for k, p in self.precision.items())}",
                  f"memory: {self.memory.describe()}"]
         lines += [c.describe() for c in self.checks.values()]
@@ -186,6 +192,18 @@ def plan_build(package_dir: str | Path, trt_version: str | tuple[int, ...], targ
         notes.append("the package is float32: strongly typed networks keep the ONNX precision, so the engines will be "
                      "fp32 (2x memory, slower); export with --dtype fp16 for fp16 engines")
 
+    # which decoder graph: the plugin-attention graph where TensorRT can take AOT plugins and it is asked
+    # for (--plugins on; auto once the runtime backend can bind plugin engines), else the static-cache one
+    aot = version >= AOT_MIN
+    if plugins == "on" and not aot:
+        raise EngineBuildError(f"--plugins on needs TensorRT >= {AOT_MIN[0]}.{AOT_MIN[1]} (AOT Python plugins); "
+                               f"this is {'.'.join(map(str, version))} (JetPack 6 = 10.3): use --plugins auto/off")
+    if plugins == "on" and kv_cache != "in-place":
+        raise EngineBuildError("--plugins on builds the plugin-attention decoder, which keeps one in-place cache; "
+                               "it cannot be combined with --kv-cache ping-pong")
+    want_plugin = kv_cache == "in-place" and aot and (plugins == "on" or (plugins == "auto" and PLUGIN_ENGINES_RUNNABLE))
+    decoder_graph = "portable" if kv_cache == "ping-pong" else "static"
+
     # graphs against the parser of this TensorRT
     checks: dict[str, trt_ops.GraphCheck] = {}
     decoder_model = None
@@ -194,9 +212,18 @@ def plan_build(package_dir: str | Path, trt_version: str | tuple[int, ...], targ
         model = onnx.load(str(root / graph.file), load_external_data=False)
         if name == "decoder":
             decoder_model = model
-            if kv_cache == "in-place":
+            if want_plugin:
+                try:
+                    model = make_plugin_decoder(model, manifest.text.num_heads, manifest.text.num_kv_heads,
+                                                manifest.text.head_dim, _plugin_config(manifest))
+                    decoder_graph = "plugin"
+                except PluginDecoderError as e:
+                    if plugins == "on":
+                        raise EngineBuildError(f"--plugins on: cannot make the plugin-attention decoder: {e}") from e
+                    notes.append(f"plugin attention not possible for this decoder ({e}); standard ops used")
+            if decoder_graph == "static":
                 model = _static_decoder(model)
-        allowed = plugins != "off" and version >= AOT_MIN
+        allowed = plugins != "off" and aot
         checks[name] = trt_ops.check_model(model, name, version, fp8=preset.fp8, plugins_allowed=allowed)
     bad = [c.describe() for c in checks.values() if not c.ok]
     if bad:
@@ -212,14 +239,11 @@ def plan_build(package_dir: str | Path, trt_version: str | tuple[int, ...], targ
         attention = "trt-attention"
     else:
         attention = "standard"
-    if plugins == "on" and version < AOT_MIN:
-        raise EngineBuildError(f"--plugins on needs TensorRT >= {AOT_MIN[0]}.{AOT_MIN[1]} (AOT Python plugins); "
-                               f"this is {'.'.join(map(str, version))} (JetPack 6 = 10.3): use --plugins auto/off")
     register = attention == "plugin" or (plugins == "on" and any(f"{ONNX_DOMAIN}::" in k for k in dec_ops))
-    if attention == "standard" and policy != "standard":
-        notes.append(f"TensorRT {'.'.join(map(str, version))} could run our fused attention plugin, but this package's "
-                     "decoder uses standard attention ops (MatMul/Softmax, fused by TensorRT); the plugin path needs "
-                     "a decoder exported with plugin nodes")
+    if attention == "standard" and policy != "standard" and plugins == "auto" and decoder_graph != "plugin":
+        notes.append(f"TensorRT {'.'.join(map(str, version))} could run our fused attention plugin; --plugins auto "
+                     "keeps standard attention ops until the TensorRT runtime backend binds plugin engines "
+                     "(--plugins on builds the plugin-attention decoder now)")
     if plugins == "on" and attention != "plugin":
         notes.append("--plugins on: plugins are registered but the decoder graph contains no plugin nodes")
 
@@ -265,10 +289,19 @@ def plan_build(package_dir: str | Path, trt_version: str | tuple[int, ...], targ
         notes.append(f"prefill runs in chunks of up to {prefill_tokens_per_pass(limits.max_prompt)} tokens "
                      f"(static-cache decoder; a {limits.max_prompt}-token prompt takes "
                      f"{-(-limits.max_prompt // prefill_tokens_per_pass(limits.max_prompt))})")
+    profiles = profile_shapes(manifest, limits, kv_cache)
+    if decoder_graph == "plugin":
+        profiles["decoder"] = plugin_decoder_profiles(manifest, limits)
     return BuildPlan(target=preset, trt_version=version, limits=limits,
-                     profiles=profile_shapes(manifest, limits, kv_cache), attention_policy=policy, attention=attention,
+                     profiles=profiles, attention_policy=policy, attention=attention,
                      register_plugins=register, checks=checks, memory=memory,
-                     precision={n: _precision(manifest, n) for n in ENGINE_GRAPHS}, kv_cache=kv_cache, notes=notes)
+                     precision={n: _precision(manifest, n) for n in ENGINE_GRAPHS}, kv_cache=kv_cache, notes=notes,
+                     decoder_graph=decoder_graph)
+
+
+def _plugin_config(manifest: Manifest) -> PluginDecoderConfig:
+    """Rotary tables cover the model's whole context (the engine's max context is never larger)."""
+    return PluginDecoderConfig(kind="prefill", max_positions=manifest.text.max_context)
 
 
 def _static_decoder(model):
@@ -322,8 +355,10 @@ def _make_progress(trt, emit: Callable[[str], None]):
 
 
 def _build_one(trt, logger, onnx_path: Path, profiles: list[Profile], workspace_gb: float, cache_bytes: bytes | None,
-               emit: Callable[[str], None], fp32: bool = False) -> tuple[bytes, bytes]:
-    """One ONNX graph -> serialized plan; returns (plan, updated timing cache)."""
+               emit: Callable[[str], None], fp32: bool = False, aliased_plugin_io: bool = False) -> tuple[bytes, bytes]:
+    """One ONNX graph -> serialized plan; returns (plan, updated timing cache). ``aliased_plugin_io``
+    turns on the preview feature plugin outputs aliased to inputs need (``PreviewFeature
+    .ALIASED_PLUGIN_IO_10_03``; our attention plugins update the KV cache in place)."""
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
@@ -333,6 +368,8 @@ def _build_one(trt, logger, onnx_path: Path, profiles: list[Profile], workspace_
         raise EngineBuildError(f"TensorRT could not parse {onnx_path.name}: {errs}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * GiB))
+    if aliased_plugin_io:
+        config.set_preview_feature(trt.PreviewFeature.ALIASED_PLUGIN_IO_10_03, True)
     if fp32 and hasattr(trt.BuilderFlag, "TF32"):
         # TF32 is on by default and would round fp32 matmuls to 10-bit mantissas: an fp32 package is
         # asked for precision (tests, reference runs), so keep it exact.
@@ -358,16 +395,20 @@ def _build_one(trt, logger, onnx_path: Path, profiles: list[Profile], workspace_
 
 
 @contextlib.contextmanager
-def _engine_source(root: Path, onnx_file: str, static: bool) -> Iterator[Path]:
-    """The ONNX file TensorRT parses for a graph: the package's file, or for the in-place decoder its
-    static-cache variant, written next to it for the duration of the build (TensorRT's parser reads
-    external weights relative to the model file) and removed afterwards."""
-    if not static:
+def _engine_source(root: Path, onnx_file: str, variant: str, manifest: Manifest | None = None) -> Iterator[Path]:
+    """The ONNX file TensorRT parses for a graph: the package's file (``variant="portable"``), or for the
+    decoder its static-cache / plugin-attention variant, written next to it for the duration of the
+    build (TensorRT's parser reads external weights relative to the model file) and removed afterwards."""
+    if variant == "portable":
         yield root / onnx_file
         return
-    tmp = root / f".{Path(onnx_file).stem}_static.build-{os.getpid()}.onnx"
+    tmp = root / f".{Path(onnx_file).stem}_{variant}.build-{os.getpid()}.onnx"
     try:
-        write_static_decoder(root / onnx_file, tmp)
+        if variant == "plugin":
+            t = manifest.text
+            write_plugin_decoder(root / onnx_file, tmp, t.num_heads, t.num_kv_heads, t.head_dim, _plugin_config(manifest))
+        else:
+            write_static_decoder(root / onnx_file, tmp)
         yield tmp
     finally:
         tmp.unlink(missing_ok=True)
@@ -438,9 +479,11 @@ def build_engines(
                 stage(f"build {name} engine ({plan.precision[name]})")
                 log_file.write(f"=== {name}: {graph.file}\n")
                 t_graph = time.perf_counter()
-                with _engine_source(root, graph.file, name == "decoder" and plan.kv_cache == "in-place") as src:
+                variant = plan.decoder_graph if name == "decoder" else "portable"
+                with _engine_source(root, graph.file, variant, manifest) as src:
                     data, cache_bytes = _build_one(trt, logger, src, plan.profiles[name], plan.limits.workspace_gb,
-                                                   cache_bytes, stage, fp32=manifest.dtype == "float32")
+                                                   cache_bytes, stage, fp32=manifest.dtype == "float32",
+                                                   aliased_plugin_io=variant == "plugin")
                 rel = f"{ENGINES_DIR}/{name}.plan"
                 (staging / f"{name}.plan").write_bytes(data)
                 files[name] = EngineFile(file=rel, onnx_file=graph.file, onnx_size_bytes=graph.size_bytes,
@@ -478,6 +521,6 @@ def result_summary(result: BuildResult) -> dict[str, Any]:
     p = result.plan
     return {"package": str(result.package_dir), "built": result.built, "target": p.target.name,
             "tensorrt": ".".join(map(str, p.trt_version)), "limits": p.limits.__dict__, "attention": p.attention,
-            "kv_cache": p.kv_cache,
+            "kv_cache": p.kv_cache, "decoder_graph": p.decoder_graph,
             "precision": p.precision, "memory": p.memory.as_dict(), "notes": p.notes,
             "seconds": round(result.seconds, 1), "log": str(result.log_path) if result.log_path else None}

@@ -48,7 +48,7 @@ STATIC_PREFILL_CHUNK = 256
 __all__ = [
     "TargetPreset", "PRESETS", "KV_LAYOUTS", "STATIC_PREFILL_CHUNK", "prefill_tokens_per_pass", "detect_target", "ModelDims", "LLAVA_15_7B", "weight_bytes_from_dims",
     "MemoryBudget", "estimate_memory", "max_context_that_fits", "BuildLimits", "resolve_limits",
-    "Profile", "profile_shapes", "orin_summary",
+    "Profile", "profile_shapes", "plugin_decoder_profiles", "orin_summary",
 ]
 
 
@@ -416,6 +416,29 @@ def profile_shapes(manifest: Any, limits: BuildLimits, kv_layout: str = "in-plac
     e_opt = max(1, min(limits.max_prompt, v.num_image_tokens * min(1, limits.max_images) + 64))
     embed = Profile("embed", {"input_ids": ((1, 1), (1, e_opt), (b, limits.max_prompt))})  # whole prompts
     return {"vision": [vision], "embed": [embed], "decoder": [prefill, decode]}
+
+
+def plugin_decoder_profiles(manifest: Any, limits: BuildLimits) -> list[Profile]:
+    """Profiles of the plugin-attention decoder (``export/plugin_decoder.py``, prefill kind): the same
+    two as the in-place static graph (0 = prefill chunks of 1..chunk tokens, 1 = one token), with the
+    lengths ``prompt_lens`` / ``start_pos`` [B] instead of the mask and positions; the cache is fixed at
+    max_context."""
+    t, v = manifest.text, manifest.vision
+    b, c = limits.max_batch, limits.max_context
+    p = prefill_tokens_per_pass(limits.max_prompt)
+    p_opt = max(1, min(p, v.num_image_tokens * min(1, limits.max_images) + 64))
+    past_names = [f"past_key_values.{i}.{kv}" for i in range(t.num_layers) for kv in ("key", "value")]
+
+    def profile(name: str, seq: tuple[int, int, int]) -> Profile:
+        batch = (1, 1, b)
+        shapes = {"inputs_embeds": tuple((batch[i], seq[i], t.hidden_size) for i in range(3)),
+                  "prompt_lens": tuple((batch[i],) for i in range(3)),
+                  "start_pos": tuple((batch[i],) for i in range(3))}
+        for n in past_names:
+            shapes[n] = tuple((batch[i], t.num_kv_heads, c, t.head_dim) for i in range(3))
+        return Profile(name, shapes)
+
+    return [profile("prefill", (1, p_opt, p)), profile("decode", (1, 1, 1))]
 
 
 def orin_summary(dims: ModelDims = LLAVA_15_7B, weight_bits: int = 4) -> list[dict[str, Any]]:

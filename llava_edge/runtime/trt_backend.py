@@ -69,6 +69,12 @@ __all__ = ["EngineFile", "EngineRecord", "EngineMismatchError", "TensorRTUnavail
            "check_engine_record", "import_tensorrt", "import_cudart", "gpu_info", "TrtBackend", "TrtKVCache"]
 
 
+# Whether this backend binds plugin-attention decoder engines (export/plugin_decoder.py: caches as
+# input + aliased output, right-padded rows with prompt_lens/start_pos). Not yet: until it does,
+# `llava-edge build --plugins auto` keeps the standard-op decoder and such engines are refused here.
+PLUGIN_ENGINES_RUNNABLE = False
+
+
 class TensorRTUnavailable(BackendError):
     """tensorrt / cuda-python is not installed, or no CUDA GPU is visible."""
 
@@ -309,6 +315,10 @@ class TrtBackend:
         if self.record.kv_cache not in (KV_INPLACE, KV_PINGPONG):
             raise EngineMismatchError(f"engine record has kv_cache {self.record.kv_cache!r}, which this llava-edge does "
                                       "not know; rebuild the engines with `llava-edge build`")
+        if self.record.attention == "plugin" and not PLUGIN_ENGINES_RUNNABLE:
+            raise EngineMismatchError(
+                "these engines use the llava_edge attention plugin (built with --plugins on), which this llava-edge's "
+                "TensorRT backend cannot bind yet; rebuild with `llava-edge build --plugins off` (or auto)")
         inplace = self.record.kv_cache == KV_INPLACE
         if cuda_graphs is None:
             cuda_graphs = os.environ.get(CUDA_GRAPHS_ENV, "1") != "0"

@@ -522,3 +522,16 @@ def test_record_layout_must_match_engine(inplace_package, monkeypatch):
     (pkg / "engines" / tb.RECORD_NAME).write_text(json.dumps(rec))
     with pytest.raises(tb.EngineMismatchError, match="kv_cache 'paged'"):
         _open(pkg, m, monkeypatch, FakeCudart())
+
+
+def test_plugin_attention_engines_are_refused_until_bound(trt_package, tmp_path, monkeypatch):
+    """Engines built with --plugins on (attention "plugin" in the record) need a binding mode this backend
+    does not have yet (caches as input + aliased output, prompt_lens/start_pos): a clear error, not a
+    crash on a missing tensor."""
+    pkg, m = _fake_package(trt_package, tmp_path, "in-place")
+    rec_path = pkg / "engines" / tb.RECORD_NAME
+    rec = json.loads(rec_path.read_text())
+    rec["attention"], rec["plugins"] = "plugin", ["prefill_attention"]
+    rec_path.write_text(json.dumps(rec))
+    with pytest.raises(tb.EngineMismatchError, match="--plugins off"):
+        _open(pkg, m, monkeypatch, FakeCudart())

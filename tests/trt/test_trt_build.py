@@ -106,10 +106,10 @@ def test_in_place_is_the_default_and_checks_the_static_decoder(trt_package):
     with pytest.raises(EngineBuildError, match="kv_cache must be"):
         plan_build(trt_package, "10.3", "orin-nano", kv_cache="paged")
     # the decoder engine's source: the static variant next to decoder.onnx during the build, gone after
-    with _engine_source(trt_package, "decoder.onnx", static=True) as src:
+    with _engine_source(trt_package, "decoder.onnx", "static") as src:
         assert src.parent == trt_package and src.name.startswith(".")
         outs = [o.name for o in onnx.load(str(src), load_external_data=False).graph.output]
         assert outs[0] == "logits" and outs[1] == "new.0.key"
     assert not src.exists()
-    with _engine_source(trt_package, "decoder.onnx", static=False) as src:
+    with _engine_source(trt_package, "decoder.onnx", "portable") as src:
         assert src == trt_package / "decoder.onnx"
