@@ -22,7 +22,8 @@ def _tiny_cfg(seed: int = 0) -> T.TrainConfig:
     mc = T.ModelConfig(vision_hidden=32, vision_layers=2, vision_heads=2, vision_mlp=64,
                        text_hidden=32, text_layers=2, text_heads=2, text_kv_heads=1, text_mlp=64)
     st = lambda: T.StageConfig(steps=2, batch=3, lr=1e-3, warmup=1)  # noqa: E731
-    return T.TrainConfig(seed=seed, threads=1, model=mc, vision=st(), language=st(), stage1=st(), stage2=st())
+    return T.TrainConfig(seed=seed, threads=1, model=mc, vision=st(), language=st(), stage1=st(), stage2=st(),
+                         stage2b=st())
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def test_writes_llava_hf_layout(tiny_run: tuple[Path, dict]) -> None:
     pp = json.loads((out / "preprocessor_config.json").read_text())
     assert pp["crop_size"] == {"height": D.IMAGE_SIZE, "width": D.IMAGE_SIZE}
     assert pp["image_mean"] == T.IMAGE_MEAN and pp["image_std"] == T.IMAGE_STD
-    for stage in ("vision", "language", "stage1", "stage2"):
+    for stage in ("vision", "language", "stage1", "stage2", "stage2b"):
         assert info["log"][stage]["steps_done"] == 2
         assert np.isfinite(info["log"][stage]["final_loss_ema"])
 
