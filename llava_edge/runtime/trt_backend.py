@@ -71,9 +71,10 @@ __all__ = ["EngineFile", "EngineRecord", "EngineMismatchError", "TensorRTUnavail
 
 
 # Whether this backend binds plugin-attention decoder engines (export/plugin_decoder.py: caches as
-# input + aliased output, right-padded rows with prompt_lens/start_pos). Not yet: until it does,
-# `llava-edge build --plugins auto` keeps the standard-op decoder and such engines are refused here.
-PLUGIN_ENGINES_RUNNABLE = False
+# input + aliased output, right-padded rows with prompt_lens/start_pos): yes, with trt_plugin_kv. The
+# builder reads it: `llava-edge build --plugins auto` picks the plugin graph on TensorRT >= 10.9 only
+# when this is True (tested on CPU against a fake TensorRT only, see trt_plugin_kv).
+PLUGIN_ENGINES_RUNNABLE = True
 
 
 class TensorRTUnavailable(BackendError):

@@ -571,14 +571,22 @@ def test_record_layout_must_match_engine(inplace_package, monkeypatch):
         _open(pkg, m, monkeypatch, FakeCudart())
 
 
-def test_plugin_attention_engines_are_refused_until_bound(trt_package, tmp_path, monkeypatch):
-    """Engines built with --plugins on (attention "plugin" in the record) need a binding mode this backend
-    does not have yet (caches as input + aliased output, prompt_lens/start_pos): a clear error, not a
-    crash on a missing tensor."""
+def test_plugin_record_needs_a_plugin_engine_and_a_runtime_that_binds_it(trt_package, tmp_path, monkeypatch):
+    """The binding mode comes from the record: attention "plugin" binds present.* (aliased caches), so a
+    standard-op engine under such a record is a clear error, not a crash; and a llava-edge whose backend
+    cannot bind plugin engines (PLUGIN_ENGINES_RUNNABLE off) refuses them with what to rebuild."""
     pkg, m = _fake_package(trt_package, tmp_path, "in-place")
     rec_path = pkg / "engines" / tb.RECORD_NAME
     rec = json.loads(rec_path.read_text())
     rec["attention"], rec["plugins"] = "plugin", ["prefill_attention"]
     rec_path.write_text(json.dumps(rec))
+    with pytest.raises(tb.EngineMismatchError, match="no tensor present.0.key"):
+        _open(pkg, m, monkeypatch, FakeCudart())
+    monkeypatch.setattr(tb, "PLUGIN_ENGINES_RUNNABLE", False)
     with pytest.raises(tb.EngineMismatchError, match="--plugins off"):
+        _open(pkg, m, monkeypatch, FakeCudart())
+    monkeypatch.setattr(tb, "PLUGIN_ENGINES_RUNNABLE", True)
+    rec["kv_cache"] = "ping-pong"
+    rec_path.write_text(json.dumps(rec))
+    with pytest.raises(tb.EngineMismatchError, match="one in-place cache"):
         _open(pkg, m, monkeypatch, FakeCudart())

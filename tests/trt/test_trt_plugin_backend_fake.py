@@ -42,7 +42,6 @@ VERSION = "10.9.0.34"
 def plugin_engines(plugin_package, tmp_path, monkeypatch):
     """Plugin-attention engines (TensorRT 10.9, --plugins on) with a prefill chunk of 8 tokens."""
     monkeypatch.setattr(tp, "STATIC_PREFILL_CHUNK", CHUNK)
-    monkeypatch.setattr(tb, "PLUGIN_ENGINES_RUNNABLE", True)
     return _fake_package(plugin_package, tmp_path, "in-place", plugins="on", version=VERSION)
 
 
@@ -110,7 +109,6 @@ def test_plugin_steps_match_onnxruntime(plugin_package, tmp_path, monkeypatch, i
     from llava_edge.runtime.ort_backend import OrtBackend
 
     monkeypatch.setattr(tp, "STATIC_PREFILL_CHUNK", CHUNK)
-    monkeypatch.setattr(tb, "PLUGIN_ENGINES_RUNNABLE", True)
     pkg, m = _fake_package(plugin_package, tmp_path, "in-place", plugins="on", version=VERSION, impl=impl)
     cudart = FakeCudart()
     be, oe = _open(pkg, m, monkeypatch, cudart), OrtBackend(pkg, m, threads=2)
