@@ -210,6 +210,11 @@ def plan_build(package_dir: str | Path, trt_version: str | tuple[int, ...], targ
         raise EngineBuildError("--plugins on builds the plugin-attention decoder, which keeps one in-place cache; "
                                "it cannot be combined with --kv-cache ping-pong")
     want_plugin = kv_cache == "in-place" and aot and (plugins == "on" or (plugins == "auto" and _runtime.PLUGIN_ENGINES_RUNNABLE))
+    missing = _missing_kernel_modules() if want_plugin and plugins == "auto" else []
+    if missing:  # auto must not turn a working runtime-only install into a failing build
+        want_plugin = False
+        notes.append(f"plugin attention needs {', '.join(missing)} at build time (AOT-compiling the kernels: "
+                     "pip install 'llava-edge[kernels]'); not installed, so standard ops are used")
     decoder_graph = "portable" if kv_cache == "ping-pong" else "static"
 
     # graphs against the parser of this TensorRT
@@ -306,6 +311,14 @@ def plan_build(package_dir: str | Path, trt_version: str | tuple[int, ...], targ
                      register_plugins=register, checks=checks, memory=memory,
                      precision={n: _precision(manifest, n) for n in ENGINE_GRAPHS}, kv_cache=kv_cache, notes=notes,
                      decoder_graph=decoder_graph)
+
+
+def _missing_kernel_modules() -> list[str]:
+    """What the plugin build needs and is not installed: ``register_plugins`` AOT-compiles our Triton
+    kernels (triton, and torch which the kernel modules import). Running the engine needs neither."""
+    import importlib.util
+
+    return [m for m in ("triton", "torch") if importlib.util.find_spec(m) is None]
 
 
 def _plugin_config(manifest: Manifest) -> PluginDecoderConfig:

@@ -54,6 +54,18 @@ def test_auto_without_a_runtime_for_plugins_keeps_standard_ops(plugin_package, m
     assert any("--plugins on builds the plugin-attention decoder" in n for n in p.notes)
 
 
+def test_auto_keeps_standard_ops_without_the_kernels_extra(plugin_package, monkeypatch):
+    """A runtime-only install (no triton/torch to AOT-compile the plugins) still builds under auto;
+    --plugins on does not fall back (it fails later, at registration, with the import error)."""
+    from llava_edge.export import trt_build
+
+    monkeypatch.setattr(trt_build, "_missing_kernel_modules", lambda: ["triton"])
+    p = plan_build(plugin_package, "11.0", "datacenter", plugins="auto")
+    assert p.decoder_graph == "static" and p.attention == "standard"
+    assert any("needs triton at build time" in n for n in p.notes)
+    assert plan_build(plugin_package, "11.0", "datacenter", plugins="on").decoder_graph == "plugin"
+
+
 def test_auto_falls_back_when_the_kernels_cannot_take_the_model(trt_package):
     """head_dim 16 (below the kernels' 32): auto builds the static-cache graph and says why; on refuses."""
     p = plan_build(trt_package, "10.15", "datacenter", plugins="auto")
