@@ -12,17 +12,22 @@ What it does
 * Allocates every device and pinned host buffer once, at construction, sized from the engines'
   optimization-profile maxima; ``step`` allocates nothing.
 * KV cache (``trt_kv``), by the record's ``kv_cache``:
-  - ``"in-place"`` (what ``llava-edge build`` makes): the decoder engine is the static-cache graph
+  - ``"in-place"`` (what ``llava-edge build`` makes on TensorRT < 10.9 or with ``--plugins off``): the decoder engine is the static-cache graph
     (``export/static_decoder.py``); one buffer per layer k/v at [max_batch, kvH, max_ctx, D] is bound
     whole as ``past`` every step and the step's new k/v are copied into it at the current length
     (``cudaMemcpy2DAsync``, a few KB per layer per token). The cache is never copied or reallocated.
   - ``"ping-pong"`` (engines built before): the portable graph, two slabs swapped every step, twice
     the cache memory.
+  - record ``attention == "plugin"`` (``--plugins auto|on`` on TensorRT >= 10.9; ``trt_plugin_kv``):
+    the plugin-attention graph (``export/plugin_decoder.py``); one buffer per layer k/v bound as both
+    the past input and the aliased present output (the plugin writes new k/v itself: no scatter), inputs
+    ``prompt_lens`` / ``start_pos`` instead of mask/positions, rows right-padded with per-row lengths
+    (left-padded prompts are converted at prefill), logits read at each row's last real token.
 * Profiles: 0 = prefill (T >= 1 new tokens), 1 = decode (T = 1). In-place: the prefill profile takes
   any cache length, so a prompt longer than the profile's T and tokens added to a non-empty cache
   (chat turns, prefix reuse) go through it in chunks. Ping-pong: prefill only on an empty cache,
   other T > 1 steps one token at a time through the decode profile.
-* CUDA graphs (in-place only, ``cuda_graphs=True`` by default; ``trt_cuda_graph``): the decode step
+* CUDA graphs (in-place and plugin engines, ``cuda_graphs=True`` by default; ``trt_cuda_graph``): the decode step
   (T = 1, past fixed at max_ctx, fixed buffers) is captured once per batch size and replayed; the
   input copies and the KV scatter stay outside the graph. Capture failure logs the reason and falls
   back to plain ``execute_async_v3``. Not possible with the ping-pong graph (a new shape every step).
@@ -31,7 +36,8 @@ What it does
 
 NOT run against a real TensorRT or GPU in this repository (none is available, see
 shared/ARCHITECTURE.md): the logic is tested against a fake tensorrt/cuda-python that runs the graphs
-in onnxruntime (tests/trt/test_trt_backend_fake.py).
+in onnxruntime, and plugin graphs in ``onnx.reference`` with our kernels (tests/trt/test_trt_backend_fake.py,
+test_trt_plugin_backend_fake.py).
 
 API references: TensorRT Python API ``IExecutionContext.set_input_shape / set_tensor_address /
 execute_async_v3 / set_optimization_profile_async``, ``ICudaEngine.get_tensor_profile_shape``
