@@ -180,7 +180,7 @@ def build(
     max_images: Optional[int] = typer.Option(None, help="Images per prompt."),
     workspace_gb: Optional[float] = typer.Option(None, help="TensorRT builder workspace."),
     timing_cache: Optional[Path] = typer.Option(None, help="Reuse/refresh this timing cache file."),
-    plugins: str = typer.Option("auto", help="auto|on|off: on = decoder with our Triton attention plugin (TensorRT >= 10.9); auto = standard ops until the TensorRT backend runs plugin engines."),
+    plugins: str = typer.Option("auto", help="auto|on|off: on = decoder with our Triton attention plugin (TensorRT >= 10.9); auto = the plugin decoder on TensorRT >= 10.9 when the model allows it, standard ops otherwise (10.3); off = standard ops."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan only (profiles, memory, op support); "
                                  "needs no TensorRT."),
     trt_version: Optional[str] = typer.Option(None, help="With --dry-run: plan for this TensorRT version."),

@@ -18,12 +18,19 @@ Two halves:
   / get_timing_cache().serialize()`` for timing-cache reuse, ``IProgressMonitor`` (TensorRT >= 10.0)
   for progress, an ``ILogger`` writing ``engines/build.log``.
 
-The decoder engine is built from the static-cache variant of the package's decoder
-(``export/static_decoder.py``: the whole KV cache in, this step's k/v out), derived at build time from
+The decoder engine is built from a variant of the package's decoder, derived at build time from
 ``decoder.onnx`` into a temporary file next to it (it shares the decoder's external weights) and
-deleted afterwards; the portable graph stays as it is for onnxruntime. The record says
-``kv_cache: "in-place"`` and the runtime then keeps one cache buffer and captures decode steps in CUDA
-graphs. ``kv_cache="ping-pong"`` builds the portable graph as before (two cache buffers, no graphs).
+deleted afterwards; the portable graph stays as it is for onnxruntime:
+* TensorRT >= 10.9 with ``--plugins auto`` (default) or ``on``: the plugin-attention graph
+  (``export/plugin_decoder.py``: our ``prefill_attention`` AOT Triton plugin per layer, caches as input
+  + aliased output); the record says ``attention: "plugin"``, ``kv_cache: "in-place"`` and the runtime
+  binds it with ``runtime/trt_plugin_kv.py``. ``auto`` falls back to the next graph (with a note) when
+  the kernels cannot take the model (head_dim not a power of two >= 32).
+* otherwise (TensorRT 10.3 = JetPack 6, ``--plugins off``): the static-cache standard-op graph
+  (``export/static_decoder.py``: the whole KV cache in, this step's k/v out); the record says
+  ``attention: "standard"``, ``kv_cache: "in-place"``.
+Both keep one cache buffer at run time and capture decode steps in CUDA graphs.
+``kv_cache="ping-pong"`` builds the portable graph as before (two cache buffers, no graphs).
 
 Engines are written to a staging directory inside the package and renamed to ``engines/`` only when
 all three built, with ``engines/engines.json`` (the record the runtime checks) written last; an
@@ -60,7 +67,7 @@ from .trt_presets import (
     estimate_memory, max_context_that_fits, plugin_decoder_profiles, prefill_tokens_per_pass, profile_shapes,
     resolve_limits,
 )
-from ..runtime.trt_backend import PLUGIN_ENGINES_RUNNABLE
+from ..runtime import trt_backend as _runtime  # PLUGIN_ENGINES_RUNNABLE, read at plan time
 
 Plugins = Literal["auto", "on", "off"]
 BUILD_LOG = "build.log"
@@ -192,8 +199,9 @@ def plan_build(package_dir: str | Path, trt_version: str | tuple[int, ...], targ
         notes.append("the package is float32: strongly typed networks keep the ONNX precision, so the engines will be "
                      "fp32 (2x memory, slower); export with --dtype fp16 for fp16 engines")
 
-    # which decoder graph: the plugin-attention graph where TensorRT can take AOT plugins and it is asked
-    # for (--plugins on; auto once the runtime backend can bind plugin engines), else the static-cache one
+    # which decoder graph: the plugin-attention graph where TensorRT can take AOT plugins (>= 10.9) and it
+    # is asked for (--plugins on, or auto: the runtime backend binds plugin engines, trt_plugin_kv), else
+    # the static-cache standard-op one (10.3, --plugins off, or a model the kernels cannot take)
     aot = version >= AOT_MIN
     if plugins == "on" and not aot:
         raise EngineBuildError(f"--plugins on needs TensorRT >= {AOT_MIN[0]}.{AOT_MIN[1]} (AOT Python plugins); "
@@ -201,7 +209,12 @@ def plan_build(package_dir: str | Path, trt_version: str | tuple[int, ...], targ
     if plugins == "on" and kv_cache != "in-place":
         raise EngineBuildError("--plugins on builds the plugin-attention decoder, which keeps one in-place cache; "
                                "it cannot be combined with --kv-cache ping-pong")
-    want_plugin = kv_cache == "in-place" and aot and (plugins == "on" or (plugins == "auto" and PLUGIN_ENGINES_RUNNABLE))
+    want_plugin = kv_cache == "in-place" and aot and (plugins == "on" or (plugins == "auto" and _runtime.PLUGIN_ENGINES_RUNNABLE))
+    missing = _missing_kernel_modules() if want_plugin and plugins == "auto" else []
+    if missing:  # auto must not turn a working runtime-only install into a failing build
+        want_plugin = False
+        notes.append(f"plugin attention needs {', '.join(missing)} at build time (AOT-compiling the kernels: "
+                     "pip install 'llava-edge[kernels]'); not installed, so standard ops are used")
     decoder_graph = "portable" if kv_cache == "ping-pong" else "static"
 
     # graphs against the parser of this TensorRT
@@ -240,7 +253,8 @@ def plan_build(package_dir: str | Path, trt_version: str | tuple[int, ...], targ
     else:
         attention = "standard"
     register = attention == "plugin" or (plugins == "on" and any(f"{ONNX_DOMAIN}::" in k for k in dec_ops))
-    if attention == "standard" and policy != "standard" and plugins == "auto" and decoder_graph != "plugin":
+    if (attention == "standard" and policy != "standard" and plugins == "auto" and decoder_graph != "plugin"
+            and not _runtime.PLUGIN_ENGINES_RUNNABLE):
         notes.append(f"TensorRT {'.'.join(map(str, version))} could run our fused attention plugin; --plugins auto "
                      "keeps standard attention ops until the TensorRT runtime backend binds plugin engines "
                      "(--plugins on builds the plugin-attention decoder now)")
@@ -297,6 +311,14 @@ def plan_build(package_dir: str | Path, trt_version: str | tuple[int, ...], targ
                      register_plugins=register, checks=checks, memory=memory,
                      precision={n: _precision(manifest, n) for n in ENGINE_GRAPHS}, kv_cache=kv_cache, notes=notes,
                      decoder_graph=decoder_graph)
+
+
+def _missing_kernel_modules() -> list[str]:
+    """What the plugin build needs and is not installed: ``register_plugins`` AOT-compiles our Triton
+    kernels (triton, and torch which the kernel modules import). Running the engine needs neither."""
+    import importlib.util
+
+    return [m for m in ("triton", "torch") if importlib.util.find_spec(m) is None]
 
 
 def _plugin_config(manifest: Manifest) -> PluginDecoderConfig:

@@ -12,17 +12,22 @@ What it does
 * Allocates every device and pinned host buffer once, at construction, sized from the engines'
   optimization-profile maxima; ``step`` allocates nothing.
 * KV cache (``trt_kv``), by the record's ``kv_cache``:
-  - ``"in-place"`` (what ``llava-edge build`` makes): the decoder engine is the static-cache graph
+  - ``"in-place"`` (what ``llava-edge build`` makes on TensorRT < 10.9 or with ``--plugins off``): the decoder engine is the static-cache graph
     (``export/static_decoder.py``); one buffer per layer k/v at [max_batch, kvH, max_ctx, D] is bound
     whole as ``past`` every step and the step's new k/v are copied into it at the current length
     (``cudaMemcpy2DAsync``, a few KB per layer per token). The cache is never copied or reallocated.
   - ``"ping-pong"`` (engines built before): the portable graph, two slabs swapped every step, twice
     the cache memory.
+  - record ``attention == "plugin"`` (``--plugins auto|on`` on TensorRT >= 10.9; ``trt_plugin_kv``):
+    the plugin-attention graph (``export/plugin_decoder.py``); one buffer per layer k/v bound as both
+    the past input and the aliased present output (the plugin writes new k/v itself: no scatter), inputs
+    ``prompt_lens`` / ``start_pos`` instead of mask/positions, rows right-padded with per-row lengths
+    (left-padded prompts are converted at prefill), logits read at each row's last real token.
 * Profiles: 0 = prefill (T >= 1 new tokens), 1 = decode (T = 1). In-place: the prefill profile takes
   any cache length, so a prompt longer than the profile's T and tokens added to a non-empty cache
   (chat turns, prefix reuse) go through it in chunks. Ping-pong: prefill only on an empty cache,
   other T > 1 steps one token at a time through the decode profile.
-* CUDA graphs (in-place only, ``cuda_graphs=True`` by default; ``trt_cuda_graph``): the decode step
+* CUDA graphs (in-place and plugin engines, ``cuda_graphs=True`` by default; ``trt_cuda_graph``): the decode step
   (T = 1, past fixed at max_ctx, fixed buffers) is captured once per batch size and replayed; the
   input copies and the KV scatter stay outside the graph. Capture failure logs the reason and falls
   back to plain ``execute_async_v3``. Not possible with the ping-pong graph (a new shape every step).
@@ -31,7 +36,8 @@ What it does
 
 NOT run against a real TensorRT or GPU in this repository (none is available, see
 shared/ARCHITECTURE.md): the logic is tested against a fake tensorrt/cuda-python that runs the graphs
-in onnxruntime (tests/trt/test_trt_backend_fake.py).
+in onnxruntime, and plugin graphs in ``onnx.reference`` with our kernels (tests/trt/test_trt_backend_fake.py,
+test_trt_plugin_backend_fake.py).
 
 API references: TensorRT Python API ``IExecutionContext.set_input_shape / set_tensor_address /
 execute_async_v3 / set_optimization_profile_async``, ``ICudaEngine.get_tensor_profile_shape``
@@ -55,6 +61,7 @@ from ..package import Manifest
 from .ort_backend import BackendError
 from .trt_cuda_graph import CudaGraphRunner
 from .trt_kv import KV_INPLACE, KV_PINGPONG, InPlaceKV, KVDims, PingPongKV, TrtKVCache
+from .trt_plugin_kv import KV_PLUGIN, PluginDecoderSteps, PluginKV
 from .trt_memory import DeviceBuffer, PinnedBuffer, ck as _ck
 
 ENGINES_DIR = "engines"
@@ -70,9 +77,10 @@ __all__ = ["EngineFile", "EngineRecord", "EngineMismatchError", "TensorRTUnavail
 
 
 # Whether this backend binds plugin-attention decoder engines (export/plugin_decoder.py: caches as
-# input + aliased output, right-padded rows with prompt_lens/start_pos). Not yet: until it does,
-# `llava-edge build --plugins auto` keeps the standard-op decoder and such engines are refused here.
-PLUGIN_ENGINES_RUNNABLE = False
+# input + aliased output, right-padded rows with prompt_lens/start_pos): yes, with trt_plugin_kv. The
+# builder reads it: `llava-edge build --plugins auto` picks the plugin graph on TensorRT >= 10.9 only
+# when this is True (tested on CPU against a fake TensorRT only, see trt_plugin_kv).
+PLUGIN_ENGINES_RUNNABLE = True
 
 
 class TensorRTUnavailable(BackendError):
@@ -315,11 +323,16 @@ class TrtBackend:
         if self.record.kv_cache not in (KV_INPLACE, KV_PINGPONG):
             raise EngineMismatchError(f"engine record has kv_cache {self.record.kv_cache!r}, which this llava-edge does "
                                       "not know; rebuild the engines with `llava-edge build`")
-        if self.record.attention == "plugin" and not PLUGIN_ENGINES_RUNNABLE:
+        plugin = self.record.attention == "plugin"  # the binding mode comes from the record
+        if plugin and not PLUGIN_ENGINES_RUNNABLE:
             raise EngineMismatchError(
                 "these engines use the llava_edge attention plugin (built with --plugins on), which this llava-edge's "
                 "TensorRT backend cannot bind yet; rebuild with `llava-edge build --plugins off` (or auto)")
+        if plugin and self.record.kv_cache != KV_INPLACE:
+            raise EngineMismatchError(f"engine record has attention 'plugin' with kv_cache {self.record.kv_cache!r}; "
+                                      "plugin engines keep one in-place cache: rebuild with `llava-edge build`")
         inplace = self.record.kv_cache == KV_INPLACE
+        layout = KV_PLUGIN if plugin else self.record.kv_cache
         if cuda_graphs is None:
             cuda_graphs = os.environ.get(CUDA_GRAPHS_ENV, "1") != "0"
         self.float_dtype = np.dtype(manifest.dtype)
@@ -332,21 +345,22 @@ class TrtBackend:
         t = manifest.text
         self._vocab = t.vocab_size
         self.past_names = [f"past_key_values.{i}.{kv}" for i in range(t.num_layers) for kv in ("key", "value")]
-        out = "new" if inplace else "present"
+        out = "new" if layout == KV_INPLACE else "present"
         self.kv_out_names = [f"{out}.{i}.{kv}" for i in range(t.num_layers) for kv in ("key", "value")]
         dec = self.engines["decoder"]
         missing = [n for n in self.past_names + self.kv_out_names if n not in dec.names]
         if missing:
             raise EngineMismatchError(f"the decoder engine has no tensor {missing[0]} although its record says kv_cache "
-                                      f"{self.record.kv_cache!r}; rebuild the engines with `llava-edge build`")
+                                      f"{self.record.kv_cache!r} (attention {self.record.attention!r}); rebuild the "
+                                      "engines with `llava-edge build`")
 
         # every buffer, once: device I/O of vision/embed/decoder (but the cache), pinned host staging
         self.dev: dict[tuple[str, str], DeviceBuffer] = {}
         self.host: dict[tuple[str, str], PinnedBuffer] = {}
         for g, eng in self.engines.items():
             for n in eng.names:
-                if g == "decoder" and (n in self.past_names or (n in self.kv_out_names and not inplace)):
-                    continue
+                if g == "decoder" and (n in self.past_names or (n in self.kv_out_names and layout != KV_INPLACE)):
+                    continue  # the cache buffers (ping-pong slabs, plugin: bound as past and present)
                 self.dev[g, n] = self._alloc(DeviceBuffer, eng.max_bytes[n])
                 if g == "decoder" and (n == "logits" or n in self.kv_out_names):
                     continue  # logits: only [B, V] comes back (sized below); new k/v stay on the device
@@ -359,8 +373,11 @@ class TrtBackend:
             self.max_context = dec.profile_max("attention_mask", DECODE_PROFILE)[1]
         dims = KVDims(t.num_layers, t.num_kv_heads, t.head_dim, dec.dtype[self.kv_out_names[0]], self.max_batch,
                       self.max_context)
-        if inplace:
-            self.kv: InPlaceKV | PingPongKV = InPlaceKV(
+        if layout == KV_PLUGIN:
+            self.kv: InPlaceKV | PingPongKV | PluginKV = PluginKV(dims, self.past_names, self.kv_out_names,
+                                                                  self._alloc)
+        elif inplace:
+            self.kv = InPlaceKV(
                 dims, self.past_names, self.kv_out_names, [self.dev["decoder", n] for n in self.kv_out_names],
                 cudart, self.stream, self._alloc)
         else:
@@ -371,6 +388,12 @@ class TrtBackend:
         self.graphs = CudaGraphRunner(cudart, dec.context, self.stream, "decoder", enabled=cuda_graphs and inplace)
         if cuda_graphs and not inplace:
             self.graphs.disabled_reason = "ping-pong engines: the decode step has a new shape every step"
+        self._plugin_steps = None
+        if layout == KV_PLUGIN:
+            self._plugin_steps = PluginDecoderSteps(
+                dec, lambda name, a: self._h2d("decoder", name, a), self.kv, self.graphs, cudart, self.stream,
+                self.dev["decoder", "logits"], self.host["decoder", "logits"], self._logits_dtype, self._vocab,
+                self.max_prompt)
 
     @property
     def cuda_graphs(self) -> bool:
@@ -450,7 +473,11 @@ class TrtBackend:
             raise BackendError(f"{max_len} tokens > the engines' max context {self.max_context}; "
                                "rebuild with a larger --max-context or shorten the prompt/max_new_tokens")
         self._epoch += 1
-        return TrtKVCache(batch=batch, max_len=max_len, epoch=self._epoch)
+        cache = TrtKVCache(batch=batch, max_len=max_len, epoch=self._epoch)
+        if self.kv.layout == KV_PLUGIN:
+            cache.lengths = np.zeros(batch, np.int32)
+            cache.logits = np.zeros((batch, self._vocab), np.float32)
+        return cache
 
     def step(self, cache: TrtKVCache, inputs_embeds: np.ndarray, attention_mask: np.ndarray,
              position_ids: np.ndarray) -> np.ndarray:
@@ -464,6 +491,8 @@ class TrtBackend:
             raise BackendError(f"KV cache full: {cache.length} + {t} > {cache.max_len}")
         if attention_mask.shape != (b, cache.length + t):
             raise BackendError(f"attention_mask shape {attention_mask.shape} != {(b, cache.length + t)}")
+        if self._plugin_steps is not None:  # right-padded ragged rows, prompt_lens/start_pos, aliased caches
+            return self._plugin_steps.step(cache, inputs_embeds, attention_mask, position_ids)
         if self.kv.layout == KV_INPLACE:  # any T on any cache length: chunks of at most the prefill profile's T
             chunk = self.max_prompt if t > 1 else 1
             logits = None

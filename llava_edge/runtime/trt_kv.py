@@ -13,13 +13,14 @@
   never copied or reallocated, and the engine's shapes and addresses are the same every decode step
   (what CUDA graph capture needs).
 
-Both keep every row of a batch at the same length (the pipeline left-pads prompts and masks the
+(A third mode, for plugin-attention engines, is ``trt_plugin_kv.PluginKV``.) Both keep every row of a
+batch at the same length (the pipeline left-pads prompts and masks the
 padding), so one offset serves the whole batch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -42,6 +43,10 @@ class TrtKVCache:
     epoch: int
     length: int = 0
     current: int = 0  # ping-pong: slab index holding past
+    # plugin engines (trt_plugin_kv): real tokens of each row (rows start at slot 0, ragged), and the
+    # float32 [B, V] logits of each row's last real token so far
+    lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    logits: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The attention choice per TensorRT version (issue 6): which decoder graph `llava-edge build` uses, what
-the dry run reports, TensorRT's op check on the plugin-attention graph, and the runtime's refusal of
-plugin engines it cannot bind yet. No TensorRT needed (plans only)."""
+the dry run reports, TensorRT's op check on the plugin-attention graph. `--plugins auto` picks the plugin
+graph from 10.9 because the runtime binds plugin engines (trt_backend.PLUGIN_ENGINES_RUNNABLE, tested in
+test_trt_plugin_backend_fake.py); with that flag off it keeps standard ops. No TensorRT needed (plans only)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
+import llava_edge.runtime.trt_backend as tb
 from llava_edge.cli import app
 from llava_edge.export import trt_ops
 from llava_edge.export.plugin_decoder import make_plugin_decoder
@@ -21,10 +23,12 @@ from llava_edge.package import load_manifest
     ("10.3", "auto", "static", "standard"),
     ("10.3", "off", "static", "standard"),
     ("10.9", "on", "plugin", "plugin"),
-    ("10.9", "auto", "static", "standard"),  # auto waits for the runtime (trt_backend.PLUGIN_ENGINES_RUNNABLE)
+    ("10.9", "auto", "plugin", "plugin"),  # the runtime binds plugin engines (trt_backend.PLUGIN_ENGINES_RUNNABLE)
     ("10.9", "off", "static", "standard"),
     ("10.15", "on", "plugin", "plugin"),
+    ("10.15", "auto", "plugin", "plugin"),
     ("11.0", "on", "plugin", "plugin"),
+    ("11.0", "auto", "plugin", "plugin"),
     ("11.0", "off", "static", "standard"),
 ])
 def test_decoder_graph_per_version(plugin_package, version, plugins, graph, attention):
@@ -41,9 +45,32 @@ def test_decoder_graph_per_version(plugin_package, version, plugins, graph, atte
         assert not p.checks["decoder"].plugins and "attention_mask" in p.profiles["decoder"][0].shapes
 
 
-def test_auto_says_what_it_would_do(plugin_package):
+def test_auto_without_a_runtime_for_plugins_keeps_standard_ops(plugin_package, monkeypatch):
+    """The gate is the runtime flag: a llava-edge whose TensorRT backend could not bind plugin engines
+    builds standard ops under auto and says that --plugins on is possible."""
+    monkeypatch.setattr(tb, "PLUGIN_ENGINES_RUNNABLE", False)
     p = plan_build(plugin_package, "10.15", "datacenter", plugins="auto")
+    assert p.decoder_graph == "static" and p.attention == "standard"
     assert any("--plugins on builds the plugin-attention decoder" in n for n in p.notes)
+
+
+def test_auto_keeps_standard_ops_without_the_kernels_extra(plugin_package, monkeypatch):
+    """A runtime-only install (no triton/torch to AOT-compile the plugins) still builds under auto;
+    --plugins on does not fall back (it fails later, at registration, with the import error)."""
+    from llava_edge.export import trt_build
+
+    monkeypatch.setattr(trt_build, "_missing_kernel_modules", lambda: ["triton"])
+    p = plan_build(plugin_package, "11.0", "datacenter", plugins="auto")
+    assert p.decoder_graph == "static" and p.attention == "standard"
+    assert any("needs triton at build time" in n for n in p.notes)
+    assert plan_build(plugin_package, "11.0", "datacenter", plugins="on").decoder_graph == "plugin"
+
+
+def test_auto_falls_back_when_the_kernels_cannot_take_the_model(trt_package):
+    """head_dim 16 (below the kernels' 32): auto builds the static-cache graph and says why; on refuses."""
+    p = plan_build(trt_package, "10.15", "datacenter", plugins="auto")
+    assert p.decoder_graph == "static" and p.attention == "standard"
+    assert any("plugin attention not possible" in n and "head_dim 16" in n for n in p.notes)
 
 
 def test_plugins_on_refusals(plugin_package, trt_package):
@@ -75,8 +102,8 @@ def test_trt_op_check_on_the_plugin_graph(plugin_package):
 
 
 @pytest.mark.parametrize("version,plugins,graph", [("10.3", "auto", "static"), ("10.9", "on", "plugin"),
-                                                   ("10.15", "on", "plugin"), ("11.0", "on", "plugin"),
-                                                   ("11.0", "auto", "static")])
+                                                   ("10.9", "auto", "plugin"), ("10.15", "on", "plugin"),
+                                                   ("11.0", "auto", "plugin"), ("11.0", "off", "static")])
 def test_cli_dry_run_reports_the_choice(plugin_package, version, plugins, graph):
     r = CliRunner().invoke(app, ["build", str(plugin_package), "--target", "datacenter", "--dry-run",
                                  "--trt-version", version, "--plugins", plugins, "--json"])

@@ -28,11 +28,13 @@ from PIL import Image
 import llava_edge.runtime.trt_backend as tb
 from llava_edge.export import trt_presets as tp
 from llava_edge.export.static_decoder import write_static_decoder
-from llava_edge.export.trt_build import plan_build
+from llava_edge.export.plugin_decoder import write_plugin_decoder
+from llava_edge.export.trt_build import _plugin_config, plan_build
 from llava_edge.package import load_manifest
 
 CHUNK = 8
-_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+       "tensor(int32)": np.int32}
 
 
 class FakeGraph:
@@ -170,6 +172,7 @@ class FakeContext:
     def __init__(self, eng: "FakeEngine") -> None:
         self.eng, self.profile, self.shapes, self.addr = eng, 0, {}, {}
         self.runs: list[tuple[int, tuple]] = []  # (profile, inputs_embeds shape) of every execution
+        self.lengths: list[dict[str, list[int]]] = []  # plugin engines: prompt_lens/start_pos of every execution
         self.replays = 0  # of those, how many came from a graph launch
 
     def set_optimization_profile_async(self, p, stream):
@@ -190,6 +193,8 @@ class FakeContext:
         if name == "logits":
             b, t, _ = self.shapes["inputs_embeds"]
             return (b, t, d["vocab"])
+        if name in self.eng.aliases:  # plugin engines: present.* is its past input, same shape
+            return self.shapes[self.eng.aliases[name]]
         if name.startswith("present."):
             b, t, _ = self.shapes["inputs_embeds"]
             return (b, d["kvh"], self.shapes["past_key_values.0.key"][2] + t, d["hd"])
@@ -218,28 +223,63 @@ class FakeContext:
 
     def _run(self, shapes, addr, profile, replay=False):
         feeds = {}
+        aliased = {i: o for o, i in self.eng.aliases.items()}
         for n in self.eng.inputs:
             dt, shape = np.dtype(self.eng.dtypes[n]), shapes[n]
             nbytes = int(np.prod(shape)) * dt.itemsize
-            feeds[n] = np.frombuffer(ctypes.string_at(addr[n], nbytes), dt).reshape(shape) if nbytes else np.zeros(shape, dt)
-        outs = self.eng.session.run(None, feeds)
+            if n in aliased:  # the plugin updates this input in place: hand it the device memory itself
+                assert addr[aliased[n]] == addr[n], f"{aliased[n]} must be bound to {n}'s buffer (aliased I/O)"
+                mem = (ctypes.c_char * nbytes).from_address(addr[n])
+                feeds[n] = np.frombuffer(mem, dt).reshape(shape)
+                self.eng.in_place_bytes += nbytes
+            else:
+                feeds[n] = np.frombuffer(ctypes.string_at(addr[n], nbytes), dt).reshape(shape) if nbytes else np.zeros(shape, dt)
+        outs = self.eng.run(feeds)
         saved, self.shapes = self.shapes, shapes
         for n, o in zip(self.eng.outputs, outs):
             assert o.shape == tuple(self.get_tensor_shape(n)), n
+            if n in self.eng.aliases:
+                assert o is feeds[self.eng.aliases[n]], f"{n} is not its input's buffer"
+                continue  # already in place
             o = np.ascontiguousarray(o)
             ctypes.memmove(addr[n], o.ctypes.data, o.nbytes)
         self.shapes = saved
         self.runs.append((profile, shapes["inputs_embeds"] if "inputs_embeds" in shapes else ()))
+        if "prompt_lens" in feeds:
+            self.lengths.append({n: feeds[n].tolist() for n in ("prompt_lens", "start_pos")})
         self.replays += replay
 
 
 class FakeEngine:
+    """A 'plan': the ONNX graph it names, run by onnxruntime, or for a plugin-attention graph
+    (``"plugin": true``) by ``kernels.onnx_eval.PluginGraphRunner`` (the plugin nodes as the torch
+    references, or the Triton kernels with ``"impl": "triton"`` under TRITON_INTERPRET=1). Plugin
+    engines alias ``present.*`` to ``past_key_values.*`` as TensorRT's aliased plugin I/O does."""
+
     def __init__(self, spec: dict, cudart: FakeCudart | None = None) -> None:
         self.cudart = cudart
-        self.session = ort.InferenceSession(spec["onnx"], providers=["CPUExecutionProvider"])
-        self.inputs = [i.name for i in self.session.get_inputs()]
-        self.outputs = [o.name for o in self.session.get_outputs()]
-        self.dtypes = {i.name: _NP[i.type] for i in [*self.session.get_inputs(), *self.session.get_outputs()]}
+        self.aliases: dict[str, str] = {}  # output -> the input it aliases
+        self.in_place_bytes = 0  # cache bytes the plugin got as device memory (not a copy)
+        if spec.get("plugin"):
+            import onnx
+            from onnx import helper
+
+            from llava_edge.kernels.onnx_eval import PluginGraphRunner
+
+            model = onnx.load(spec["onnx"])
+            runner = PluginGraphRunner(model, spec.get("impl", "reference"))
+            self.inputs = [i.name for i in model.graph.input]
+            self.outputs = list(runner.output_names)
+            self.dtypes = {v.name: np.dtype(helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type))
+                           for v in [*model.graph.input, *model.graph.output]}
+            self.aliases = {o: o.replace("present.", "past_key_values.") for o in self.outputs if o.startswith("present.")}
+            self.run = lambda feeds: [runner.run(feeds)[n] for n in self.outputs]
+        else:
+            self.session = ort.InferenceSession(spec["onnx"], providers=["CPUExecutionProvider"])
+            self.inputs = [i.name for i in self.session.get_inputs()]
+            self.outputs = [o.name for o in self.session.get_outputs()]
+            self.dtypes = {i.name: _NP[i.type] for i in [*self.session.get_inputs(), *self.session.get_outputs()]}
+            self.run = lambda feeds: self.session.run(None, feeds)
         self.profiles = [{k: tuple(tuple(s) for s in v) for k, v in p["shapes"].items()} for p in spec["profiles"]]
         self.dims = spec["dims"]
         self.num_io_tensors = len(self.inputs) + len(self.outputs)
@@ -263,9 +303,9 @@ class FakeEngine:
         return self.contexts[-1]
 
 
-def _fake_trt(cudart: FakeCudart | None = None):
+def _fake_trt(cudart: FakeCudart | None = None, version: str = "10.3.0.30"):
     m = types.ModuleType("fake_tensorrt")
-    m.__version__ = "10.3.0.30"
+    m.__version__ = version
     m.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
     m.TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
     m.nptype = lambda dt: dt
@@ -274,14 +314,16 @@ def _fake_trt(cudart: FakeCudart | None = None):
     return m
 
 
-def _fake_package(trt_package, tmp_path: Path, kv_cache: str) -> tuple[Path, object]:
+def _fake_package(trt_package, tmp_path: Path, kv_cache: str, plugins: str = "off",
+                  version: str = "10.3.0.30", impl: str = "reference") -> tuple[Path, object]:
     """A package copy with fake 'plans' (JSON naming the ONNX graph and plan_build's profiles). In-place:
     the decoder 'engine' runs the static-cache graph derived from the package's decoder, as the builder
-    does; the record still names decoder.onnx as its source."""
-    pkg = tmp_path / f"pkg-{kv_cache}"
+    does, or (``plugins="on"``, TensorRT >= 10.9) the plugin-attention graph; the record still names
+    decoder.onnx as its source and says which attention the plan chose."""
+    pkg = tmp_path / f"pkg-{kv_cache}-{plugins}"
     shutil.copytree(trt_package, pkg)
     m = load_manifest(pkg)
-    plan = plan_build(pkg, "10.3.0.30", "orin-agx", max_batch=2, max_context=96, kv_cache=kv_cache)
+    plan = plan_build(pkg, version, "orin-agx", max_batch=2, max_context=96, kv_cache=kv_cache, plugins=plugins)
     (pkg / "engines").mkdir()
     t = m.text
     dims = {"vocab": t.vocab_size, "kvh": t.num_kv_heads, "hd": t.head_dim, "hidden": t.hidden_size,
@@ -289,21 +331,26 @@ def _fake_package(trt_package, tmp_path: Path, kv_cache: str) -> tuple[Path, obj
     files = {}
     for name in ("vision", "embed", "decoder"):
         onnx_path = pkg / m.graphs[name].file
-        if name == "decoder" and kv_cache == "in-place":
-            onnx_path = write_static_decoder(onnx_path, pkg / "decoder_static.onnx")
         spec = {"onnx": str(onnx_path), "profiles": [p.as_dict() for p in plan.profiles[name]], "dims": dims}
+        if name == "decoder" and plan.decoder_graph == "plugin":
+            spec["onnx"] = str(write_plugin_decoder(onnx_path, pkg / "decoder_plugin.onnx", t.num_heads, t.num_kv_heads,
+                                                    t.head_dim, _plugin_config(m)))
+            spec["plugin"], spec["impl"] = True, impl
+        elif name == "decoder" and kv_cache == "in-place":
+            spec["onnx"] = str(write_static_decoder(onnx_path, pkg / "decoder_static.onnx"))
         data = json.dumps(spec).encode()
         (pkg / "engines" / f"{name}.plan").write_bytes(data)
         files[name] = tb.EngineFile(f"engines/{name}.plan", m.graphs[name].file, m.graphs[name].size_bytes, len(data),
                                     m.dtype, spec["profiles"])
-    rec = tb.EngineRecord(tb.RECORD_FORMAT, "10.3.0.30", "FakeGPU", "8.7", "orin-agx", {}, "standard", [], True,
-                          kv_cache, files)
+    rec = tb.EngineRecord(tb.RECORD_FORMAT, version, "FakeGPU", "8.7", "orin-agx", {}, plan.attention,
+                          sorted(plan.checks["decoder"].plugins), True, plan.kv_cache, files)
     (pkg / "engines" / tb.RECORD_NAME).write_text(rec.to_json())
     return pkg, m
 
 
 def _open(pkg, m, monkeypatch, cudart: FakeCudart, **kw) -> tb.TrtBackend:
-    monkeypatch.setattr(tb, "import_tensorrt", lambda: _fake_trt(cudart))
+    version = json.loads((pkg / "engines" / tb.RECORD_NAME).read_text())["tensorrt_version"]
+    monkeypatch.setattr(tb, "import_tensorrt", lambda: _fake_trt(cudart, version))
     monkeypatch.setattr(tb, "import_cudart", lambda: cudart)
     return tb.TrtBackend(pkg, m, **kw)
 
@@ -524,14 +571,22 @@ def test_record_layout_must_match_engine(inplace_package, monkeypatch):
         _open(pkg, m, monkeypatch, FakeCudart())
 
 
-def test_plugin_attention_engines_are_refused_until_bound(trt_package, tmp_path, monkeypatch):
-    """Engines built with --plugins on (attention "plugin" in the record) need a binding mode this backend
-    does not have yet (caches as input + aliased output, prompt_lens/start_pos): a clear error, not a
-    crash on a missing tensor."""
+def test_plugin_record_needs_a_plugin_engine_and_a_runtime_that_binds_it(trt_package, tmp_path, monkeypatch):
+    """The binding mode comes from the record: attention "plugin" binds present.* (aliased caches), so a
+    standard-op engine under such a record is a clear error, not a crash; and a llava-edge whose backend
+    cannot bind plugin engines (PLUGIN_ENGINES_RUNNABLE off) refuses them with what to rebuild."""
     pkg, m = _fake_package(trt_package, tmp_path, "in-place")
     rec_path = pkg / "engines" / tb.RECORD_NAME
     rec = json.loads(rec_path.read_text())
     rec["attention"], rec["plugins"] = "plugin", ["prefill_attention"]
     rec_path.write_text(json.dumps(rec))
+    with pytest.raises(tb.EngineMismatchError, match="no tensor present.0.key"):
+        _open(pkg, m, monkeypatch, FakeCudart())
+    monkeypatch.setattr(tb, "PLUGIN_ENGINES_RUNNABLE", False)
     with pytest.raises(tb.EngineMismatchError, match="--plugins off"):
+        _open(pkg, m, monkeypatch, FakeCudart())
+    monkeypatch.setattr(tb, "PLUGIN_ENGINES_RUNNABLE", True)
+    rec["kv_cache"] = "ping-pong"
+    rec_path.write_text(json.dumps(rec))
+    with pytest.raises(tb.EngineMismatchError, match="one in-place cache"):
         _open(pkg, m, monkeypatch, FakeCudart())

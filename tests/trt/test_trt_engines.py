@@ -92,3 +92,26 @@ def test_engines_refused_after_tampering(built_package, tmp_path):
     rec_path.write_text(json.dumps(rec))
     with pytest.raises(EngineMismatchError, match="TensorRT 10.0.0.1"):
         TrtBackend(pkg, load_manifest(pkg))
+
+
+def test_plugin_engines_tokens_match_onnxruntime(trt_gpu, plugin_package, tmp_path):
+    """TensorRT >= 10.9: `--plugins auto` builds the plugin-attention decoder (head_dim 32 package) and the
+    backend binds it (trt_plugin_kv); greedy tokens of a ragged batch match onnxruntime."""
+    from llava_edge.export.trt_build import build_engines
+    from llava_edge.kernels.trt_plugins import AOT_MIN, parse_trt_version
+    from llava_edge.runtime.trt_backend import import_tensorrt
+
+    if parse_trt_version(import_tensorrt().__version__) < AOT_MIN:
+        pytest.skip("plugin engines need TensorRT >= 10.9 (AOT plugins)")
+    pkg = tmp_path / "package"
+    shutil.copytree(plugin_package, pkg)
+    result = build_engines(pkg, target="auto", max_batch=2, max_context=128, workspace_gb=0.5)
+    assert result.record.attention == "plugin" and result.record.plugins == ["prefill_attention"]
+    ort_pipe, trt_pipe = _pipelines(pkg)
+    assert trt_pipe.backend.kv.layout == "plugin"
+    prompts = ["describe the shape", "what colour is the square on the left ?"]
+    a = ort_pipe.generate_batch([None, None], prompts, max_new_tokens=8)
+    b = trt_pipe.generate_batch([None, None], prompts, max_new_tokens=8)
+    assert [r.token_ids for r in b] == [r.token_ids for r in a]
+    graphs = trt_pipe.backend.graphs
+    assert graphs.enabled and graphs.captures >= 1, graphs.disabled_reason
