@@ -376,6 +376,13 @@ def _make_progress(trt, emit: Callable[[str], None]):
     return _Progress()
 
 
+def _plugin_hint(plugin_graph: bool) -> str:
+    # The plugin path (AOT Triton kernels, aliased plugin I/O, a preview feature) has never met a real
+    # TensorRT in this project's tests; the standard-op graph is the fallback a user can take at once.
+    return ("\n(this is the plugin-attention decoder; `llava-edge build --plugins off` builds the standard-op "
+            "graph instead)") if plugin_graph else ""
+
+
 def _build_one(trt, logger, onnx_path: Path, profiles: list[Profile], workspace_gb: float, cache_bytes: bytes | None,
                emit: Callable[[str], None], fp32: bool = False, aliased_plugin_io: bool = False) -> tuple[bytes, bytes]:
     """One ONNX graph -> serialized plan; returns (plan, updated timing cache). ``aliased_plugin_io``
@@ -387,7 +394,7 @@ def _build_one(trt, logger, onnx_path: Path, profiles: list[Profile], workspace_
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise EngineBuildError(f"TensorRT could not parse {onnx_path.name}: {errs}")
+        raise EngineBuildError(f"TensorRT could not parse {onnx_path.name}: {errs}{_plugin_hint(aliased_plugin_io)}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * GiB))
     if aliased_plugin_io:
@@ -412,7 +419,8 @@ def _build_one(trt, logger, onnx_path: Path, profiles: list[Profile], workspace_
     config.set_timing_cache(cache, ignore_mismatch=False)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise EngineBuildError(f"TensorRT failed to build {onnx_path.name}: {'; '.join(logger.errors[-3:]) or 'see build.log'}")
+        raise EngineBuildError(f"TensorRT failed to build {onnx_path.name}: {'; '.join(logger.errors[-3:]) or 'see build.log'}"
+                               f"{_plugin_hint(aliased_plugin_io)}")
     return bytes(plan), bytes(config.get_timing_cache().serialize())
 
 
