@@ -34,7 +34,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -407,7 +407,8 @@ def _loop(name: str, st: StageConfig, params: list[nn.Parameter], step_fn: Calla
         if step % 100 == 0 or step == st.steps - 1:
             print(f"[{name}] step {step:5d}/{st.steps} loss {ema:.4f} ({time.time() - t0:.0f}s)", flush=True)
     log[name] = {"steps_planned": st.steps, "steps_done": done, "final_loss_ema": ema,
-                 "seconds": round(time.time() - t0, 1), "batch": st.batch, "lr": st.lr}
+                 "seconds": round(time.time() - t0, 1), "batch": st.batch, "lr": st.lr,
+                 "threads": torch.get_num_threads()}
 
 
 def _batch(seed: int, stage: int, step: int, size: int) -> list[D.Sample]:
@@ -416,19 +417,44 @@ def _batch(seed: int, stage: int, step: int, size: int) -> list[D.Sample]:
     return list(D.generate(seed, size, start))
 
 
-def train(out: str | Path, cfg: TrainConfig) -> dict:
-    """Run every stage and save a llava-hf checkpoint directory at ``out``. Returns the log."""
+STAGES = ("vision", "language", "stage1", "stage2", "stage2b")
+
+
+def train(out: str | Path, cfg: TrainConfig, stages: Sequence[str] = STAGES, resume: str | Path | None = None) -> dict:
+    """Run ``stages`` (in recipe order) and save a llava-hf checkpoint directory at ``out``. Returns the log.
+
+    ``resume``: start from a checkpoint this script wrote (e.g. one trained up to stage 2) instead of
+    fresh weights, as LLaVA's own scripts run pre-training and fine-tuning as separate commands; the
+    new ``training_info.json`` keeps the earlier stages' log and says where it resumed from.
+    """
     if cfg.seed == D.HELDOUT_SEED:
         raise UsageError(f"seed {cfg.seed} is the held-out split's seed; pick another")
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise UsageError(f"unknown stage(s) {unknown or stages!r}; stages are {', '.join(STAGES)}")
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     t_start = time.time()
     deadline = None if cfg.minutes_budget is None else t_start + 60 * cfg.minutes_budget
     mc = cfg.model
     tok = build_tokenizer(cfg.seed)
-    model = build_model(mc, tok.get_vocab_size())
+    base_info: dict = {}
+    if resume is not None:
+        from transformers import LlavaForConditionalGeneration
+
+        resume = Path(resume)
+        if not (resume / "config.json").is_file():
+            raise UsageError(f"--resume {resume}: not a checkpoint directory (no config.json)")
+        model = LlavaForConditionalGeneration.from_pretrained(resume)
+        if model.config.text_config.vocab_size != tok.get_vocab_size():
+            raise UsageError(f"--resume {resume}: its vocabulary ({model.config.text_config.vocab_size}) is not "
+                             f"this seed's tokenizer's ({tok.get_vocab_size()})")
+        if (resume / "training_info.json").is_file():
+            base_info = json.loads((resume / "training_info.json").read_text())
+    else:
+        model = build_model(mc, tok.get_vocab_size())
     model.train()
-    log: dict = {}
+    log: dict = {k: v for k, v in base_info.get("log", {}).items() if isinstance(v, dict)}
     vt = model.model.vision_tower
     proj = model.model.multi_modal_projector
     lm = model.model.language_model
@@ -464,7 +490,8 @@ def train(out: str | Path, cfg: TrainConfig) -> dict:
             loss = loss + F.binary_cross_entropy_with_logits(heads.inventory(f), inv)
         return loss
 
-    _loop("vision", cfg.vision, [*vt.parameters(), *heads.parameters()], vision_step, deadline, log)
+    if "vision" in stages:
+        _loop("vision", cfg.vision, [*vt.parameters(), *heads.parameters()], vision_step, deadline, log)
     del heads
     vt.requires_grad_(False)
     vt.eval()
@@ -486,7 +513,8 @@ def train(out: str | Path, cfg: TrainConfig) -> dict:
         return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
 
     lm_params = [*lm.parameters(), *model.lm_head.parameters()]
-    _loop("language", cfg.language, lm_params, language_step, deadline, log)
+    if "language" in stages:
+        _loop("language", cfg.language, lm_params, language_step, deadline, log)
 
     # Stage 1: projector only, captions.
     for p in lm_params:
@@ -497,7 +525,8 @@ def train(out: str | Path, cfg: TrainConfig) -> dict:
         b = pad_batch([encode_conversation(tok, [(DESCRIBE, s.caption)], n_img) for s in samples])
         return model(pixel_values=pixels(s.image for s in samples), **b).loss
 
-    _loop("stage1", cfg.stage1, list(proj.parameters()), stage1_step, deadline, log)
+    if "stage1" in stages:
+        _loop("stage1", cfg.stage1, list(proj.parameters()), stage1_step, deadline, log)
 
     # Stage 2: projector + LM, instruction conversations.
     for p in lm_params:
@@ -509,23 +538,31 @@ def train(out: str | Path, cfg: TrainConfig) -> dict:
                        for s in samples])
         return model(pixel_values=pixels(s.image for s in samples), **b).loss
 
-    _loop("stage2", cfg.stage2, [*proj.parameters(), *lm_params], stage2_step, deadline, log)
+    if "stage2" in stages:
+        _loop("stage2", cfg.stage2, [*proj.parameters(), *lm_params], stage2_step, deadline, log)
 
-    # Stage 2b: the same, focused on the question types stage 2 leaves at chance (FOCUS_WEIGHTS).
+    # Stage 2b: the same, focused on the question types stage 2 leaves at chance (FOCUS_WEIGHTS), with
+    # its own data range and conversation stream.
+    focus_rng = np.random.default_rng([cfg.seed, 99])
+
     def stage2b_step(step: int) -> torch.Tensor:
-        samples = _batch(cfg.seed, 4, step, cfg.stage2b.batch)
-        b = pad_batch([encode_conversation(tok, sample_turns(s, data_rng, cfg.describe_prob, cfg.focus_weights), n_img)
-                       for s in samples])
+        samples = _batch(cfg.seed, 5, step, cfg.stage2b.batch)
+        b = pad_batch([encode_conversation(tok, sample_turns(s, focus_rng, cfg.describe_prob, cfg.focus_weights),
+                                           n_img) for s in samples])
         return model(pixel_values=pixels(s.image for s in samples), **b).loss
 
-    _loop("stage2b", cfg.stage2b, [*proj.parameters(), *lm_params], stage2b_step, deadline, log)
+    if "stage2b" in stages:
+        _loop("stage2b", cfg.stage2b, [*proj.parameters(), *lm_params], stage2b_step, deadline, log)
 
     model.eval()
-    log["total_seconds"] = round(time.time() - t_start, 1)
+    log["total_seconds"] = round(time.time() - t_start + base_info.get("log", {}).get("total_seconds", 0.0), 1)
     log["budget_hit"] = any(v["steps_done"] < v["steps_planned"] for v in log.values() if isinstance(v, dict))
     save_checkpoint(out, model, tok, mc)
-    info = {"config": asdict(cfg), "log": log, "num_parameters": sum(p.numel() for p in model.parameters()),
-            "torch": torch.__version__}
+    info = {"config": asdict(cfg), "stages": list(stages), "log": log,
+            "num_parameters": sum(p.numel() for p in model.parameters()), "torch": torch.__version__}
+    if resume is not None:
+        info["resumed_from"] = {"path": str(resume), "stages": base_info.get("stages", list(STAGES[:4])),
+                                "config": base_info.get("config")}
     (Path(out) / "training_info.json").write_text(json.dumps(info, indent=2))
     return info
 
@@ -560,9 +597,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--minutes-budget", type=float, default=None, help="safety cap on wall time")
     ap.add_argument("--steps-scale", type=float, default=1.0, help="scale every stage's steps (tests: 0.01)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, from {','.join(STAGES)}")
+    ap.add_argument("--resume", default=None, help="start from this checkpoint (written by this script)")
     a = ap.parse_args(argv)
     cfg = TrainConfig(seed=a.seed, threads=a.threads, minutes_budget=a.minutes_budget).scaled(a.steps_scale)
-    info = train(a.out, cfg)
+    info = train(a.out, cfg, stages=[s.strip() for s in a.stages.split(",") if s.strip()], resume=a.resume)
     print(json.dumps(info["log"], indent=2))
 
 

@@ -133,3 +133,27 @@ def test_weighted_turns_follow_the_weights() -> None:
             elif q.startswith("how many "):
                 tok_counts["count_color"] += 1
     assert tok_counts["count_color"] > 3 * tok_counts["count"] > 0
+
+
+def test_resume_runs_only_the_named_stages(tiny_run: tuple[Path, dict], tmp_path: Path) -> None:
+    """The two-command recipe: a checkpoint trained through stage 2, then stage 2b resumed from it."""
+    from safetensors.torch import load_file
+
+    base, _ = tiny_run
+    info = T.train(tmp_path / "b", _tiny_cfg(), stages=["stage2b"], resume=base)
+    assert info["stages"] == ["stage2b"] and info["resumed_from"]["path"] == str(base)
+    assert set(info["log"]) >= {"vision", "language", "stage1", "stage2", "stage2b"}  # earlier log kept
+    a, b = load_file(base / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    tower = [k for k in a if "vision_tower" in k]
+    lm = [k for k in a if "language_model" in k or k.startswith("lm_head")]
+    assert tower and all(torch.equal(a[k], b[k]) for k in tower)  # frozen
+    assert any(not torch.equal(a[k], b[k]) for k in lm)  # trained
+
+
+def test_bad_stage_or_resume_is_a_usage_error(tmp_path: Path) -> None:
+    from llava_edge.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown stage"):
+        T.train(tmp_path / "x", _tiny_cfg(), stages=["stage3"])
+    with pytest.raises(UsageError, match="not a checkpoint"):
+        T.train(tmp_path / "y", _tiny_cfg(), stages=["stage2b"], resume=tmp_path)
