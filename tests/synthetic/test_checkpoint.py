@@ -56,14 +56,16 @@ def test_training_preprocessing_matches_processor() -> None:
 
 
 def test_sees_well_above_chance(answerer: E.AnswerFn) -> None:
-    res = E.evaluate(answerer, n=25, start=1000)  # held-out samples the docs' run also covers
+    res = E.evaluate(answerer, n=80, start=1000)  # held-out samples the docs' run also covers
     acc = E.overall(res)
     blind = sum(r["chance_blind"] * r["n"] for r in res.values()) / sum(r["n"] for r in res.values())
-    assert acc > blind + 0.2, E.format_table(res)
-    # the types the shipped model has learned (docs/synthetic.md); shape/exists/count_color are near chance
-    for qt in ("count", "color", "size", "position", "text"):
-        r = res[qt]
+    assert acc > blind + 0.3, E.format_table(res)
+    # every question type, count_color and exists included since stage 2b (docs/synthetic.md); measured
+    # on these 80 scenes: the weakest margin is shape, 60.3% vs 34.6% majority / 39.7% blind
+    assert set(res) == set(D.QUESTION_TYPES)
+    for qt, r in res.items():
         assert r["accuracy"] >= max(r["chance"], r["chance_uniform"]) + 0.2, (qt, E.format_table(res))
+        assert r["accuracy"] >= r["chance_blind"] + 0.1, (qt, E.format_table(res))
 
 
 def test_demo_answers_mostly_right(answerer: E.AnswerFn) -> None:
@@ -75,7 +77,7 @@ def test_demo_answers_mostly_right(answerer: E.AnswerFn) -> None:
         for q, a in zip(questions, answers):
             right += E.normalize(answerer(image, q)) == a
             total += 1
-    assert right / total > 0.4, (right, total)
+    assert right / total > 0.6, (right, total)  # 19/26 with the shipped checkpoint
 
 
 def test_training_info_is_recorded() -> None:
