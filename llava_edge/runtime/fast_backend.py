@@ -24,6 +24,7 @@ import onnxruntime as ort
 
 from ..package import Manifest
 from .ort_backend import BackendError, session_options
+from .ragged import right_align
 
 
 @dataclass
@@ -99,12 +100,7 @@ class FastOrtBackend:
         embeds = inputs_embeds.astype(self.float_dtype, copy=False)
         if not cache.lengths.any():
             # prefill: left-padded rows -> right-padded from position 0
-            n = attention_mask[:, -t:].sum(axis=1).astype(np.int32)
-            if (n < t).any():
-                packed = np.zeros_like(embeds)
-                for i in range(b):
-                    packed[i, : n[i]] = embeds[i, t - n[i]:]
-                embeds = packed
+            embeds, n = right_align(embeds, attention_mask[:, -t:])
             new_lengths = n
             index = np.arange(b, dtype=np.int64) * t + (n - 1)
         else:

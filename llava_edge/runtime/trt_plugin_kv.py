@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .ort_backend import BackendError
+from .ragged import right_align
 from .trt_kv import Alloc, KVDims, TrtKVCache
 from .trt_memory import DeviceBuffer, PinnedBuffer, ck, memcpy_kind
 
@@ -81,18 +82,7 @@ class PluginChunk:
 class RaggedRows:
     """Host-side conversion of the pipeline's step (mask columns) into right-padded rows with lengths."""
 
-    @staticmethod
-    def pack(embeds: np.ndarray, new_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Each row's real new tokens (mask 1, in order) moved to the front: ``(packed [B,T,E], n [B])``.
-        The pipeline's left padding becomes right padding; all-ones columns are returned as they are."""
-        real = new_mask.astype(bool)
-        n = real.sum(axis=1).astype(np.int32)
-        if real.all():
-            return embeds, n
-        packed = np.zeros_like(embeds)
-        for r in range(embeds.shape[0]):
-            packed[r, : n[r]] = embeds[r, real[r]]
-        return packed, n
+    pack = staticmethod(right_align)  # runtime/ragged.py, shared with the onnxruntime fast backend
 
     @staticmethod
     def chunks(packed: np.ndarray, n: np.ndarray, lengths: np.ndarray, chunk: int) -> Iterator[PluginChunk]:
