@@ -66,3 +66,20 @@ def test_word_level_tokenizer_spacing() -> None:
     tok = word_tokenizer(n_samples=20)
     ids = tok.encode("top left", add_special_tokens=False).ids
     assert "".join(_stream(tok, ids)) == tok.decode(ids) == "top left"
+
+
+def test_stop_string_ends_generation_and_cuts_the_text(tiny_models) -> None:
+    from PIL import Image
+
+    from llava_edge.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_package(tiny_models["llava-hf-v1.5"]["package"], prefix_cache=0)
+    image = Image.new("RGB", (32, 24), (200, 30, 30))
+    full = pipe.generate(image, "What is in the picture?", max_new_tokens=24)
+    text = full.text
+    assert len(text) > 12, text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]  # a piece from the middle of the answer
+    cut = pipe.generate(image, "What is in the picture?", max_new_tokens=24, stop=[stop, "\x00never"])
+    assert cut.finish_reason == "stop"
+    assert cut.text == text[: text.find(stop)].strip()
+    assert len(cut.token_ids) < len(full.token_ids)

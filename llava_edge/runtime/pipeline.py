@@ -237,7 +237,8 @@ class Pipeline:
                     finish[i] = "eos"
                     continue
                 delta = detok[i].push(tok)
-                if stop and any(s in detok[i].text for s in stop):
+                # a stop string not seen before must end inside this delta: look at the tail only
+                if stop and any(s in detok[i].text[-(len(delta) + len(s)):] for s in stop):
                     finish[i] = "stop"
                 if delta:
                     yield TokenEvent(i, tok, delta)
