@@ -532,27 +532,27 @@ def train(out: str | Path, cfg: TrainConfig, stages: Sequence[str] = STAGES, res
     for p in lm_params:
         p.requires_grad_(True)
 
-    def stage2_step(step: int) -> torch.Tensor:
-        samples = _batch(cfg.seed, 3, step, cfg.stage2.batch)
-        b = pad_batch([encode_conversation(tok, sample_turns(s, data_rng, cfg.describe_prob, cfg.turn_weights), n_img)
-                       for s in samples])
-        return model(pixel_values=pixels(s.image for s in samples), **b).loss
+    def conversation_step(data_stage: int, st: StageConfig, rng: np.random.Generator,
+                          weights: dict[str, float] | None) -> Callable[[int], torch.Tensor]:
+        """Stages 2 and 2b: instruction conversations, loss on answers; they differ in data and mix."""
+        def step_fn(step: int) -> torch.Tensor:
+            samples = _batch(cfg.seed, data_stage, step, st.batch)
+            b = pad_batch([encode_conversation(tok, sample_turns(s, rng, cfg.describe_prob, weights), n_img)
+                           for s in samples])
+            return model(pixel_values=pixels(s.image for s in samples), **b).loss
+
+        return step_fn
 
     if "stage2" in stages:
-        _loop("stage2", cfg.stage2, [*proj.parameters(), *lm_params], stage2_step, deadline, log)
+        _loop("stage2", cfg.stage2, [*proj.parameters(), *lm_params],
+              conversation_step(3, cfg.stage2, data_rng, cfg.turn_weights), deadline, log)
 
     # Stage 2b: the same, focused on the question types stage 2 leaves at chance (FOCUS_WEIGHTS), with
     # its own data range and conversation stream.
-    focus_rng = np.random.default_rng([cfg.seed, 99])
-
-    def stage2b_step(step: int) -> torch.Tensor:
-        samples = _batch(cfg.seed, 5, step, cfg.stage2b.batch)
-        b = pad_batch([encode_conversation(tok, sample_turns(s, focus_rng, cfg.describe_prob, cfg.focus_weights),
-                                           n_img) for s in samples])
-        return model(pixel_values=pixels(s.image for s in samples), **b).loss
-
     if "stage2b" in stages:
-        _loop("stage2b", cfg.stage2b, [*proj.parameters(), *lm_params], stage2b_step, deadline, log)
+        _loop("stage2b", cfg.stage2b, [*proj.parameters(), *lm_params],
+              conversation_step(5, cfg.stage2b, np.random.default_rng([cfg.seed, 99]), cfg.focus_weights),
+              deadline, log)
 
     model.eval()
     log["total_seconds"] = round(time.time() - t_start + base_info.get("log", {}).get("total_seconds", 0.0), 1)
