@@ -47,6 +47,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..kernels.trt_plugins import ONNX_DOMAIN, plugin_node
+from .static_decoder import write_derived_decoder
 
 __all__ = ["PluginDecoderConfig", "PluginDecoderError", "plugin_decoder_io_names", "make_plugin_decoder",
            "write_plugin_decoder", "SCRATCH"]
@@ -263,9 +264,6 @@ def write_plugin_decoder(decoder_path: str | Path, out_path: str | Path, num_hea
                          head_dim: int, cfg: PluginDecoderConfig = PluginDecoderConfig()) -> Path:
     """Derive the plugin graph of ``decoder_path`` and save it as ``out_path``, next to the decoder (its
     external weights are referenced, not copied)."""
-    src, dst = Path(decoder_path), Path(out_path)
-    if src.resolve().parent != dst.resolve().parent:
-        raise PluginDecoderError(f"{dst} must be next to {src} (it shares the decoder's external data)")
-    model = onnx.load(str(src), load_external_data=False)
-    onnx.save_model(make_plugin_decoder(model, num_heads, num_kv_heads, head_dim, cfg), str(dst))
-    return dst
+    return write_derived_decoder(decoder_path, out_path,
+                                 lambda m: make_plugin_decoder(m, num_heads, num_kv_heads, head_dim, cfg),
+                                 PluginDecoderError)

@@ -36,12 +36,13 @@ KV-cache layer, would remove that; not done here.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import onnx
 from onnx import helper
 
 __all__ = ["STATIC_OUTPUT_PREFIX", "StaticDecoderError", "static_decoder_io_names", "make_static_decoder",
-           "write_static_decoder"]
+           "write_static_decoder", "write_derived_decoder"]
 
 STATIC_OUTPUT_PREFIX = "new"
 MAX_IR_VERSION = 10
@@ -105,15 +106,22 @@ def make_static_decoder(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def write_static_decoder(decoder_path: str | Path, out_path: str | Path) -> Path:
-    """Derive the static-cache graph of ``decoder_path`` and save it as ``out_path``.
+def write_derived_decoder(decoder_path: str | Path, out_path: str | Path,
+                          derive: Callable[[onnx.ModelProto], onnx.ModelProto],
+                          error: type[Exception] = StaticDecoderError) -> Path:
+    """Load ``decoder_path`` without its weights, ``derive`` a variant graph and save it as ``out_path``.
 
     ``out_path`` must be in the same directory as the decoder: its weights stay where they are (the
     external data file, if the decoder has one, is referenced, not copied; an inline decoder, < 1 GB
-    by the exporter's rule, is copied inline)."""
+    by the exporter's rule, is copied inline). Shared by the static-cache and plugin-attention variants."""
     src, dst = Path(decoder_path), Path(out_path)
     if src.resolve().parent != dst.resolve().parent:
-        raise StaticDecoderError(f"{dst} must be next to {src} (it shares the decoder's external data)")
+        raise error(f"{dst} must be next to {src} (it shares the decoder's external data)")
     model = onnx.load(str(src), load_external_data=False)
-    onnx.save_model(make_static_decoder(model), str(dst))
+    onnx.save_model(derive(model), str(dst))
     return dst
+
+
+def write_static_decoder(decoder_path: str | Path, out_path: str | Path) -> Path:
+    """Derive the static-cache graph of ``decoder_path`` and save it as ``out_path``, next to it."""
+    return write_derived_decoder(decoder_path, out_path, make_static_decoder)
