@@ -41,7 +41,7 @@ __all__ = ["DecodeWorkspace", "decode_attention", "default_num_splits"]
 def _decode_attention_kernel(
     Q, K_new, V_new, Seq_lens, Cos, Sin, K_cache, V_cache,  # inputs
     Partial_O, Partial_ML, Counters,  # split-K scratch (counters must start at 0; left at 0)
-    num_kv_heads, max_seq, chunk,  # int32 scalars
+    num_kv_heads, max_seq,  # int32 scalars
     Out, K_cache_out, V_cache_out, Partial_O_out, Partial_ML_out, Counters_out,  # outputs; all but Out
     # alias the input of the same name (in-place state): reads go through the input, writes through the output
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -84,6 +84,9 @@ def _decode_attention_kernel(
         tl.store(K_cache_out + cache_base + L * HEAD_DIM + HALF + offs_d, kr2)
         tl.store(V_cache_out + cache_base + L * HEAD_DIM + offs_dv, vn)
 
+    # This sequence's own L + 1 positions are shared out over the splits (whole BLOCK_N blocks), so
+    # a short sequence in a long cache still keeps every split busy, with no host-side sync.
+    chunk = tl.cdiv(tl.cdiv(L + 1, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, L + 1)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
@@ -216,7 +219,6 @@ def decode_attention(
     num_splits = num_splits or default_num_splits(B, kvH, S, block_n, q.device)
     if num_splits & (num_splits - 1):
         raise ValueError(f"num_splits must be a power of two, got {num_splits}")
-    chunk = triton.cdiv(triton.cdiv(S, num_splits), block_n) * block_n
     if workspace is None and num_splits > 1:
         workspace = DecodeWorkspace.allocate(B, H, kvH, D, num_splits, q.device)
     if workspace is not None and num_splits > 1 and not workspace.fits(B, H, kvH, D, num_splits):
@@ -231,7 +233,7 @@ def decode_attention(
     _decode_attention_kernel[(B, kvH, num_splits)](
         q.contiguous(), k.contiguous(), v.contiguous(), seq_lens.to(torch.int32), cos.float().contiguous(),
         sin.float().contiguous(), k_cache, v_cache, *scratch,
-        kvH, S, chunk,
+        kvH, S,
         out, k_cache, v_cache, *scratch,
         HEAD_DIM=D, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         NUM_SPLITS=num_splits, QK_SCALE=scale * 1.4426950408889634,

@@ -188,7 +188,7 @@ def compile_decode_attention(
     const = dict(HEAD_DIM=head_dim, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
                  NUM_SPLITS=num_splits, QK_SCALE=scale * 1.4426950408889634,
                  DOT_PRECISION="ieee" if dtype == "float32" else "tf32")
-    return _compile(fn, ptrs, ["num_kv_heads", "max_seq", "chunk"], const, cc)
+    return _compile(fn, ptrs, ["num_kv_heads", "max_seq"], const, cc)
 
 
 def compile_prefill_attention(
@@ -261,7 +261,6 @@ def register_plugins(cc: int | None = None) -> None:
     CI (no TensorRT there); the kernels and their AOT compilation are.
     """
     trt, trtp = _import_tensorrt()
-    import triton
 
     dt = {trt.float16: "float16", trt.float32: "float32"}
 
@@ -289,8 +288,7 @@ def register_plugins(cc: int | None = None) -> None:
         max_seq = _const(k_cache.shape_expr[2], "max_seq")
         kern = compile_decode_attention(dt[q.dtype], head_dim, heads // kv_heads, num_splits, block_n,
                                         sm_scale or None, cc)
-        chunk = triton.cdiv(triton.cdiv(max_seq, num_splits), block_n) * block_n
-        args = trtp.SymIntExprs.from_tuple([trtp.SymInt32(x) for x in (kv_heads, max_seq, chunk)])
+        args = trtp.SymIntExprs.from_tuple([trtp.SymInt32(x) for x in (kv_heads, max_seq)])
         return kern.name.encode(), kern.ptx.encode(), _launch(trtp, kern, (q.shape_expr[0], kv_heads, num_splits)), args
 
     # ---- prefill attention

@@ -102,3 +102,23 @@ def test_decode_rejects_what_it_cannot_do(device) -> None:
     with pytest.raises(ValueError, match="workspace"):
         ws = DecodeWorkspace.allocate(B, H, kvH, D, 2, device)
         decode_attention(q, k, k, cache, cache.clone(), lens, cos, sin, num_splits=4, workspace=ws)
+
+
+def test_short_sequence_in_long_cache_uses_every_split(device) -> None:
+    """Splits share out each sequence's own length, not the cache's: 41 positions over 4 splits of
+    16-token blocks give three busy splits (positions 0-15, 16-31, 32-40) and one empty, where
+    sizing splits by the 131-slot cache would leave everything to split 0 (batch 1 would then use a
+    quarter of the programs it launches on a GPU)."""
+    B, H, kvH, D, S, splits = 1, 4, 2, 32, 131, 4
+    lens = torch.tensor([40], dtype=torch.int32, device=device)
+    q, k, v = (torch.randn(B, n, D, device=device) for n in (H, kvH, kvH))
+    k_cache = _poisoned_cache(B, kvH, S, D, lens, torch.float32, device)
+    v_cache = _poisoned_cache(B, kvH, S, D, lens, torch.float32, device)
+    cos, sin = rope_cos_sin(S, D, device=device)
+    expected = decode_attention_ref(q, k, v, k_cache.clone(), v_cache.clone(), lens, cos, sin)
+    ws = DecodeWorkspace.allocate(B, H, kvH, D, splits, device)
+    out = decode_attention(q, k, v, k_cache, v_cache, lens, cos, sin, num_splits=splits, block_n=16, workspace=ws)
+    torch.testing.assert_close(out, expected, **TOL[torch.float32])
+    running_max = ws.partial_ml[0, :, :, 0].cpu()  # [H, splits]
+    assert torch.isfinite(running_max[:, :3]).all(), running_max
+    assert torch.isneginf(running_max[:, 3]).all(), running_max
