@@ -200,6 +200,7 @@ def decode_attention(
     block_n: int = 64,
     workspace: DecodeWorkspace | None = None,
     out: torch.Tensor | None = None,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """One decode step for every sequence of the batch; mutates ``k_cache``/``v_cache`` in place.
 
@@ -237,6 +238,6 @@ def decode_attention(
         out, k_cache, v_cache, *scratch,
         HEAD_DIM=D, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         NUM_SPLITS=num_splits, QK_SCALE=scale * 1.4426950408889634,
-        DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32", num_warps=num_warps,
     )
     return out

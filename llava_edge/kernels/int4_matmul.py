@@ -21,9 +21,20 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["int4_matmul", "int4_gemv", "int4_gemm", "GEMV_MAX_ROWS"]
+__all__ = ["int4_matmul", "int4_gemv", "int4_gemm", "gemv_tile_groups", "GEMV_MAX_ROWS", "GEMV_BLOCK_N", "GEMV_BLOCK_K",
+           "GEMV_NUM_WARPS", "GEMM_NUM_WARPS"]
 
 GEMV_MAX_ROWS = 4  # above this the GEMM's weight reuse across rows wins
+# GEMV tiles: 8 rows x 1024 k (8 groups of 128): 4 KB of weights per program and iteration, 512
+# programs for N = 4096 (the old 32 x 128 tile made 128, fewer than an H200 has SMs), 64-66
+# registers so 7-8 programs fit an SM (ptxas, sm_87 / sm_90). Chosen for bytes in flight, not timed
+# yet: benchmarks/kernels/bench_int4_matmul.py sweeps the alternatives on a GPU.
+GEMV_BLOCK_N = 8
+GEMV_BLOCK_K = 1024
+GEMV_NUM_WARPS = 4
+# 8 warps: at 64x64x64 tiles 4 warps need 252-255 registers and spill on sm_87; 8 warps do not
+# (cuobjdump of the cubin, `kernels/resources.py`).
+GEMM_NUM_WARPS = 8
 
 
 @triton.jit
@@ -39,24 +50,34 @@ def _int4_gemv_kernel(
     X, QW, Scales,  # inputs
     N, K, stride_xm,  # int32 scalars
     Y,  # output
-    GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILE_GROUPS: tl.constexpr,
 ):
+    # A tile spans TILE_GROUPS whole groups (BLOCK_K = TILE_GROUPS * GROUP_SIZE) or a part of one
+    # (TILE_GROUPS = 1): wide tiles put more bytes in flight per program, which is what a
+    # memory-bound GEMV needs when N / BLOCK_N programs are too few to hide the memory latency.
     pid_n = tl.program_id(0)
     m = tl.program_id(1).to(tl.int64)
     HALF_K: tl.constexpr = BLOCK_K // 2
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_j = tl.arange(0, HALF_K)
+    offs_g = tl.arange(0, TILE_GROUPS)
+    num_groups = K // GROUP_SIZE
     acc = tl.zeros([BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         j = k0 // 2 + offs_j
-        xe = tl.load(X + m * stride_xm + 2 * j).to(tl.float32)
-        xo = tl.load(X + m * stride_xm + 2 * j + 1).to(tl.float32)
-        wb = tl.load(QW + offs_n[:, None].to(tl.int64) * (K // 2) + j[None, :], mask=n_ok[:, None], other=0)
+        j_ok = j < K // 2  # a wide tile may overhang K; masked weights meet x = 0
+        xe = tl.load(X + m * stride_xm + 2 * j, mask=j_ok, other=0.0).to(tl.float32)
+        xo = tl.load(X + m * stride_xm + 2 * j + 1, mask=j_ok, other=0.0).to(tl.float32)
+        wb = tl.load(QW + offs_n[:, None].to(tl.int64) * (K // 2) + j[None, :], mask=n_ok[:, None] & j_ok[None, :],
+                     other=0)
         we, wo = _unpack(wb, tl.float32)
-        part = tl.sum(we * xe[None, :] + wo * xo[None, :], 1)
-        sc = tl.load(Scales + offs_n * (K // GROUP_SIZE) + k0 // GROUP_SIZE, mask=n_ok, other=0.0)
-        acc += part * sc.to(tl.float32)
+        prod = we * xe[None, :] + wo * xo[None, :]  # [BLOCK_N, HALF_K]
+        part = tl.sum(tl.reshape(prod, [BLOCK_N, TILE_GROUPS, HALF_K // TILE_GROUPS]), 2)  # per group
+        g = k0 // GROUP_SIZE + offs_g
+        sc = tl.load(Scales + offs_n[:, None] * num_groups + g[None, :], mask=n_ok[:, None] & (g < num_groups)[None, :],
+                     other=0.0)
+        acc += tl.sum(part * sc.to(tl.float32), 1)
     tl.store(Y + m * N + offs_n, acc.to(Y.dtype.element_ty), mask=n_ok)
 
 
@@ -115,28 +136,41 @@ def _output(out: torch.Tensor | None, M: int, N: int, x: torch.Tensor) -> torch.
     return out
 
 
+def gemv_tile_groups(group_size: int, block_k: int) -> int:
+    """Groups per GEMV tile (1 when the tile is a part of a group); refuses tiles that straddle groups."""
+    if block_k < 2 or block_k & (block_k - 1):
+        raise ValueError(f"block_k={block_k} must be a power of two >= 2")
+    if group_size % block_k and block_k % group_size:
+        raise ValueError(f"block_k={block_k} must divide group_size={group_size} or be a multiple of it")
+    return max(1, block_k // group_size)
+
+
 def int4_gemv(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
-    block_n: int = 32, block_k: int | None = None, out: torch.Tensor | None = None,
+    block_n: int = GEMV_BLOCK_N, block_k: int | None = None, num_warps: int = GEMV_NUM_WARPS,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decode path: ``x [M, K]`` with small M; returns ``[M, N]`` in ``x.dtype``."""
+    """Decode path: ``x [M, K]`` with small M; returns ``[M, N]`` in ``x.dtype``.
+
+    ``block_k`` (default ``GEMV_BLOCK_K``) may divide the group or span several whole groups.
+    """
     N, K = _check(x, qweight, scales, group_size)
     x = x.contiguous()
     M = x.shape[0]
-    block_k = block_k or group_size
-    if group_size % block_k or block_k < 2:
-        raise ValueError(f"block_k={block_k} must divide group_size={group_size}")
+    block_k = block_k or max(GEMV_BLOCK_K, group_size)
+    tile_groups = gemv_tile_groups(group_size, block_k)
     y = _output(out, M, N, x)
     _int4_gemv_kernel[(triton.cdiv(N, block_n), M)](
         x, qweight.contiguous(), scales.contiguous(), N, K, x.stride(0), y,
-        GROUP_SIZE=group_size, BLOCK_N=block_n, BLOCK_K=block_k,
+        GROUP_SIZE=group_size, BLOCK_N=block_n, BLOCK_K=block_k, TILE_GROUPS=tile_groups, num_warps=num_warps,
     )
     return y
 
 
 def int4_gemm(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
-    block_m: int = 64, block_n: int = 64, block_k: int | None = None, out: torch.Tensor | None = None,
+    block_m: int = 64, block_n: int = 64, block_k: int | None = None, num_warps: int = GEMM_NUM_WARPS,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Prefill path: ``x [M, K]``; returns ``[M, N]`` in ``x.dtype``. ``block_k`` must divide the group."""
     N, K = _check(x, qweight, scales, group_size)
@@ -149,7 +183,7 @@ def int4_gemm(
     _int4_gemm_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
         x, qweight.contiguous(), scales.contiguous(), M, N, K, x.stride(0), y,
         GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps,
     )
     return y
 

@@ -28,6 +28,7 @@ AOT compilation works on CPU (Triton compiles PTX/cubin for a given target witho
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -135,12 +136,13 @@ def plugin_node(
 # ---------------------------------------------------------------------------------- AOT compilation
 @dataclass(frozen=True)
 class AotKernel:
-    """A kernel compiled for one GPU target: what ``aot_impl`` hands to TensorRT."""
+    """A kernel compiled for one GPU target (``cc``, e.g. 87): what ``aot_impl`` hands to TensorRT."""
 
     name: str
     ptx: str
     num_warps: int
     shared_mem: int
+    cc: int = 0
 
 
 _TL = {"float16": "fp16", "float32": "fp32", "bfloat16": "bf16"}
@@ -157,7 +159,38 @@ def _target(cc: int | None):
     return GPUTarget("cuda", cc, 32)
 
 
-def _compile(fn, pointers: dict[str, str], ints: list[str], constexprs: dict[str, Any], cc: int | None) -> AotKernel:
+def drop_hidden_params(ptx: str, name: str, num_params: int, scratch_bytes: int = 0) -> str:
+    """Remove the trailing pointer parameters Triton >= 3.3 appends to every kernel.
+
+    Triton's own launcher passes two hidden pointers after the user's arguments (global and profile
+    scratch). TensorRT's AOT launcher passes exactly inputs, extra scalars and outputs, so a kernel
+    declaring more parameters than that would have the driver read argument slots nobody filled.
+    Our kernels use no scratch (``scratch_bytes == 0``) and the hidden parameters are then never
+    loaded, so dropping them from the ``.entry`` declaration gives a kernel whose ABI is exactly what
+    TensorRT passes; a TensorRT that passes the extra pointers anyway is harmless (surplus launch
+    arguments are not read). Refuses, rather than guesses, when a hidden parameter is used.
+    """
+    start = ptx.index(f".entry {name}(")
+    end = ptx.index(")", start)
+    decl = ptx[start:end].split("\n")
+    params = [i for i, line in enumerate(decl) if ".param" in line]
+    extra = len(params) - num_params
+    if extra == 0:
+        return ptx
+    hidden = [decl[i].strip().rstrip(",").split()[-1] for i in params[num_params:]]
+    used = [h for h in hidden if len(re.findall(rf"\b{h}\b", ptx)) > 1]
+    if extra < 0 or extra > 2 or scratch_bytes or used:
+        raise RuntimeError(
+            f"{name}: {len(params)} PTX parameters for {num_params} kernel arguments (scratch {scratch_bytes} B, "
+            f"hidden parameters used: {used}); TensorRT's AOT launch would not match this kernel's ABI"
+        )
+    kept = decl[: params[num_params - 1] + 1]
+    kept[-1] = kept[-1].rstrip().rstrip(",")
+    return ptx[:start] + "\n".join(kept) + "\n" + ptx[end:]
+
+
+def _compile(fn, pointers: dict[str, str], ints: list[str], constexprs: dict[str, Any], cc: int | None,
+             num_warps: int) -> AotKernel:
     import triton
 
     if not isinstance(fn, triton.runtime.JITFunction):
@@ -168,13 +201,18 @@ def _compile(fn, pointers: dict[str, str], ints: list[str], constexprs: dict[str
     missing = set(fn.arg_names) - set(sig)
     if missing:
         raise RuntimeError(f"AOT signature for {fn.__name__} misses {sorted(missing)}")
-    k = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=_target(cc))
-    return AotKernel(k.metadata.name, k.asm["ptx"], k.metadata.num_warps, k.metadata.shared)
+    target = _target(cc)
+    k = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target,
+                       options={"num_warps": num_warps})
+    md = k.metadata
+    scratch = getattr(md, "global_scratch_size", 0) + getattr(md, "profile_scratch_size", 0)
+    ptx = drop_hidden_params(k.asm["ptx"], md.name, len(pointers) + len(ints), scratch)
+    return AotKernel(md.name, ptx, md.num_warps, md.shared, target.arch)
 
 
 def compile_decode_attention(
     dtype: str, head_dim: int, group: int, num_splits: int, block_n: int = 64,
-    sm_scale: float | None = None, cc: int | None = None,
+    sm_scale: float | None = None, cc: int | None = None, num_warps: int = 4,
 ) -> AotKernel:
     import triton
 
@@ -188,14 +226,15 @@ def compile_decode_attention(
     const = dict(HEAD_DIM=head_dim, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
                  NUM_SPLITS=num_splits, QK_SCALE=scale * 1.4426950408889634,
                  DOT_PRECISION="ieee" if dtype == "float32" else "tf32")
-    return _compile(fn, ptrs, ["num_kv_heads", "max_seq"], const, cc)
+    return _compile(fn, ptrs, ["num_kv_heads", "max_seq"], const, cc, num_warps)
 
 
 def compile_prefill_attention(
     dtype: str, head_dim: int, group: int, block_m: int = 64, block_n: int = 64,
-    sm_scale: float | None = None, cc: int | None = None,
+    sm_scale: float | None = None, cc: int | None = None, num_warps: int | None = None,
 ) -> AotKernel:
     from .prefill_attention import _prefill_attention_kernel as fn
+    from .prefill_attention import default_num_warps
 
     t = "*" + _TL[dtype]
     ptrs = {n: t for n in ("Q", "K", "V", "K_cache", "V_cache", "Out", "K_cache_out", "V_cache_out")}
@@ -203,23 +242,27 @@ def compile_prefill_attention(
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
     const = dict(HEAD_DIM=head_dim, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n,
                  QK_SCALE=scale * 1.4426950408889634, DOT_PRECISION="ieee" if dtype == "float32" else "tf32")
-    return _compile(fn, ptrs, ["seq_len", "num_kv_heads", "max_seq"], const, cc)
+    return _compile(fn, ptrs, ["seq_len", "num_kv_heads", "max_seq"], const, cc,
+                    num_warps or default_num_warps(head_dim))
 
 
 def compile_int4_matmul(
-    dtype: str, group_size: int, kernel: Literal["gemv", "gemm"], block_m: int = 64, block_n: int = 64,
-    block_k: int | None = None, cc: int | None = None,
+    dtype: str, group_size: int, kernel: Literal["gemv", "gemm"], block_m: int = 64, block_n: int | None = None,
+    block_k: int | None = None, cc: int | None = None, num_warps: int | None = None,
 ) -> AotKernel:
-    from .int4_matmul import _int4_gemm_kernel, _int4_gemv_kernel
+    from .int4_matmul import (GEMM_NUM_WARPS, GEMV_BLOCK_K, GEMV_BLOCK_N, GEMV_NUM_WARPS, _int4_gemm_kernel,
+                              _int4_gemv_kernel, gemv_tile_groups)
 
     t = "*" + _TL[dtype]
     ptrs = {"X": t, "QW": "*u8", "Scales": "*fp16", "Y": t}
     if kernel == "gemv":
-        const = dict(GROUP_SIZE=group_size, BLOCK_N=block_n, BLOCK_K=block_k or group_size)
-        return _compile(_int4_gemv_kernel, ptrs, ["N", "K", "stride_xm"], const, cc)
-    const = dict(GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k or min(group_size, 64),
+        block_k = block_k or max(GEMV_BLOCK_K, group_size)
+        const = dict(GROUP_SIZE=group_size, BLOCK_N=block_n or GEMV_BLOCK_N, BLOCK_K=block_k,
+                     TILE_GROUPS=gemv_tile_groups(group_size, block_k))
+        return _compile(_int4_gemv_kernel, ptrs, ["N", "K", "stride_xm"], const, cc, num_warps or GEMV_NUM_WARPS)
+    const = dict(GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n or 64, BLOCK_K=block_k or min(group_size, 64),
                  DOT_PRECISION="ieee" if dtype == "float32" else "tf32")
-    return _compile(_int4_gemm_kernel, ptrs, ["M", "N", "K", "stride_xm"], const, cc)
+    return _compile(_int4_gemm_kernel, ptrs, ["M", "N", "K", "stride_xm"], const, cc, num_warps or GEMM_NUM_WARPS)
 
 
 # ------------------------------------------------------------------------------- QDP registration
@@ -339,8 +382,10 @@ def register_plugins(cc: int | None = None) -> None:
         kdim = x.shape_expr[-1]
         m = x.shape_expr.numel() // kdim
         if tactic == 1:
-            kern = compile_int4_matmul(dt[x.dtype], group_size, "gemv", block_n=32, cc=cc)
-            args, grid = (n, kdim, kdim), (trtp.cdiv(n, 32), m, 1)
+            from .int4_matmul import GEMV_BLOCK_N
+
+            kern = compile_int4_matmul(dt[x.dtype], group_size, "gemv", cc=cc)
+            args, grid = (n, kdim, kdim), (trtp.cdiv(n, GEMV_BLOCK_N), m, 1)
         else:
             kern = compile_int4_matmul(dt[x.dtype], group_size, "gemm", cc=cc)
             args, grid = (m, n, kdim, kdim), (trtp.cdiv(m, 64), trtp.cdiv(n, 64), 1)

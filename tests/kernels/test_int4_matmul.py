@@ -38,6 +38,19 @@ def test_int4_kernels_match_reference(device, dtype, M, N, K, g, kernel) -> None
     torch.testing.assert_close(out, expected, **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("g,block_k", [(64, 16), (32, 128), (32, 256), (128, 256)])
+def test_int4_gemv_tiles_span_part_of_a_group_or_several(device, dtype, g, block_k) -> None:
+    """K = 384: tiles of 4 groups fit exactly; 256-wide tiles overhang K (the last tile is half
+    outside, and with group 128 names a group that does not exist): both must be masked, not read."""
+    M, N, K = 2, 37, 384
+    qweight, scales = _packed(N, K, g, device)
+    x = torch.randn(M, K, device=device).to(dtype)
+    out = torch.full((M, N), float("nan"), dtype=dtype, device=device)
+    int4_gemv(x, qweight, scales, g, block_n=8, block_k=block_k, out=out)
+    torch.testing.assert_close(out, int4_matmul_ref(x, qweight, scales, g), **TOL[dtype])
+
+
 def test_int4_matmul_keeps_leading_dims_and_picks_by_rows(device, monkeypatch) -> None:
     import llava_edge.kernels.int4_matmul as mod
 
@@ -63,3 +76,5 @@ def test_int4_rejects_mismatched_packing(device) -> None:
         int4_gemm(torch.randn(2, 64, device=device), qweight, scales, 64)
     with pytest.raises(ValueError, match="block_k"):
         int4_gemm(x, qweight, scales, 64, block_k=128)
+    with pytest.raises(ValueError, match="block_k"):
+        int4_gemv(x, qweight, scales, 64, block_k=96)  # not a power of two
