@@ -20,8 +20,10 @@ import torch
 from .decode_attention import decode_attention as _decode
 from .int4_matmul import int4_matmul as _int4_matmul
 from .prefill_attention import prefill_attention as _prefill
+from .reference import rope_cos_sin
 
-__all__ = ["decode_attention_op", "prefill_attention_op", "int4_linear_op", "llama_attention_forward"]
+__all__ = ["decode_attention_op", "prefill_attention_op", "int4_linear_op", "llama_attention_forward",
+           "llama_greedy_generate"]
 
 
 @torch.library.custom_op("llava_edge::decode_attention", mutates_args=("k_cache", "v_cache"))
@@ -91,3 +93,54 @@ def llama_attention_forward(
     else:
         out = prefill_attention_op(q, k, v, k_cache, v_cache, lens, cos, sin)
     return attn.o_proj(out.reshape(B, T, -1))
+
+
+@torch.no_grad()
+def llama_greedy_generate(
+    model: torch.nn.Module, input_ids: torch.Tensor, prompt_lens: torch.Tensor, max_new_tokens: int,
+    max_seq: int | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Greedy generation through a real HF ``LlamaForCausalLM`` with every attention on our kernels.
+
+    The model's own embeddings, norms, MLPs and head run as they are; each layer's ``self_attn``
+    goes through :func:`llama_attention_forward` with a KV cache we own (ragged prefill, then split-K
+    decode steps). ``input_ids [B, T]`` right-padded, ``prompt_lens int32 [B]``. Returns the new
+    tokens ``[B, max_new_tokens]`` and each step's next-token logits ``[B, vocab]`` (step 0 = the
+    prompt's last real token), to compare with the model's own forward token for token.
+    Duck-typed on the HF module layout (``model.model.layers[i].self_attn`` ...), no transformers import.
+    """
+    cfg = model.config
+    B, T = input_ids.shape
+    H, kvH = cfg.num_attention_heads, cfg.num_key_value_heads
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+    S = max_seq or T + max_new_tokens
+    dev, dt = input_ids.device, model.lm_head.weight.dtype
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    theta = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"rope_type {rope['rope_type']!r}: only plain rotary tables are built here")
+    cos, sin = rope_cos_sin(S, D, theta, device=dev)
+    layers = model.model.layers
+    caches = [(torch.zeros(B, kvH, S, D, device=dev, dtype=dt), torch.zeros(B, kvH, S, D, device=dev, dtype=dt))
+              for _ in layers]
+    lens = prompt_lens.to(device=dev, dtype=torch.int32)
+
+    def forward(ids: torch.Tensor, decode: bool) -> torch.Tensor:
+        h = model.model.embed_tokens(ids)
+        for layer, (kc, vc) in zip(layers, caches):
+            a = llama_attention_forward(layer.self_attn, layer.input_layernorm(h), kc, vc, lens, cos, sin, H, kvH, decode)
+            h = h + a
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return model.lm_head(model.model.norm(h))
+
+    logits = forward(input_ids, decode=False)
+    step_logits = [logits[torch.arange(B, device=dev), lens.long() - 1]]
+    tokens = []
+    for i in range(max_new_tokens):
+        nxt = step_logits[-1].argmax(-1)
+        tokens.append(nxt)
+        if i == max_new_tokens - 1:
+            break
+        step_logits.append(forward(nxt[:, None], decode=True)[:, 0])
+        lens = lens + 1
+    return torch.stack(tokens, 1), step_logits
