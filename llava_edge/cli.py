@@ -43,8 +43,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         from .calibration.quantize import QuantizeError
 
         errors += [QuantizeError, CalibrationDataError, GPTQImportError]
-    if "llava_edge.export.trt_build" in sys.modules:
-        from .export.trt_build import EngineBuildError
+    if "llava_edge.export.trt_plan" in sys.modules:
+        from .export.trt_plan import EngineBuildError
 
         errors.append(EngineBuildError)
     if "llava_edge.benchmarks.harness" in sys.modules:

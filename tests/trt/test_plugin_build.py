@@ -15,7 +15,8 @@ import llava_edge.runtime.trt_backend as tb
 from llava_edge.cli import app
 from llava_edge.export import trt_ops
 from llava_edge.export.plugin_decoder import make_plugin_decoder
-from llava_edge.export.trt_build import EngineBuildError, _engine_source, plan_build
+from llava_edge.export.trt_build import _engine_source
+from llava_edge.export.trt_plan import EngineBuildError, plan_build
 from llava_edge.package import load_manifest
 
 
@@ -57,9 +58,9 @@ def test_auto_without_a_runtime_for_plugins_keeps_standard_ops(plugin_package, m
 def test_auto_keeps_standard_ops_without_the_kernels_extra(plugin_package, monkeypatch):
     """A runtime-only install (no triton/torch to AOT-compile the plugins) still builds under auto;
     --plugins on does not fall back (it fails later, at registration, with the import error)."""
-    from llava_edge.export import trt_build
+    from llava_edge.export import trt_plan
 
-    monkeypatch.setattr(trt_build, "_missing_kernel_modules", lambda: ["triton"])
+    monkeypatch.setattr(trt_plan, "_missing_kernel_modules", lambda: ["triton"])
     p = plan_build(plugin_package, "11.0", "datacenter", plugins="auto")
     assert p.decoder_graph == "static" and p.attention == "standard"
     assert any("needs triton at build time" in n for n in p.notes)

@@ -29,7 +29,7 @@ import llava_edge.runtime.trt_backend as tb
 from llava_edge.export import trt_presets as tp
 from llava_edge.export.static_decoder import write_static_decoder
 from llava_edge.export.plugin_decoder import write_plugin_decoder
-from llava_edge.export.trt_build import _plugin_config, plan_build
+from llava_edge.export.trt_plan import _plugin_config, plan_build
 from llava_edge.package import load_manifest
 
 CHUNK = 8

@@ -7,7 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from llava_edge.export.trt_build import EngineBuildError, build_engines, plan_build
+from llava_edge.export.trt_build import build_engines
+from llava_edge.export.trt_plan import EngineBuildError, plan_build
 from llava_edge.export.trt_presets import PRESETS
 from llava_edge.package import load_manifest
 from llava_edge.runtime.trt_backend import TensorRTUnavailable
