@@ -5,6 +5,13 @@
 #   run(command="bash benchmarks/kernels/gpu_check.sh", timeout_s=540)
 #
 # Needs torch with CUDA and triton (the H200 image has both); nothing is installed here.
+#
+# Time budget (s): tests 200 + decode 100 + int4 120 + prefill 70 = 490 < 540. Estimates for the benches
+# on an H200 (~0.5 s of timing per op: do_bench + do_bench_cudagraph + loop, ~1-3 s per Triton compile,
+# ~10 s torch/CUDA start): decode 36 ops + 7-split sweep, 8 kernel variants -> ~60 s; int4 33 ops +
+# 16-config sweep, ~16 compiles -> ~60 s; prefill 12 ops -> ~25 s. Each bench rewrites its results
+# after every row, so one killed by its timeout still returns the rows it finished.
+# Files back under $OUT: gpu_check.log + {decode_attention,int4_matmul,prefill_attention}.{json,md} = 7 (max 8).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-benchmarks/results}
@@ -19,8 +26,13 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/kernels 2>&1 | tail -25
 } 2>&1 | tee "$LOG"
 status=0
-for b in decode_attention int4_matmul prefill_attention; do
-    timeout 100 python3 "benchmarks/kernels/bench_$b.py" 2>&1 | tee -a "$LOG" || status=1
+for spec in decode_attention:100 int4_matmul:120 prefill_attention:70; do
+    b=${spec%%:*} limit=${spec##*:}
+    start=$SECONDS
+    timeout "$limit" python3 "benchmarks/kernels/bench_$b.py" 2>&1 | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    echo "== bench_$b: exit $rc after $((SECONDS - start)) s (limit $limit s; 124 = timed out)" | tee -a "$LOG"
+    [ "$rc" = 0 ] || status=1
     [ "$OUT" = benchmarks/results ] || cp -f "benchmarks/results/$b.json" "benchmarks/results/$b.md" "$OUT/" 2>/dev/null
 done
 exit $status
