@@ -30,6 +30,7 @@ from _common import (  # noqa: E402
 MAX_SEQ = 4096 + 64  # one cache size for every case, as the runtime allocates it
 MHA = [(1, 600), (1, 1024), (1, 2048), (1, 4096), (4, 1024), (8, 2048), (16, 600), (16, 4096)]  # (batch, context)
 SPLITS_SWEEP = [1, 2, 4, 8, 16, 32, 64]  # at batch 1, context 4096
+SPLITS_WARPS8 = [8, 16, 32]  # the same with num_warps=8
 SDPA_BACKENDS = ("flash", "efficient", "math")  # names for _common.sdpa_backend ("cudnn" exists too)
 TOLERANCE = 1e-2  # max abs error vs the float32 reference, fp16
 
@@ -56,7 +57,10 @@ def cases() -> list[DecodeCase]:
 
 
 def sweep() -> list[DecodeCase]:
-    return [DecodeCase(1, 4096, num_splits=s) for s in SPLITS_SWEEP]
+    """Splits at the default 4 warps, then 8 warps where ptxas shows no spill (127 registers against
+    168 + 8 B spilled at 4, benchmarks/results/kernel_resources.md) around the likely best splits."""
+    return ([DecodeCase(1, 4096, num_splits=s) for s in SPLITS_SWEEP]
+            + [DecodeCase(1, 4096, num_splits=s, config={"num_warps": 8}) for s in SPLITS_WARPS8])
 
 
 def _bytes(c: DecodeCase, elt: int) -> int:
@@ -141,7 +145,7 @@ def run(main_cases: list[DecodeCase], sweep_cases: list[DecodeCase], setup: Setu
                     "speedup", "ours_GBps", "bw_fraction", "ours_eager_us", "ours_loop_us", "speedup_loop"]
     timing_cols = ["batch", "context", "heads", "op", "eager_us", "graph_us", "loop_us", "GBps", "bw_fraction",
                    "copies", "error"]
-    sweep_cols = ["splits", "max_err", "graph_us", "eager_us", "loop_us", "GBps", "bw_fraction", "default", "error"]
+    sweep_cols = ["splits", "warps", "max_err", "graph_us", "eager_us", "loop_us", "GBps", "bw_fraction", "default", "error"]
     summary: list[dict[str, Any]] = []
     timings: list[dict[str, Any]] = []
     sweep_rows: list[dict[str, Any]] = []
@@ -167,18 +171,20 @@ def run(main_cases: list[DecodeCase], sweep_cases: list[DecodeCase], setup: Setu
     for c in sweep_cases:
         default = default_num_splits(c.batch, c.kv_heads, c.max_seq, c.config.get("block_n", 64), setup.device)
         s, t = _measure(c, setup, with_sdpa=False)
+        warps = c.config.get("num_warps", 4)
         sweep_rows.append({"batch": c.batch, "context": c.context, "heads": s["heads"], "splits": s["splits"],
-                           "max_err": s["max_err"], "wrong": s["wrong"], "default": s["splits"] == default,
+                           "warps": warps, "max_err": s["max_err"], "wrong": s["wrong"],
+                           "default": s["splits"] == default and warps == 4,
                            **{k: t[0][k] for k in ("graph_us", "eager_us", "loop_us", "GBps", "bw_fraction",
                                                    "copies", "error", "bytes")}})
-        print(f"decode sweep splits={s['splits']}: graph {t[0]['graph_us']} us", flush=True)
+        print(f"decode sweep splits={s['splits']} warps={warps}: graph {t[0]['graph_us']} us", flush=True)
         ok = [r for r in sweep_rows if r["graph_us"]]
         if ok:
             best = min(ok, key=lambda r: r["graph_us"])
             dflt = next((r for r in ok if r["default"]), None)
             c0 = sweep_cases[0]
             sweep_note = (f"batch {c0.batch}, context {c0.context}, heads {c0.heads}/{c0.kv_heads}. Best: "
-                          f"{best['splits']} splits ({best['graph_us']:.4g} us graph); default "
+                          f"{best['splits']} splits, {best['warps']} warps ({best['graph_us']:.4g} us graph); default "
                           + (f"{dflt['splits']} splits ({dflt['graph_us']:.4g} us)." if dflt else "not in the sweep."))
         write_results(setup, "decode_attention", sections())
     write_results(setup, "decode_attention", sections(), final=True)

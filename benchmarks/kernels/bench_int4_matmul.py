@@ -32,10 +32,14 @@ from _common import (  # noqa: E402
 LINEARS = {"qkv": (3 * 4096, 4096), "o": (4096, 4096), "gate_up": (2 * 11008, 4096), "down": (4096, 11008)}
 ROWS = [1, 4, 16, 640]  # decode batch sizes, then a prefill with the image tokens
 GROUP = 128
-# int4_gemv keyword arguments to sweep. Add block_k 256 / 512 (multiples of the group) and num_warps
-# here once the kernel accepts them; a config it rejects is recorded as failed, not fatal.
-GEMV_CONFIGS: list[dict[str, Any]] = [{}] + [{"block_n": bn, "block_k": bk}
-                                             for bn in (4, 8, 16, 32, 64) for bk in (32, 64, 128)]
+# int4_gemv keyword arguments to sweep (block_k may span several groups); a config the kernel rejects
+# is recorded as failed, not fatal.
+GEMV_CONFIGS: list[dict[str, Any]] = (
+    [{}]  # the kernel's defaults (8 x 1024, 4 warps)
+    + [{"block_n": bn, "block_k": bk} for bn in (4, 8, 16) for bk in (256, 512, 1024, 2048)]
+    + [{"block_n": 32, "block_k": 128}, {"block_n": 32, "block_k": 512}]  # the first default; a wide 32-row tile
+    + [{"block_n": 8, "block_k": 1024, "num_warps": 2}, {"block_n": 16, "block_k": 1024, "num_warps": 8}]
+)
 GOAL_SPEEDUP = 2.5  # int4 GEMV vs fp16 GEMV at 4096 x 4096
 TOLERANCE = 1e-2  # max abs error / max |reference|
 

@@ -6,10 +6,10 @@
 #
 # Needs torch with CUDA and triton (the H200 image has both); nothing is installed here.
 #
-# Time budget (s): tests 200 + decode 100 + int4 120 + prefill 70 = 490 < 540. Estimates for the benches
+# Time budget (s): tests 200 + decode 110 + int4 120 + prefill 60 = 490 < 540. Estimates for the benches
 # on an H200 (~0.5 s of timing per op: do_bench + do_bench_cudagraph + loop, ~1-3 s per Triton compile,
-# ~10 s torch/CUDA start): decode 36 ops + 7-split sweep, 8 kernel variants -> ~60 s; int4 33 ops +
-# 16-config sweep, ~16 compiles -> ~60 s; prefill 12 ops -> ~25 s. Each bench rewrites its results
+# ~10 s torch/CUDA start): decode 36 ops + 10-case sweep (splits, 8 warps), 11 kernel variants -> ~70 s; int4 33 ops +
+# 17-config sweep, ~17 compiles -> ~60 s; prefill 12 ops -> ~25 s. Each bench rewrites its results
 # after every row, so one killed by its timeout still returns the rows it finished.
 # Files back under $OUT: gpu_check.log + {decode_attention,int4_matmul,prefill_attention}.{json,md} = 7 (max 8).
 set -uo pipefail
@@ -26,7 +26,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/kernels 2>&1 | tail -25
 } 2>&1 | tee "$LOG"
 status=0
-for spec in decode_attention:100 int4_matmul:120 prefill_attention:70; do
+for spec in decode_attention:110 int4_matmul:120 prefill_attention:60; do
     b=${spec%%:*} limit=${spec##*:}
     start=$SECONDS
     timeout "$limit" python3 "benchmarks/kernels/bench_$b.py" 2>&1 | tee -a "$LOG"
