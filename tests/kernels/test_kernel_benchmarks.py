@@ -203,7 +203,8 @@ def test_decode_bench_whole_path_on_cpu(tmp_path: Path) -> None:
 def test_int4_bench_whole_path_on_cpu(tmp_path: Path) -> None:
     mod = _load("bench_int4_matmul.py")
     cases = [mod.LinearCase("tiny", 256, 256, 1), mod.LinearCase("tiny", 256, 256, 8)]
-    sweep = mod.GemvSweep(256, 256, 1, [{}, {"block_n": 16, "block_k": 64}, {"block_n": 16, "not_an_option": 1}])
+    sweep = [mod.GemvSweep(256, 256, 1, [{}, {"block_n": 16, "block_k": 64}, {"block_n": 16, "not_an_option": 1}]),
+             mod.GemvSweep(256, 256, 4, [{"kernel": "gemm", "block_m": 16, "block_n": 16}])]
     before = _snapshot()
     rows = mod.run(cases, sweep, _setup(mod, tmp_path, cold_bytes=60_000))
     data = _check_files(tmp_path, "int4_matmul", before, ["int4 linears vs cuBLAS fp16", "int4 GEMV config sweep"])
@@ -218,14 +219,16 @@ def test_int4_bench_whole_path_on_cpu(tmp_path: Path) -> None:
         assert r["ours_GBps"] == pytest.approx(r["bytes"] / 2.0 / 1e3) and r["bw_fraction"] == pytest.approx(
             r["ours_GBps"] / peak)
         assert r["TFLOPs"] == pytest.approx(2 * r["M"] * 256 * 256 / 2.0 / 1e6)
-    ok, bad = rows["sweep"][:2], rows["sweep"][2]
+    ok, bad, gemm = rows["sweep"][:2], rows["sweep"][2], rows["sweep"][3]
     assert [r["config"] for r in ok] == ["(kernel defaults)", "block_n=16 block_k=64"]
-    for r in ok:
+    assert gemm["config"] == "kernel=gemm block_m=16 block_n=16" and gemm["M"] == 4
+    for r in ok + [gemm]:
         assert r["wrong"] is False and r["rel_err"] < mod.TOLERANCE and r["speedup_vs_fp16"] == pytest.approx(1.0)
         _check_timing(r, peak)
     assert bad["graph_us"] is None and bad["rel_err"] is None and "TypeError" in bad["error"]
     notes = data["sections"][1]["notes"]
     assert "Best: " in notes and "goal 2.5x" in notes and "Failed configs: 1" in notes
+    assert "M=4" in notes.split(" | ")[1] and "goal" not in notes.split(" | ")[1]
 
 
 @cpu_only
