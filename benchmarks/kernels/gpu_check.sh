@@ -9,7 +9,7 @@
 # Time budget (s): tests 200 + decode 110 + int4 120 + prefill 60 = 490 < 540. Estimates for the benches
 # on an H200 (~0.5 s of timing per op: do_bench + do_bench_cudagraph + loop, ~1-3 s per Triton compile,
 # ~10 s torch/CUDA start): decode 36 ops + 10-case sweep (splits, 8 warps), 11 kernel variants -> ~70 s; int4 33 ops +
-# 17-config sweep, ~17 compiles -> ~60 s; prefill 12 ops -> ~25 s. Each bench rewrites its results
+# 17-config M=1 sweep + 4-config M=4 sweep, ~20 compiles -> ~70 s; prefill 12 ops -> ~25 s. Each bench rewrites its results
 # after every row, so one killed by its timeout still returns the rows it finished.
 # Files back under $OUT: gpu_check.log + {decode_attention,int4_matmul,prefill_attention}.{json,md} = 7 (max 8).
 set -uo pipefail
