@@ -215,15 +215,18 @@ def plan_build(package_dir: str | Path, trt_version: str | tuple[int, ...], targ
     except ValueError as e:
         raise EngineBuildError(str(e)) from e
 
+    fused = decoder_graph == "plugin"  # the plugin writes the cache itself and keeps scores in registers
+
     def budget(lim: BuildLimits) -> MemoryBudget:
         return estimate_memory(preset, dims, weights, lim.max_context, lim.max_batch, lim.max_prompt,
-                               lim.workspace_gb, kv_layout=kv_cache, bytes_per_elem=elt)
+                               lim.workspace_gb, kv_layout=kv_cache, bytes_per_elem=elt, fused_attention=fused)
 
     memory = budget(limits)
     if not memory.fits:
         fit = max_context_that_fits(preset, dims, weights, limits.max_batch,
                                     prefill_tokens=limits.max_images * dims.num_image_tokens + preset.prompt_text_tokens,
-                                    workspace_gb=limits.workspace_gb, kv_layout=kv_cache, bytes_per_elem=elt)
+                                    workspace_gb=limits.workspace_gb, kv_layout=kv_cache, bytes_per_elem=elt,
+                                    fused_attention=fused)
         need = limits.max_images * dims.num_image_tokens + 64  # one prompt with its images + a short answer
         why = f"{memory.describe()}.\nLargest context that fits with the {kv_cache} KV cache: {fit} tokens"
         if kv_cache == "ping-pong":

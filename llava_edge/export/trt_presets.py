@@ -7,7 +7,8 @@ Memory model (all bytes; one process holding the vision, embed and decoder engin
 
     weights      decoder + vision + embed engine weights (≈ the ONNX files: fp16, or int4 + fp16 scales)
     kv_cache     kv_buffers * 2 (k and v) * layers * kv_heads * head_dim * context * batch * bytes
-    kv_staging   in-place only: the engine's new-k/v outputs for the longest prefill chunk
+    kv_staging   in-place standard-op graph only: the engine's new-k/v outputs for the longest prefill
+                 chunk (the plugin-attention graph writes the cache itself: no staging)
     activations  TensorRT context memory for the largest profile shape (prefill), estimated below
     workspace    the builder's workspace pool limit (tactic scratch, part of context memory)
     overhead     CUDA context + TensorRT runtime + Python/numpy/tokenizers: a per-target estimate
@@ -249,18 +250,21 @@ def kv_cache_bytes(dims: ModelDims, context: int, batch: int, bytes_per_elem: in
 
 
 def activation_bytes(dims: ModelDims, batch: int, prefill_tokens: int, context: int, bytes_per_elem: int = 2,
-                     static_cache: bool = False) -> int:
+                     static_cache: bool = False, fused_attention: bool = False) -> int:
     """Peak TensorRT context memory of the decoder, dominated by prefill at the profile max:
     attention scores + probabilities [B, heads, T, total], the MLP intermediates [B, T, 3*I], a few
     hidden-size tensors, and logits for every prompt position [B, T, V] (the graph computes them all).
     The static-cache graph also materialises one layer's concat(cache, new) k and v [B, kvH, ctx+T, D].
+    The plugin-attention graph (``fused_attention``) has neither: the flash kernel keeps scores in
+    registers and reads the cache in place.
     A 1.5x factor covers TensorRT's own layout/tactic copies; an estimate, not a measurement."""
     t, total = prefill_tokens, context
-    scores = 2 * batch * dims.num_heads * t * total * bytes_per_elem
+    scores = 0 if fused_attention else 2 * batch * dims.num_heads * t * total * bytes_per_elem
     mlp = 3 * batch * t * dims.intermediate_size * bytes_per_elem
     hidden = 6 * batch * t * dims.hidden_size * bytes_per_elem
     logits = batch * t * dims.vocab_size * bytes_per_elem
-    concat = 2 * batch * dims.num_kv_heads * (total + t) * dims.head_dim * bytes_per_elem if static_cache else 0
+    concat = (2 * batch * dims.num_kv_heads * (total + t) * dims.head_dim * bytes_per_elem
+              if static_cache and not fused_attention else 0)
     return int(1.5 * (scores + mlp + hidden + logits + concat))
 
 
@@ -273,36 +277,42 @@ def prefill_tokens_per_pass(prefill_tokens: int, kv_layout: str = "in-place") ->
 
 def estimate_memory(preset: TargetPreset, dims: ModelDims, weights: dict[str, int], context: int,
                     batch: int, prefill_tokens: int, workspace_gb: float | None = None,
-                    kv_layout: str = "in-place", bytes_per_elem: int = 2) -> MemoryBudget:
+                    kv_layout: str = "in-place", bytes_per_elem: int = 2, fused_attention: bool = False) -> MemoryBudget:
     """The whole budget for one process serving ``batch`` sequences of up to ``context`` tokens whose
     longest prompt is ``prefill_tokens``. In-place: one cache buffer, prefill in chunks, staging for one
-    chunk's new k/v; ping-pong: two cache buffers, one prefill pass."""
+    chunk's new k/v; ping-pong: two cache buffers, one prefill pass. ``fused_attention`` (the in-place
+    plugin-attention graph): no staging, no materialised scores or concatenated k/v."""
     ws = preset.workspace_gb if workspace_gb is None else workspace_gb
     per_pass = min(prefill_tokens_per_pass(prefill_tokens, kv_layout), context)
     inplace = kv_layout == "in-place"
+    if fused_attention and not inplace:
+        raise UsageError("fused (plugin) attention keeps one in-place cache; it has no ping-pong layout")
+    fused = fused_attention
     return MemoryBudget(
         target=preset.name,
         usable_bytes=int(preset.usable_gb * GiB),
         weights=dict(weights),
         kv_cache=kv_cache_bytes(dims, context, batch, bytes_per_elem, 1 if inplace else 2),
-        activations=activation_bytes(dims, batch, per_pass, context, bytes_per_elem, static_cache=inplace),
+        activations=activation_bytes(dims, batch, per_pass, context, bytes_per_elem, static_cache=inplace,
+                                     fused_attention=fused),
         workspace=int(ws * GiB),
         overhead=int(preset.runtime_overhead_gb * GiB),
         context=context, batch=batch, kv_layout=kv_layout,
-        kv_staging=kv_cache_bytes(dims, per_pass, batch, bytes_per_elem) if inplace else 0,
+        kv_staging=kv_cache_bytes(dims, per_pass, batch, bytes_per_elem) if inplace and not fused else 0,
     )
 
 
 def max_context_that_fits(preset: TargetPreset, dims: ModelDims, weights: dict[str, int], batch: int = 1,
                           prefill_tokens: int | None = None, workspace_gb: float | None = None,
-                          kv_layout: str = "in-place", bytes_per_elem: int = 2, multiple: int = 64) -> int:
+                          kv_layout: str = "in-place", bytes_per_elem: int = 2, multiple: int = 64,
+                          fused_attention: bool = False) -> int:
     """Largest context (a multiple of ``multiple``) whose budget fits; 0 if not even ``multiple`` does.
     ``prefill_tokens`` defaults to one image + the preset's text budget, capped at the context."""
     pf = prefill_tokens if prefill_tokens is not None else dims.num_image_tokens + preset.prompt_text_tokens
 
     def fits(c: int) -> bool:
         return estimate_memory(preset, dims, weights, c, batch, min(pf, c), workspace_gb, kv_layout,
-                               bytes_per_elem).fits
+                               bytes_per_elem, fused_attention).fits
 
     lo, hi = 0, 1 << 20  # budgets grow monotonically with the context: bisect on multiples
     if not fits(multiple):

@@ -42,8 +42,10 @@ def test_decoder_graph_per_version(plugin_package, version, plugins, graph, atte
         names = set(p.profiles["decoder"][0].shapes)
         assert {"prompt_lens", "start_pos"} <= names and "attention_mask" not in names
         assert p.profiles["decoder"][1].shapes["inputs_embeds"][2][1] == 1  # decode profile: one token
+        assert p.memory.kv_staging == 0  # the plugin writes the cache itself
     else:
         assert not p.checks["decoder"].plugins and "attention_mask" in p.profiles["decoder"][0].shapes
+        assert p.memory.kv_staging > 0  # the static graph returns new k/v for the runtime to copy in
 
 
 def test_auto_without_a_runtime_for_plugins_keeps_standard_ops(plugin_package, monkeypatch):

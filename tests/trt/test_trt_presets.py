@@ -148,3 +148,24 @@ def test_profile_shapes_match_decoder_inputs(trt_package):
     assert {s[1:] for s in decode.shapes["attention_mask"]} == {(c + 1,)}
     assert prefill.shapes["inputs_embeds"][2][1] == chunk
     assert prefill.shapes["attention_mask"][0][1] == c + 1 and prefill.shapes["attention_mask"][2][1] == c + chunk
+
+
+def test_plugin_attention_budget_has_no_staging_scores_or_concat():
+    """The plugin-attention decoder writes the cache itself (no new-k/v staging) and its flash kernel
+    materialises neither the scores [B, H, T, ctx] nor concat(cache, new): the budget drops exactly
+    those, and a larger context fits the same Orin."""
+    nano = PRESETS["orin-nano"]
+    w = tp.weight_bytes_from_dims(LLAVA_15_7B, 4)
+    static = tp.estimate_memory(nano, LLAVA_15_7B, w, 1024, 1, 832)
+    fused = tp.estimate_memory(nano, LLAVA_15_7B, w, 1024, 1, 832, fused_attention=True)
+    t = tp.STATIC_PREFILL_CHUNK
+    d = LLAVA_15_7B
+    scores = 2 * d.num_heads * t * 1024 * 2
+    concat = 2 * d.num_kv_heads * (1024 + t) * d.head_dim * 2
+    assert fused.kv_staging == 0 and static.kv_staging == tp.kv_cache_bytes(d, t, 1)
+    assert static.activations - fused.activations == pytest.approx(1.5 * (scores + concat), abs=2)
+    assert fused.kv_cache == static.kv_cache and "staging" not in fused.describe()
+    assert (tp.max_context_that_fits(nano, d, w, fused_attention=True)
+            > tp.max_context_that_fits(nano, d, w))
+    with pytest.raises(Exception, match="in-place"):
+        tp.estimate_memory(nano, d, w, 1024, 1, 832, kv_layout="ping-pong", fused_attention=True)
