@@ -59,12 +59,10 @@ def resource_usage(kernel: AotKernel) -> KernelResources:
 
     Raises ``RuntimeError`` with ptxas's message when the PTX does not assemble.
     """
-    from triton.backends.nvidia.compiler import get_ptxas
-
     target = re.search(r"^\s*\.target\s+(sm_\w+)", kernel.ptx, re.M)
     if target is None:
         raise ValueError(f"{kernel.name}: no .target in the PTX")
-    ptxas = get_ptxas(kernel.cc).path
+    ptxas = _ptxas_path(kernel.cc)
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "kernel.ptx")
         with open(src, "w") as f:
@@ -87,3 +85,16 @@ def resource_usage(kernel: AotKernel) -> KernelResources:
         spill_load_bytes=num(r"(\d+) bytes spill loads"),
         shared_bytes=kernel.shared_mem + num(r"(\d+) bytes smem"),
     )
+
+
+def _ptxas_path(cc: int) -> str:
+    """The ptxas Triton itself uses for ``cc``. Its helper changed shape across Triton releases:
+    ``get_ptxas(arch)`` returning a tool with ``.path`` (3.4+), the same returning ``(path, version)``,
+    or ``get_ptxas()`` without the arch (older)."""
+    import inspect
+
+    from triton.backends.nvidia import compiler as nv
+
+    fn = nv.get_ptxas
+    tool = fn(cc) if inspect.signature(fn).parameters else fn()
+    return tool.path if hasattr(tool, "path") else tool[0]
