@@ -55,7 +55,7 @@ from ..runtime.trt_backend import (
 )
 from .plugin_decoder import write_plugin_decoder
 from .static_decoder import write_static_decoder
-from .trt_plan import BuildPlan, EngineBuildError, Plugins, _plugin_config, plan_build
+from .trt_plan import BuildPlan, EngineBuildError, Plugins, plugin_config, plan_build
 from .trt_presets import GiB, Profile
 
 BUILD_LOG = "build.log"
@@ -179,7 +179,7 @@ def _engine_source(root: Path, onnx_file: str, variant: str, manifest: Manifest 
     try:
         if variant == "plugin":
             t = manifest.text
-            write_plugin_decoder(root / onnx_file, tmp, t.num_heads, t.num_kv_heads, t.head_dim, _plugin_config(manifest))
+            write_plugin_decoder(root / onnx_file, tmp, t.num_heads, t.num_kv_heads, t.head_dim, plugin_config(manifest))
         else:
             write_static_decoder(root / onnx_file, tmp)
         yield tmp

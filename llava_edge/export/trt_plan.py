@@ -27,7 +27,7 @@ from ..runtime import trt_backend as _runtime  # PLUGIN_ENGINES_RUNNABLE, read a
 
 Plugins = Literal["auto", "on", "off"]
 
-__all__ = ["EngineBuildError", "BuildPlan", "Plugins", "plan_build"]
+__all__ = ["EngineBuildError", "BuildPlan", "Plugins", "plan_build", "plugin_config"]
 
 
 class EngineBuildError(Exception):
@@ -170,7 +170,7 @@ def plan_build(package_dir: str | Path, trt_version: str | tuple[int, ...], targ
             if want_plugin:
                 try:
                     model = make_plugin_decoder(model, manifest.text.num_heads, manifest.text.num_kv_heads,
-                                                manifest.text.head_dim, _plugin_config(manifest))
+                                                manifest.text.head_dim, plugin_config(manifest))
                     decoder_graph = "plugin"
                 except PluginDecoderError as e:
                     if plugins == "on":
@@ -266,7 +266,7 @@ def _missing_kernel_modules() -> list[str]:
     return [m for m in ("triton", "torch") if importlib.util.find_spec(m) is None]
 
 
-def _plugin_config(manifest: Manifest) -> PluginDecoderConfig:
+def plugin_config(manifest: Manifest) -> PluginDecoderConfig:
     """Rotary tables cover the model's whole context (the engine's max context is never larger)."""
     return PluginDecoderConfig(kind="prefill", max_positions=manifest.text.max_context)
 

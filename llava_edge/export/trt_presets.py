@@ -287,18 +287,17 @@ def estimate_memory(preset: TargetPreset, dims: ModelDims, weights: dict[str, in
     inplace = kv_layout == "in-place"
     if fused_attention and not inplace:
         raise UsageError("fused (plugin) attention keeps one in-place cache; it has no ping-pong layout")
-    fused = fused_attention
     return MemoryBudget(
         target=preset.name,
         usable_bytes=int(preset.usable_gb * GiB),
         weights=dict(weights),
         kv_cache=kv_cache_bytes(dims, context, batch, bytes_per_elem, 1 if inplace else 2),
         activations=activation_bytes(dims, batch, per_pass, context, bytes_per_elem, static_cache=inplace,
-                                     fused_attention=fused),
+                                     fused_attention=fused_attention),
         workspace=int(ws * GiB),
         overhead=int(preset.runtime_overhead_gb * GiB),
         context=context, batch=batch, kv_layout=kv_layout,
-        kv_staging=kv_cache_bytes(dims, per_pass, batch, bytes_per_elem) if inplace and not fused else 0,
+        kv_staging=kv_cache_bytes(dims, per_pass, batch, bytes_per_elem) if inplace and not fused_attention else 0,
     )
 
 

@@ -34,7 +34,11 @@ import triton.language as tl
 
 from .reference import check_kv_cache
 
-__all__ = ["DecodeWorkspace", "decode_attention", "default_num_splits"]
+__all__ = ["DecodeWorkspace", "decode_attention", "default_num_splits", "DECODE_NUM_WARPS"]
+
+# 4 warps: 168 registers and 8 B spilled; 8 warps would spill nothing (127 registers) but hold 2 blocks
+# per SM, not 3 (ptxas -v, benchmarks/results/kernel_resources.md). Untimed: the decode sweep has both.
+DECODE_NUM_WARPS = 4
 
 
 @triton.jit
@@ -200,7 +204,7 @@ def decode_attention(
     block_n: int = 64,
     workspace: DecodeWorkspace | None = None,
     out: torch.Tensor | None = None,
-    num_warps: int = 4,
+    num_warps: int = DECODE_NUM_WARPS,
 ) -> torch.Tensor:
     """One decode step for every sequence of the batch; mutates ``k_cache``/``v_cache`` in place.
 

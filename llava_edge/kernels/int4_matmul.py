@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["int4_matmul", "int4_gemv", "int4_gemm", "gemv_tile_groups", "GEMV_MAX_ROWS", "GEMV_BLOCK_N", "GEMV_BLOCK_K",
+__all__ = ["int4_matmul", "int4_gemv", "int4_gemm", "gemv_tile", "GEMV_MAX_ROWS", "GEMV_BLOCK_N", "GEMV_BLOCK_K",
            "GEMV_NUM_WARPS", "GEMM_NUM_WARPS"]
 
 GEMV_MAX_ROWS = 4  # above this the GEMM's weight reuse across rows wins
@@ -32,8 +32,8 @@ GEMV_MAX_ROWS = 4  # above this the GEMM's weight reuse across rows wins
 GEMV_BLOCK_N = 8
 GEMV_BLOCK_K = 1024
 GEMV_NUM_WARPS = 4
-# 8 warps: at 64x64x64 tiles 4 warps need 252-255 registers and spill on sm_87; 8 warps do not
-# (cuobjdump of the cubin, `kernels/resources.py`).
+# 8 warps: at 64x64x64 tiles 4 warps need 252-255 registers and spill (sm_87, sm_90); 8 warps do not
+# (ptxas -v, `kernels/resources.py`).
 GEMM_NUM_WARPS = 8
 
 
@@ -136,13 +136,16 @@ def _output(out: torch.Tensor | None, M: int, N: int, x: torch.Tensor) -> torch.
     return out
 
 
-def gemv_tile_groups(group_size: int, block_k: int) -> int:
-    """Groups per GEMV tile (1 when the tile is a part of a group); refuses tiles that straddle groups."""
+def gemv_tile(group_size: int, block_k: int | None = None) -> tuple[int, int]:
+    """``(block_k, groups per tile)`` of a GEMV tile: ``block_k`` defaults to ``GEMV_BLOCK_K`` (at least
+    one group); groups per tile is 1 when the tile is a part of a group. Refuses tiles that straddle
+    groups. The wrapper and the TensorRT AOT compile both take their tile from here."""
+    block_k = block_k or max(GEMV_BLOCK_K, group_size)
     if block_k < 2 or block_k & (block_k - 1):
         raise ValueError(f"block_k={block_k} must be a power of two >= 2")
     if group_size % block_k and block_k % group_size:
         raise ValueError(f"block_k={block_k} must divide group_size={group_size} or be a multiple of it")
-    return max(1, block_k // group_size)
+    return block_k, max(1, block_k // group_size)
 
 
 def int4_gemv(
@@ -157,8 +160,7 @@ def int4_gemv(
     N, K = _check(x, qweight, scales, group_size)
     x = x.contiguous()
     M = x.shape[0]
-    block_k = block_k or max(GEMV_BLOCK_K, group_size)
-    tile_groups = gemv_tile_groups(group_size, block_k)
+    block_k, tile_groups = gemv_tile(group_size, block_k)
     y = _output(out, M, N, x)
     _int4_gemv_kernel[(triton.cdiv(N, block_n), M)](
         x, qweight.contiguous(), scales.contiguous(), N, K, x.stride(0), y,

@@ -30,8 +30,8 @@ __all__ = ["prefill_attention", "default_num_warps"]
 
 
 def default_num_warps(head_dim: int) -> int:
-    """8 warps from head_dim 128: with 4, a 64x64 tile needs ~1.3 KB of stack per thread for spills
-    on sm_90 (255 registers); with 8, about 150 B (cuobjdump of the cubin, ``kernels/resources.py``)."""
+    """8 warps from head_dim 128: with 4, a 64x64 tile spills ~1.4 KB per thread on sm_90 (255
+    registers); with 8, about 150 B (ptxas -v, ``kernels/resources.py``)."""
     return 8 if head_dim >= 128 else 4
 
 

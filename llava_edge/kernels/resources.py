@@ -41,10 +41,6 @@ class KernelResources:
     shared_bytes: int  # per block: Triton's dynamic shared memory (the static part is ~0)
 
     @property
-    def spills(self) -> bool:
-        return self.spill_store_bytes > 0 or self.spill_load_bytes > 0
-
-    @property
     def blocks_per_sm_by_registers(self) -> int:
         """Resident blocks an SM can hold by register count alone (registers go in units of 256 per warp)."""
         per_warp = -(-self.registers * 32 // 256) * 256

@@ -212,10 +212,11 @@ def _compile(fn, pointers: dict[str, str], ints: list[str], constexprs: dict[str
 
 def compile_decode_attention(
     dtype: str, head_dim: int, group: int, num_splits: int, block_n: int = 64,
-    sm_scale: float | None = None, cc: int | None = None, num_warps: int = 4,
+    sm_scale: float | None = None, cc: int | None = None, num_warps: int | None = None,
 ) -> AotKernel:
     import triton
 
+    from .decode_attention import DECODE_NUM_WARPS
     from .decode_attention import _decode_attention_kernel as fn
 
     t = "*" + _TL[dtype]
@@ -226,7 +227,7 @@ def compile_decode_attention(
     const = dict(HEAD_DIM=head_dim, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
                  NUM_SPLITS=num_splits, QK_SCALE=scale * 1.4426950408889634,
                  DOT_PRECISION="ieee" if dtype == "float32" else "tf32")
-    return _compile(fn, ptrs, ["num_kv_heads", "max_seq"], const, cc, num_warps)
+    return _compile(fn, ptrs, ["num_kv_heads", "max_seq"], const, cc, num_warps or DECODE_NUM_WARPS)
 
 
 def compile_prefill_attention(
@@ -250,15 +251,13 @@ def compile_int4_matmul(
     dtype: str, group_size: int, kernel: Literal["gemv", "gemm"], block_m: int = 64, block_n: int | None = None,
     block_k: int | None = None, cc: int | None = None, num_warps: int | None = None,
 ) -> AotKernel:
-    from .int4_matmul import (GEMM_NUM_WARPS, GEMV_BLOCK_K, GEMV_BLOCK_N, GEMV_NUM_WARPS, _int4_gemm_kernel,
-                              _int4_gemv_kernel, gemv_tile_groups)
+    from .int4_matmul import GEMM_NUM_WARPS, GEMV_BLOCK_N, GEMV_NUM_WARPS, _int4_gemm_kernel, _int4_gemv_kernel, gemv_tile
 
     t = "*" + _TL[dtype]
     ptrs = {"X": t, "QW": "*u8", "Scales": "*fp16", "Y": t}
     if kernel == "gemv":
-        block_k = block_k or max(GEMV_BLOCK_K, group_size)
-        const = dict(GROUP_SIZE=group_size, BLOCK_N=block_n or GEMV_BLOCK_N, BLOCK_K=block_k,
-                     TILE_GROUPS=gemv_tile_groups(group_size, block_k))
+        block_k, tile_groups = gemv_tile(group_size, block_k)
+        const = dict(GROUP_SIZE=group_size, BLOCK_N=block_n or GEMV_BLOCK_N, BLOCK_K=block_k, TILE_GROUPS=tile_groups)
         return _compile(_int4_gemv_kernel, ptrs, ["N", "K", "stride_xm"], const, cc, num_warps or GEMV_NUM_WARPS)
     const = dict(GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n or 64, BLOCK_K=block_k or min(group_size, 64),
                  DOT_PRECISION="ieee" if dtype == "float32" else "tf32")

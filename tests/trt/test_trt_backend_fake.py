@@ -29,7 +29,7 @@ import llava_edge.runtime.trt_backend as tb
 from llava_edge.export import trt_presets as tp
 from llava_edge.export.static_decoder import write_static_decoder
 from llava_edge.export.plugin_decoder import write_plugin_decoder
-from llava_edge.export.trt_plan import _plugin_config, plan_build
+from llava_edge.export.trt_plan import plugin_config, plan_build
 from llava_edge.package import load_manifest
 
 CHUNK = 8
@@ -334,7 +334,7 @@ def _fake_package(trt_package, tmp_path: Path, kv_cache: str, plugins: str = "of
         spec = {"onnx": str(onnx_path), "profiles": [p.as_dict() for p in plan.profiles[name]], "dims": dims}
         if name == "decoder" and plan.decoder_graph == "plugin":
             spec["onnx"] = str(write_plugin_decoder(onnx_path, pkg / "decoder_plugin.onnx", t.num_heads, t.num_kv_heads,
-                                                    t.head_dim, _plugin_config(m)))
+                                                    t.head_dim, plugin_config(m)))
             spec["plugin"], spec["impl"] = True, impl
         elif name == "decoder" and kv_cache == "in-place":
             spec["onnx"] = str(write_static_decoder(onnx_path, pkg / "decoder_static.onnx"))
