@@ -171,6 +171,14 @@ def reason(exc: BaseException, caught: list | None = None) -> str:
     return msg[:400]
 
 
+def exit_if_wrong(what: str, rows: list[dict[str, Any]]) -> None:
+    """End a bench with an error (status 1) when any case failed its correctness check: its timings
+    were not taken, and a wrong kernel must not look like a finished run."""
+    wrong = [r for r in rows if r["wrong"]]
+    if wrong:
+        sys.exit(f"{what} WRONG for {len(wrong)} case(s): see the error column")
+
+
 def raise_if_fatal(exc: BaseException) -> None:
     if any(s in str(exc).lower() for s in FATAL_CUDA):
         raise exc

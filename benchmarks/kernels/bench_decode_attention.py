@@ -23,8 +23,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from _common import (  # noqa: E402
-    Section, Setup, bandwidth, copies_for, gpu_setup, measure_peak, raise_if_fatal, ratio, reason, sdpa_backend,
-    time_op, write_results,
+    Section, Setup, bandwidth, copies_for, exit_if_wrong, gpu_setup, measure_peak, raise_if_fatal, ratio, reason,
+    sdpa_backend, time_op, write_results,
 )
 
 MAX_SEQ = 4096 + 64  # one cache size for every case, as the runtime allocates it
@@ -194,9 +194,7 @@ def run(main_cases: list[DecodeCase], sweep_cases: list[DecodeCase], setup: Setu
 def main() -> None:
     setup = gpu_setup()
     rows = run(cases(), sweep(), setup)
-    wrong = [r for r in rows["summary"] + rows["sweep"] if r["wrong"]]
-    if wrong:
-        sys.exit(f"decode attention WRONG for {len(wrong)} case(s): see the error column")
+    exit_if_wrong("decode attention", rows["summary"] + rows["sweep"])
 
 
 if __name__ == "__main__":

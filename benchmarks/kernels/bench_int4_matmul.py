@@ -27,8 +27,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from _common import (  # noqa: E402
-    Section, Setup, bandwidth, copies_for, gpu_setup, measure_peak, raise_if_fatal, ratio, reason, time_op,
-    write_results,
+    Section, Setup, bandwidth, copies_for, exit_if_wrong, gpu_setup, measure_peak, raise_if_fatal, ratio, reason,
+    time_op, write_results,
 )
 
 LINEARS = {"qkv": (3 * 4096, 4096), "o": (4096, 4096), "gate_up": (2 * 11008, 4096), "down": (4096, 11008)}
@@ -206,9 +206,7 @@ def run(linear_cases: list[LinearCase], gemv_sweep: GemvSweep | list[GemvSweep] 
 def main() -> None:
     setup = gpu_setup()
     rows = run(cases(), sweep(), setup)
-    wrong = [r for r in rows["summary"] + rows["sweep"] if r["wrong"]]
-    if wrong:
-        sys.exit(f"int4 matmul WRONG for {len(wrong)} case(s): see the error column")
+    exit_if_wrong("int4 matmul", rows["summary"] + rows["sweep"])
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from _common import (  # noqa: E402
-    Section, Setup, bandwidth, copies_for, gpu_setup, measure_peak, raise_if_fatal, ratio, reason, sdpa_backend,
-    time_op, write_results,
+    Section, Setup, bandwidth, copies_for, exit_if_wrong, gpu_setup, measure_peak, raise_if_fatal, ratio, reason,
+    sdpa_backend, time_op, write_results,
 )
 
 PROMPTS = [(1, 640), (1, 1024), (4, 700), (8, 2048)]  # (batch, prompt tokens incl. 576 image tokens)
@@ -142,9 +142,7 @@ def run(prefill_cases: list[PrefillCase], setup: Setup) -> dict[str, list[dict[s
 def main() -> None:
     setup = gpu_setup()
     rows = run(cases(), setup)
-    wrong = [r for r in rows["summary"] if r["wrong"]]
-    if wrong:
-        sys.exit(f"prefill attention WRONG for {len(wrong)} case(s): see the error column")
+    exit_if_wrong("prefill attention", rows["summary"])
 
 
 if __name__ == "__main__":

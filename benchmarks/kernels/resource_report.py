@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # AOT compilation needs the real kernels
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+from _common import RESULTS  # noqa: E402
 
 # (label, compile function name, kwargs); "default" marks what the plugins and wrappers use.
 CONFIGS = [
