@@ -26,6 +26,18 @@ def device() -> str:
     return "cuda" if _HAS_CUDA else "cpu"
 
 
+# bf16 only on a GPU: the interpreter's bf16 is broken (numpy has no bfloat16).
+_DTYPES = ["float32", "float16"] + (["bfloat16"] if _HAS_CUDA else [])
+
+
+@pytest.fixture(params=_DTYPES, ids=lambda n: {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[n])
+def dtype(request):
+    """Every kernel test that takes ``dtype`` runs in each dtype the kernels support here."""
+    import torch
+
+    return getattr(torch, request.param)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     import torch
