@@ -37,10 +37,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .runtime.preprocess import ImageError
 
     errors: list[type[BaseException]] = [PackageError, ImageError, BackendError, UsageError, FileNotFoundError]
-    if "llava_edge.calibration.quantize" in sys.modules:
-        from .calibration.data import CalibrationDataError
-        from .calibration.gptq_import import GPTQImportError
-        from .calibration.quantize import QuantizeError
+    if "llava_edge.quantize.quantize" in sys.modules:
+        from .quantize.data import CalibrationDataError
+        from .quantize.gptq_import import GPTQImportError
+        from .quantize.quantize import QuantizeError
 
         errors += [QuantizeError, CalibrationDataError, GPTQImportError]
     if "llava_edge.export.trt_plan" in sys.modules:
@@ -160,7 +160,7 @@ def quantize(
     overwrite: bool = typer.Option(False),
 ) -> None:
     """GPTQ (or RTN) the decoder to 4 bits, calibrated on image+text conversations; writes a new package."""
-    from .calibration.quantize import quantize_package
+    from .quantize.quantize import quantize_package
 
     result = quantize_package(package, checkpoint, output, calib=calib, calib_images=calib_images, samples=samples,
                               bits=bits, group_size=group_size, act_order=act_order, method=method, format=format,

@@ -3,10 +3,10 @@ import copy
 import pytest
 import torch
 
-from llava_edge.calibration.capture import EncodedSample, capture_layer_inputs
-from llava_edge.calibration.gptq import GPTQConfig, HessianAccumulator, gptq_quantize
-from llava_edge.calibration.rtn import rtn_quantize
-from llava_edge.calibration.sequential import QuantizeLayersConfig, choose_group_size, quantize_layers
+from llava_edge.quantize.capture import EncodedSample, capture_layer_inputs
+from llava_edge.quantize.gptq import GPTQConfig, HessianAccumulator, gptq_quantize
+from llava_edge.quantize.rtn import rtn_quantize
+from llava_edge.quantize.sequential import QuantizeLayersConfig, choose_group_size, quantize_layers
 
 
 def _token_samples(n, length, vocab, seed):

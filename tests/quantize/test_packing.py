@@ -5,10 +5,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from llava_edge.calibration.gptq import GPTQConfig, HessianAccumulator, gptq_quantize
-from llava_edge.calibration.packing import (QuantizedLinear, dequantize_packed, pack, pack_int4_onnx, qrange,
+from llava_edge.quantize.gptq import GPTQConfig, HessianAccumulator, gptq_quantize
+from llava_edge.quantize.packing import (QuantizedLinear, dequantize_packed, pack, pack_int4_onnx, qrange,
                                             unpack)
-from llava_edge.calibration.rtn import rtn_quantize
+from llava_edge.quantize.rtn import rtn_quantize
 
 
 def test_int4_nibble_order_is_the_matmulnbits_contract():

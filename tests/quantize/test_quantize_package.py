@@ -11,14 +11,14 @@ import torch
 from onnx import numpy_helper
 from safetensors.numpy import save_file
 
-from llava_edge.calibration import quantize as quantize_mod
-from llava_edge.calibration.capture import encode_samples
-from llava_edge.calibration.data import load_calibration
-from llava_edge.calibration.gptq_import import to_autogptq
-from llava_edge.calibration.onnx_writer import write_quantized_decoder
-from llava_edge.calibration.packing import dequantize_packed
-from llava_edge.calibration.quantize import QuantizeError, quantize_package
-from llava_edge.calibration.report import PackageRunner
+from llava_edge.quantize import quantize as quantize_mod
+from llava_edge.quantize.capture import encode_samples
+from llava_edge.quantize.data import load_calibration
+from llava_edge.quantize.gptq_import import to_autogptq
+from llava_edge.quantize.onnx_writer import write_quantized_decoder
+from llava_edge.quantize.packing import dequantize_packed
+from llava_edge.quantize.quantize import QuantizeError, quantize_package
+from llava_edge.quantize.report import PackageRunner
 from llava_edge.package import PackageError, load_manifest, write_manifest
 
 OPTS = dict(samples=12, holdout=3, group_size=32, progress=False, print_report=False)
@@ -41,7 +41,7 @@ def holdout_samples(fp_package):
 
 
 def test_quantized_package_is_a_runnable_package(gptq_pkg, fp_package):
-    from llava_edge.calibration.data import shapes_sample
+    from llava_edge.quantize.data import shapes_sample
     from llava_edge.runtime.pipeline import Pipeline
 
     m = load_manifest(gptq_pkg.package_dir)

@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from llava_edge.calibration.gptq_import import (GPTQImportError, import_gptq_checkpoint, pack_int32, to_autogptq,
+from llava_edge.quantize.gptq_import import (GPTQImportError, import_gptq_checkpoint, pack_int32, to_autogptq,
                                                 unpack_int32)
-from llava_edge.calibration.rtn import rtn_quantize
+from llava_edge.quantize.rtn import rtn_quantize
 
 K, N, G = 64, 48, 32
 

@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 from tokenizers import Tokenizer
 
-from llava_edge.calibration.capture import encode_conversation
-from llava_edge.calibration.data import CalibrationDataError, Conversation, load_calibration, shapes_sample
+from llava_edge.quantize.capture import encode_conversation
+from llava_edge.quantize.data import CalibrationDataError, Conversation, load_calibration, shapes_sample
 
 
 def _img(path, colour):

@@ -1,6 +1,6 @@
 """Peak memory of GPTQ on a ~1B-class decoder built from a config (random weights, no download).
 
-    python -m llava_edge.calibration.memory_bench [--layers 22] [--samples 4] [--seq 512] [--device cpu]
+    python -m llava_edge.benchmarks.memory_bench [--layers 22] [--samples 4] [--seq 512] [--device cpu]
 
 Builds a TinyLlama-shaped LlamaForCausalLM (hidden 2048, 22 layers, GQA 32/4, intermediate 5632,
 vocab 32000) in float16 storage, captures layer-0 inputs for a few random-token samples and runs
@@ -53,9 +53,9 @@ class PeakSampler:
 def main(argv: list[str] | None = None) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from .capture import EncodedSample, capture_layer_inputs
-    from .gptq import GPTQConfig
-    from .sequential import QuantizeLayersConfig, quantize_layers
+    from ..quantize.capture import EncodedSample, capture_layer_inputs
+    from ..quantize.gptq import GPTQConfig
+    from ..quantize.sequential import QuantizeLayersConfig, quantize_layers
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=22)
