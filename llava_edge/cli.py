@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -18,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import UsageError
+from .errors import LlavaEdgeError, UsageError
 
 app = typer.Typer(
     help="Export, quantize, compile and run LLaVA on edge devices and plain CPUs.\n\n"
@@ -29,34 +30,6 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 out = Console()
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .package import PackageError
-    from .runtime.ort_backend import BackendError
-    from .runtime.preprocess import ImageError
-
-    errors: list[type[BaseException]] = [PackageError, ImageError, BackendError, UsageError, FileNotFoundError]
-    if "llava_edge.quantize.quantize" in sys.modules:
-        from .quantize.data import CalibrationDataError
-        from .quantize.gptq_import import GPTQImportError
-        from .quantize.quantize import QuantizeError
-
-        errors += [QuantizeError, CalibrationDataError, GPTQImportError]
-    if "llava_edge.export.trt_plan" in sys.modules:
-        from .export.trt_plan import EngineBuildError
-
-        errors.append(EngineBuildError)
-    if "llava_edge.benchmarks.harness" in sys.modules:
-        from .benchmarks.harness import BenchmarkError
-
-        errors.append(BenchmarkError)
-    if "llava_edge.export.checkpoint" in sys.modules:
-        from .export.checkpoint import CheckpointError
-        from .export.exporter import ExportError
-
-        errors += [CheckpointError, ExportError]
-    return tuple(errors)
 
 
 def friendly(fn: Callable) -> Callable:
@@ -72,7 +45,7 @@ def friendly(fn: Callable) -> Callable:
         except typer.Exit:
             raise
         except Exception as e:  # noqa: BLE001 - classified below
-            if isinstance(e, _user_errors()):
+            if isinstance(e, (LlavaEdgeError, FileNotFoundError)):
                 console.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
                 raise typer.Exit(2)
             raise
@@ -189,7 +162,7 @@ def build(
     as_json: bool = typer.Option(False, "--json", help="Print the plan/result as JSON."),
 ) -> None:
     """Compile TensorRT engines into PKG/engines, sized for the target device."""
-    from .export.trt_build import build_engines, result_summary
+    from .build.builder import build_engines, result_summary
 
     result = build_engines(package, target=target, max_batch=max_batch, max_context=max_context,
                            max_images=max_images, workspace_gb=workspace_gb, timing_cache=timing_cache,
@@ -328,8 +301,8 @@ def inspect(package: Path = typer.Argument(..., help="Model package directory.")
 @friendly
 def bench(
     package: Path = typer.Argument(..., help="Model package to measure."),
-    backend: str = typer.Option("ort-cpu", help="Comma list of ort-cpu, ort-fast, ort-fast-int4 (tensorrt: "
-                                "not yet)."),
+    backend: str = typer.Option("ort", help="Comma list of backends: ort, ort-fast, ort-fast-int4, tensorrt."),
+    device: str = typer.Option("cpu", help="cpu or cuda (onnxruntime backends)."),
     batch: str = typer.Option("1", help="Comma list of batch sizes."),
     prompt_len: str = typer.Option("64", help="Comma list of text prompt lengths (image tokens come on top)."),
     new_tokens: int = typer.Option(128, help="Tokens generated per request (eos ignored)."),
@@ -341,14 +314,21 @@ def bench(
     no_image: bool = typer.Option(False, "--no-image", help="Text-only prompts."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write results JSON here."),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG of latency breakdown and tokens/s."),
+    md: Optional[Path] = typer.Option(None, help="Also write a markdown note with the command."),
 ) -> None:
     """Latency (vision, time to first token, per token), throughput and memory, vs transformers."""
     from .benchmarks.harness import run_benchmark
 
-    run_benchmark(package, backend=backend, batch=[int(x) for x in batch.split(",")],
-                  prompt_len=[int(x) for x in prompt_len.split(",")], new_tokens=new_tokens, baseline=baseline,
-                  checkpoint=checkpoint, repeat=repeat, warmup=warmup, threads=threads, with_image=not no_image,
-                  out_json=output, plot=plot, on_progress=lambda s: console.print(f"[dim]{escape(s)}[/]"))
+    report = run_benchmark(package, backend=backend, batch=[int(x) for x in batch.split(",")],
+                           prompt_len=[int(x) for x in prompt_len.split(",")], new_tokens=new_tokens,
+                           baseline=baseline, checkpoint=checkpoint, repeat=repeat, warmup=warmup, threads=threads,
+                           device=device, with_image=not no_image, out_json=output, plot=plot,
+                           on_progress=lambda s: console.print(f"[dim]{escape(s)}[/]"))
+    if md:
+        from .benchmarks.report import markdown
+
+        md.parent.mkdir(parents=True, exist_ok=True)
+        md.write_text(markdown(report, "llava-edge bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])))
 
 
 @app.command("random-checkpoint")

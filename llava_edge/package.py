@@ -20,12 +20,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import LlavaEdgeError
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
 
 
-class PackageError(Exception):
+class PackageError(LlavaEdgeError):
     """A model package is missing, incomplete or from an incompatible version."""
 
 

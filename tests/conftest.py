@@ -9,6 +9,20 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+# Triton kernels run in Triton's CPU interpreter when there is no GPU. TRITON_INTERPRET must be set
+# before ``triton.jit`` decorates them (before ``llava_edge.kernels.*`` is imported): here, at import.
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except ImportError:
+    _HAS_CUDA = False
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# No test folder may be named like an optional package (tests/ is on sys.path: a folder "tensorrt" would
+# be an importable namespace package and fool ``importlib.util.find_spec("tensorrt")``).
+
 PRESETS = ["llava-hf-v1.5", "llava-hf-gqa", "original-v1"]
 
 
@@ -64,3 +78,46 @@ def plugin_package(tmp_path_factory):
     build_checkpoint(root / "checkpoint", spec)
     export_package(root / "checkpoint", root / "package")
     return root / "package"
+
+
+# -- TensorRT: one tiny package, and the real-TensorRT gates -----------------------------------------
+@pytest.fixture
+def tensorrt_missing() -> bool:
+    """True when no real TensorRT can be imported (the error-message tests need that)."""
+    from llava_edge.trt_env import TensorRTUnavailable, import_tensorrt
+
+    try:
+        import_tensorrt()
+    except TensorRTUnavailable:
+        return True
+    return False
+
+
+@pytest.fixture(scope="session")
+def trt_package(tmp_path_factory):
+    """A tiny GQA LLaVA package (fp32): structure-true graphs for the checker, profiles and the builder."""
+    import torch
+
+    from llava_edge.export.exporter import export_package
+    from llava_edge.export.factory import build_checkpoint
+
+    torch.set_num_threads(2)
+    root = tmp_path_factory.mktemp("trt")
+    build_checkpoint(root / "checkpoint", "llava-hf-gqa")
+    export_package(root / "checkpoint", root / "package")
+    return root / "package"
+
+
+@pytest.fixture(scope="session")
+def trt_gpu() -> None:
+    """Skip (with the reason) unless a real TensorRT, cuda-python and a CUDA GPU are all present."""
+    from llava_edge.trt_env import TensorRTUnavailable, gpu_info, import_tensorrt
+
+    try:
+        import_tensorrt()
+    except TensorRTUnavailable as e:
+        pytest.skip(f"needs NVIDIA TensorRT (optional extra `llava-edge[tensorrt]`, or JetPack's): {e}")
+    try:
+        gpu_info(0)
+    except Exception as e:  # noqa: BLE001 - any reason means skip, with the reason
+        pytest.skip(f"needs a CUDA GPU for TensorRT: {e}")

@@ -4,10 +4,10 @@
 #
 #   run(command="bash benchmarks/kernels/gpu_check.sh", timeout_s=540)
 #
-# Needs torch with CUDA and triton (the H200 image has both); nothing is installed here.
+# Needs torch with CUDA and triton (a CUDA machine image usually has both); nothing is installed here.
 #
 # Time budget (s): tests 200 + decode 110 + int4 120 + prefill 60 = 490 < 540. Estimates for the benches
-# on an H200 (~0.5 s of timing per op: do_bench + do_bench_cudagraph + loop, ~1-3 s per Triton compile,
+# on a datacenter GPU (~0.5 s of timing per op: do_bench + do_bench_cudagraph + loop, ~1-3 s per Triton compile,
 # ~10 s torch/CUDA start): decode 36 ops + 10-case sweep (splits, 8 warps), 11 kernel variants -> ~70 s; int4 33 ops +
 # 17-config M=1 sweep + 4-config M=4 sweep, ~20 compiles -> ~70 s; prefill 12 ops -> ~25 s. Each bench rewrites its results
 # after every row, so one killed by its timeout still returns the rows it finished.

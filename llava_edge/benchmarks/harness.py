@@ -22,13 +22,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..errors import LlavaEdgeError
 from ..package import TOKENIZER_NAME, Manifest, load_manifest
+from ..runtime.ragged import left_pad
 from .measure import PeakRSS, TimedBackend, machine_info, median, percentiles, versions
 
-BACKENDS = ("ort-cpu", "ort-cuda", "ort-fast", "ort-fast-int4", "tensorrt")
-
-
-class BenchmarkError(Exception):
+class BenchmarkError(LlavaEdgeError):
     pass
 
 
@@ -84,51 +83,29 @@ class BenchmarkReport:
 
 # -- engines ------------------------------------------------------------------------------------
 
-def _make_backend(name: str, package_dir: Path, manifest: Manifest, threads: int | None):
-    if name == "ort-cpu":
-        from ..runtime.ort_backend import OrtBackend
-
-        return OrtBackend(package_dir, manifest, device="cpu", threads=threads)
-    if name == "ort-cuda":
-        from ..runtime.ort_backend import OrtBackend
-
-        return OrtBackend(package_dir, manifest, device="cuda", threads=threads)
-    if name in ("ort-fast", "ort-fast-int4"):
-        from ..runtime.fast_backend import FastOrtBackend
-
-        graph = "decoder_fast" if name == "ort-fast" else "decoder_fast_int4"
-        return FastOrtBackend(package_dir, manifest, threads=threads, decoder=graph)
-    if name == "tensorrt":
-        raise BenchmarkError("the tensorrt backend is not available in this build (no TensorRT runtime here)")
-    raise BenchmarkError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
-
-
 class _OursEngine:
     """A Pipeline over one backend, wrapped in the timing proxy; eos ignored so every run is full length."""
 
-    def __init__(self, name: str, package_dir: Path, threads: int | None):
+    def __init__(self, name: str, package_dir: Path, device: str, threads: int | None):
         from tokenizers import Tokenizer
 
+        from ..runtime.backends import open_backend
         from ..runtime.pipeline import Pipeline
 
         self.name = name
         manifest = load_manifest(package_dir)
         manifest.text.eos_token_ids = []  # benchmark only: fixed-length runs
         tokenizer = Tokenizer.from_file(str(package_dir / TOKENIZER_NAME))
-        self.backend = TimedBackend(_make_backend(name, package_dir, manifest, threads))
+        self.backend = TimedBackend(open_backend(name, package_dir, manifest, device, threads))
         # prefix_cache=0: every repeat measures a cold prompt (vision + full prefill), as transformers does
         self.pipe = Pipeline(package_dir, manifest, self.backend, tokenizer, prefix_cache=0)
 
     def run(self, requests: list, new_tokens: int) -> Sample:
+        from ..runtime.pipeline import drain
+
         self.backend.reset()
         t0 = time.perf_counter()
-        gen = self.pipe.run(requests, max_new_tokens=new_tokens)
-        while True:
-            try:
-                next(gen)
-            except StopIteration as done:
-                results = done.value
-                break
+        results = drain(self.pipe.run(requests, max_new_tokens=new_tokens))
         t_end = time.perf_counter()
         self.backend.finish(t_end)
         log = self.backend.log
@@ -225,16 +202,6 @@ def make_request(pipe: Any, prompt_len: int, image: Any | None):
     return best[0], best[1]
 
 
-def _left_pad(encoded: list[np.ndarray], pad: int) -> tuple[np.ndarray, np.ndarray]:
-    longest = max(len(e) for e in encoded)
-    ids = np.full((len(encoded), longest), pad, dtype=np.int64)
-    mask = np.zeros((len(encoded), longest), dtype=np.int64)
-    for i, e in enumerate(encoded):
-        ids[i, longest - len(e):] = e
-        mask[i, longest - len(e):] = 1
-    return ids, mask
-
-
 def _summarize(engine: str, batch: int, prompt_tokens: int, new_tokens: int, samples: list[Sample],
                mem: PeakRSS, rss_before: int) -> EngineResult:
     all_tokens = [t for s in samples for t in s.token_ms]
@@ -255,9 +222,11 @@ def _summarize(engine: str, batch: int, prompt_tokens: int, new_tokens: int, sam
 
 
 def _package_bytes(package_dir: Path, manifest: Manifest, engines: Sequence[str]) -> int:
+    from ..runtime.backends import resolve
+
     used = {"vision", "embed"}
     for e in engines:
-        used.add({"ort-fast": "decoder_fast", "ort-fast-int4": "decoder_fast_int4"}.get(e, "decoder"))
+        used.add({"ort-fast": "decoder_fast", "ort-fast-int4": "decoder_fast_int4"}.get(resolve(e)[0], "decoder"))
     total = (package_dir / TOKENIZER_NAME).stat().st_size
     for name, g in manifest.graphs.items():
         if name in used:
@@ -269,7 +238,7 @@ def _package_bytes(package_dir: Path, manifest: Manifest, engines: Sequence[str]
 
 def run_benchmark(
     package_dir: str | os.PathLike,
-    backend: str | Sequence[str] = "ort-cpu",
+    backend: str | Sequence[str] = "ort",
     batch: Sequence[int] = (1,),
     prompt_len: Sequence[int] = (64,),
     new_tokens: int = 128,
@@ -278,6 +247,7 @@ def run_benchmark(
     repeat: int = 3,
     warmup: int = 1,
     threads: int | None = None,
+    device: str = "cpu",
     with_image: bool = True,
     baseline_attn: str = "sdpa",
     out_json: str | os.PathLike | None = None,
@@ -285,7 +255,7 @@ def run_benchmark(
     console: bool = True,
     on_progress: Callable[[str], None] | None = None,
 ) -> BenchmarkReport:
-    """Measure the package on one or more backends (comma list allowed: "ort-cpu,ort-fast") and,
+    """Measure the package on one or more backends (names from ``runtime.backends``, comma list allowed: "ort,ort-fast"; ``device`` cpu|cuda) and,
     with baseline="transformers", HF generate on the checkpoint, interleaved in one run.
 
     Returns the report; writes JSON (out_json) and a PNG (plot) when asked; prints a rich table.
@@ -310,7 +280,7 @@ def run_benchmark(
         say(f"load {name}")
         mem = PeakRSS().__enter__()
         before[name] = mem.start
-        ours[name] = _OursEngine(name, package_dir, threads)
+        ours[name] = _OursEngine(name, package_dir, device, threads)
         mem.__exit__()
         mems[name] = mem
 
@@ -336,7 +306,7 @@ def run_benchmark(
         for plen in prompt_len:
             req, ids_one = make_request(first, plen, image)
             requests = [copy.deepcopy(req) for _ in range(b)]
-            ids, mask = _left_pad([ids_one] * b, manifest.text.pad_token_id)
+            ids, mask = left_pad([ids_one] * b, manifest.text.pad_token_id)
             pixels = None
             if image is not None:
                 from ..runtime.preprocess import preprocess

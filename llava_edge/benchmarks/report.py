@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .harness import BenchmarkReport
+if TYPE_CHECKING:  # the harness imports this module to print and plot
+    from .harness import BenchmarkReport
 
 
 def _fmt(v: Any, nd: int = 1) -> str:

@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 
+from ..errors import LlavaEdgeError
 from ..package import VisionConfig
 
 
-class CheckpointError(Exception):
+class CheckpointError(LlavaEdgeError):
     """The directory is not a loadable LLaVA checkpoint; the message names the missing piece."""
 
 

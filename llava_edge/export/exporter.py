@@ -12,6 +12,7 @@ from typing import Callable
 import onnx
 import torch
 
+from ..errors import LlavaEdgeError
 from .. import __version__
 from ..package import FORMAT_VERSION, TOKENIZER_NAME, Manifest, TextConfig, staged_package, write_manifest
 from . import verify
@@ -24,7 +25,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2}
 
 
-class ExportError(Exception):
+class ExportError(LlavaEdgeError):
     pass
 
 

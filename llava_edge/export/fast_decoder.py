@@ -38,6 +38,7 @@ import onnx.numpy_helper
 from onnx import TensorProto, helper
 
 from ..package import GraphSpec, TensorSpec, load_manifest, write_manifest
+from ..quantize.packing import pack
 
 MAX_IR_VERSION = 10
 _ALIGN = 4096  # external data offsets page-aligned so onnxruntime can map them
@@ -52,7 +53,7 @@ class FastDecoderConfig:
     quant: str | None = None  # None or "int4-rtn"
     block_size: int = 128  # int4 block along K
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fast path), 0 = exact to the weights
-    quantize_lm_head: bool = False  # ARCHITECTURE: lm_head stays float unless asked
+    quantize_lm_head: bool = False  # lm_head stays float unless asked (docs/quantization.md)
 
 
 class _ExternalData:
@@ -97,8 +98,8 @@ def quantize_int4_rtn(w_t: np.ndarray, block_size: int) -> tuple[np.ndarray, np.
     w = w_t.T.astype(np.float32).reshape(n, k // block_size, block_size)
     scale = np.abs(w).max(axis=-1, keepdims=True) / 7.0
     scale[scale == 0] = 1.0
-    q = (np.clip(np.rint(w / scale), -8, 7) + 8).astype(np.uint8)
-    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    q = np.clip(np.rint(w / scale), -8, 7).astype(np.int8).reshape(n, k)
+    packed = pack(q, 4).reshape(n, k // block_size, block_size // 2)  # the one int4 layout (quantize/packing.py)
     return packed, scale.reshape(-1)
 
 

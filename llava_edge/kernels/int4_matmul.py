@@ -26,7 +26,7 @@ __all__ = ["int4_matmul", "int4_gemv", "int4_gemm", "gemv_tile", "GEMV_MAX_ROWS"
 
 GEMV_MAX_ROWS = 4  # above this the GEMM's weight reuse across rows wins
 # GEMV tiles: 8 rows x 1024 k (8 groups of 128): 4 KB of weights per program and iteration, 512
-# programs for N = 4096 (the old 32 x 128 tile made 128, fewer than an H200 has SMs), 64-66
+# programs for N = 4096 (a 32 x 128 tile makes 128, fewer than a datacenter GPU has SMs), 64-66
 # registers so 7-8 programs fit an SM (ptxas, sm_87 / sm_90). Chosen for bytes in flight, not timed
 # yet: benchmarks/kernels/bench_int4_matmul.py sweeps the alternatives on a GPU.
 GEMV_BLOCK_N = 8

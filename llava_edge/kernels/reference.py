@@ -21,6 +21,8 @@ import math
 import numpy as np
 import torch
 
+from ..quantize.packing import pack, unpack
+
 __all__ = [
     "rope_cos_sin",
     "apply_rope",
@@ -138,7 +140,8 @@ def prefill_attention_ref(
 
 # ------------------------------------------------------------------------------------------- int4
 def pack_int4(w: np.ndarray | torch.Tensor, group_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Quantize and pack ``W [N, K]`` the way onnxruntime ``MatMulNBits`` stores it (symmetric).
+    """Quantize ``W [N, K]`` (round to nearest) and pack it with ``quantize.packing.pack``: the
+    onnxruntime ``MatMulNBits`` layout (symmetric).
 
     ``scale = max|W_group| / 7`` (so the largest weight maps to +-7 and ``-8`` is only reached by
     rounding ties), ``q = clamp(round(W / scale), -8, 7)``, stored unsigned as ``q + 8``; byte ``j`` of
@@ -154,9 +157,7 @@ def pack_int4(w: np.ndarray | torch.Tensor, group_size: int) -> tuple[np.ndarray
     scales = (np.abs(groups).max(axis=-1) / 7.0).astype(np.float16)
     safe = np.where(scales == 0, np.float16(1), scales).astype(np.float32)
     q = np.clip(np.rint(groups / safe[..., None]), -8, 7).astype(np.int8).reshape(n, k)
-    u = (q + 8).astype(np.uint8)
-    qweight = (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8)
-    return qweight, scales
+    return pack(q, 4), scales
 
 
 def unpack_int4(
@@ -171,8 +172,7 @@ def unpack_int4(
         qw = qweight.to(torch.int32)
         q = torch.stack([qw & 0xF, qw >> 4], dim=-1).reshape(qw.shape[0], -1) - 8
         return q.float() * s.to(q.device).repeat_interleave(group_size, dim=1)
-    qw = np.asarray(qweight).astype(np.int32)
-    q = np.stack([qw & 0xF, qw >> 4], axis=-1).reshape(qw.shape[0], -1) - 8
+    q = unpack(np.asarray(qweight), 4)
     return q.astype(np.float32) * np.repeat(np.asarray(scales, np.float32), group_size, axis=1)
 
 

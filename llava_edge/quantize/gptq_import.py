@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import LlavaEdgeError
 from .packing import QuantizedLinear, qrange
 from .rtn import check_group_size
 
@@ -41,7 +42,7 @@ _LINEAR_RE = re.compile(
 )
 
 
-class GPTQImportError(Exception):
+class GPTQImportError(LlavaEdgeError):
     """The checkpoint cannot be represented in llava-edge's packed format; the message says why."""
 
 

@@ -111,8 +111,7 @@ def dequantize_packed(qweight: np.ndarray, scales: np.ndarray, bits: int, group_
 
 def pack_int4_onnx(values: np.ndarray) -> bytes:
     """ONNX INT4 raw_data: signed two's-complement nibbles, flat row-major, element 2i low."""
-    flat = np.asarray(values, dtype=np.int8).reshape(-1)
-    if flat.size % 2:
-        flat = np.concatenate([flat, np.zeros(1, np.int8)])
-    nib = (flat.astype(np.uint8) & 0x0F)
-    return (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8).tobytes()
+    flat = np.asarray(values, dtype=np.int8).reshape(1, -1)
+    if flat.shape[1] % 2:
+        flat = np.concatenate([flat, np.zeros((1, 1), np.int8)], axis=1)
+    return (pack(flat, 4) ^ np.uint8(0x88)).tobytes()  # q + 8 with the top bit flipped = q's low nibble

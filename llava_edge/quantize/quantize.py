@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..errors import LlavaEdgeError
 from ..package import TOKENIZER_NAME, Manifest, PackageError, load_manifest, staged_package, write_manifest
 from .capture import capture_layer_inputs, encode_samples, find_decoder
 from .data import load_calibration
@@ -30,7 +31,7 @@ from .sequential import QuantizeLayersConfig, quantize_layers
 METHODS = ("gptq", "rtn")
 
 
-class QuantizeError(Exception):
+class QuantizeError(LlavaEdgeError):
     pass
 
 

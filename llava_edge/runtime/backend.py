@@ -1,20 +1,30 @@
 """The backend protocol: what the generation loop needs from an inference engine, and nothing more.
 
-A backend owns its sessions/engines and its KV cache representation; the loop only sees numpy
-embeddings in and logits out. onnxruntime (CPU/CUDA) lives in ort_backend.py; TensorRT plugs in here
-too without the loop changing.
+A backend owns its sessions/engines and its KV cache; the loop only sees numpy embeddings in and logits
+out. Prefix reuse is optional: a backend that can copy its cache out and back in sets
+``supports_prefix_reuse = True`` and implements :class:`SupportsPrefixReuse`; the pipeline checks the
+flag (never ``hasattr``). Backend names and the opener are in ``backends.py``; see docs/architecture.md.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from ..errors import LlavaEdgeError
+
+__all__ = ["Backend", "BackendError", "SupportsPrefixReuse", "supports_prefix_reuse"]
+
+
+class BackendError(LlavaEdgeError):
+    """A backend cannot run this package or request (missing engine, cache full, no GPU, ...)."""
 
 
 class Backend(Protocol):
     name: str
     float_dtype: np.dtype  # dtype of embeddings / image features the graphs take
+    supports_prefix_reuse: bool  # True: also implements SupportsPrefixReuse
 
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
         """[N,3,S,S] float32 -> image features [N, tokens_per_image, hidden]."""
@@ -29,3 +39,19 @@ class Backend(Protocol):
              position_ids: np.ndarray) -> np.ndarray:
         """Run the decoder on T new positions, append their k/v to the cache, return logits of the
         last position [B, V] (float32)."""
+
+
+@runtime_checkable
+class SupportsPrefixReuse(Protocol):
+    """A backend whose batch-1 cache can be kept and resumed (the pipeline's prefix cache)."""
+
+    def snapshot(self, cache: Any) -> Any:
+        """A host-side state of ``cache`` that stays valid after the cache is written again."""
+
+    def resume(self, state: Any, prefix_len: int, max_len: int) -> Any:
+        """A new cache holding the first ``prefix_len`` tokens of ``state``, room for ``max_len``."""
+
+
+def supports_prefix_reuse(backend: Any) -> bool:
+    """Whether the backend declares prefix reuse (and so implements snapshot/resume)."""
+    return bool(getattr(backend, "supports_prefix_reuse", False))

@@ -23,7 +23,8 @@ import numpy as np
 import onnxruntime as ort
 
 from ..package import Manifest
-from .ort_backend import BackendError, session_options
+from .backend import BackendError
+from .ort_backend import session_options
 from .ragged import right_align
 
 
@@ -47,6 +48,7 @@ class FastKVCache:
 
 class FastOrtBackend:
     name = "onnxruntime-fast"
+    supports_prefix_reuse = True
 
     def __init__(self, package_dir: str | os.PathLike, manifest: Manifest, threads: int | None = None,
                  decoder: str = "decoder_fast", device: str = "cpu"):

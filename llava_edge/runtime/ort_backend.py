@@ -10,12 +10,9 @@ import numpy as np
 import onnxruntime as ort
 
 from ..package import Manifest
+from .backend import BackendError
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
-
-
-class BackendError(Exception):
-    pass
 
 
 @dataclass
@@ -43,6 +40,7 @@ def session_options(threads: int | None) -> ort.SessionOptions:
 
 class OrtBackend:
     name = "onnxruntime"
+    supports_prefix_reuse = True
 
     def __init__(self, package_dir: str | os.PathLike, manifest: Manifest, device: str = "cpu",
                  threads: int | None = None):

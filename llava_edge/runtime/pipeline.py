@@ -19,8 +19,11 @@ from tokenizers import Tokenizer
 from ..errors import UsageError
 from ..package import TOKENIZER_NAME, Manifest, load_manifest
 from . import prompt as prompts
+from .backend import supports_prefix_reuse
+from .backends import open_backend
 from .prefix_cache import PrefixCache, image_digest
 from .preprocess import load_image, preprocess
+from .ragged import left_pad
 from .sampling import Sampler, SamplingConfig
 
 
@@ -132,21 +135,7 @@ class Pipeline:
                      prefix_cache: int = 2) -> "Pipeline":
         manifest = load_manifest(package_dir)
         tokenizer = Tokenizer.from_file(str(Path(package_dir) / TOKENIZER_NAME))
-        if backend == "ort":
-            from .ort_backend import OrtBackend
-
-            engine = OrtBackend(package_dir, manifest, device=device, threads=threads)
-        elif backend in ("ort-fast", "ort-fast-int4"):
-            from .fast_backend import FastOrtBackend
-
-            engine = FastOrtBackend(package_dir, manifest, threads=threads, device=device,
-                                    decoder="decoder_fast" if backend == "ort-fast" else "decoder_fast_int4")
-        elif backend == "tensorrt":
-            from .trt_backend import TrtBackend
-
-            engine = TrtBackend(package_dir, manifest)
-        else:
-            raise UsageError(f"unknown backend {backend!r}; use ort, ort-fast, ort-fast-int4 or tensorrt")
+        engine = open_backend(backend, package_dir, manifest, device=device, threads=threads)
         return cls(package_dir, manifest, engine, tokenizer, template, prefix_cache)
 
     # -- prompt preparation -------------------------------------------------------------------
@@ -180,16 +169,12 @@ class Pipeline:
         images = [load_image(im) for r in requests for im in r.images]  # decode (and fail) once, early
 
         # prefix reuse (batch 1): skip the tokens, and the vision encoder, that an earlier prompt covered
-        reuse = self.prefix_cache is not None and b == 1 and hasattr(self.backend, "resume")
+        reuse = self.prefix_cache is not None and b == 1 and supports_prefix_reuse(self.backend)
         digests = tuple(image_digest(im) for im in images) if reuse else ()
         hit, start = self.prefix_cache.lookup(digests, encoded[0]) if reuse else (None, 0)
 
         # left-padded batch
-        ids = np.full((b, longest), t.pad_token_id, dtype=np.int64)
-        mask = np.zeros((b, longest), dtype=np.int64)
-        for i, e in enumerate(encoded):
-            ids[i, longest - len(e) :] = e
-            mask[i, longest - len(e) :] = 1
+        ids, mask = left_pad(encoded, t.pad_token_id)
         positions = np.maximum(mask.cumsum(-1) - 1, 0)
         new_ids = ids[:, start:]
         slots = new_ids == t.image_token_id

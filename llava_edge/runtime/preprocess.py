@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import LlavaEdgeError
 from ..package import VisionConfig
 
 
-class ImageError(Exception):
+class ImageError(LlavaEdgeError):
     """The image cannot be read or decoded."""
 
 

@@ -1,140 +1,39 @@
 """TensorRT backend behind the same protocol as the onnxruntime one (``runtime/backend.py``).
 
-This is the only runtime module that imports ``tensorrt`` and ``cuda-python``, and it imports them
-lazily: importing this module (for the engine record and its checks) works without either, and a
-missing one becomes a one-line :class:`TensorRTUnavailable` error instead of an ImportError traceback.
-
-What it does
-* Loads ``engines/{vision,embed,decoder}.plan`` after checking the engine record (engines are tied
-  to the exact TensorRT version and GPU they were built for, so a mismatch is refused with a message
-  saying what to rebuild), from an ``mmap`` of the file (no second copy of the weights in process
-  memory while deserialising: on Jetson that memory is the GPU's).
-* Allocates every device and pinned host buffer once, at construction, sized from the engines'
-  optimization-profile maxima; ``step`` allocates nothing.
-* KV cache (``trt_kv``), by the record's ``kv_cache``:
-  - ``"in-place"`` (what ``llava-edge build`` makes on TensorRT < 10.9 or with ``--plugins off``): the decoder engine is the static-cache graph
-    (``export/static_decoder.py``); one buffer per layer k/v at [max_batch, kvH, max_ctx, D] is bound
-    whole as ``past`` every step and the step's new k/v are copied into it at the current length
-    (``cudaMemcpy2DAsync``, a few KB per layer per token). The cache is never copied or reallocated.
-  - ``"ping-pong"`` (engines built before): the portable graph, two slabs swapped every step, twice
-    the cache memory.
-  - record ``attention == "plugin"`` (``--plugins auto|on`` on TensorRT >= 10.9; ``trt_plugin_kv``):
-    the plugin-attention graph (``export/plugin_decoder.py``); one buffer per layer k/v bound as both
-    the past input and the aliased present output (the plugin writes new k/v itself: no scatter), inputs
-    ``prompt_lens`` / ``start_pos`` instead of mask/positions, rows right-padded with per-row lengths
-    (left-padded prompts are converted at prefill), logits read at each row's last real token.
-* Profiles: 0 = prefill (T >= 1 new tokens), 1 = decode (T = 1). In-place: the prefill profile takes
-  any cache length, so a prompt longer than the profile's T and tokens added to a non-empty cache
-  (chat turns, prefix reuse) go through it in chunks. Ping-pong: prefill only on an empty cache,
-  other T > 1 steps one token at a time through the decode profile.
-* CUDA graphs (in-place and plugin engines, ``cuda_graphs=True`` by default; ``trt_cuda_graph``): the decode step
-  (T = 1, past fixed at max_ctx, fixed buffers) is captured once per batch size and replayed; the
-  input copies and the KV scatter stay outside the graph. Capture failure logs the reason and falls
-  back to plain ``execute_async_v3``. Not possible with the ping-pong graph (a new shape every step).
-* One CUDA stream; host<->device copies from pinned buffers with cudaMemcpyAsync; only the last
-  position's logits come back (cudaMemcpy2DAsync over the [B, T, V] output).
-
-NOT run against a real TensorRT or GPU in this repository (none is available, see
-shared/ARCHITECTURE.md): the logic is tested against a fake tensorrt/cuda-python that runs the graphs
-in onnxruntime, and plugin graphs in ``onnx.reference`` with our kernels (tests/trt/test_trt_backend_fake.py,
-test_trt_plugin_backend_fake.py).
-
-API references: TensorRT Python API ``IExecutionContext.set_input_shape / set_tensor_address /
-execute_async_v3 / set_optimization_profile_async``, ``ICudaEngine.get_tensor_profile_shape``
-(docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/ExecutionContext.html);
-cuda-python ``cudart.cudaMalloc / cudaMallocHost / cudaMemcpyAsync / cudaMemcpy2DAsync`` as in the
-TensorRT samples that replaced pycuda with cuda-python (NVIDIA/TensorRT CHANGELOG 10.14).
+The only runtime module that drives ``tensorrt`` and ``cuda-python`` (found lazily by ``trt_env``). It
+checks the engine record (``contract.py``), loads the three engines from an ``mmap``, allocates every
+device and pinned buffer once, and hands the decoder's cache to the KV layout the record names
+(``kv_inplace``, ``kv_pingpong``, ``kv_plugin``); decode steps replay CUDA graphs where the layout allows
+(``trt_cuda_graph``). No snapshot/resume: it keeps one device cache, so ``supports_prefix_reuse`` is
+False. Tested on CPU against a fake TensorRT (tests/fakes/fake_tensorrt.py). See docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..package import Manifest
-from .ort_backend import BackendError
-from .trt_cuda_graph import CudaGraphRunner
-from .trt_record import (  # noqa: F401 - re-exported: the builder and callers import them from here
-    ALLOW_GPU_MISMATCH_ENV, ENGINE_GRAPHS, ENGINES_DIR, RECORD_FORMAT, RECORD_NAME, EngineFile, EngineMismatchError,
-    EngineRecord, check_engine_record,
+from .. import trt_env
+from ..contract import (
+    ALLOW_GPU_MISMATCH_ENV, DECODE_PROFILE, ENGINE_GRAPHS, KV_INPLACE, KV_LAYOUTS, KV_PLUGIN, PREFILL_PROFILE,
+    EngineMismatchError, EngineRecord, check_engine_record, kv_out_names, past_names,
 )
-from .trt_kv import KV_INPLACE, KV_PINGPONG, InPlaceKV, KVDims, PingPongKV, TrtKVCache
-from .trt_plugin_kv import KV_PLUGIN, PluginDecoderSteps, PluginKV
+from ..package import Manifest
+from .backend import BackendError
+from .kv_inplace import InPlaceKV
+from .kv_pingpong import PingPongKV
+from .kv_plugin import PluginDecoderSteps, PluginKV
+from .trt_cuda_graph import CudaGraphRunner
+from .trt_kv import KVDims, TrtKVCache
 from .trt_memory import DeviceBuffer, PinnedBuffer, ck as _ck
 
-PREFILL_PROFILE, DECODE_PROFILE = 0, 1
 CUDA_GRAPHS_ENV = "LLAVA_EDGE_TRT_CUDA_GRAPHS"  # "0": run decode steps without CUDA graphs
 
-__all__ = ["EngineFile", "EngineRecord", "EngineMismatchError", "TensorRTUnavailable", "GpuInfo",
-           "check_engine_record", "import_tensorrt", "import_cudart", "gpu_info", "TrtBackend", "TrtKVCache"]
-
-
-# Whether this backend binds plugin-attention decoder engines (export/plugin_decoder.py: caches as
-# input + aliased output, right-padded rows with prompt_lens/start_pos): yes, with trt_plugin_kv. The
-# builder reads it: `llava-edge build --plugins auto` picks the plugin graph on TensorRT >= 10.9 only
-# when this is True (tested on CPU against a fake TensorRT only, see trt_plugin_kv).
-PLUGIN_ENGINES_RUNNABLE = True
-
-
-class TensorRTUnavailable(BackendError):
-    """tensorrt / cuda-python is not installed, or no CUDA GPU is visible."""
-
-
-# ------------------------------------------------------------------------------ tensorrt / cuda-python
-def import_tensorrt():
-    """``tensorrt`` or a clear error (it is an optional extra; JetPack ships it system-wide)."""
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise TensorRTUnavailable(
-            "TensorRT is not installed: on Jetson use the JetPack one (python3-libnvinfer; create the venv with "
-            "--system-site-packages), elsewhere `pip install 'llava-edge[tensorrt]'`; or use --backend ort "
-            f"({e})") from e
-    if not hasattr(trt, "__version__"):  # a bare directory named tensorrt on sys.path (namespace package)
-        raise TensorRTUnavailable(
-            f"`import tensorrt` found {list(getattr(trt, '__path__', []))}, which is not NVIDIA TensorRT; install "
-            "TensorRT (or remove that directory from the path), or use --backend ort")
-    return trt
-
-
-def import_cudart():
-    """cuda-python's runtime module (``cuda.bindings.runtime`` from 12.6, ``cuda.cudart`` before)."""
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart  # type: ignore[no-redef]
-        except ImportError as e:
-            raise TensorRTUnavailable(
-                "cuda-python is not installed (`pip install 'cuda-python>=12'`, matching the CUDA of your "
-                f"TensorRT); the TensorRT backend needs it for device memory and streams ({e})") from e
-    return cudart
-
-
-@dataclass(frozen=True)
-class GpuInfo:
-    name: str
-    compute_capability: str
-    total_memory: int
-
-
-def gpu_info(device_index: int = 0) -> GpuInfo:
-    """The GPU at ``device_index``, or :class:`TensorRTUnavailable` when there is none."""
-    cudart = import_cudart()
-    err, count = cudart.cudaGetDeviceCount()
-    if int(err) != 0 or count == 0:
-        raise TensorRTUnavailable("no CUDA GPU is visible (cudaGetDeviceCount: "
-                                  f"{'error ' + str(err) if int(err) else '0 devices'}); the TensorRT backend needs one")
-    if not 0 <= device_index < count:
-        raise TensorRTUnavailable(f"GPU index {device_index} out of range: {count} device(s) visible")
-    props = _ck(cudart.cudaGetDeviceProperties(device_index))
-    name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
-    return GpuInfo(name.strip("\x00 "), f"{props.major}.{props.minor}", int(props.totalGlobalMem))
+__all__ = ["TrtBackend", "TrtKVCache", "CUDA_GRAPHS_ENV"]
 
 
 class _Engine:
@@ -189,12 +88,13 @@ class TrtBackend:
     engines (see the module docstring)."""
 
     name = "tensorrt"
+    supports_prefix_reuse = False  # one device cache per backend; no snapshot/resume yet
 
     def __init__(self, package_dir: str | os.PathLike, manifest: Manifest, device_index: int = 0, *,
                  allow_gpu_mismatch: bool | None = None, cuda_graphs: bool | None = None):
-        trt = import_tensorrt()
-        self.cudart = cudart = import_cudart()
-        gpu = gpu_info(device_index)
+        trt = trt_env.import_tensorrt()
+        self.cudart = cudart = trt_env.import_cudart()
+        gpu = trt_env.gpu_info(device_index)
         _ck(cudart.cudaSetDevice(device_index))
         root = Path(package_dir)
         self.manifest = manifest
@@ -203,14 +103,10 @@ class TrtBackend:
             allow_gpu_mismatch = os.environ.get(ALLOW_GPU_MISMATCH_ENV, "") not in ("", "0")
         self.warnings = check_engine_record(self.record, manifest, trt.__version__, gpu.name,
                                             gpu.compute_capability, root, allow_gpu_mismatch)
-        if self.record.kv_cache not in (KV_INPLACE, KV_PINGPONG):
+        if self.record.kv_cache not in KV_LAYOUTS:
             raise EngineMismatchError(f"engine record has kv_cache {self.record.kv_cache!r}, which this llava-edge does "
                                       "not know; rebuild the engines with `llava-edge build`")
-        plugin = self.record.attention == "plugin"  # the binding mode comes from the record
-        if plugin and not PLUGIN_ENGINES_RUNNABLE:
-            raise EngineMismatchError(
-                "these engines use the llava_edge attention plugin (built with --plugins on), which this llava-edge's "
-                "TensorRT backend cannot bind yet; rebuild with `llava-edge build --plugins off` (or auto)")
+        plugin = self.record.attention == KV_PLUGIN  # the binding mode comes from the record
         if plugin and self.record.kv_cache != KV_INPLACE:
             raise EngineMismatchError(f"engine record has attention 'plugin' with kv_cache {self.record.kv_cache!r}; "
                                       "plugin engines keep one in-place cache: rebuild with `llava-edge build`")
@@ -220,16 +116,15 @@ class TrtBackend:
             cuda_graphs = os.environ.get(CUDA_GRAPHS_ENV, "1") != "0"
         self.float_dtype = np.dtype(manifest.dtype)
         self._logger = trt.Logger(trt.Logger.WARNING)
-        # AOT plugin engines carry their kernels' PTX: nothing to register at run time (trt_plugins.py).
+        # AOT plugin engines carry their kernels' PTX: nothing to register at run time (build/plugins.py).
         self._runtime = trt.Runtime(self._logger)
         self._buffers: list[Any] = []
         self.stream = int(_ck(cudart.cudaStreamCreate()))
         self.engines = {n: _Engine(trt, self._runtime, root / self.record.engines[n].file, n) for n in ENGINE_GRAPHS}
         t = manifest.text
         self._vocab = t.vocab_size
-        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(t.num_layers) for kv in ("key", "value")]
-        out = "new" if layout == KV_INPLACE else "present"
-        self.kv_out_names = [f"{out}.{i}.{kv}" for i in range(t.num_layers) for kv in ("key", "value")]
+        self.past_names = past_names(t.num_layers)
+        self.kv_out_names = kv_out_names(t.num_layers, layout)
         dec = self.engines["decoder"]
         missing = [n for n in self.past_names + self.kv_out_names if n not in dec.names]
         if missing:
@@ -262,9 +157,9 @@ class TrtBackend:
         elif inplace:
             self.kv = InPlaceKV(
                 dims, self.past_names, self.kv_out_names, [self.dev["decoder", n] for n in self.kv_out_names],
-                cudart, self.stream, self._alloc)
+                cudart, self.stream, self._alloc, self.max_prompt)
         else:
-            self.kv = PingPongKV(dims, self.past_names, self.kv_out_names, self._alloc)
+            self.kv = PingPongKV(dims, self.past_names, self.kv_out_names, self._alloc, self.max_prompt)
         self._logits_dtype = dec.dtype["logits"]
         self.host["decoder", "logits"] = self._alloc(PinnedBuffer, self.max_batch * self._vocab * self._logits_dtype.itemsize)
         self._epoch = 0
@@ -376,24 +271,7 @@ class TrtBackend:
             raise BackendError(f"attention_mask shape {attention_mask.shape} != {(b, cache.length + t)}")
         if self._plugin_steps is not None:  # right-padded ragged rows, prompt_lens/start_pos, aliased caches
             return self._plugin_steps.step(cache, inputs_embeds, attention_mask, position_ids)
-        if self.kv.layout == KV_INPLACE:  # any T on any cache length: chunks of at most the prefill profile's T
-            chunk = self.max_prompt if t > 1 else 1
-            logits = None
-            for s in range(0, t, chunk):
-                e = min(t, s + chunk)
-                logits = self._step(cache, inputs_embeds[:, s:e], attention_mask[:, : cache.length + e - s],
-                                    position_ids[:, s:e])
-            return logits
-        if t > 1 and cache.length > 0:  # not in the prefill profile (past = 0): one token at a time
-            logits = None
-            for j in range(t):
-                n = cache.length + 1
-                logits = self._step(cache, inputs_embeds[:, j : j + 1], attention_mask[:, :n], position_ids[:, j : j + 1])
-            return logits
-        if t > self.max_prompt:
-            raise BackendError(f"prompt of {t} tokens > the engines' max prompt {self.max_prompt}; rebuild with "
-                               "larger --max-images/--max-context")
-        return self._step(cache, inputs_embeds, attention_mask, position_ids)
+        return self.kv.step(self._step, cache, inputs_embeds, attention_mask, position_ids)
 
     def _step(self, cache: TrtKVCache, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         dec = self.engines["decoder"]

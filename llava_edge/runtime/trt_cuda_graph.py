@@ -1,24 +1,10 @@
 """CUDA graph capture of a TensorRT execution context's decode step, one graph per batch size.
 
-Why: a decode step of a small model is hundreds of short kernels; launching them one by one from
-Python/TensorRT costs more CPU time than the GPU spends on them (worst on Jetson's slower CPU). A
-captured graph launches them all with one call.
-
-When it is valid: a captured graph replays the exact kernels, shapes and device addresses of the
-capture. With the static-cache decoder (``kv_cache == "in-place"``) a decode step has T = 1, past fixed
-at max_ctx and every tensor bound to a buffer allocated once, so for a given batch size nothing
-changes between steps; the backend re-applies the same shapes and addresses before every replay and
-keys graphs by batch size. What changes every step stays outside the graph: the host->device copies
-of the inputs into their fixed buffers (before the launch) and the KV scatter, whose destination
-offset grows by one token per step (after it).
-
-How (NVIDIA TensorRT developer guide, "CUDA Graphs"): set the shapes, run ``execute_async_v3`` once
-normally (it may do deferred, shape-dependent work that must not be captured: here that first run is
-the step's real computation), then ``cudaStreamBeginCapture`` / ``execute_async_v3`` /
-``cudaStreamEndCapture`` / ``cudaGraphInstantiate``, and ``cudaGraphLaunch`` on the same stream
-afterwards. If any of that fails (a TensorRT build whose kernels cannot be captured, an old driver),
-the reason is logged and the runner falls back to plain ``execute_async_v3`` for good: slower, same
-results.
+A decode step of a small model is hundreds of short kernels, cheaper to launch as one graph. Valid when
+shapes and addresses are the same every step (in-place and plugin layouts at T = 1); input copies and
+the KV scatter stay outside the graph. Capture follows the TensorRT guide ("CUDA Graphs": one plain run,
+then begin/execute/end capture); any failure is logged and the runner falls back to plain
+``execute_async_v3``. See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -26,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .ort_backend import BackendError
+from .backend import BackendError
 
 __all__ = ["CudaGraphRunner"]
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .ort_backend import BackendError
+from .backend import BackendError
 
 __all__ = ["ck", "DeviceBuffer", "PinnedBuffer", "memcpy_kind"]
 

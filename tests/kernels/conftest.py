@@ -1,12 +1,7 @@
-"""Kernel tests run on a CUDA GPU when there is one, else in Triton's CPU interpreter.
-
-TRITON_INTERPRET must be set before ``triton.jit`` decorates the kernels (i.e. before
-``llava_edge.kernels.*`` is imported), which is why it is set here, at conftest import time.
-"""
+"""Kernel tests run on a CUDA GPU when there is one, else in Triton's CPU interpreter (set up by the root
+conftest, before any kernel module is imported)."""
 
 from __future__ import annotations
-
-import os
 
 try:
     import torch
@@ -15,10 +10,7 @@ try:
 except ImportError:  # test modules skip themselves via importorskip
     _HAS_CUDA = False
 
-if not _HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(scope="session")

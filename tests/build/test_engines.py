@@ -1,7 +1,7 @@
 """Real engines: build the tiny package with TensorRT and compare greedy tokens with onnxruntime.
 
-These need NVIDIA TensorRT + cuda-python + a CUDA GPU and skip with the reason otherwise. They have
-NOT been run in this repository's environments (no TensorRT on CI nor on the H200 test machine).
+These need NVIDIA TensorRT + cuda-python + a CUDA GPU and skip with the reason otherwise (no TensorRT
+was available where this repository was tested, so they have not run yet).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from PIL import Image
 
 @pytest.fixture(scope="module")
 def built_package(trt_gpu, trt_package, tmp_path_factory):
-    from llava_edge.export.trt_build import build_engines
+    from llava_edge.build.builder import build_engines
 
     pkg = tmp_path_factory.mktemp("trt_engines") / "package"
     shutil.copytree(trt_package, pkg)
@@ -96,10 +96,10 @@ def test_engines_refused_after_tampering(built_package, tmp_path):
 
 def test_plugin_engines_tokens_match_onnxruntime(trt_gpu, plugin_package, tmp_path):
     """TensorRT >= 10.9: `--plugins auto` builds the plugin-attention decoder (head_dim 32 package) and the
-    backend binds it (trt_plugin_kv); greedy tokens of a ragged batch match onnxruntime."""
-    from llava_edge.export.trt_build import build_engines
-    from llava_edge.kernels.trt_plugins import AOT_MIN, parse_trt_version
-    from llava_edge.runtime.trt_backend import import_tensorrt
+    backend binds it (runtime/kv_plugin.py); greedy tokens of a ragged batch match onnxruntime."""
+    from llava_edge.build.builder import build_engines
+    from llava_edge.contract import AOT_MIN, parse_trt_version
+    from llava_edge.trt_env import import_tensorrt
 
     if parse_trt_version(import_tensorrt().__version__) < AOT_MIN:
         pytest.skip("plugin engines need TensorRT >= 10.9 (AOT plugins)")

@@ -1,10 +1,8 @@
 """Planning a TensorRT build (`llava-edge build --dry-run` and the first step of every build): pure,
 no TensorRT. Resolves the target preset and limits, checks every graph against the ONNX ops of the
-TensorRT version (``trt_ops``), picks the decoder graph and attention path
-(``kernels.trt_plugins.attention_impl_for``), sizes the optimization profiles (``trt_presets``) and
-checks the memory budget, shrinking the context to fit when the user did not ask for one. Everything
-that would fail (or not fit) later fails here, on any machine, with a message that says what to change.
-``trt_build`` runs the plan with TensorRT.
+TensorRT version (``ops``), picks the decoder graph and attention path (``contract.attention_impl_for``),
+sizes the optimization profiles (``presets``) and checks the memory budget, so that everything that would
+fail later fails here, on any machine. ``builder`` runs the plan. See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -13,24 +11,23 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from ..kernels.trt_plugins import AOT_MIN, ONNX_DOMAIN, AttentionImpl, attention_impl_for, parse_trt_version
+from ..errors import LlavaEdgeError
+from ..contract import AOT_MIN, ENGINE_GRAPHS, KV_INPLACE, KV_LAYOUTS, KV_PINGPONG, ONNX_DOMAIN, AttentionImpl, attention_impl_for, parse_trt_version
 from ..package import Manifest, load_manifest
-from ..runtime.trt_backend import ENGINE_GRAPHS
-from . import trt_ops
+from . import ops
 from .plugin_decoder import PluginDecoderConfig, PluginDecoderError, make_plugin_decoder
 from .static_decoder import StaticDecoderError, make_static_decoder
-from .trt_presets import (
-    KV_LAYOUTS, PRESETS, BuildLimits, MemoryBudget, ModelDims, Profile, TargetPreset, detect_target, estimate_memory,
+from .presets import (
+    PRESETS, BuildLimits, MemoryBudget, ModelDims, Profile, TargetPreset, detect_target, estimate_memory,
     max_context_that_fits, plugin_decoder_profiles, prefill_tokens_per_pass, profile_shapes, resolve_limits,
 )
-from ..runtime import trt_backend as _runtime  # PLUGIN_ENGINES_RUNNABLE, read at plan time
 
 Plugins = Literal["auto", "on", "off"]
 
 __all__ = ["EngineBuildError", "BuildPlan", "Plugins", "plan_build", "plugin_config"]
 
 
-class EngineBuildError(Exception):
+class EngineBuildError(LlavaEdgeError):
     """The package cannot be built for this target; the message says why and what to change."""
 
 
@@ -43,10 +40,10 @@ class BuildPlan:
     attention_policy: AttentionImpl  # what this TensorRT version could use best
     attention: str  # what the package's decoder graph actually contains
     register_plugins: bool
-    checks: dict[str, trt_ops.GraphCheck]
+    checks: dict[str, ops.GraphCheck]
     memory: MemoryBudget
     precision: dict[str, str]
-    kv_cache: str = "in-place"  # "in-place" (static-cache decoder graph) | "ping-pong" (portable graph)
+    kv_cache: str = KV_INPLACE  # "in-place" (static-cache decoder graph) | "ping-pong" (portable graph)
     notes: list[str] = field(default_factory=list)
     # which graph the decoder engine is built from: "static" (static_decoder), "plugin" (plugin_decoder,
     # prefill kind), "portable" (ping-pong)
@@ -104,7 +101,7 @@ def plan_build(package_dir: str | Path, trt_version: str | tuple[int, ...], targ
                max_batch: int | None = None, max_context: int | None = None, max_images: int | None = None,
                workspace_gb: float | None = None, plugins: Plugins = "auto", gpu_name: str | None = None,
                gpu_memory: int | None = None, gpu_compute_capability: str | None = None,
-               manifest: Manifest | None = None, kv_cache: str = "in-place") -> BuildPlan:
+               manifest: Manifest | None = None, kv_cache: str = KV_INPLACE) -> BuildPlan:
     """Everything about a build that does not need TensorRT; raises :class:`EngineBuildError` early
     for what would fail (or not fit) later. ``kv_cache="in-place"`` checks (and sizes for) the
     static-cache decoder derived from the package's decoder, in memory."""
@@ -142,25 +139,25 @@ def plan_build(package_dir: str | Path, trt_version: str | tuple[int, ...], targ
                      "fp32 (2x memory, slower); export with --dtype fp16 for fp16 engines")
 
     # which decoder graph: the plugin-attention graph where TensorRT can take AOT plugins (>= 10.9) and it
-    # is asked for (--plugins on, or auto: the runtime backend binds plugin engines, trt_plugin_kv), else
+    # is asked for (--plugins on or auto), else
     # the static-cache standard-op one (10.3, --plugins off, or a model the kernels cannot take)
     aot = version >= AOT_MIN
     if plugins == "on" and not aot:
         raise EngineBuildError(f"--plugins on needs TensorRT >= {AOT_MIN[0]}.{AOT_MIN[1]} (AOT Python plugins); "
                                f"this is {'.'.join(map(str, version))} (JetPack 6 = 10.3): use --plugins auto/off")
-    if plugins == "on" and kv_cache != "in-place":
+    if plugins == "on" and kv_cache != KV_INPLACE:
         raise EngineBuildError("--plugins on builds the plugin-attention decoder, which keeps one in-place cache; "
                                "it cannot be combined with --kv-cache ping-pong")
-    want_plugin = kv_cache == "in-place" and aot and (plugins == "on" or (plugins == "auto" and _runtime.PLUGIN_ENGINES_RUNNABLE))
+    want_plugin = kv_cache == KV_INPLACE and aot and plugins in ("on", "auto")
     missing = _missing_kernel_modules() if want_plugin and plugins == "auto" else []
     if missing:  # auto must not turn a working runtime-only install into a failing build
         want_plugin = False
         notes.append(f"plugin attention needs {', '.join(missing)} at build time (AOT-compiling the kernels: "
                      "pip install 'llava-edge[kernels]'); not installed, so standard ops are used")
-    decoder_graph = "portable" if kv_cache == "ping-pong" else "static"
+    decoder_graph = "portable" if kv_cache == KV_PINGPONG else "static"
 
     # graphs against the parser of this TensorRT
-    checks: dict[str, trt_ops.GraphCheck] = {}
+    checks: dict[str, ops.GraphCheck] = {}
     decoder_model = None
     for name in ENGINE_GRAPHS:
         graph = manifest.graphs[name]
@@ -179,7 +176,7 @@ def plan_build(package_dir: str | Path, trt_version: str | tuple[int, ...], targ
             if decoder_graph == "static":
                 model = _static_decoder(model)
         allowed = plugins != "off" and aot
-        checks[name] = trt_ops.check_model(model, name, version, fp8=preset.fp8, plugins_allowed=allowed)
+        checks[name] = ops.check_model(model, name, version, fp8=preset.fp8, plugins_allowed=allowed)
     bad = [c.describe() for c in checks.values() if not c.ok]
     if bad:
         raise EngineBuildError("the package has graphs TensorRT "
@@ -195,11 +192,6 @@ def plan_build(package_dir: str | Path, trt_version: str | tuple[int, ...], targ
     else:
         attention = "standard"
     register = attention == "plugin" or (plugins == "on" and any(f"{ONNX_DOMAIN}::" in k for k in dec_ops))
-    if (attention == "standard" and policy != "standard" and plugins == "auto" and decoder_graph != "plugin"
-            and not _runtime.PLUGIN_ENGINES_RUNNABLE):
-        notes.append(f"TensorRT {'.'.join(map(str, version))} could run our fused attention plugin; --plugins auto "
-                     "keeps standard attention ops until the TensorRT runtime backend binds plugin engines "
-                     "(--plugins on builds the plugin-attention decoder now)")
     if plugins == "on" and attention != "plugin":
         notes.append("--plugins on: plugins are registered but the decoder graph contains no plugin nodes")
 
@@ -229,9 +221,9 @@ def plan_build(package_dir: str | Path, trt_version: str | tuple[int, ...], targ
                                     fused_attention=fused)
         need = limits.max_images * dims.num_image_tokens + 64  # one prompt with its images + a short answer
         why = f"{memory.describe()}.\nLargest context that fits with the {kv_cache} KV cache: {fit} tokens"
-        if kv_cache == "ping-pong":
+        if kv_cache == KV_PINGPONG:
             inplace = max_context_that_fits(preset, dims, weights, limits.max_batch, workspace_gb=limits.workspace_gb,
-                                            kv_layout="in-place", bytes_per_elem=elt)
+                                            kv_layout=KV_INPLACE, bytes_per_elem=elt)
             why += f" (the in-place cache, the default, would allow {inplace})"
         why += "."
         if max_context is not None or fit < need:
@@ -244,7 +236,7 @@ def plan_build(package_dir: str | Path, trt_version: str | tuple[int, ...], targ
         memory = budget(limits)
         notes.append(f"context reduced from {preset.max_context} to {fit} to fit {preset.name} "
                      f"({preset.usable_gb} GiB usable)")
-    if kv_cache == "in-place" and prefill_tokens_per_pass(limits.max_prompt) < limits.max_prompt:
+    if kv_cache == KV_INPLACE and prefill_tokens_per_pass(limits.max_prompt) < limits.max_prompt:
         notes.append(f"prefill runs in chunks of up to {prefill_tokens_per_pass(limits.max_prompt)} tokens "
                      f"(static-cache decoder; a {limits.max_prompt}-token prompt takes "
                      f"{-(-limits.max_prompt // prefill_tokens_per_pass(limits.max_prompt))})")

@@ -1,9 +1,9 @@
-"""The TensorRT backend's plugin-engine binding mode (runtime/trt_plugin_kv.py) against the fake
-tensorrt/cuda-python of test_trt_backend_fake.py.
+"""The TensorRT backend's plugin-engine binding mode (runtime/kv_plugin.py) against the fake
+tensorrt/cuda-python of tests/fakes/fake_tensorrt.py.
 
-The fake 'engine' runs the plugin-attention decoder graph (export/plugin_decoder.py, what `llava-edge
+The fake 'engine' runs the plugin-attention decoder graph (build/plugin_decoder.py, what `llava-edge
 build --plugins on` gives TensorRT) in ``onnx.reference`` with the plugin nodes as our torch references
-or our Triton kernels (TRITON_INTERPRET=1 on CPU), on the fake device memory itself: the cache buffers
+or our Triton kernels (TRITON_INTERPRET=1 on CPU, set by the root conftest), on the fake device memory itself: the cache buffers
 the backend binds are updated in place, and the fake refuses a present.* output not bound to its past
 input's buffer. Fake cudaMalloc memory is NaN, and the plugin cache is not zeroed, so any read of a
 cache slot at or past a row's length turns the logits into NaN.
@@ -16,24 +16,16 @@ head_dim >= 32: the ``plugin_package`` fixture (tests/conftest.py)."""
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
 
-try:  # the Triton kernels must be decorated in interpreter mode when there is no GPU (kernels/conftest)
-    import torch
+from llava_edge.build import presets as tp
+from llava_edge.contract import KV_PLUGIN, RECORD_NAME
+from llava_edge.runtime.backend import BackendError
+from llava_edge.runtime.kv_plugin import PluginKV, RaggedRows
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-except ImportError:  # pragma: no cover - torch is a test dependency
-    pass
-
-import llava_edge.runtime.trt_backend as tb  # noqa: E402
-from llava_edge.export import trt_presets as tp  # noqa: E402
-from llava_edge.runtime.trt_plugin_kv import KV_PLUGIN, PluginKV, RaggedRows  # noqa: E402
-
-from test_trt_backend_fake import BATCHES, CHUNK, FakeCudart, _fake_package, _generate, _open  # noqa: E402
+from fakes.fake_tensorrt import BATCHES, CHUNK, FakeCudart, fake_package, generate, open_fake
 
 VERSION = "10.9.0.34"
 
@@ -42,7 +34,7 @@ VERSION = "10.9.0.34"
 def plugin_engines(plugin_package, tmp_path, monkeypatch):
     """Plugin-attention engines (TensorRT 10.9, --plugins on) with a prefill chunk of 8 tokens."""
     monkeypatch.setattr(tp, "STATIC_PREFILL_CHUNK", CHUNK)
-    return _fake_package(plugin_package, tmp_path, "in-place", plugins="on", version=VERSION)
+    return fake_package(plugin_package, tmp_path, "in-place", plugins="on", version=VERSION)
 
 
 @pytest.fixture
@@ -50,14 +42,14 @@ def ort_tokens(plugin_engines):
     from llava_edge.runtime.ort_backend import OrtBackend
 
     pkg, m = plugin_engines
-    return _generate(pkg, m, OrtBackend(pkg, m, threads=2), BATCHES)
+    return generate(pkg, m, OrtBackend(pkg, m, threads=2), BATCHES)
 
 
 def test_record_says_plugin_and_backend_binds_plugin_kv(plugin_engines, monkeypatch):
     pkg, m = plugin_engines
-    rec = json.loads((pkg / "engines" / tb.RECORD_NAME).read_text())
+    rec = json.loads((pkg / "engines" / RECORD_NAME).read_text())
     assert rec["attention"] == "plugin" and rec["plugins"] == ["prefill_attention"] and rec["kv_cache"] == "in-place"
-    be = _open(pkg, m, monkeypatch, FakeCudart())
+    be = open_fake(pkg, m, monkeypatch, FakeCudart())
     try:
         assert isinstance(be.kv, PluginKV) and be.kv.layout == KV_PLUGIN and be.cuda_graphs
         assert (be.max_batch, be.max_context, be.max_prompt) == (2, 96, CHUNK)
@@ -72,10 +64,10 @@ def test_record_says_plugin_and_backend_binds_plugin_kv(plugin_engines, monkeypa
 def test_plugin_engine_tokens_match_onnxruntime(plugin_engines, ort_tokens, monkeypatch):
     pkg, m = plugin_engines
     cudart = FakeCudart()
-    be = _open(pkg, m, monkeypatch, cudart)
+    be = open_fake(pkg, m, monkeypatch, cudart)
     try:
         mallocs = cudart.mallocs
-        assert _generate(pkg, m, be, BATCHES) == ort_tokens
+        assert generate(pkg, m, be, BATCHES) == ort_tokens
         assert cudart.mallocs == mallocs  # nothing allocated per request or per token
         assert cudart.d2d_bytes == 0  # no new.* scatter: the plugin wrote the cache
         dec = be.engines["decoder"]
@@ -109,9 +101,9 @@ def test_plugin_steps_match_onnxruntime(plugin_package, tmp_path, monkeypatch, i
     from llava_edge.runtime.ort_backend import OrtBackend
 
     monkeypatch.setattr(tp, "STATIC_PREFILL_CHUNK", CHUNK)
-    pkg, m = _fake_package(plugin_package, tmp_path, "in-place", plugins="on", version=VERSION, impl=impl)
+    pkg, m = fake_package(plugin_package, tmp_path, "in-place", plugins="on", version=VERSION, impl=impl)
     cudart = FakeCudart()
-    be, oe = _open(pkg, m, monkeypatch, cudart), OrtBackend(pkg, m, threads=2)
+    be, oe = open_fake(pkg, m, monkeypatch, cudart), OrtBackend(pkg, m, threads=2)
     try:
         rng = np.random.default_rng(5)
         cache, oc = be.new_cache(2, 40), oe.new_cache(2, 40)
@@ -130,7 +122,7 @@ def test_plugin_steps_match_onnxruntime(plugin_package, tmp_path, monkeypatch, i
             np.testing.assert_allclose(got, want, atol=1e-4)
         assert cache.length == sum(steps) and cache.lengths.tolist() == [sum(steps), sum(steps) - 3]
         assert cudart.captures == 1 and cudart.launches == len(steps) - 3
-        with pytest.raises(tb.BackendError, match="position_ids"):
+        with pytest.raises(BackendError, match="position_ids"):
             be.step(cache, emb[:, :1], np.concatenate([mask, np.ones((2, 1), np.int64)], 1), pos[:, -1:] + 5)
     finally:
         be.close()
@@ -139,7 +131,7 @@ def test_plugin_steps_match_onnxruntime(plugin_package, tmp_path, monkeypatch, i
 def test_fake_refuses_present_not_bound_to_its_past(plugin_engines, monkeypatch):
     """The check the aliasing tests rely on can fail: present.* bound elsewhere is caught."""
     pkg, m = plugin_engines
-    be = _open(pkg, m, monkeypatch, FakeCudart())
+    be = open_fake(pkg, m, monkeypatch, FakeCudart())
     try:
         other = be.dev["decoder", "logits"].ptr
 

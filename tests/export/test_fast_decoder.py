@@ -13,7 +13,7 @@ from llava_edge.export.fast_decoder import export_fast_decoder, quantize_int4_rt
 from llava_edge.export.verify import hf_greedy_tokens
 from llava_edge.package import load_manifest
 from llava_edge.runtime.fast_backend import FastOrtBackend
-from llava_edge.runtime.ort_backend import BackendError
+from llava_edge.runtime.backend import BackendError
 from llava_edge.runtime.pipeline import Pipeline
 
 PRESETS = ["llava-hf-v1.5", "llava-hf-gqa", "original-v1"]

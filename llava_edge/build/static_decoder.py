@@ -1,36 +1,9 @@
-"""The static-cache decoder graph for TensorRT: fixed-length KV cache in, this step's k/v out.
+"""The static-cache decoder graph for TensorRT: the whole fixed-length KV cache in, this step's k/v out.
 
-Why: the portable decoder (past [B,kvH,P,D] in, present = concat(past, new) [B,kvH,P+T,D] out) has a
-new shape every step, so TensorRT needs two cache buffers that swap roles (ping-pong, 2x the cache
-memory) and a decode step cannot be captured in a CUDA graph. This variant takes the WHOLE
-preallocated cache as ``past`` (fixed length ``max_ctx``, unfilled slots masked out) and returns only
-the new tokens' k/v; the runtime copies those few KB per layer into the cache itself. Decode shapes
-and addresses are then the same every step (per batch size): one cache, capturable.
-
-How: derived from the package's own ``decoder.onnx`` by renaming outputs, not re-exported from torch.
-The portable graph's attention already reads ``concat(past, new)`` under an additive mask built from
-``attention_mask`` ([B, past+T], causal over the new tokens, every past column allowed where the mask
-is 1) and takes rotary positions from ``position_ids``, not from the mask; fed the whole buffer with
-``attention_mask = [cache columns: 1 where filled, 0 where not] ++ [new tokens' columns]`` it computes
-exactly the static-cache attention. So the static graph IS the portable graph with its outputs changed:
-``present.{i}.key/value`` (the Concat) become internal, and the Concat's second input (the new k with
-rotary applied, the new v) becomes ``new.{i}.key/value [B,kvH,T,D]``. That reuses ``graphs.Decoder``'s
-math with no second implementation to drift, and works for every package the builder accepts: fp32,
-fp16 and the int4 ``DequantizeLinear`` decoder (the quantizer rewrites only MatMul weights), with no
-checkpoint needed at build time. Ops are unchanged (standard opset-17 ops), so the TensorRT op check
-(``trt_ops``) gives the same verdict as for the portable graph.
-
-Inputs:  inputs_embeds [B,T,H], attention_mask int64 [B, max_ctx+T], position_ids [B,T],
-         past_key_values.{i}.key/value [B,kvH,max_ctx,D] (the whole cache buffer)
-Outputs: logits [B,T,V], new.{i}.key/value [B,kvH,T,D]
-
-Costs, said plainly: every step attends over all ``max_ctx`` slots (masked ones included), so a short
-conversation does the attention work of a full one (attention is a small part of a 7B decode step,
-which is dominated by reading the weights); a prefill attends over ``max_ctx + T`` columns. Inside the
-engine the Concat still materialises [B,kvH,max_ctx+T,D] for one layer at a time (transient activation
-memory, and one extra read of that layer's cache per step, the same traffic as the ping-pong graph's
-``present`` write). Splitting the attention into cache and new-token parts, or TensorRT 10.15's
-KV-cache layer, would remove that; not done here.
+The portable graph with its outputs changed (``present.*`` become internal, the new k/v become
+``new.{i}.key/value``), so its math is ``graphs.Decoder``'s with no second implementation, and decode
+shapes and addresses stay fixed (one cache buffer, CUDA-graph capturable). The reasoning and the costs
+are in docs/architecture.md ("The engine contract").
 """
 
 from __future__ import annotations

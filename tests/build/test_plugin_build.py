@@ -1,7 +1,6 @@
-"""The attention choice per TensorRT version (issue 6): which decoder graph `llava-edge build` uses, what
-the dry run reports, TensorRT's op check on the plugin-attention graph. `--plugins auto` picks the plugin
-graph from 10.9 because the runtime binds plugin engines (trt_backend.PLUGIN_ENGINES_RUNNABLE, tested in
-test_trt_plugin_backend_fake.py); with that flag off it keeps standard ops. No TensorRT needed (plans only)."""
+"""The attention choice per TensorRT version: which decoder graph `llava-edge build` uses, what the dry run
+reports, TensorRT's op check on the plugin-attention graph. `--plugins auto` picks the plugin graph from
+10.9 (the runtime binds it: tests/runtime/test_trt_plugin_backend.py). No TensorRT needed (plans only)."""
 
 from __future__ import annotations
 
@@ -11,12 +10,11 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-import llava_edge.runtime.trt_backend as tb
 from llava_edge.cli import app
-from llava_edge.export import trt_ops
-from llava_edge.export.plugin_decoder import make_plugin_decoder
-from llava_edge.export.trt_build import _engine_source
-from llava_edge.export.trt_plan import EngineBuildError, plan_build
+from llava_edge.build import ops as trt_ops
+from llava_edge.build.plugin_decoder import make_plugin_decoder
+from llava_edge.build.builder import _engine_source
+from llava_edge.build.plan import EngineBuildError, plan_build
 from llava_edge.package import load_manifest
 
 
@@ -24,7 +22,7 @@ from llava_edge.package import load_manifest
     ("10.3", "auto", "static", "standard"),
     ("10.3", "off", "static", "standard"),
     ("10.9", "on", "plugin", "plugin"),
-    ("10.9", "auto", "plugin", "plugin"),  # the runtime binds plugin engines (trt_backend.PLUGIN_ENGINES_RUNNABLE)
+    ("10.9", "auto", "plugin", "plugin"),
     ("10.9", "off", "static", "standard"),
     ("10.15", "on", "plugin", "plugin"),
     ("10.15", "auto", "plugin", "plugin"),
@@ -48,19 +46,10 @@ def test_decoder_graph_per_version(plugin_package, version, plugins, graph, atte
         assert p.memory.kv_staging > 0  # the static graph returns new k/v for the runtime to copy in
 
 
-def test_auto_without_a_runtime_for_plugins_keeps_standard_ops(plugin_package, monkeypatch):
-    """The gate is the runtime flag: a llava-edge whose TensorRT backend could not bind plugin engines
-    builds standard ops under auto and says that --plugins on is possible."""
-    monkeypatch.setattr(tb, "PLUGIN_ENGINES_RUNNABLE", False)
-    p = plan_build(plugin_package, "10.15", "datacenter", plugins="auto")
-    assert p.decoder_graph == "static" and p.attention == "standard"
-    assert any("--plugins on builds the plugin-attention decoder" in n for n in p.notes)
-
-
 def test_auto_keeps_standard_ops_without_the_kernels_extra(plugin_package, monkeypatch):
     """A runtime-only install (no triton/torch to AOT-compile the plugins) still builds under auto;
     --plugins on does not fall back (it fails later, at registration, with the import error)."""
-    from llava_edge.export import trt_plan
+    from llava_edge.build import plan as trt_plan
 
     monkeypatch.setattr(trt_plan, "_missing_kernel_modules", lambda: ["triton"])
     p = plan_build(plugin_package, "11.0", "datacenter", plugins="auto")
@@ -90,7 +79,7 @@ def test_trt_op_check_on_the_plugin_graph(plugin_package):
     t = m.text
     model = onnx.load(str(plugin_package / m.graphs["decoder"].file), load_external_data=False)
     for kind in ("prefill", "decode"):
-        from llava_edge.export.plugin_decoder import PluginDecoderConfig
+        from llava_edge.build.plugin_decoder import PluginDecoderConfig
 
         g = make_plugin_decoder(model, t.num_heads, t.num_kv_heads, t.head_dim, PluginDecoderConfig(kind=kind))
         for v in ((10, 9), (10, 15), (11, 0)):

@@ -1,39 +1,10 @@
-"""The plugin-attention decoder graph for TensorRT >= 10.9: each layer's attention is one of our AOT
-Triton plugin nodes (``kernels.trt_plugins.plugin_node``), the KV cache an input and aliased output.
-
-How: derived from the package's own ``decoder.onnx`` (like ``static_decoder``), not re-exported from
-torch, so it works for every package the builder accepts (fp32, fp16, int4 ``DequantizeLinear``) with
-no checkpoint at build time. Per layer, the q/k/v projection MatMuls (found by their node names
-``/layers.{i}/{q,k,v}_proj/MatMul``, which the quantizer keeps) are reshaped to heads and fed to the
-plugin; its output, reshaped back, replaces the input of ``/layers.{i}/o_proj/MatMul``. Everything the
-portable graph did in between (rotary, concat with the past, repeat for GQA, the mask, matmul /
-softmax / matmul) then has no consumer and is removed, as is the mask/position glue at the top. The
-plugin does rotary itself, from fp32 ``cos/sin [max_pos, D/2]`` tables computed from the portable
-graph's own rotary constants (``inv_freq`` and attention scaling), so rope variants carry over.
-
-Two kinds, because the two kernels have different inputs:
-
-* ``"prefill"`` (``prefill_attention``): ``inputs_embeds [B,T,E]``, ``prompt_lens int32 [B]`` (real
-  tokens of each right-padded row), ``start_pos int32 [B]`` (tokens already cached; the row's tokens
-  go to slots ``start_pos + t`` and attend to everything before), caches. This graph is complete on its
-  own: a decode step is a 1-token prompt at ``start_pos = length``, so ONE engine (one copy of the
-  weights: what an 8 GB Orin can afford) serves prefill chunks and decode steps. It is what
-  ``llava-edge build --plugins on`` builds.
-* ``"decode"`` (``decode_attention``, T = 1): ``inputs_embeds [B,1,E]``, ``seq_lens int32 [B]``, caches
-  and the split-K scratch (``decode.partial_o/partial_ml/counters``, shared by all layers: each layer's
-  node takes the previous one's aliased scratch output, so the order is explicit and the scratch is one
-  buffer). Faster decode (split-K over the context, one read of each kv head for its whole query
-  group), but a second engine would hold a second copy of the weights (TensorRT engines cannot share
-  weights), so it is built and verified here but not yet selected by the builder.
-
-I/O (caches are bound once as device buffers; the plugins update them in place, there is no new.* copy):
-  prefill: inputs_embeds, prompt_lens, start_pos, past_key_values.{i}.key/value [B,kvH,max_ctx,D]
-           -> logits [B,T,V], present.{i}.key/value (aliases of past_key_values.{i}.*)
-  decode:  inputs_embeds [B,1,E], seq_lens, past_key_values.*, decode.partial_o [B,H,S,D] f32,
-           decode.partial_ml [B,H,S,2] f32, decode.counters [B,kvH] i32 (zeroed once)
-           -> logits [B,1,V], present.*, decode.partial_o_out, decode.partial_ml_out, decode.counters_out
-Rows are right-padded from slot 0 (the kernels' contract): a runtime holding left-padded prompts must
-convert at prefill, as the fast onnxruntime backend does for GroupQueryAttention.
+"""The plugin-attention decoder graph for TensorRT >= 10.9: each layer's attention is one of our AOT Triton
+plugin nodes (``build.plugins.plugin_node``) with the KV cache as input and aliased output. Derived from
+the package's own ``decoder.onnx`` (every dtype the builder accepts, no checkpoint needed): the q/k/v
+projections feed the plugin, whose output replaces the input of ``o_proj``; the portable attention
+becomes dead and is removed. Kinds ``"prefill"`` (one engine for prefill chunks and decode steps, what
+the builder uses) and ``"decode"`` (split-K, built and verified, not selected). I/O and the reasoning
+are in docs/architecture.md ("The engine contract").
 """
 
 from __future__ import annotations
@@ -46,7 +17,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..kernels.trt_plugins import ONNX_DOMAIN, plugin_node
+from ..contract import ONNX_DOMAIN
+from .plugins import plugin_node
 from .static_decoder import write_derived_decoder
 
 __all__ = ["PluginDecoderConfig", "PluginDecoderError", "plugin_decoder_io_names", "make_plugin_decoder",

@@ -13,15 +13,9 @@ Memory model (all bytes; one process holding the vision, embed and decoder engin
     workspace    the builder's workspace pool limit (tactic scratch, part of context memory)
     overhead     CUDA context + TensorRT runtime + Python/numpy/tokenizers: a per-target estimate
 
-``kv_layout`` (the engine record's ``kv_cache``):
-
-* ``"in-place"`` (what ``llava-edge build`` makes): the static-cache decoder graph
-  (``export/static_decoder.py``) reads the whole cache buffer and returns only the new tokens' k/v,
-  which the runtime copies in: ONE cache buffer, plus a staging buffer for the new k/v of one prefill
-  chunk. Prefill runs in chunks of at most ``STATIC_PREFILL_CHUNK`` tokens (any cache length is
-  allowed, so longer prompts take several chunks), which also bounds the prefill activations.
-* ``"ping-pong"`` (engines built before): the portable graph with two buffers per layer swapping roles
-  every step, so the cache costs twice its payload; prefill in one piece of up to ``max_prompt``.
+``kv_layout`` is the engine record's ``kv_cache`` (``contract.KV_LAYOUTS``): in-place keeps one cache
+buffer plus a staging buffer for one prefill chunk of new k/v (prefill in chunks of at most
+``STATIC_PREFILL_CHUNK``); ping-pong keeps two buffers (prefill in one piece). See docs/architecture.md.
 
 On Jetson the CPU and GPU share the same DRAM, so ``usable_gb`` is what is realistically left for us
 after the OS (headless) — not the marketing size. The numbers for ``runtime_overhead_gb`` and
@@ -35,19 +29,19 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from ..contract import KV_INPLACE, KV_LAYOUTS, KV_PINGPONG
 from ..errors import UsageError
 
 GiB = 1 << 30
 MiB = 1 << 20
 GB = 10**9
-KV_LAYOUTS = ("in-place", "ping-pong")
 # Longest prefill chunk of the static-cache decoder (its prefill profile's max T). Bounds the new-k/v
 # staging (0.5 MiB per token for a 7B in fp16) and the prefill attention scores [B, heads, T, ctx+T];
 # 256 tokens: an image's 576 tokens take 3 chunks.
 STATIC_PREFILL_CHUNK = 256
 
 __all__ = [
-    "TargetPreset", "PRESETS", "KV_LAYOUTS", "STATIC_PREFILL_CHUNK", "prefill_tokens_per_pass", "detect_target", "ModelDims", "LLAVA_15_7B", "weight_bytes_from_dims",
+    "TargetPreset", "PRESETS", "STATIC_PREFILL_CHUNK", "prefill_tokens_per_pass", "detect_target", "ModelDims", "LLAVA_15_7B", "weight_bytes_from_dims",
     "MemoryBudget", "estimate_memory", "max_context_that_fits", "BuildLimits", "resolve_limits",
     "Profile", "profile_shapes", "plugin_decoder_profiles", "orin_summary",
 ]
@@ -60,7 +54,7 @@ class TargetPreset:
 
     Orin facts: every Orin module is compute capability 8.7 (sm_87) and has no FP8; JetPack 6 ships
     TensorRT 10.3, JetPack 7 ships TensorRT 11.x (11.4 supports Orin only on JetPack >= 7.2.2)
-    (shared/ARCHITECTURE.md "Facts measured or read").
+    (NVIDIA's Jetson module data sheets and JetPack release notes; docs/jetson.md).
     """
 
     name: str
@@ -176,7 +170,7 @@ def weight_bytes_from_dims(dims: ModelDims, weight_bits: int = 16, group_size: i
 
     Quantized linears cost bits/8 per weight plus one fp16 scale per group (symmetric: no zero points,
     the only INT4 form TensorRT takes). lm_head, embeddings, norms and the vision tower stay fp16
-    (ARCHITECTURE.md "Quantization").
+    (docs/quantization.md).
     """
     h, kv = dims.hidden_size, dims.num_kv_heads * dims.head_dim
     q = dims.num_heads * dims.head_dim
@@ -214,7 +208,7 @@ class MemoryBudget:
 
     @property
     def kv_buffers(self) -> int:
-        return 1 if self.kv_layout == "in-place" else 2
+        return 1 if self.kv_layout == KV_INPLACE else 2
 
     @property
     def total(self) -> int:
@@ -268,23 +262,23 @@ def activation_bytes(dims: ModelDims, batch: int, prefill_tokens: int, context: 
     return int(1.5 * (scores + mlp + hidden + logits + concat))
 
 
-def prefill_tokens_per_pass(prefill_tokens: int, kv_layout: str = "in-place") -> int:
+def prefill_tokens_per_pass(prefill_tokens: int, kv_layout: str = KV_INPLACE) -> int:
     """Tokens one prefill pass of the engine takes: the whole prompt (ping-pong) or a chunk (in-place)."""
     if kv_layout not in KV_LAYOUTS:
         raise UsageError(f"kv_layout must be one of {KV_LAYOUTS}, not {kv_layout!r}")
-    return min(prefill_tokens, STATIC_PREFILL_CHUNK) if kv_layout == "in-place" else prefill_tokens
+    return min(prefill_tokens, STATIC_PREFILL_CHUNK) if kv_layout == KV_INPLACE else prefill_tokens
 
 
 def estimate_memory(preset: TargetPreset, dims: ModelDims, weights: dict[str, int], context: int,
                     batch: int, prefill_tokens: int, workspace_gb: float | None = None,
-                    kv_layout: str = "in-place", bytes_per_elem: int = 2, fused_attention: bool = False) -> MemoryBudget:
+                    kv_layout: str = KV_INPLACE, bytes_per_elem: int = 2, fused_attention: bool = False) -> MemoryBudget:
     """The whole budget for one process serving ``batch`` sequences of up to ``context`` tokens whose
     longest prompt is ``prefill_tokens``. In-place: one cache buffer, prefill in chunks, staging for one
     chunk's new k/v; ping-pong: two cache buffers, one prefill pass. ``fused_attention`` (the in-place
     plugin-attention graph): no staging, no materialised scores or concatenated k/v."""
     ws = preset.workspace_gb if workspace_gb is None else workspace_gb
     per_pass = min(prefill_tokens_per_pass(prefill_tokens, kv_layout), context)
-    inplace = kv_layout == "in-place"
+    inplace = kv_layout == KV_INPLACE
     if fused_attention and not inplace:
         raise UsageError("fused (plugin) attention keeps one in-place cache; it has no ping-pong layout")
     return MemoryBudget(
@@ -303,7 +297,7 @@ def estimate_memory(preset: TargetPreset, dims: ModelDims, weights: dict[str, in
 
 def max_context_that_fits(preset: TargetPreset, dims: ModelDims, weights: dict[str, int], batch: int = 1,
                           prefill_tokens: int | None = None, workspace_gb: float | None = None,
-                          kv_layout: str = "in-place", bytes_per_elem: int = 2, multiple: int = 64,
+                          kv_layout: str = KV_INPLACE, bytes_per_elem: int = 2, multiple: int = 64,
                           fused_attention: bool = False) -> int:
     """Largest context (a multiple of ``multiple``) whose budget fits; 0 if not even ``multiple`` does.
     ``prefill_tokens`` defaults to one image + the preset's text budget, capped at the context."""
@@ -388,7 +382,7 @@ def _decoder_profile(name: str, batch: tuple[int, int, int], seq: tuple[int, int
     return Profile(name, shapes)
 
 
-def profile_shapes(manifest: Any, limits: BuildLimits, kv_layout: str = "in-place") -> dict[str, list[Profile]]:
+def profile_shapes(manifest: Any, limits: BuildLimits, kv_layout: str = KV_INPLACE) -> dict[str, list[Profile]]:
     """Profiles per graph. The decoder gets two, by ``kv_layout``:
 
     in-place (the static-cache graph: past is the whole cache, fixed at max_context):
@@ -412,7 +406,7 @@ def profile_shapes(manifest: Any, limits: BuildLimits, kv_layout: str = "in-plac
     past_names = [f"past_key_values.{i}.{kv}" for i in range(t.num_layers) for kv in ("key", "value")]
     p_opt = max(1, min(p, v.num_image_tokens * min(1, limits.max_images) + 64))
     dims = (t.hidden_size, t.num_kv_heads, t.head_dim, past_names)
-    if kv_layout == "in-place":
+    if kv_layout == KV_INPLACE:
         prefill = _decoder_profile("prefill", (1, 1, b), (1, p_opt, p), (c, c, c), (c + 1, c + p_opt, c + p), *dims)
         decode = _decoder_profile("decode", (1, 1, b), (1, 1, 1), (c, c, c), (c + 1, c + 1, c + 1), *dims)
     else:
@@ -428,7 +422,7 @@ def profile_shapes(manifest: Any, limits: BuildLimits, kv_layout: str = "in-plac
 
 
 def plugin_decoder_profiles(manifest: Any, limits: BuildLimits) -> list[Profile]:
-    """Profiles of the plugin-attention decoder (``export/plugin_decoder.py``, prefill kind): the same
+    """Profiles of the plugin-attention decoder (``build/plugin_decoder.py``, prefill kind): the same
     two as the in-place static graph (0 = prefill chunks of 1..chunk tokens, 1 = one token), with the
     lengths ``prompt_lens`` / ``start_pos`` [B] instead of the mask and positions; the cache is fixed at
     max_context."""
@@ -461,8 +455,8 @@ def orin_summary(dims: ModelDims = LLAVA_15_7B, weight_bits: int = 4) -> list[di
         rows.append({
             "target": name, "usable_gb": p.usable_gb,
             "weights_gib": round(sum(weights.values()) / GiB, 2),
-            "max_context_pingpong": max_context_that_fits(p, dims, weights, 1, kv_layout="ping-pong"),
-            "max_context_inplace": max_context_that_fits(p, dims, weights, 1, kv_layout="in-place"),
+            "max_context_pingpong": max_context_that_fits(p, dims, weights, 1, kv_layout=KV_PINGPONG),
+            "max_context_inplace": max_context_that_fits(p, dims, weights, 1, kv_layout=KV_INPLACE),
             "default_context": p.max_context,
             "budget_default": estimate_memory(p, dims, weights, p.max_context, 1,
                                               dims.num_image_tokens + p.prompt_text_tokens).describe(),

@@ -1,28 +1,8 @@
-"""TensorRT integration: which attention implementation a TensorRT version gets, the ONNX node form of
-our plugins, AOT (ahead-of-time PTX) compilation of the Triton kernels, and the ``tensorrt.plugin``
-(QDP) registrations.
-
-Why AOT: an engine with an AOT plugin carries the kernel's PTX and launch parameters, so it runs in a
-plain TensorRT runtime (C++, ``trtexec``, our torch-free runtime) with no Python callback per layer.
-
-Facts this module relies on (TensorRT docs and the NVIDIA/TensorRT sample
-``samples/python/quickly_deployable_plugins``, README "ONNX model with a plugin" / "ONNX model with an
-AOT plugin", and ``qdp_defs.py``):
-
-* Plugin ids are ``"<namespace>::<name>"`` (``tensorrt.plugin.register``).
-* The ONNX parser maps a node to a QDP when the node's ``op_type`` equals the plugin *name* and the
-  node has a string attribute ``plugin_namespace`` with the namespace; a bool attribute ``aot = True``
-  selects the ``@tensorrt.plugin.aot_impl`` implementation instead of the Python ``impl``.
-* ``aot_impl`` returns ``(kernel_name, ptx, KernelLaunchParams, SymIntExprs)``; TensorRT launches the
-  kernel with the input pointers, then the extra int32 scalar args, then the output pointers: the
-  parameter order our kernels are written in.
-* Version gates (docs/shared ARCHITECTURE.md): Python plugins from 10.6, AOT Triton plugins from
-  10.9, ONNX Attention import from 10.14, KV-cache / RotaryEmbedding layers from 10.15. JetPack 6
-  ships TensorRT 10.3: no Python plugins, so the exporter must emit standard ops there.
-
-``tensorrt`` is imported lazily (only :func:`register_plugins` needs it), and so is ``triton``: the
-exporter calls :func:`attention_impl_for` / :func:`plugin_node` in environments without either. The
-AOT compilation works on CPU (Triton compiles PTX/cubin for a given target without a GPU).
+"""Our Triton kernels as TensorRT plugins: the ONNX node form, AOT (ahead-of-time PTX) compilation and the
+``tensorrt.plugin`` (QDP) registrations. An engine with an AOT plugin carries the kernel's PTX, so it runs
+in a plain TensorRT runtime with no Python callback per layer. ``tensorrt`` and ``triton`` are imported
+lazily; the version policy and plugin I/O are in ``contract.py``; the TensorRT facts this relies on are
+in docs/architecture.md ("TensorRT version policy").
 """
 
 from __future__ import annotations
@@ -32,15 +12,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..errors import UsageError
+from ..contract import AOT_MIN, ONNX_DOMAIN, PLUGIN_IO, PLUGIN_NAMESPACE, parse_trt_version
 
 __all__ = [
-    "PLUGIN_NAMESPACE",
-    "ONNX_DOMAIN",
-    "PLUGIN_IO",
-    "AttentionImpl",
-    "parse_trt_version",
-    "attention_impl_for",
     "plugin_node",
     "AotKernel",
     "compile_decode_attention",
@@ -48,63 +22,6 @@ __all__ = [
     "compile_int4_matmul",
     "register_plugins",
 ]
-
-PLUGIN_NAMESPACE = "llava_edge"
-# The parser keys on op_type + plugin_namespace; a custom domain keeps the graph valid ONNX (the checker
-# rejects unknown ops in the default domain). "trt.plugins" is the domain onnxruntime's TensorRT EP uses
-# for TensorRT plugin nodes.
-ONNX_DOMAIN = "trt.plugins"
-
-# Input / output order of each plugin node (= the kernels' pointer parameter order). Outputs named
-# "<x>_out" alias input "<x>": the caller binds one buffer to both (in-place cache / scratch).
-PLUGIN_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "decode_attention": (
-        ("q", "k", "v", "seq_lens", "cos", "sin", "k_cache", "v_cache", "partial_o", "partial_ml", "counters"),
-        ("out", "k_cache_out", "v_cache_out", "partial_o_out", "partial_ml_out", "counters_out"),
-    ),
-    "prefill_attention": (
-        ("q", "k", "v", "prompt_lens", "start_pos", "cos", "sin", "k_cache", "v_cache"),
-        ("out", "k_cache_out", "v_cache_out"),
-    ),
-    "int4_matmul": (("x", "qweight", "scales"), ("y",)),
-}
-
-AttentionImpl = Literal["plugin", "trt-attention", "standard"]
-AOT_MIN = (10, 9)
-NATIVE_KV_MIN = (10, 15)
-
-
-def parse_trt_version(version: str) -> tuple[int, ...]:
-    """``"10.3.0.30"`` -> ``(10, 3, 0, 30)`` (``tensorrt.__version__`` or a manifest string)."""
-    parts = []
-    for p in version.strip().split("."):
-        if not p.isdigit():  # "10.9.0.post1", "10.15.0rc1": stop at the first non-numeric part
-            digits = p[: len(p) - len(p.lstrip("0123456789"))]
-            if digits:
-                parts.append(int(digits))
-            break
-        parts.append(int(p))
-    if not parts:
-        raise UsageError(f"not a TensorRT version: {version!r}")
-    return tuple(parts)
-
-
-def attention_impl_for(trt_version: tuple[int, ...], prefer_native: bool = False) -> AttentionImpl:
-    """How the exporter should express decoder attention for a target TensorRT version.
-
-    * ``"standard"`` below 10.9: no AOT plugins (10.6-10.8 only have Python-callback plugins, which
-      would tie the engine to a Python interpreter; JetPack 6 / TRT 10.3 has none at all).
-    * ``"plugin"`` from 10.9: our fused AOT Triton plugins.
-    * ``"trt-attention"`` from 10.15 when ``prefer_native``: TensorRT's own KV-cache attention layers
-      (ONNX Attention / RotaryEmbedding / TensorScatter import); opt-in until measured to be faster.
-    """
-    v = tuple(trt_version) + (0,) * (2 - len(trt_version))
-    if v < AOT_MIN:
-        return "standard"
-    if prefer_native and v >= NATIVE_KV_MIN:
-        return "trt-attention"
-    return "plugin"
-
 
 def plugin_node(
     op: str,
@@ -216,8 +133,8 @@ def compile_decode_attention(
 ) -> AotKernel:
     import triton
 
-    from .decode_attention import DECODE_NUM_WARPS
-    from .decode_attention import _decode_attention_kernel as fn
+    from ..kernels.decode_attention import DECODE_NUM_WARPS
+    from ..kernels.decode_attention import _decode_attention_kernel as fn
 
     t = "*" + _TL[dtype]
     ptrs = {n: t for n in ("Q", "K_new", "V_new", "K_cache", "V_cache", "Out", "K_cache_out", "V_cache_out")}
@@ -234,8 +151,8 @@ def compile_prefill_attention(
     dtype: str, head_dim: int, group: int, block_m: int = 64, block_n: int = 64,
     sm_scale: float | None = None, cc: int | None = None, num_warps: int | None = None,
 ) -> AotKernel:
-    from .prefill_attention import _prefill_attention_kernel as fn
-    from .prefill_attention import default_num_warps
+    from ..kernels.prefill_attention import _prefill_attention_kernel as fn
+    from ..kernels.prefill_attention import default_num_warps
 
     t = "*" + _TL[dtype]
     ptrs = {n: t for n in ("Q", "K", "V", "K_cache", "V_cache", "Out", "K_cache_out", "V_cache_out")}
@@ -251,7 +168,7 @@ def compile_int4_matmul(
     dtype: str, group_size: int, kernel: Literal["gemv", "gemm"], block_m: int = 64, block_n: int | None = None,
     block_k: int | None = None, cc: int | None = None, num_warps: int | None = None,
 ) -> AotKernel:
-    from .int4_matmul import GEMM_NUM_WARPS, GEMV_BLOCK_N, GEMV_NUM_WARPS, _int4_gemm_kernel, _int4_gemv_kernel, gemv_tile
+    from ..kernels.int4_matmul import GEMM_NUM_WARPS, GEMV_BLOCK_N, GEMV_NUM_WARPS, _int4_gemm_kernel, _int4_gemv_kernel, gemv_tile
 
     t = "*" + _TL[dtype]
     ptrs = {"X": t, "QW": "*u8", "Scales": "*fp16", "Y": t}
@@ -381,7 +298,7 @@ def register_plugins(cc: int | None = None) -> None:
         kdim = x.shape_expr[-1]
         m = x.shape_expr.numel() // kdim
         if tactic == 1:
-            from .int4_matmul import GEMV_BLOCK_N
+            from ..kernels.int4_matmul import GEMV_BLOCK_N
 
             kern = compile_int4_matmul(dt[x.dtype], group_size, "gemv", cc=cc)
             args, grid = (n, kdim, kdim), (trtp.cdiv(n, GEMV_BLOCK_N), m, 1)

@@ -2,18 +2,10 @@
 
 Checking before building turns "the parser failed on node 4711" (after minutes of loading weights on a
 Jetson) into an immediate message naming the op, the graph and the TensorRT version that would take it.
-
-Source of the table: onnx/onnx-tensorrt ``docs/operators.md`` — the TensorRT 10.15 matrix ("TensorRT
-10.15 supports operators in the inclusive range of opset 9 to opset 24"), the TensorRT 10.0 header
-("opset 9 to opset 20"), and the version gates from the changelogs: NVIDIA/TensorRT CHANGELOG.md
-"10.14 GA — Parsers: Added support for the `Attention` operator"; onnx-tensorrt docs/Changelog.md
-"TensorRT 10.15 GA — Added support for `RotaryEmbedding`, `RMSNormalization` and `TensorScatter`".
-Restrictions encoded below come from the same matrix (DequantizeLinear: "`x_zero_point` must be zero")
-and shared/ARCHITECTURE.md (INT4 block quantization: symmetric, 2-D block scale, INT4 only).
-Operators the matrix lists as supported in 10.15 are assumed supported from 10.0 unless gated here;
-versions between the documented snapshots are not individually verified.
-
-Pure Python + ``onnx`` (no tensorrt): runs in CPU CI.
+The table follows onnx/onnx-tensorrt ``docs/operators.md`` (10.0 and 10.15 matrices) and the changelogs'
+version gates (Attention from 10.14; RotaryEmbedding, RMSNormalization, TensorScatter from 10.15), with
+the matrix's DequantizeLinear restrictions (zero ``x_zero_point``; INT4 blocks symmetric, 2-D scale).
+Pure Python + ``onnx``. See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -24,7 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import UsageError
-from ..kernels.trt_plugins import AOT_MIN, ONNX_DOMAIN, PLUGIN_IO, PLUGIN_NAMESPACE
+from ..contract import AOT_MIN, ONNX_DOMAIN, PLUGIN_IO, PLUGIN_NAMESPACE
 
 __all__ = ["SUPPORTED_OPS", "VERSION_GATED", "MAX_OPSET", "supported_ops", "GraphIssue", "GraphCheck",
            "check_model", "check_onnx_file", "UnsupportedGraphError"]
@@ -181,7 +173,7 @@ def check_model(model, graph: str, trt_version: tuple[int, ...], fp8: bool = Fal
                 plugins_allowed: bool | None = None) -> GraphCheck:
     """Check every node of an ``onnx.ModelProto`` against ``trt_version``'s parser.
 
-    ``plugins_allowed`` (default: TensorRT >= 10.9, the AOT-plugin gate of ``kernels.trt_plugins``) says
+    ``plugins_allowed`` (default: TensorRT >= 10.9, the AOT-plugin gate of ``contract``) says
     whether our ``llava_edge::*`` plugin nodes are acceptable. Any other non-default domain (e.g.
     ``com.microsoft`` MatMulNBits / GroupQueryAttention, which are onnxruntime contrib ops) is an error.
     """

@@ -8,7 +8,8 @@ import importlib.util
 
 import pytest
 
-from llava_edge.kernels import trt_plugins as tp
+from llava_edge import contract
+from llava_edge.build import plugins as tp
 
 
 @pytest.mark.parametrize(
@@ -26,24 +27,24 @@ from llava_edge.kernels import trt_plugins as tp
     ],
 )
 def test_attention_impl_for(version, prefer_native, expected) -> None:
-    assert tp.attention_impl_for(version, prefer_native=prefer_native) == expected
+    assert contract.attention_impl_for(version, prefer_native=prefer_native) == expected
 
 
 def test_parse_trt_version() -> None:
-    assert tp.parse_trt_version("10.3.0.30") == (10, 3, 0, 30)
-    assert tp.parse_trt_version("10.9.0.post12.dev1") == (10, 9, 0)
-    assert tp.attention_impl_for(tp.parse_trt_version("10.3.0.30")) == "standard"
+    assert contract.parse_trt_version("10.3.0.30") == (10, 3, 0, 30)
+    assert contract.parse_trt_version("10.9.0.post12.dev1") == (10, 9, 0)
+    assert contract.attention_impl_for(contract.parse_trt_version("10.3.0.30")) == "standard"
     with pytest.raises(ValueError):
-        tp.parse_trt_version("dev")
+        contract.parse_trt_version("dev")
 
 
 def test_plugin_node_form() -> None:
     onnx = pytest.importorskip("onnx")
-    ins, outs = tp.PLUGIN_IO["decode_attention"]
+    ins, outs = contract.PLUGIN_IO["decode_attention"]
     node = tp.plugin_node("decode_attention", [f"l0.{n}" for n in ins], [f"l0.{n}" for n in outs],
                           name="layer0_attn", num_splits=8, block_n=64, sm_scale=0.088)
     assert node.op_type == "decode_attention"  # op_type is the plugin *name*, no namespace
-    assert node.domain == tp.ONNX_DOMAIN
+    assert node.domain == contract.ONNX_DOMAIN
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     assert attrs["plugin_namespace"] == b"llava_edge"
     assert attrs["aot"] == 1 and node.attribute[[a.name for a in node.attribute].index("aot")].type == onnx.AttributeProto.INT
@@ -59,7 +60,7 @@ def test_plugin_node_graph_passes_onnx_checker() -> None:
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
-    ins, outs = tp.PLUGIN_IO["int4_matmul"]
+    ins, outs = contract.PLUGIN_IO["int4_matmul"]
     node = tp.plugin_node("int4_matmul", list(ins), list(outs), group_size=128)
     graph = helper.make_graph(
         [node], "g",
@@ -68,7 +69,7 @@ def test_plugin_node_graph_passes_onnx_checker() -> None:
          helper.make_tensor_value_info("scales", TensorProto.FLOAT16, [64, 2])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 64])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(tp.ONNX_DOMAIN, 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(contract.ONNX_DOMAIN, 1)])
     onnx.checker.check_model(model)
 
 
@@ -80,7 +81,8 @@ def test_register_plugins_without_tensorrt_says_what_to_do() -> None:
 
 _AOT_SCRIPT = """
 import re
-from llava_edge.kernels import trt_plugins as tp
+from llava_edge import contract
+from llava_edge.build import plugins as tp
 from llava_edge.kernels.resources import resource_usage
 # spill budget per thread, bytes: decode spills 8 B outside its loop; prefill's 64x64 tile at
 # head_dim 128 with rotary in registers still spills ~150-230 B with 8 warps (1.3-1.5 KB with 4).
@@ -97,7 +99,7 @@ for cc in (87, 90):
         assert f".entry {k.name}" in k.ptx and f".target sm_{cc}" in k.ptx, k.name
         entry = k.ptx[k.ptx.index(".entry"):]
         declared = len(re.findall(r"\\.param", entry[: entry.index(")")]))
-        ins, outs = tp.PLUGIN_IO[plugin]
+        ins, outs = contract.PLUGIN_IO[plugin]
         assert declared == len(ins) + len(outs) + scalars, (k.name, declared)  # what TensorRT passes, no more
         r = resource_usage(k)  # ptxas assembles the very PTX TensorRT gets
         assert r.fits_shared() and r.registers <= 255, r

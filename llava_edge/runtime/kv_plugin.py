@@ -1,7 +1,5 @@
-"""The TensorRT backend's third KV/binding mode: engines built from the plugin-attention decoder graph
-(``export/plugin_decoder.py``, kind ``"prefill"``; record ``attention == "plugin"``).
-
-How such an engine differs from the static-cache one (``trt_kv.InPlaceKV``):
+"""The plugin KV layout: engines built from the plugin-attention decoder graph (``build/plugin_decoder.py``;
+record ``attention == "plugin"``). How it differs from the in-place one (``kv_inplace.InPlaceKV``):
 
 * The attention plugin writes each new token's k/v into the cache itself. The cache of each layer k/v
   is one device buffer [max_batch, kvH, max_ctx, D], allocated once, bound as BOTH the input
@@ -22,7 +20,7 @@ CUDA graphs: a decode step is a 1-token "prompt" at ``start_pos = length``: ever
 batch size (T = 1, caches at max_ctx) and every address is a buffer allocated once; the lengths
 change, but they are copied into their fixed device buffers before the launch and the kernel reads
 them from device memory (the plugin's launch grid is computed from shapes only: ``cdiv(T, block_m) x
-B*H``, kernels/trt_plugins.py). So the decode step is captured per batch size like the in-place one.
+B*H``, build/plugins.py). So the decode step is captured per batch size like the in-place one.
 """
 
 from __future__ import annotations
@@ -32,15 +30,13 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .ort_backend import BackendError
+from ..contract import DECODE_PROFILE, KV_PLUGIN, PREFILL_PROFILE
+from .backend import BackendError
 from .ragged import right_align
 from .trt_kv import Alloc, KVDims, TrtKVCache
 from .trt_memory import DeviceBuffer, PinnedBuffer, ck, memcpy_kind
 
-__all__ = ["KV_PLUGIN", "PluginKV", "PluginChunk", "RaggedRows", "PluginDecoderSteps"]
-
-KV_PLUGIN = "plugin"  # layout name; the record says attention "plugin" (kv_cache stays "in-place")
-PREFILL_PROFILE, DECODE_PROFILE = 0, 1
+__all__ = ["PluginKV", "PluginChunk", "RaggedRows", "PluginDecoderSteps"]
 
 
 class PluginKV:

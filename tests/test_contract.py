@@ -9,10 +9,12 @@ import sys
 import pytest
 
 from llava_edge.package import load_manifest
-from llava_edge.runtime.trt_backend import (
-    ENGINES_DIR, RECORD_FORMAT, RECORD_NAME, EngineFile, EngineMismatchError, EngineRecord, TensorRTUnavailable,
-    TrtBackend, check_engine_record,
+from llava_edge import trt_env
+from llava_edge.contract import (
+    ENGINES_DIR, RECORD_FORMAT, RECORD_NAME, EngineFile, EngineMismatchError, EngineRecord, check_engine_record,
 )
+from llava_edge.runtime.trt_backend import TrtBackend
+from llava_edge.trt_env import TensorRTUnavailable
 
 
 def _record(manifest, **kw) -> EngineRecord:
@@ -83,20 +85,18 @@ def test_backend_without_tensorrt_is_a_clear_error(trt_package, tensorrt_missing
 
 def test_missing_gpu_is_a_clear_error(monkeypatch):
     """A cuda-python that sees no device -> TensorRTUnavailable naming the reason."""
-    import llava_edge.runtime.trt_backend as tb
-
     class FakeCudart:
         @staticmethod
         def cudaGetDeviceCount():
             return 100, 0  # cudaErrorNoDevice
 
-    monkeypatch.setattr(tb, "import_cudart", lambda: FakeCudart)
+    monkeypatch.setattr(trt_env, "import_cudart", lambda: FakeCudart)
     with pytest.raises(TensorRTUnavailable, match="no CUDA GPU is visible"):
-        tb.gpu_info(0)
+        trt_env.gpu_info(0)
 
 
 def test_importing_the_backend_imports_neither_tensorrt_nor_cuda():
-    code = ("import sys, llava_edge.runtime.trt_backend, llava_edge.export.trt_build, llava_edge.export.trt_presets; "
+    code = ("import sys, llava_edge.runtime.trt_backend, llava_edge.build.builder, llava_edge.build.presets; "
             "bad=[m for m in sys.modules if m.split('.')[0] in ('tensorrt','cuda','torch','transformers')]; "
             "print(bad); assert not [m for m in bad if not m.startswith(('torch','transformers'))] ; "
             "import llava_edge.runtime.trt_backend as t; assert 'torch' not in sys.modules or True")

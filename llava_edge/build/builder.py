@@ -1,6 +1,6 @@
 """`llava-edge build`: a model package -> TensorRT engines (vision, embed, decoder) inside the package.
 
-The plan (``trt_plan.plan_build``: pure, no TensorRT; target, limits, op checks, attention path,
+The plan (``plan.plan_build``: pure, no TensorRT; target, limits, op checks, attention path,
 profiles, memory) comes first, and is all a dry run returns. Then :func:`build_engines` runs it with the
 ``tensorrt`` Python API (no polygraphy: one fewer dependency on Jetson, and we need the progress
 monitor and timing cache directly):
@@ -13,27 +13,12 @@ DequantizeLinear -> INT4 weights) and no FP16 builder flag is set. ``OnnxParser.
 / get_timing_cache().serialize()`` for timing-cache reuse, ``IProgressMonitor`` (TensorRT >= 10.0)
 for progress, an ``ILogger`` writing ``engines/build.log``.
 
-The decoder engine is built from a variant of the package's decoder, derived at build time from
-``decoder.onnx`` into a temporary file next to it (it shares the decoder's external weights) and
-deleted afterwards; the portable graph stays as it is for onnxruntime:
-* TensorRT >= 10.9 with ``--plugins auto`` (default) or ``on``: the plugin-attention graph
-  (``export/plugin_decoder.py``: our ``prefill_attention`` AOT Triton plugin per layer, caches as input
-  + aliased output); the record says ``attention: "plugin"``, ``kv_cache: "in-place"`` and the runtime
-  binds it with ``runtime/trt_plugin_kv.py``. ``auto`` falls back to the next graph (with a note) when
-  the kernels cannot take the model (head_dim not a power of two >= 32).
-* otherwise (TensorRT 10.3 = JetPack 6, ``--plugins off``): the static-cache standard-op graph
-  (``export/static_decoder.py``: the whole KV cache in, this step's k/v out); the record says
-  ``attention: "standard"``, ``kv_cache: "in-place"``.
-Both keep one cache buffer at run time and capture decode steps in CUDA graphs.
-``kv_cache="ping-pong"`` builds the portable graph as before (two cache buffers, no graphs).
-
-Engines are written to a staging directory inside the package and renamed to ``engines/`` only when
-all three built, with ``engines/engines.json`` (the record the runtime checks) written last; an
-interrupted build never leaves engines that look valid.
-
-NOT run against a real TensorRT in this repository (none is installable here or on the test GPU
-machine, see shared/ARCHITECTURE.md): the TensorRT calls follow the documented API and are covered by
-tests that skip without TensorRT + a GPU.
+The decoder engine is built from a variant of the package's decoder derived at build time (the plan's
+``decoder_graph``: plugin-attention, static-cache or portable; ``plugin_decoder.py``,
+``static_decoder.py``). Engines go to a staging directory and are renamed to ``engines/`` only when all
+three built, with the engine record (``contract.py``) written last, so an interrupted build never leaves
+engines that look valid. The TensorRT calls follow the documented API; the tests that run them skip
+without TensorRT and a GPU. See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -50,13 +35,12 @@ from typing import Any, Callable, Iterator
 
 from .. import __version__
 from ..package import Manifest, load_manifest, replace_dir
-from ..runtime.trt_backend import (
-    ENGINE_GRAPHS, ENGINES_DIR, RECORD_FORMAT, RECORD_NAME, EngineFile, EngineRecord, gpu_info, import_tensorrt,
-)
+from .. import trt_env
+from ..contract import ENGINE_GRAPHS, ENGINES_DIR, KV_INPLACE, RECORD_FORMAT, RECORD_NAME, EngineFile, EngineRecord
 from .plugin_decoder import write_plugin_decoder
 from .static_decoder import write_static_decoder
-from .trt_plan import BuildPlan, EngineBuildError, Plugins, plugin_config, plan_build
-from .trt_presets import GiB, Profile
+from .plan import BuildPlan, EngineBuildError, Plugins, plugin_config, plan_build
+from .presets import GiB, Profile
 
 BUILD_LOG = "build.log"
 TIMING_CACHE = "timing.cache"
@@ -201,7 +185,7 @@ def build_engines(
     device_index: int = 0,
     dry_run: bool = False,
     trt_version: str | None = None,
-    kv_cache: str = "in-place",
+    kv_cache: str = KV_INPLACE,
 ) -> BuildResult:
     """Build vision/embed/decoder engines into ``package_dir/engines`` (see the module docstring).
 
@@ -209,7 +193,7 @@ def build_engines(
     across rebuilds). ``dry_run``: plan only (no TensorRT needed; ``trt_version`` defaults to what the
     target ships). ``kv_cache``: "in-place" (the static-cache decoder, default) or "ping-pong" (the
     portable graph, as engines built before). Raises :class:`EngineBuildError` (cannot build / does not fit) or
-    :class:`~llava_edge.runtime.trt_backend.TensorRTUnavailable` (no tensorrt, cuda-python or GPU).
+    :class:`~llava_edge.trt_env.TensorRTUnavailable` (no tensorrt, cuda-python or GPU).
     """
     t0 = time.perf_counter()
     stage = on_stage or (lambda msg: None)
@@ -225,15 +209,15 @@ def build_engines(
         stage("plan\n" + plan.describe())
         return BuildResult(root, plan, None, None, time.perf_counter() - t0, built=False)
 
-    trt = import_tensorrt()
-    gpu = gpu_info(device_index)
+    trt = trt_env.import_tensorrt()
+    gpu = trt_env.gpu_info(device_index)
     stage(f"TensorRT {trt.__version__} on {gpu.name} (compute capability {gpu.compute_capability}, "
           f"{gpu.total_memory / GiB:.1f} GiB)")
     plan = plan_build(root, trt.__version__, target, max_batch, max_context, max_images, workspace_gb, plugins,
                       gpu.name, gpu.total_memory, gpu.compute_capability, manifest=manifest, kv_cache=kv_cache)
     stage("plan\n" + plan.describe())
     if plan.register_plugins:
-        from ..kernels.trt_plugins import register_plugins
+        from .plugins import register_plugins
 
         stage("register llava_edge plugins")
         register_plugins(cc=int(gpu.compute_capability.replace(".", "")))
