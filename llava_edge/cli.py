@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .contract import KV_INPLACE
 from .errors import LlavaEdgeError, UsageError
 
 app = typer.Typer(
@@ -157,7 +158,7 @@ def build(
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan only (profiles, memory, op support); "
                                  "needs no TensorRT."),
     trt_version: Optional[str] = typer.Option(None, help="With --dry-run: plan for this TensorRT version."),
-    kv_cache: str = typer.Option("in-place", help="in-place (static-cache decoder: one KV buffer, CUDA graphs) or "
+    kv_cache: str = typer.Option(KV_INPLACE, help="in-place (static-cache decoder: one KV buffer, CUDA graphs) or "
                                  "ping-pong (the portable decoder: two KV buffers)."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan/result as JSON."),
 ) -> None:

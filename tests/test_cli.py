@@ -108,12 +108,31 @@ def test_inspect_shows_graphs(tiny_models):
         assert needle in r.output
 
 
-def test_chat_multi_turn_streams_and_remembers(tiny_models, tmp_path):
+def test_chat_multi_turn_streams_and_remembers(tiny_models, tmp_path, monkeypatch):
+    """Turn 2's prompt, as the pipeline encodes it, holds turn 1's question and answer: it is turn 1's
+    prompt plus the answer, followed by the new question (dropping history fails both checks)."""
+    from llava_edge.runtime.pipeline import Pipeline
+
+    encoded: list[tuple[list, list[int]]] = []
+    original = Pipeline.encode_request
+
+    def recording(self, request):
+        ids = original(self, request)
+        encoded.append((list(request.turns), list(ids)))
+        return ids
+
+    monkeypatch.setattr(Pipeline, "encode_request", recording)
     pkg = str(tiny_models["llava-hf-v1.5"]["package"])
     r = runner.invoke(app, ["chat", pkg, "--image", str(_image(tmp_path)), "--max-new-tokens", "4"],
                       input="first question\nsecond question\n/quit\n")
     assert r.exit_code == 0, r.output
     assert r.output.count("llava>") == 2
+    (turns1, ids1), (turns2, ids2) = encoded
+    answer1 = turns2[0][1]
+    assert turns1 == [("first question", None)]
+    assert turns2 == [("first question", answer1), ("second question", None)]
+    assert answer1  # the model's first answer went back into the conversation
+    assert len(ids2) > len(ids1) and ids2[: len(ids1) - 2] == ids1[: len(ids1) - 2]  # turn 1 is its prefix
 
 
 def test_greedy_and_temperature_conflict(tiny_models):

@@ -24,6 +24,8 @@ import numpy as np
 
 from ..errors import LlavaEdgeError
 from ..package import TOKENIZER_NAME, Manifest, load_manifest
+from ..runtime.backend import BackendError
+from ..runtime.backends import resolve
 from ..runtime.ragged import left_pad
 from .measure import PeakRSS, TimedBackend, machine_info, median, percentiles, versions
 
@@ -222,8 +224,6 @@ def _summarize(engine: str, batch: int, prompt_tokens: int, new_tokens: int, sam
 
 
 def _package_bytes(package_dir: Path, manifest: Manifest, engines: Sequence[str]) -> int:
-    from ..runtime.backends import resolve
-
     used = {"vision", "embed"}
     for e in engines:
         used.add({"ort-fast": "decoder_fast", "ort-fast-int4": "decoder_fast_int4"}.get(resolve(e)[0], "decoder"))
@@ -267,6 +267,11 @@ def run_benchmark(
         raise BenchmarkError("no backend given")
     if baseline not in (None, "transformers"):
         raise BenchmarkError(f"unknown baseline {baseline!r}; the only baseline is 'transformers'")
+    for name in engines:
+        try:
+            resolve(name, device)
+        except BackendError as e:
+            raise BenchmarkError(str(e)) from e
     if repeat < 1 or new_tokens < 2:
         raise BenchmarkError("repeat must be >= 1 and new_tokens >= 2 (per-token latency needs two tokens)")
     say = on_progress or (lambda s: None)
@@ -280,8 +285,12 @@ def run_benchmark(
         say(f"load {name}")
         mem = PeakRSS().__enter__()
         before[name] = mem.start
-        ours[name] = _OursEngine(name, package_dir, device, threads)
-        mem.__exit__()
+        try:
+            ours[name] = _OursEngine(name, package_dir, device, threads)
+        except BackendError as e:  # unknown name, no TensorRT, no GPU: say which engine of the run
+            raise BenchmarkError(f"backend {name}: {e}") from e
+        finally:
+            mem.__exit__()
         mems[name] = mem
 
     hf = None

@@ -22,11 +22,11 @@ def package(tiny_models, tmp_path_factory):
 
 def test_run_benchmark_with_transformers_baseline(package, tiny_models, tmp_path):
     out_json, png = tmp_path / "r.json", tmp_path / "r.png"
-    report = run_benchmark(package, backend="ort-cpu,ort-fast", batch=[1, 2], prompt_len=[8], new_tokens=6,
+    report = run_benchmark(package, backend="ort,ort-fast", batch=[1, 2], prompt_len=[8], new_tokens=6,
                            baseline="transformers", checkpoint=tiny_models["llava-hf-gqa"]["checkpoint"],
                            repeat=2, warmup=1, threads=1, out_json=out_json, plot=png, console=False)
     assert [(r.engine, r.batch) for r in report.results] == [
-        ("ort-cpu", 1), ("ort-fast", 1), ("transformers", 1), ("ort-cpu", 2), ("ort-fast", 2), ("transformers", 2)]
+        ("ort", 1), ("ort-fast", 1), ("transformers", 1), ("ort", 2), ("ort-fast", 2), ("transformers", 2)]
     for r in report.results:
         assert r.repeats == 2 and r.new_tokens == 6
         assert r.ttft_ms > r.vision_ms > 0
