@@ -192,7 +192,7 @@ def build_engines(
     ``timing_cache``: a file to read and update (default ``engines/timing.cache`` of the package, kept
     across rebuilds). ``dry_run``: plan only (no TensorRT needed; ``trt_version`` defaults to what the
     target ships). ``kv_cache``: "in-place" (the static-cache decoder, default) or "ping-pong" (the
-    portable graph, as engines built before). Raises :class:`EngineBuildError` (cannot build / does not fit) or
+    portable graph, two cache buffers). Raises :class:`EngineBuildError` (cannot build / does not fit) or
     :class:`~llava_edge.trt_env.TensorRTUnavailable` (no tensorrt, cuda-python or GPU).
     """
     t0 = time.perf_counter()
