@@ -1,26 +1,10 @@
 """The plugin KV layout: engines built from the plugin-attention decoder graph (``build/plugin_decoder.py``;
-record ``attention == "plugin"``). How it differs from the in-place one (``kv_inplace.InPlaceKV``):
-
-* The attention plugin writes each new token's k/v into the cache itself. The cache of each layer k/v
-  is one device buffer [max_batch, kvH, max_ctx, D], allocated once, bound as BOTH the input
-  ``past_key_values.{i}.*`` and its aliased output ``present.{i}.*``; there is no ``new.*`` output and
-  no scatter copy after the step.
-* Inputs are ``prompt_lens`` / ``start_pos`` int32 [B] instead of a mask and positions, and rows are
-  right-padded from cache slot 0 (the kernels' contract). The pipeline hands left-padded prompts, so
-  :class:`RaggedRows` moves each row's real tokens to the front at prefill (once, on the host) and
-  every later step appends at each row's own length: rows of different lengths share a batch, as in
-  the onnxruntime fast backend (``fast_backend.py``, GroupQueryAttention).
-* Because rows end at different columns, the logits of each row's LAST REAL token are read back
-  (one small copy per row), not the last column.
-
-The cache is not zeroed: the kernels never read a slot at or past a row's length, so uninitialised
-memory is harmless, and in the fake-CUDA tests (NaN garbage) a read past a row's end shows up as NaN.
-
-CUDA graphs: a decode step is a 1-token "prompt" at ``start_pos = length``: every shape is fixed for a
-batch size (T = 1, caches at max_ctx) and every address is a buffer allocated once; the lengths
-change, but they are copied into their fixed device buffers before the launch and the kernel reads
-them from device memory (the plugin's launch grid is computed from shapes only: ``cdiv(T, block_m) x
-B*H``, build/plugins.py). So the decode step is captured per batch size like the in-place one.
+record ``attention == "plugin"``). One buffer per layer k/v is bound as both the past input and its aliased
+present output (the plugin writes new k/v itself: no scatter); inputs are ``prompt_lens``/``start_pos``
+instead of mask/positions, so :class:`RaggedRows` moves left-padded prompts to slot 0 at prefill and the
+logits of each row's last real token are read back. The cache is not zeroed (the kernels never read past
+a row's length; the fake CUDA's NaN memory would show it). A decode step is a 1-token prompt with fixed
+shapes and buffers, so it is captured in a CUDA graph per batch size. See docs/architecture.md.
 """
 
 from __future__ import annotations
