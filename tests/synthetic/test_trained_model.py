@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from llava_edge.cli import app
 
-ASSET = Path(__file__).resolve().parents[1] / "llava_edge" / "assets" / "tiny_llava"
+ASSET = Path(__file__).resolve().parents[2] / "llava_edge" / "assets" / "tiny_llava"
 pytestmark = pytest.mark.skipif(not (ASSET / "config.json").is_file(), reason="trained asset not shipped")
 
 
