@@ -38,7 +38,7 @@ def test_matching_record_passes_and_round_trips(trt_package):
 @pytest.mark.parametrize("trt,gpu,cc,match", [
     ("10.3.0.26", "Orin", "8.7", "TensorRT 10.3.0.30 but this is TensorRT 10.3.0.26"),
     ("11.4.0", "Orin", "8.7", "only load in the release that built them"),
-    ("10.3.0.30", "NVIDIA H200", "9.0", "compute capability 8.7"),
+    ("10.3.0.30", "NVIDIA H100 80GB HBM3", "9.0", "compute capability 8.7"),
     ("10.3.0.30", "NVIDIA Jetson AGX Orin", "8.7", "LLAVA_EDGE_TRT_ALLOW_GPU_MISMATCH"),
 ])
 def test_mismatches_are_refused(trt_package, trt, gpu, cc, match):

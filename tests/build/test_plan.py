@@ -46,7 +46,7 @@ def test_refuses_old_trt_unknown_target_and_wrong_gpu(trt_package):
     with pytest.raises(EngineBuildError, match="unknown target"):
         plan_build(trt_package, "10.3", "orin-max")
     with pytest.raises(EngineBuildError, match="only on the architecture"):
-        plan_build(trt_package, "10.15", "orin-nano", gpu_name="NVIDIA H200", gpu_compute_capability="9.0")
+        plan_build(trt_package, "10.15", "orin-nano", gpu_name="NVIDIA H100 80GB HBM3", gpu_compute_capability="9.0")
     with pytest.raises(EngineBuildError, match="needs a GPU"):
         plan_build(trt_package, "10.15", "auto")
 

@@ -84,13 +84,13 @@ def test_orin_summary_rows():
 
 @pytest.mark.parametrize("name,mem,expected", [
     ("Orin", 7.4 * GiB, "orin-nano"), ("Orin", 15.3 * GiB, "orin-nx"), ("Orin", 61 * GiB, "orin-agx"),
-    ("NVIDIA H200", 139 * GiB, "datacenter"),
+    ("NVIDIA A100-SXM4-80GB", 80 * GiB, "datacenter"),
 ])
 def test_detect_target(name, mem, expected):
     t = tp.detect_target(name, int(mem))
     assert t.name == expected
     if expected == "datacenter":
-        assert t.usable_gb == pytest.approx(139 * 0.9, rel=0.01)
+        assert t.usable_gb == pytest.approx(80 * 0.9, rel=0.01)
 
 
 def test_orin_presets_facts():
