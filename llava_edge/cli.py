@@ -309,6 +309,11 @@ def inspect(package: Path = typer.Argument(..., help="Model package directory.")
     t, v = m.text, m.vision
     out.print(f"[bold]{package}[/]  format v{m.format_version}, {m.dtype}, from {m.source.get('layout')} "
               f"checkpoint {m.source.get('path')}")
+    if m.family:
+        out.print(f"family: {m.family.get('model', 'llava')}, decoder {m.family.get('decoder', '?')}, "
+                  f"vision {m.family.get('vision', '?')}")
+    if m.extra.get("context_cap"):
+        out.print(f"context capped at {t.max_context}: {m.extra['context_cap']}")
     out.print(f"decoder: {t.num_layers} layers, hidden {t.hidden_size}, heads {t.num_heads} (kv {t.num_kv_heads}) x "
               f"{t.head_dim}, vocab {t.vocab_size}, context {t.max_context}, template {t.chat_template}")
     out.print(f"vision: {v.image_size}px / patch {v.patch_size} -> {v.num_image_tokens} tokens per image, layer "
