@@ -119,7 +119,8 @@ def export_package(
 
         stage("verify against transformers")
         errors["pipeline_logits"] = verify.pipeline_logits_error(
-            ck.model, ck.tokenizer, ck.image_token_id, ck.vision.num_image_tokens, tmp, ck.vision.image_size
+            ck.model, ck.tokenizer, ck.image_token_id, ck.vision.num_image_tokens, tmp, ck.vision.image_size,
+            vision=ck.vision,
         )
         if not errors["pipeline_logits"] <= TOLERANCE[torch_dtype] * 10:
             raise ExportError(

@@ -11,6 +11,7 @@ Phi-3 <|user|>) and accepted only if transformers' rendering of it equals ours o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -101,13 +102,17 @@ def render(template: str, turns: list[tuple[str, str | None]], image_token: str,
     return "".join(parts)
 
 
-def expand_image_tokens(ids: list[int], image_token_id: int, tokens_per_image: int) -> tuple[np.ndarray, int]:
-    """Replace each image token by tokens_per_image copies (the features' slots); return ids and count."""
+def expand_image_tokens(ids: list[int], image_token_id: int,
+                        tokens_per_image: int | Sequence[int]) -> tuple[np.ndarray, int]:
+    """Replace each image token by its features' slots: tokens_per_image copies, or, for images whose
+    count varies (LLaVA-NeXT anyres), tokens_per_image[k] copies for the k-th; return ids and count."""
     out: list[int] = []
     n = 0
     for i in ids:
         if i == image_token_id:
-            out.extend([image_token_id] * tokens_per_image)
+            k = tokens_per_image if isinstance(tokens_per_image, int) else (
+                tokens_per_image[n] if n < len(tokens_per_image) else 0)
+            out.extend([image_token_id] * k)
             n += 1
         else:
             out.append(i)
