@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..package import VisionConfig
+from .graphs import unfuse_projections
 
 
 class CheckpointError(Exception):
@@ -347,6 +348,7 @@ def _load_llava_hf(path: Path, dtype: torch.dtype) -> LoadedCheckpoint:
         model = (LlavaNextForConditionalGeneration if next_ else LlavaForConditionalGeneration)(config)
     _strict_load(model, state, path)
     model = model.to(dtype).eval()
+    unfuse_projections(model)  # Phi-3: q/k/v and gate/up as separate Linears, like every other family
 
     proc = _read_json(path / "processor_config.json") if (path / "processor_config.json").is_file() else {}
     # transformers 5 nests the image processor in processor_config.json; 4.x wrote its own file.

@@ -52,20 +52,50 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def split_linear(fused: nn.Linear, sizes: list[int]) -> list[nn.Linear]:
-    """A fused projection (Phi-3's qkv_proj, gate_up_proj) as separate Linears over the same weights.
+    """A fused projection (Phi-3's qkv_proj, gate_up_proj) as separate Linears over copies of its rows.
 
     Every later stage (the quantizer, the fast decoder, TensorRT weight names) knows one layout,
-    `q_proj/k_proj/v_proj` and `gate_proj/up_proj`; splitting here is exact (rows of one matrix)."""
+    `q_proj/k_proj/v_proj` and `gate_proj/up_proj`; splitting is exact (rows of one matrix)."""
     out, start = [], 0
     for n in sizes:
-        lin = nn.Linear(fused.in_features, n, bias=fused.bias is not None)
-        with torch.no_grad():
-            lin.weight.copy_(fused.weight[start : start + n])
-            if fused.bias is not None:
-                lin.bias.copy_(fused.bias[start : start + n])
-        out.append(lin.to(fused.weight.dtype))
+        lin = nn.Linear(fused.in_features, n, bias=fused.bias is not None, device="meta")
+        lin.weight = nn.Parameter(fused.weight.detach()[start : start + n].clone(), requires_grad=False)
+        if fused.bias is not None:
+            lin.bias = nn.Parameter(fused.bias.detach()[start : start + n].clone(), requires_grad=False)
+        out.append(lin)
         start += n
     return out
+
+
+class ConcatLinear(nn.Module):
+    """Stands where a fused projection was: the concatenated outputs of its split parts, so that
+    transformers' own forward runs unchanged on the split weights. The parts are registered on the
+    parent module (q_proj, ...), not here, so every weight has one name."""
+
+    def __init__(self, *parts: nn.Linear):
+        super().__init__()
+        self._parts = tuple(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self._parts], dim=-1)
+
+
+def unfuse_projections(model) -> None:
+    """Phi-3 layers get q/k/v_proj and gate/up_proj (split from qkv_proj, gate_up_proj), which become
+    ConcatLinears over them: one Linear layout for export, quantization and the fast decoder."""
+    cfg = model.config.text_config
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    for layer in model.model.language_model.layers:
+        a, m = layer.self_attn, layer.mlp
+        if hasattr(a, "qkv_proj") and not hasattr(a, "q_proj"):
+            a.q_proj, a.k_proj, a.v_proj = split_linear(
+                a.qkv_proj, [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim])
+            a.qkv_proj = ConcatLinear(a.q_proj, a.k_proj, a.v_proj)
+        if hasattr(m, "gate_up_proj") and not hasattr(m, "gate_proj"):
+            inter = m.gate_up_proj.out_features // 2
+            m.gate_proj, m.up_proj = split_linear(m.gate_up_proj, [inter, inter])
+            m.gate_up_proj = ConcatLinear(m.gate_proj, m.up_proj)
 
 
 class GatedMLP(nn.Module):
@@ -83,16 +113,17 @@ def layer_projections(hf_layer, num_heads: int, num_kv_heads: int, head_dim: int
     """(q, k, v, o, mlp) of one transformers decoder layer in the split layout, whatever the family:
     LLaMA/Mistral/Qwen2 (q/k/v, Qwen2 with bias) as they are, Phi-3's fused projections split."""
     a, m = hf_layer.self_attn, hf_layer.mlp
-    if hasattr(a, "qkv_proj"):
-        q, k, v = split_linear(a.qkv_proj, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim])
-    else:
+    if hasattr(a, "q_proj"):
         q, k, v = a.q_proj, a.k_proj, a.v_proj
-    if hasattr(m, "gate_up_proj"):
+    else:
+        q, k, v = split_linear(a.qkv_proj, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim])
+    act = getattr(m, "act_fn", None) or m.activation_fn
+    if hasattr(m, "gate_proj"):
+        mlp = GatedMLP(m.gate_proj, m.up_proj, m.down_proj, act)
+    else:
         inter = m.gate_up_proj.out_features // 2
         gate, up = split_linear(m.gate_up_proj, [inter, inter])
-        mlp = GatedMLP(gate, up, m.down_proj, m.activation_fn)
-    else:
-        mlp = GatedMLP(m.gate_proj, m.up_proj, m.down_proj, m.act_fn)
+        mlp = GatedMLP(gate, up, m.down_proj, act)
     return q, k, v, a.o_proj, mlp
 
 

@@ -113,7 +113,6 @@ def test_decoder_logits_within_1e4(family_models, images, preset):
 
 @pytest.mark.parametrize("preset,decoder,vision,template", [
     ("llava-mistral", "mistral", "clip", "mistral_inst"),
-    ("llava-qwen2", "qwen2", "clip", "chatml"),
     ("llava-phi3", "phi3", "clip", "phi3"),
     ("llava-interleave", "qwen2", "siglip", "chatml"),
 ])
@@ -135,7 +134,7 @@ def test_chat_templates_render_as_transformers(family_models):
     """Multi-turn conversations (beyond the export-time probes) render as transformers renders the
     checkpoint's own Jinja template; the bos the tokenizer adds is not part of ours."""
     convs = [[("Hi?", None)], [("Q1", "A1."), ("Q2 with\nnewline", "A2"), ("Q3", None)]]
-    for preset in ["llava-mistral", "llava-qwen2", "llava-phi3"]:
+    for preset in FAMILIES:
         m = family_models[preset]
         proc = _processor(m["checkpoint"])
         name = Pipeline.from_package(m["package"]).template
@@ -166,7 +165,7 @@ def test_context_caps(family_models, images):
     assert mistral.text.max_context == 160 and "sliding_window=160" in mistral.extra["context_cap"]
     phi3 = load_manifest(family_models["llava-phi3"]["package"])
     assert phi3.text.max_context == 192 and "longrope" in phi3.extra["context_cap"]
-    assert "context_cap" not in load_manifest(family_models["llava-qwen2"]["package"]).extra
+    assert "context_cap" not in load_manifest(family_models["llava-interleave"]["package"]).extra
     pipe = Pipeline.from_package(family_models["llava-mistral"]["package"])
     with pytest.raises(PromptTooLongError):
         pipe.generate(images["portrait"], QUESTIONS[0], max_new_tokens=150)
