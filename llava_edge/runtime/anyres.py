@@ -25,7 +25,8 @@ from PIL import Image
 from ..package import VisionConfig
 from .preprocess import ImageError, center_crop, load_image, normalize, resize_short_side, to_rgb
 
-__all__ = ["select_best_resolution", "image_tiles", "num_image_tokens", "pack_image_features", "encode"]
+__all__ = ["select_best_resolution", "image_tiles", "num_image_tokens", "pack_image_features", "encode", "max_tiles",
+           "max_image_tokens"]
 
 
 def select_best_resolution(original_size: tuple[int, int], pinpoints: Sequence[Sequence[int]]) -> tuple[int, int]:
@@ -135,3 +136,19 @@ def encode(images: Sequence[Any], cfg: VisionConfig,
         out.append(pack_image_features(feats[start : start + len(tiles)], size, cfg))
         start += len(tiles)
     return out
+
+
+def max_tiles(cfg: VisionConfig) -> int:
+    """Most vision-encoder inputs one image can take (1 without anyres): engine profiles are sized by it."""
+    if not cfg.anyres:
+        return 1
+    s = cfg.image_size
+    return 1 + max((h // s) * (w // s) for h, w in cfg.anyres["grid_pinpoints"])
+
+
+def max_image_tokens(cfg: VisionConfig) -> int:
+    """Most image tokens one image can take: an image of a pinpoint's exact shape (nothing unpadded);
+    2,928 for LLaVA-1.6's 336 px grid."""
+    if not cfg.anyres:
+        return cfg.num_image_tokens
+    return max(num_image_tokens((h, w), cfg) for h, w in cfg.anyres["grid_pinpoints"])
