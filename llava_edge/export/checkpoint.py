@@ -311,22 +311,27 @@ def resolve_chat_template(jinja: str | None, decoder: str, image_token: str, bos
     fallback = prompts.DEFAULT_TEMPLATE[decoder]
     if not jinja:
         return fallback, f"no chat_template in the checkpoint: {decoder} default '{fallback}'"
-    name = prompts.detect_template(jinja)
-    if name is None:
+    names = prompts.template_candidates(jinja)
+    if not names:
         return fallback, f"checkpoint chat_template not recognised: {decoder} default '{fallback}'"
+    for name in names:
+        if all(_renders_as(jinja, name, turns, image_token, bos_token) for turns in prompts.PROBE_CONVERSATIONS):
+            return name, f"checkpoint chat_template, rendered as '{name}' (equal on probe conversations)"
+    return fallback, (f"checkpoint chat_template looks like '{names[0]}' but renders differently: "
+                      f"{decoder} default '{fallback}'")
+
+
+def _renders_as(jinja: str, name: str, turns, image_token: str, bos_token: str | None) -> bool:
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    for turns in prompts.PROBE_CONVERSATIONS:
-        messages = prompts.to_messages(turns)
-        rendered, _ = render_jinja_template(conversations=[messages], chat_template=jinja,
-                                            add_generation_prompt=True, bos_token=bos_token or "", eos_token="")
-        text = rendered[0]
-        if bos_token and text.startswith(bos_token):  # the tokenizer adds bos; our renderers leave it out
-            text = text[len(bos_token):]
-        if text != prompts.render(name, turns, image_token, 1):
-            return fallback, (f"checkpoint chat_template looks like '{name}' but renders differently: "
-                              f"{decoder} default '{fallback}'")
-    return name, f"checkpoint chat_template, rendered as '{name}' (equal on probe conversations)"
+    from ..runtime import prompt as prompts
+
+    rendered, _ = render_jinja_template(conversations=[prompts.to_messages(turns)], chat_template=jinja,
+                                        add_generation_prompt=True, bos_token=bos_token or "", eos_token="")
+    text = rendered[0]
+    if bos_token and text.startswith(bos_token):  # the tokenizer adds bos; our renderers leave it out
+        text = text[len(bos_token):]
+    return text == prompts.render(name, turns, image_token, 1)
 
 
 def _load_llava_hf(path: Path, dtype: torch.dtype) -> LoadedCheckpoint:

@@ -36,6 +36,8 @@ class Template:
 TEMPLATES: dict[str, Template] = {
     # llava-hf LLaVA-1.5: "USER: <image>\n{q} ASSISTANT: {a}</s>USER: ..."
     "llava_hf": Template(system="", user="USER: ", assistant="ASSISTANT:", sep=" ", end="</s>"),
+    # the llava-hf hub template of llava-1.5-*-hf: answers end with a space, not </s>
+    "llava_hf_space": Template(system="", user="USER: ", assistant="ASSISTANT:", sep=" ", end=" "),
     # original LLaVA conv_vicuna_v1 / conv_llava_v1: system prompt, same roles and separators.
     "llava_v1": Template(system=VICUNA_SYSTEM + " ", user="USER: ", assistant="ASSISTANT:", sep=" ", end="</s>"),
     # no chat wrapping: the prompt is used as written (after the image token)
@@ -60,18 +62,18 @@ PROBE_CONVERSATIONS: list[list[tuple[str, str | None]]] = [
 ]
 
 
-def detect_template(jinja: str) -> str | None:
-    """Which of our renderers a Jinja chat template is written for, by its markers; None if unknown.
-    A guess only: the caller confirms it by rendering (see the module docstring)."""
+def template_candidates(jinja: str) -> list[str]:
+    """Which of our renderers a Jinja chat template may be written for, by its markers (empty if none).
+    Guesses only: the caller keeps the first that renders identically (see the module docstring)."""
     if "[INST]" in jinja:
-        return "mistral_inst"
+        return ["mistral_inst"]
     if "<|im_start|>" in jinja:
-        return "chatml"
+        return ["chatml"]
     if "<|user|>" in jinja or ("<|end|>" in jinja and "'<|' + message['role']" in jinja):
-        return "phi3"
-    if "USER" in jinja and "ASSISTANT" in jinja:
-        return "llava_v1" if "A chat between" in jinja else "llava_hf"
-    return None
+        return ["phi3"]
+    if "ASSISTANT" in jinja and ("USER" in jinja or "role'].upper()" in jinja):  # hub: role.upper() + ': '
+        return ["llava_v1"] if "A chat between" in jinja else ["llava_hf", "llava_hf_space"]
+    return []
 
 
 def to_messages(turns: list[tuple[str, str | None]], num_images: int = 1) -> list[dict]:

@@ -155,6 +155,27 @@ def test_unrecognised_or_different_template_falls_back():
     assert name == "mistral_inst" and "renders differently" in why
     name, why = resolve_chat_template("{{ messages[0]['content'] }}", "qwen2", "<image>", None)
     assert name == "chatml" and "not recognised" in why
+    # llava-1.5-7b-hf's hub template (answers end with ' ', not '</s>'): the second USER/ASSISTANT candidate
+    name, why = resolve_chat_template(LLAVA_15_HUB_TEMPLATE, "llama", "<image>", "<s>")
+    assert name == "llava_hf_space" and "equal on probe" in why
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    turns = [("Q1", "A1."), ("Q2", "A2"), ("Q3", None)]
+    want = render_jinja_template([prompts.to_messages(turns)], chat_template=LLAVA_15_HUB_TEMPLATE,
+                                 add_generation_prompt=True)[0][0]
+    assert prompts.render("llava_hf_space", turns, "<image>") == want == (
+        "USER: <image>\nQ1 ASSISTANT: A1. USER: Q2 ASSISTANT: A2 USER: Q3 ASSISTANT:")
+
+
+LLAVA_15_HUB_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
 
 
 def test_context_caps(family_models, images):

@@ -156,3 +156,37 @@ def test_next_manifest(family_models):
     assert m.vision.anyres["grid_pinpoints"] == [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
     assert len(m.vision.anyres["image_newline"]) == m.text.hidden_size
     assert m.text.chat_template == "mistral_inst"
+
+
+def test_cli_run_greedy_and_prefix_cache(family_models, next_references, three_shapes, tmp_path):
+    """`llava-edge run --greedy` on a NeXT package gives transformers' tokens; a second question about the
+    same image reuses the cached prefix (its variable-length image tokens included) without changing a token."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from llava_edge.cli import app
+
+    pkg = family_models["next-mistral"]["package"]
+    path = tmp_path / "portrait.png"
+    three_shapes[0].save(path)
+    res = CliRunner().invoke(app, ["run", str(pkg), "--image", str(path), "--prompt", QUESTIONS[0], "--greedy",
+                                   "--max-new-tokens", str(NEW_TOKENS), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["token_ids"] == next_references("next-mistral")[1][0]
+
+    cached = Pipeline.from_package(pkg, prefix_cache=2)
+    cold = Pipeline.from_package(pkg, prefix_cache=0)
+    first = cached.generate(three_shapes[0], QUESTIONS[0], max_new_tokens=8)
+    again = cached.generate(three_shapes[0], QUESTIONS[0], max_new_tokens=8, history=[(QUESTIONS[0], first.text)])
+    assert again.timings.vision_ms == 0.0  # the image tokens came from the cache
+    ref = cold.generate(three_shapes[0], QUESTIONS[0], max_new_tokens=8, history=[(QUESTIONS[0], first.text)])
+    assert again.token_ids == ref.token_ids
+
+
+def test_llava_16_token_budget():
+    """The real LLaVA-1.6 grid (336 px tiles): at most 5 tiles and 2,928 image tokens per image."""
+    cfg = _cfg(336, [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])
+    cfg.patch_size, cfg.num_image_tokens = 14, 576
+    assert anyres.max_tiles(cfg) == 5 and anyres.max_image_tokens(cfg) == 2928
+    assert anyres.num_image_tokens((480, 640), cfg) == 576 + 36 * 49  # 4:3 on the 2x2 grid: 36 rows kept
