@@ -99,7 +99,8 @@ def export(
     opset: int = typer.Option(17, help="ONNX opset (>= 17)."),
     vision_tower: Optional[Path] = typer.Option(None, help="Local CLIP directory for original checkpoints whose "
                                                 "mm_vision_tower is a hub name."),
-    template: Optional[str] = typer.Option(None, help="Override the chat template (llava_hf, llava_v1, plain)."),
+    template: Optional[str] = typer.Option(None, help="Override the chat template (llava_hf, llava_hf_space, "
+                                           "llava_v1, mistral_inst, chatml, phi3, plain)."),
     overwrite: bool = typer.Option(False, help="Replace an existing package directory."),
     fast: bool = typer.Option(False, "--fast", help="Also add the fast decoder (GroupQueryAttention, in-place KV "
                               "cache; CPU) for --backend ort-fast."),

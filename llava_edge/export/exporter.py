@@ -94,7 +94,7 @@ def export_package(
                          dtype=torch.float32 if fp32_reference else torch_dtype)
     if chat_template:
         ck.chat_template = chat_template
-        ck.chat_template_source = "--chat-template"
+        ck.chat_template_source = "--template"
     model = ck.model if ck.model.dtype == torch_dtype else copy.deepcopy(ck.model).to(torch_dtype)
 
     errors: dict[str, float] = {}
