@@ -73,7 +73,8 @@ def export(
     opset: int = typer.Option(17, help="ONNX opset (>= 17)."),
     vision_tower: Optional[Path] = typer.Option(None, help="Local CLIP directory for original checkpoints whose "
                                                 "mm_vision_tower is a hub name."),
-    template: Optional[str] = typer.Option(None, help="Override the chat template (llava_hf, llava_v1, plain)."),
+    template: Optional[str] = typer.Option(None, help="Override the chat template (llava_hf, llava_hf_space, "
+                                           "llava_v1, mistral_inst, chatml, phi3, plain)."),
     overwrite: bool = typer.Option(False, help="Replace an existing package directory."),
     fast: bool = typer.Option(False, "--fast", help="Also add the fast decoder (GroupQueryAttention, in-place KV "
                               "cache; CPU) for --backend ort-fast."),
@@ -283,6 +284,11 @@ def inspect(package: Path = typer.Argument(..., help="Model package directory.")
     t, v = m.text, m.vision
     out.print(f"[bold]{package}[/]  format v{m.format_version}, {m.dtype}, from {m.source.get('layout')} "
               f"checkpoint {m.source.get('path')}")
+    if m.family:
+        out.print(f"family: {m.family.get('model', 'llava')}, decoder {m.family.get('decoder', '?')}, "
+                  f"vision {m.family.get('vision', '?')}")
+    if m.extra.get("context_cap"):
+        out.print(f"context capped at {t.max_context}: {m.extra['context_cap']}")
     out.print(f"decoder: {t.num_layers} layers, hidden {t.hidden_size}, heads {t.num_heads} (kv {t.num_kv_heads}) x "
               f"{t.head_dim}, vocab {t.vocab_size}, context {t.max_context}, template {t.chat_template}")
     out.print(f"vision: {v.image_size}px / patch {v.patch_size} -> {v.num_image_tokens} tokens per image, layer "

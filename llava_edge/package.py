@@ -91,9 +91,12 @@ class VisionConfig:
     resample: int  # PIL resampling filter id (3 = bicubic)
     do_center_crop: bool
     pad_to_square: bool  # LLaVA-1.5 "pad" aspect ratio: pad with the mean colour first
-    num_image_tokens: int  # features per image after the select strategy
+    num_image_tokens: int  # features per image after the select strategy (per tile for anyres)
     vision_feature_layer: int | list[int]
     select_strategy: str  # "default" drops CLS, "full" keeps it
+    resize: str = "shortest_edge"  # CLIP: short side then centre crop; "square": straight to SxS (SigLIP)
+    # LLaVA-NeXT anyres: {"grid_pinpoints": [[h, w], ...], "image_newline": [hidden floats]}; None otherwise
+    anyres: dict[str, Any] | None = None
 
 
 @dataclass
@@ -107,6 +110,8 @@ class Manifest:
     quantization: dict[str, Any] | None = None
     versions: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    # {"model": "llava"/"llava_next", "decoder": "llama"/"mistral"/"qwen2"/"phi3", "vision": "clip"/"siglip"}
+    family: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False)
@@ -132,6 +137,7 @@ class Manifest:
                 quantization=d.get("quantization"),
                 versions=d.get("versions", {}),
                 extra=d.get("extra", {}),
+                family=d.get("family", {}),
             )
         except (KeyError, TypeError) as e:
             raise PackageError(f"manifest.json is malformed: {e}") from e

@@ -202,7 +202,7 @@ def plan_build(package_dir: str | Path, trt_version: str | tuple[int, ...], targ
     weights = {n: manifest.graphs[n].size_bytes for n in ENGINE_GRAPHS}
     elt = 4 if manifest.dtype == "float32" else 2
     try:
-        limits = resolve_limits(preset, t.max_context, manifest.vision.num_image_tokens, max_batch, max_context,
+        limits = resolve_limits(preset, t.max_context, dims.num_image_tokens, max_batch, max_context,
                                 max_images, workspace_gb)
     except ValueError as e:
         raise EngineBuildError(str(e)) from e
@@ -231,7 +231,7 @@ def plan_build(package_dir: str | Path, trt_version: str | tuple[int, ...], targ
                 f"does not fit on {preset.name}: {why} A prompt with {limits.max_images} image(s) needs at least "
                 f"{need}. Options: --max-context {fit if fit >= need else need}, --max-batch 1, smaller "
                 "--workspace-gb, an int4 (--format qdq) decoder, or a bigger target")
-        limits = resolve_limits(preset, t.max_context, manifest.vision.num_image_tokens, max_batch, fit,
+        limits = resolve_limits(preset, t.max_context, dims.num_image_tokens, max_batch, fit,
                                 max_images, workspace_gb)
         memory = budget(limits)
         notes.append(f"context reduced from {preset.max_context} to {fit} to fit {preset.name} "

@@ -1,8 +1,9 @@
 """Load a LLaVA checkpoint from disk into one in-memory form, whatever layout it was saved in.
 
-Two layouts exist in the wild: llava-hf (`LlavaForConditionalGeneration`) and the original LLaVA repo
-(`LlavaLlamaForCausalLM` + a separate CLIP directory). Both become a `LlavaForConditionalGeneration`
-plus the preprocessing/prompt facts the package needs. We load state dicts ourselves rather than
+Two layouts exist in the wild: llava-hf (`LlavaForConditionalGeneration`, or
+`LlavaNextForConditionalGeneration` for LLaVA-NeXT anyres; decoder LLaMA, Mistral, Qwen2 or Phi-3; tower
+CLIP or SigLIP) and the original LLaVA repo (`LlavaLlamaForCausalLM` + a separate CLIP directory). Both
+become a transformers LLaVA model plus the preprocessing/prompt facts the package needs. We load state dicts ourselves rather than
 through `from_pretrained` because transformers versions disagree on key names (hub files say
 `vision_tower.vision_model.*`, 5.x writes `vision_tower.*`, 4.57 silently re-initialises the tower when
 reading the latter): here every layout maps to one set of names and anything missing is an error.
@@ -12,7 +13,7 @@ Never downloads.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import torch
 
 from ..errors import LlavaEdgeError
 from ..package import VisionConfig
+from .graphs import unfuse_projections
 
 
 class CheckpointError(LlavaEdgeError):
@@ -40,6 +42,38 @@ class LoadedCheckpoint:
     bos_token_id: int | None
     pad_token_id: int
     projector: str  # "mlp2x_gelu" / "linear"
+    family: dict[str, str] = field(default_factory=lambda: {"model": "llava", "decoder": "llama", "vision": "clip"})
+    chat_template_source: str = "llava-edge default"
+    max_context: int = 0  # the package's context: max_position_embeddings unless capped (context_cap)
+    context_cap: str | None = None  # why max_context is below max_position_embeddings
+
+
+TEXT_FAMILIES = ("llama", "mistral", "qwen2", "phi3")
+VISION_FAMILIES = {"clip_vision_model": "clip", "clip": "clip", "siglip_vision_model": "siglip"}
+
+
+def context_limit(text_config) -> tuple[int, str | None]:
+    """The context the exported graphs reproduce transformers over, and why it is below the config's.
+
+    - A sliding attention window (Mistral v0.1, Phi-3-mini-4k): our graphs attend to the whole cache, which
+      equals transformers' windowed attention as long as no query is more than `sliding_window` keys
+      after the first; the package's context is capped at the window instead of emulating it.
+    - longrope / dynamic rotary scaling (Phi-3 128k, Phi-3.5): transformers switches rotary tables once a
+      sequence outgrows original_max_position_embeddings; the graphs hold the table used below that, so the
+      context is capped there."""
+    limit, reasons = int(text_config.max_position_embeddings), []
+    window = getattr(text_config, "sliding_window", None)
+    layer_types = getattr(text_config, "layer_types", None)
+    if window and (layer_types is None or "sliding_attention" in layer_types) and window < limit:
+        limit = int(window)
+        reasons.append(f"sliding_window={window}: full attention equals the window only up to {window} tokens")
+    rope = getattr(text_config, "rope_parameters", None) or {}
+    original = rope.get("original_max_position_embeddings") or getattr(text_config, "original_max_position_embeddings", None)
+    if rope.get("rope_type") in ("longrope", "dynamic") and original and original < limit:
+        limit = int(original)
+        reasons.append(f"{rope['rope_type']} rotary scaling: the graphs hold the rotary table transformers uses "
+                       f"up to original_max_position_embeddings={original}")
+    return limit, ("; ".join(reasons) or None)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -58,9 +92,9 @@ def detect_layout(path: Path) -> str:
     archs = config.get("architectures") or []
     if "mm_vision_tower" in config or any("LlavaLlama" in a for a in archs):
         return "original"
-    if config.get("model_type") == "llava" and "vision_config" in config:
+    if config.get("model_type") in ("llava", "llava_next") and "vision_config" in config:
         return "llava-hf"
-    if "LlavaForConditionalGeneration" in archs:
+    if "LlavaForConditionalGeneration" in archs or "LlavaNextForConditionalGeneration" in archs:
         return "llava-hf"
     kind = config.get("model_type") or (archs[0] if archs else "unknown")
     raise CheckpointError(
@@ -110,6 +144,7 @@ def _normalize_hf_key(key: str) -> str:
         ("vision_tower.vision_model.", "model.vision_tower."),
         ("vision_tower.", "model.vision_tower."),
         ("multi_modal_projector.", "model.multi_modal_projector."),
+        ("image_newline", "model.image_newline"),
     ):
         if key.startswith(old):
             return new + key[len(old) :]
@@ -158,16 +193,21 @@ def _materialize_buffers(model: torch.nn.Module) -> None:
 
 
 def _vision_from_processor(pre: dict[str, Any], image_size: int, patch_size: int, layer, strategy: str,
-                           pad: bool) -> VisionConfig:
+                           pad: bool, has_cls: bool = True) -> VisionConfig:
     size = pre.get("size", {"shortest_edge": image_size})
     shortest = size.get("shortest_edge") if isinstance(size, dict) else int(size)
-    if shortest is None:
+    resize = "shortest_edge"
+    if shortest is None:  # {"height", "width"}: SigLIP's processor resizes straight to the square
         shortest = min(size.get("height", image_size), size.get("width", image_size))
+        resize = "square"
+        if size.get("height") != size.get("width") or shortest != image_size:
+            raise CheckpointError(f"processor size {size} is not the vision tower's {image_size}x{image_size} square")
     crop = pre.get("crop_size", {"height": image_size, "width": image_size})
     crop_size = crop.get("height", image_size) if isinstance(crop, dict) else int(crop)
     if crop_size != image_size:
         raise CheckpointError(f"processor crop size {crop_size} differs from the vision tower's {image_size}")
-    n = (image_size // patch_size) ** 2 + (0 if strategy == "default" else 1)
+    # CLIP's CLS token is dropped by "default"; a tower without one (SigLIP) loses its first patch instead
+    n = (image_size // patch_size) ** 2 + int(has_cls) - int(strategy == "default")
     return VisionConfig(
         image_size=image_size,
         patch_size=patch_size,
@@ -176,11 +216,12 @@ def _vision_from_processor(pre: dict[str, Any], image_size: int, patch_size: int
         image_std=[float(x) for x in pre.get("image_std", [0.26862954, 0.26130258, 0.27577711])],
         rescale_factor=float(pre.get("rescale_factor", 1 / 255)),
         resample=int(pre.get("resample", 3)),
-        do_center_crop=bool(pre.get("do_center_crop", True)),
+        do_center_crop=bool(pre.get("do_center_crop", resize == "shortest_edge")),
         pad_to_square=pad,
         num_image_tokens=n,
         vision_feature_layer=layer,
         select_strategy=strategy,
+        resize=resize,
     )
 
 
@@ -244,22 +285,76 @@ def load_checkpoint(path: str | Path, vision_tower: str | Path | None = None,
     return _load_original(path, vision_tower, dtype)
 
 
+def _checkpoint_chat_template(path: Path, proc: dict[str, Any]) -> str | None:
+    """The checkpoint's own Jinja chat template, wherever transformers saved it (4.x or 5.x)."""
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text()
+    if isinstance(proc.get("chat_template"), str):
+        return proc["chat_template"]
+    if (path / "chat_template.json").is_file():
+        return _read_json(path / "chat_template.json").get("chat_template")
+    if (path / "tokenizer_config.json").is_file():
+        t = _read_json(path / "tokenizer_config.json").get("chat_template")
+        if isinstance(t, list):  # named templates: the default one
+            t = next((x.get("template") for x in t if x.get("name") == "default"), None)
+        return t if isinstance(t, str) else None
+    return None
+
+
+def resolve_chat_template(jinja: str | None, decoder: str, image_token: str, bos_token: str | None) -> tuple[str, str]:
+    """(renderer name, how it was chosen). The runtime renders prompts with our own renderers
+    (runtime/prompt.py), never Jinja: here, where transformers is available, the checkpoint's template is
+    recognised by its markers and then rendered with transformers' Jinja on probe conversations (one
+    turn; two turns with an answer) and compared with our renderer character for character. Only an
+    exact match is used; otherwise the family's default renderer, and the manifest says so."""
+    from ..runtime import prompt as prompts
+
+    fallback = prompts.DEFAULT_TEMPLATE[decoder]
+    if not jinja:
+        return fallback, f"no chat_template in the checkpoint: {decoder} default '{fallback}'"
+    names = prompts.template_candidates(jinja)
+    if not names:
+        return fallback, f"checkpoint chat_template not recognised: {decoder} default '{fallback}'"
+    for name in names:
+        if all(_renders_as(jinja, name, turns, image_token, bos_token) for turns in prompts.PROBE_CONVERSATIONS):
+            return name, f"checkpoint chat_template, rendered as '{name}' (equal on probe conversations)"
+    return fallback, (f"checkpoint chat_template looks like '{names[0]}' but renders differently: "
+                      f"{decoder} default '{fallback}'")
+
+
+def _renders_as(jinja: str, name: str, turns, image_token: str, bos_token: str | None) -> bool:
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from ..runtime import prompt as prompts
+
+    rendered, _ = render_jinja_template(conversations=[prompts.to_messages(turns)], chat_template=jinja,
+                                        add_generation_prompt=True, bos_token=bos_token or "", eos_token="")
+    text = rendered[0]
+    if bos_token and text.startswith(bos_token):  # the tokenizer adds bos; our renderers leave it out
+        text = text[len(bos_token):]
+    return text == prompts.render(name, turns, image_token, 1)
+
+
 def _load_llava_hf(path: Path, dtype: torch.dtype) -> LoadedCheckpoint:
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration
 
     raw = _read_json(path / "config.json")
     vt = raw.get("vision_config", {}).get("model_type", "clip_vision_model")
-    if vt not in ("clip_vision_model", "clip"):
-        raise CheckpointError(f"vision tower type {vt!r} is not supported (CLIP towers only)")
+    if vt not in VISION_FAMILIES:
+        raise CheckpointError(f"vision tower type {vt!r} is not supported (CLIP or SigLIP towers)")
     tt = raw.get("text_config", {}).get("model_type", "llama")
-    if tt not in ("llama", "mistral"):
-        raise CheckpointError(f"language model type {tt!r} is not supported (LLaMA-architecture decoders only)")
-    config = LlavaConfig.from_pretrained(path, local_files_only=True)
+    if tt not in TEXT_FAMILIES:
+        raise CheckpointError(f"language model type {tt!r} is not supported ({', '.join(TEXT_FAMILIES)})")
+    next_ = raw.get("model_type") == "llava_next" or "LlavaNextForConditionalGeneration" in (raw.get("architectures") or [])
+    config = (LlavaNextConfig if next_ else LlavaConfig).from_pretrained(path, local_files_only=True)
+    if next_ and VISION_FAMILIES[vt] != "clip":
+        raise CheckpointError("LLaVA-NeXT with a non-CLIP tower is not supported")
     state = {_normalize_hf_key(k): v for k, v in _load_state_dict(path).items()}
     with torch.device("meta"):  # no memory until the real weights are assigned
-        model = LlavaForConditionalGeneration(config)
+        model = (LlavaNextForConditionalGeneration if next_ else LlavaForConditionalGeneration)(config)
     _strict_load(model, state, path)
     model = model.to(dtype).eval()
+    unfuse_projections(model)  # Phi-3: q/k/v and gate/up as separate Linears, like every other family
 
     proc = _read_json(path / "processor_config.json") if (path / "processor_config.json").is_file() else {}
     # transformers 5 nests the image processor in processor_config.json; 4.x wrote its own file.
@@ -271,15 +366,23 @@ def _load_llava_hf(path: Path, dtype: torch.dtype) -> LoadedCheckpoint:
         raise CheckpointError(f"missing preprocessor_config.json in {path} (image preprocessing settings)")
     strategy = config.vision_feature_select_strategy
     vc = config.vision_config
-    # "do_pad" is LlavaImageProcessor's pad-to-square (LLaVA-1.5's 'pad' aspect ratio).
+    has_cls = VISION_FAMILIES[vt] == "clip"
+    # "do_pad" is LlavaImageProcessor's pad-to-square (LLaVA-1.5's 'pad' aspect ratio); NeXT's do_pad
+    # means something else (padding the tile batch).
     vision = _vision_from_processor(pre, vc.image_size, vc.patch_size, config.vision_feature_layer, strategy,
-                                    bool(pre.get("do_pad", False)))
-    extra = int(proc.get("num_additional_image_tokens", 1 if strategy == "default" else 0))
-    if strategy == "default" and extra != 1:
+                                    bool(pre.get("do_pad", False)) and not next_, has_cls)
+    extra = int(proc.get("num_additional_image_tokens", int(has_cls)))
+    if extra != int(has_cls):
         raise CheckpointError(
-            f"{path}/processor_config.json sets num_additional_image_tokens={extra}; a CLIP tower with the "
-            "'default' strategy needs 1 (the CLS token) or image tokens and features disagree"
+            f"{path}/processor_config.json sets num_additional_image_tokens={extra}; a {VISION_FAMILIES[vt]} "
+            f"tower needs {int(has_cls)} (its CLS tokens) or image tokens and features disagree"
         )
+    if next_:
+        pinpoints = [list(map(int, p)) for p in (pre.get("image_grid_pinpoints") or config.image_grid_pinpoints)]
+        if pinpoints != [list(map(int, p)) for p in config.image_grid_pinpoints]:
+            raise CheckpointError(f"{path}: the processor's image_grid_pinpoints differ from config.json's")
+        newline = model.model.image_newline.detach().float().tolist()
+        vision.anyres = {"grid_pinpoints": pinpoints, "image_newline": newline}
     image_token = proc.get("image_token", "<image>")
     tok = _load_tokenizer(path, image_token, add_image_token=False)
     if tok.token_to_id(image_token) != config.image_token_id:
@@ -288,10 +391,15 @@ def _load_llava_hf(path: Path, dtype: torch.dtype) -> LoadedCheckpoint:
             f"image_token_id={config.image_token_id}"
         )
     bos, eos, pad = _special_ids(path, tok, raw.get("text_config", {}))
+    template, template_source = resolve_chat_template(
+        _checkpoint_chat_template(path, proc), tt, image_token, tok.id_to_token(bos) if bos is not None else None)
+    max_context, cap = context_limit(config.text_config)
     return LoadedCheckpoint(
         model=model, layout="llava-hf", path=path, tokenizer=tok, image_token=image_token,
-        image_token_id=config.image_token_id, vision=vision, chat_template="llava_hf",
+        image_token_id=config.image_token_id, vision=vision, chat_template=template,
         eos_token_ids=eos, bos_token_id=bos, pad_token_id=pad, projector="mlp2x_gelu",
+        family={"model": "llava_next" if next_ else "llava", "decoder": tt, "vision": VISION_FAMILIES[vt]},
+        chat_template_source=template_source, max_context=max_context, context_cap=cap,
     )
 
 
@@ -394,4 +502,5 @@ def _load_original(path: Path, vision_tower: str | Path | None, dtype: torch.dty
         model=model, layout="original", path=path, tokenizer=tok, image_token="<image>",
         image_token_id=image_token_id, vision=vision, chat_template="llava_v1",
         eos_token_ids=eos, bos_token_id=bos, pad_token_id=pad, projector=projector,
+        chat_template_source="original LLaVA layout: conv_vicuna_v1", max_context=tcfg.max_position_embeddings,
     )

@@ -60,7 +60,7 @@ def _text_config(ck: LoadedCheckpoint) -> TextConfig:
     return TextConfig(
         hidden_size=tc.hidden_size, num_layers=tc.num_hidden_layers, num_heads=tc.num_attention_heads,
         num_kv_heads=tc.num_key_value_heads, head_dim=head_dim, vocab_size=ck.model.lm_head.out_features,
-        max_context=tc.max_position_embeddings, bos_token_id=ck.bos_token_id, eos_token_ids=ck.eos_token_ids,
+        max_context=ck.max_context or tc.max_position_embeddings, bos_token_id=ck.bos_token_id, eos_token_ids=ck.eos_token_ids,
         pad_token_id=ck.pad_token_id, image_token=ck.image_token, image_token_id=ck.image_token_id,
         chat_template=ck.chat_template,
     )
@@ -95,6 +95,7 @@ def export_package(
                          dtype=torch.float32 if fp32_reference else torch_dtype)
     if chat_template:
         ck.chat_template = chat_template
+        ck.chat_template_source = "--template"
     model = ck.model if ck.model.dtype == torch_dtype else copy.deepcopy(ck.model).to(torch_dtype)
 
     errors: dict[str, float] = {}
@@ -119,7 +120,8 @@ def export_package(
 
         stage("verify against transformers")
         errors["pipeline_logits"] = verify.pipeline_logits_error(
-            ck.model, ck.tokenizer, ck.image_token_id, ck.vision.num_image_tokens, tmp, ck.vision.image_size
+            ck.model, ck.tokenizer, ck.image_token_id, ck.vision.num_image_tokens, tmp, ck.vision.image_size,
+            vision=ck.vision,
         )
         if not errors["pipeline_logits"] <= TOLERANCE[torch_dtype] * 10:
             raise ExportError(
@@ -129,14 +131,17 @@ def export_package(
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             source={"path": str(ck.path), "layout": ck.layout, "projector": ck.projector,
-                    "architecture": "LlavaForConditionalGeneration" if ck.layout == "llava-hf" else "LlavaLlamaForCausalLM"},
+                    "architecture": type(ck.model).__name__ if ck.layout == "llava-hf" else "LlavaLlamaForCausalLM"},
             dtype="float32" if torch_dtype == torch.float32 else "float16",
             text=_text_config(ck),
             vision=ck.vision,
             graphs=graphs,
             versions=_versions(),
             extra={"opset": opset, "verification": errors,
-                   "reference_dtype": str(ck.model.dtype).replace("torch.", "")},
+                   "reference_dtype": str(ck.model.dtype).replace("torch.", ""),
+                   "chat_template_source": ck.chat_template_source,
+                   **({"context_cap": ck.context_cap} if ck.context_cap else {})},
+            family=dict(ck.family),
         )
         write_manifest(tmp, manifest)
     return ExportResult(Path(out_dir), manifest, errors)

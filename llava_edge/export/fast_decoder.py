@@ -39,6 +39,7 @@ from onnx import TensorProto, helper
 
 from ..package import GraphSpec, TensorSpec, load_manifest, write_manifest
 from ..quantize.packing import pack
+from .graphs import layer_projections, rotary_inv_freq
 
 MAX_IR_VERSION = 10
 _ALIGN = 4096  # external data offsets page-aligned so onnxruntime can map them
@@ -137,8 +138,8 @@ class _GraphBuilder:
         self.nodes.append(helper.make_node(op, inputs, outs, name=self.name(op), domain=domain or None, **attrs))
         return outs
 
-    def linear(self, x: str, weight: Any, name: str, quantize: bool) -> str:
-        """x @ weight.T; weight is a torch [out, in] tensor."""
+    def linear(self, x: str, weight: Any, name: str, quantize: bool, bias: Any = None) -> str:
+        """x @ weight.T (+ bias); weight is a torch [out, in] tensor, bias [out] or None (Qwen2's q/k/v)."""
         w_t = weight.detach().float().numpy().T  # [in, out]
         if quantize:
             k, n = w_t.shape
@@ -146,10 +147,14 @@ class _GraphBuilder:
             packed, scales = quantize_int4_rtn(w_t, bs)
             b = self.init(name + ".qweight", packed)
             s = self.init(name + ".scales", scales.astype(self.dtype))
-            return self.node("MatMulNBits", [x, b, s], domain="com.microsoft", K=k, N=n, bits=4, block_size=bs,
-                             accuracy_level=self.cfg.accuracy_level)[0]
-        w = self.init(name + ".weight_t", np.ascontiguousarray(w_t.astype(self.dtype)))
-        return self.node("MatMul", [x, w])[0]
+            y = self.node("MatMulNBits", [x, b, s], domain="com.microsoft", K=k, N=n, bits=4, block_size=bs,
+                          accuracy_level=self.cfg.accuracy_level)[0]
+        else:
+            w = self.init(name + ".weight_t", np.ascontiguousarray(w_t.astype(self.dtype)))
+            y = self.node("MatMul", [x, w])[0]
+        if bias is None:
+            return y
+        return self.node("Add", [y, self.init(name + ".bias", bias.detach().float().numpy().astype(self.dtype))])[0]
 
 
 def build_fast_decoder(model: Any, out_path: Path, cfg: FastDecoderConfig) -> GraphSpec:
@@ -162,6 +167,10 @@ def build_fast_decoder(model: Any, out_path: Path, cfg: FastDecoderConfig) -> Gr
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
     hidden, vocab, max_pos = tc.hidden_size, model.lm_head.out_features, tc.max_position_embeddings
     eps = float(tc.rms_norm_eps)
+    if getattr(tc, "hidden_act", "silu") != "silu":
+        raise ValueError(f"the fast decoder has SiLU MLPs only (config hidden_act={tc.hidden_act!r})")
+    if (getattr(tc, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("the fast decoder rotates whole heads; partial_rotary_factor < 1 is not supported")
     dtype = np.dtype(cfg.dtype)
     onnx_dtype = helper.np_dtype_to_tensor_dtype(dtype)
     quant = cfg.quant == "int4-rtn"
@@ -173,11 +182,10 @@ def build_fast_decoder(model: Any, out_path: Path, cfg: FastDecoderConfig) -> Gr
     g = _GraphBuilder(data, dtype, cfg)
     try:
         # rotary tables exactly as transformers computes them (fp32 outer product, attention scaling)
-        rot = lm.rotary_emb
+        inv_freq, scaling = rotary_inv_freq(lm.rotary_emb)
         with torch.no_grad():
             pos = torch.arange(max_pos, dtype=torch.float32)
-            freqs = torch.outer(pos, rot.inv_freq.float())
-            scaling = float(getattr(rot, "attention_scaling", 1.0))
+            freqs = torch.outer(pos, inv_freq)
             cos = g.init("rotary.cos_cache", (freqs.cos() * scaling).numpy().astype(dtype))
             sin = g.init("rotary.sin_cache", (freqs.sin() * scaling).numpy().astype(dtype))
 
@@ -186,7 +194,7 @@ def build_fast_decoder(model: Any, out_path: Path, cfg: FastDecoderConfig) -> Gr
         residual = None
         down = None
         for i, layer in enumerate(lm.layers):
-            a = layer.self_attn
+            q_proj, k_proj, v_proj, o_proj, mlp = layer_projections(layer, heads, kv_heads, head_dim)
             ln_w = g.init(f"layers.{i}.input_layernorm.weight",
                           layer.input_layernorm.weight.detach().float().numpy().astype(dtype))
             if residual is None:
@@ -195,9 +203,9 @@ def build_fast_decoder(model: Any, out_path: Path, cfg: FastDecoderConfig) -> Gr
             else:
                 h, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [down, residual, ln_w], n_out=4,
                                            domain="com.microsoft", epsilon=eps)
-            q = g.linear(h, a.q_proj.weight, f"layers.{i}.q_proj", quant)
-            k = g.linear(h, a.k_proj.weight, f"layers.{i}.k_proj", quant)
-            v = g.linear(h, a.v_proj.weight, f"layers.{i}.v_proj", quant)
+            q = g.linear(h, q_proj.weight, f"layers.{i}.q_proj", quant, q_proj.bias)
+            k = g.linear(h, k_proj.weight, f"layers.{i}.k_proj", quant, k_proj.bias)
+            v = g.linear(h, v_proj.weight, f"layers.{i}.v_proj", quant, v_proj.bias)
             pk, pv = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
             ok, ov = f"present.{i}.key", f"present.{i}.value"
             past_in += [pk, pv]
@@ -206,15 +214,15 @@ def build_fast_decoder(model: Any, out_path: Path, cfg: FastDecoderConfig) -> Gr
                           domain="com.microsoft", outputs=[g.name("attn"), ok, ov], num_heads=heads,
                           kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0,
                           scale=float(head_dim**-0.5))[0]
-            o = g.linear(attn, a.o_proj.weight, f"layers.{i}.o_proj", quant)
+            o = g.linear(attn, o_proj.weight, f"layers.{i}.o_proj", quant, o_proj.bias)
             post_w = g.init(f"layers.{i}.post_attention_layernorm.weight",
                             layer.post_attention_layernorm.weight.detach().float().numpy().astype(dtype))
             h2, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [o, residual, post_w], n_out=4,
                                         domain="com.microsoft", epsilon=eps)
-            gate = g.linear(h2, layer.mlp.gate_proj.weight, f"layers.{i}.mlp.gate_proj", quant)
-            up = g.linear(h2, layer.mlp.up_proj.weight, f"layers.{i}.mlp.up_proj", quant)
+            gate = g.linear(h2, mlp.gate_proj.weight, f"layers.{i}.mlp.gate_proj", quant)
+            up = g.linear(h2, mlp.up_proj.weight, f"layers.{i}.mlp.up_proj", quant)
             act = g.node("Mul", [g.node("Mul", [gate, g.node("Sigmoid", [gate])[0]])[0], up])[0]
-            down = g.linear(act, layer.mlp.down_proj.weight, f"layers.{i}.mlp.down_proj", quant)
+            down = g.linear(act, mlp.down_proj.weight, f"layers.{i}.mlp.down_proj", quant)
 
         # last positions only: [B,S,H] -> [B*S,H] -> gather rows -> norm -> lm_head
         last = g.node("Add", [down, residual])[0]

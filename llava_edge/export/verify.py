@@ -51,25 +51,39 @@ def random_inputs(graph_name: str, graph: ExportedGraph, seed: int = 0) -> tuple
 
 
 def pipeline_logits_error(llava, tokenizer, image_token_id: int, num_image_tokens: int, package_dir: Path,
-                          image_size: int, seed: int = 0) -> float:
+                          image_size: int, seed: int = 0, vision=None) -> float:
     """transformers' full LLaVA forward vs our split graphs (vision -> splice -> decoder) on one prompt
-    with an image. This is the check that catches a wrong feature layer, select strategy or projector."""
+    with an image. This is the check that catches a wrong feature layer, select strategy or projector;
+    for LLaVA-NeXT (vision.anyres) also the tiling, unpadding and newlines (runtime/anyres.py), on an
+    odd-size landscape image."""
+    from ..runtime import anyres
+
     g = torch.Generator().manual_seed(seed)
-    pixel = torch.randn((1, 3, image_size, image_size), generator=g)
+    vision_sess = session(package_dir / "vision.onnx")
+    feat_dtype = vision_sess.get_inputs()[0].type
+    np_dtype = np.float16 if "float16" in feat_dtype else np.float32
+    hf_kwargs = {}
+    if vision is not None and vision.anyres:
+        rgb = torch.randint(0, 256, (45, 70, 3), generator=g, dtype=torch.uint8).numpy()
+        tiles, size = anyres.image_tiles(rgb, vision)
+        pixel = torch.from_numpy(tiles)
+        feats = anyres.pack_image_features(vision_sess.run(None, {"pixel_values": tiles.astype(np_dtype)})[0], size, vision)
+        num_image_tokens = feats.shape[0]
+        hf_kwargs = {"pixel_values": pixel[None], "image_sizes": torch.tensor([size])}
+    else:
+        pixel = torch.randn((1, 3, image_size, image_size), generator=g)
+        feats = vision_sess.run(None, {"pixel_values": pixel.numpy().astype(np_dtype)})[0][0]
+        hf_kwargs = {"pixel_values": pixel}
     text_ids = tokenizer.encode("USER: describe the picture ASSISTANT:").ids
     ids = [text_ids[0]] + [image_token_id] * num_image_tokens + text_ids[1:]
     input_ids = torch.tensor([ids])
     with torch.no_grad():
-        want = llava(input_ids=input_ids, pixel_values=pixel, attention_mask=torch.ones_like(input_ids)).logits
+        want = llava(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **hf_kwargs).logits
 
-    vision = session(package_dir / "vision.onnx")
     embed = session(package_dir / "embed.onnx")
     decoder = session(package_dir / "decoder.onnx")
-    feat_dtype = vision.get_inputs()[0].type
-    np_dtype = np.float16 if "float16" in feat_dtype else np.float32
-    feats = vision.run(None, {"pixel_values": pixel.numpy().astype(np_dtype)})[0]
     emb = embed.run(None, {"input_ids": input_ids.numpy()})[0]
-    emb[0, 1 : 1 + num_image_tokens] = feats[0]
+    emb[0, 1 : 1 + num_image_tokens] = feats
     feeds = {"inputs_embeds": emb, "attention_mask": np.ones((1, len(ids)), np.int64),
              "position_ids": np.arange(len(ids), dtype=np.int64)[None]}
     for inp in decoder.get_inputs()[3:]:

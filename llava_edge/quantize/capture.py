@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..runtime import anyres
 from ..runtime import prompt as prompts
 from ..runtime.preprocess import preprocess
 from .data import Conversation
@@ -30,7 +31,8 @@ from .progress import progress_iter
 @dataclass
 class EncodedSample:
     input_ids: torch.Tensor  # [1, T] int64, image tokens already expanded
-    pixel_values: torch.Tensor | None  # [1, 3, S, S] float32, or None for text-only samples
+    pixel_values: torch.Tensor | None  # [1, 3, S, S] float32 ([1, tiles, 3, S, S] anyres), None: text only
+    image_sizes: torch.Tensor | None = None  # [1, 2] (height, width), LLaVA-NeXT anyres only
 
 
 @dataclass
@@ -67,11 +69,14 @@ def encode_samples(convs: Sequence[Conversation], tokenizer: Any, text: Any, vis
     """Conversations -> model inputs; ``text``/``vision`` are the package's TextConfig/VisionConfig."""
     out = []
     for conv in convs:
-        ids = encode_conversation(conv, tokenizer, text, vision.num_image_tokens, template, max_seq_len)
-        pix = None
-        if conv.image is not None:
+        n_tokens, pix, sizes = vision.num_image_tokens, None, None
+        if conv.image is not None and vision.anyres:  # LLaVA-NeXT: tiles, and a count that depends on the size
+            tiles, size = anyres.image_tiles(conv.image, vision)
+            n_tokens, pix, sizes = anyres.num_image_tokens(size, vision), torch.from_numpy(tiles)[None], torch.tensor([size])
+        elif conv.image is not None:
             pix = torch.from_numpy(preprocess(conv.image, vision)).unsqueeze(0)
-        out.append(EncodedSample(torch.from_numpy(ids).unsqueeze(0), pix))
+        ids = encode_conversation(conv, tokenizer, text, n_tokens, template, max_seq_len)
+        out.append(EncodedSample(torch.from_numpy(ids).unsqueeze(0), pix, sizes))
     return out
 
 
@@ -136,6 +141,8 @@ def capture_layer_inputs(
             inputs: dict[str, Any] = {"input_ids": s.input_ids.to(device), "use_cache": False}
             if s.pixel_values is not None:
                 inputs["pixel_values"] = s.pixel_values.to(device, vision_dtype)
+            if s.image_sizes is not None:
+                inputs["image_sizes"] = s.image_sizes.to(device)
             try:
                 model(**inputs)
             except _StopForward:

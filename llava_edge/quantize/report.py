@@ -131,7 +131,13 @@ class PackageRunner:
         t = self.manifest.text
         ids = sample.input_ids.numpy().astype(np.int64)
         embeds = self.embed.run(None, {"input_ids": ids})[0]
-        if sample.pixel_values is not None:
+        if sample.pixel_values is not None and sample.image_sizes is not None:  # LLaVA-NeXT tiles
+            from ..runtime import anyres
+
+            feats = self.vision.run(None, {"pixel_values": sample.pixel_values[0].numpy().astype(self.dtype)})[0]
+            size = tuple(int(x) for x in sample.image_sizes[0])
+            embeds[ids == t.image_token_id] = anyres.pack_image_features(feats, size, self.manifest.vision)
+        elif sample.pixel_values is not None:
             feats = self.vision.run(None, {"pixel_values": sample.pixel_values.numpy().astype(self.dtype)})[0]
             embeds[ids == t.image_token_id] = feats.reshape(-1, feats.shape[-1]).astype(embeds.dtype)
         n = ids.shape[1]

@@ -135,9 +135,7 @@ def quantize_layers(
                 lin = layer.get_submodule(torch_name)
                 if not isinstance(lin, nn.Linear):
                     raise TypeError(f"{name}: expected nn.Linear, found {type(lin).__name__}")
-                if lin.bias is not None and bool(lin.bias.abs().max() > 0):
-                    result.skipped[name] = "has a bias (the exported graph has no bias add to keep)"
-                    continue
+                # a bias (Qwen2's q/k/v) stays float: the exported graph adds it after the MatMul
                 g = choose_group_size(lin.in_features, gcfg.group_size)
                 if g is None:
                     result.skipped[name] = f"in_features={lin.in_features} has no power-of-two group >= 16"

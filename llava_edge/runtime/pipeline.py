@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 
 from ..errors import UsageError
 from ..package import TOKENIZER_NAME, Manifest, load_manifest
+from . import anyres
 from . import prompt as prompts
 from .backend import supports_prefix_reuse
 from .backends import open_backend
@@ -143,10 +144,25 @@ class Pipeline:
         t = self.manifest.text
         text = prompts.render(self.template, request.turns, t.image_token, len(request.images))
         ids = self.tokenizer.encode(text).ids
-        ids, n_images = prompts.expand_image_tokens(ids, t.image_token_id, self.manifest.vision.num_image_tokens)
+        ids, n_images = prompts.expand_image_tokens(ids, t.image_token_id, self._tokens_per_image(request.images))
         if n_images != len(request.images):
             raise UsageError(f"the prompt has {n_images} image placeholder(s) but {len(request.images)} image(s) were given")
         return ids
+
+    def _tokens_per_image(self, images: Sequence[Any]) -> int | list[int]:
+        """Image tokens each image takes: fixed, or (LLaVA-NeXT anyres) a function of its size."""
+        v = self.manifest.vision
+        if not v.anyres:
+            return v.num_image_tokens
+        return [anyres.num_image_tokens(load_image(im).size[::-1], v) for im in images]
+
+    def _image_features(self, images: Sequence[Any]) -> np.ndarray:
+        """All images' features, concatenated in prompt order: [total image tokens, hidden]."""
+        v = self.manifest.vision
+        if v.anyres:
+            return np.concatenate(anyres.encode(images, v, self.backend.encode_images))
+        features = self.backend.encode_images(np.stack([preprocess(im, v) for im in images]))
+        return features.reshape(-1, features.shape[-1])
 
     # -- generation ---------------------------------------------------------------------------
     def run(self, requests: Sequence[Request], max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
@@ -179,17 +195,15 @@ class Pipeline:
         new_ids = ids[:, start:]
         slots = new_ids == t.image_token_id
 
-        features = None
+        flat = None
         if slots.any():  # all images of the batch in one call
             t0 = time.perf_counter()
-            pixels = np.stack([preprocess(im, self.manifest.vision) for im in images])
-            features = self.backend.encode_images(pixels)
+            flat = self._image_features(images)
             timings.vision_ms = (time.perf_counter() - t0) * 1000
 
         t0 = time.perf_counter()
         embeds = self.backend.embed(new_ids)
-        if features is not None:
-            flat = features.reshape(-1, features.shape[-1])
+        if flat is not None:
             # a reused prefix can only cover leading image tokens: the rest are the last rows
             embeds[slots] = flat[flat.shape[0] - int(slots.sum()) :].astype(embeds.dtype, copy=False)
         if hit is not None:

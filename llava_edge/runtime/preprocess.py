@@ -99,9 +99,17 @@ def preprocess(image, cfg: VisionConfig) -> np.ndarray:
         raise ImageError("image has zero size")
     if cfg.pad_to_square:
         rgb = pad_to_square(rgb, tuple(int(m * 255) for m in cfg.image_mean))
-    rgb = resize_short_side(rgb, cfg.shortest_edge, cfg.resample)
+    if cfg.resize == "square":  # SigLIP: straight to SxS, aspect not kept
+        rgb = np.array(Image.fromarray(rgb).resize((cfg.image_size, cfg.image_size), resample=cfg.resample))
+    else:
+        rgb = resize_short_side(rgb, cfg.shortest_edge, cfg.resample)
     if cfg.do_center_crop:
         rgb = center_crop(rgb, cfg.image_size)
+    return normalize(rgb, cfg)
+
+
+def normalize(rgb: np.ndarray, cfg: VisionConfig) -> np.ndarray:
+    """HWC uint8 -> CHW float32: rescale (in float64, as transformers), then (x - mean) / std."""
     chw = np.moveaxis(rgb, -1, 0)
     x = (chw.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
     mean = np.array(cfg.image_mean, dtype=np.float32)
