@@ -11,18 +11,31 @@ This module imports neither torch nor transformers: the runtime uses it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import os
+import re
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
+
+from .errors import OutputError, Terminated
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
+# What later stages add beside the manifest's files (quantization report, TensorRT engines): still ours.
+PACKAGE_EXTRAS = frozenset({"quantization_report.json", "engines"})
+# Staging and swap-out directories carry the pid of the process that made them: `.NAME.partial-PID-xxxx`.
+_STAGING = re.compile(r"^\.(?P<name>.+)\.(?:partial|old)-(?P<pid>\d+)-")
+
+logger = logging.getLogger("llava_edge")
 
 
 class PackageError(Exception):
@@ -105,6 +118,7 @@ class Manifest:
     quantization: dict[str, Any] | None = None
     versions: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)  # file (relative) -> sha256 hex; empty in old packages
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False)
@@ -130,6 +144,7 @@ class Manifest:
                 quantization=d.get("quantization"),
                 versions=d.get("versions", {}),
                 extra=d.get("extra", {}),
+                digests=d.get("digests", {}),
             )
         except (KeyError, TypeError) as e:
             raise PackageError(f"manifest.json is malformed: {e}") from e
@@ -170,35 +185,204 @@ def graph_size(root: Path, graph: GraphSpec) -> int:
     return sum((root / rel).stat().st_size for rel in [graph.file, *graph.external_data])
 
 
+def package_files(manifest: Manifest) -> list[str]:
+    """Every file the manifest names (relative paths): the tokenizer and each graph with its data."""
+    files = [TOKENIZER_NAME]
+    for graph in manifest.graphs.values():
+        files += [f for f in [graph.file, *graph.external_data] if f not in files]
+    return files
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
 def write_manifest(package_dir: str | os.PathLike, manifest: Manifest) -> None:
+    """Record sizes and sha256 digests, then write manifest.json.
+
+    A digest already in the manifest is kept for a file last modified before the manifest.json now in
+    the directory (a file copied with its times from a source package, or one an earlier stage wrote);
+    every other file is hashed once here, right after the stage wrote it (still in the page cache).
+    """
     root = Path(package_dir)
     for graph in manifest.graphs.values():
         graph.size_bytes = graph_size(root, graph)
-    (root / MANIFEST_NAME).write_text(manifest.to_json())
+    previous = root / MANIFEST_NAME
+    written_at = previous.stat().st_mtime_ns if previous.is_file() else -1
+    digests = {}
+    for rel in package_files(manifest):
+        known = manifest.digests.get(rel)
+        digests[rel] = known if known and (root / rel).stat().st_mtime_ns < written_at else file_sha256(root / rel)
+    manifest.digests = digests
+    tmp = root / f".{MANIFEST_NAME}.tmp"
+    tmp.write_text(manifest.to_json())
+    tmp.replace(previous)
+
+
+def verify_package(package_dir: str | os.PathLike) -> tuple[Manifest, list[str]]:
+    """Re-hash every file the manifest records a digest for; returns the manifest and the files whose
+    content differs (empty when intact). A manifest without digests (an older llava-edge) has none."""
+    root = Path(package_dir)
+    manifest = load_manifest(root)
+    bad = [rel for rel, digest in manifest.digests.items() if file_sha256(root / rel) != digest]
+    return manifest, bad
+
+
+# -- safe outputs ------------------------------------------------------------------------------------
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail now, before any work, if `path` (a file or directory to create) cannot be created: its
+    nearest existing ancestor must be a directory we can create files in (probed, not os.access,
+    which says yes to root on a read-only mount)."""
+    path = Path(path).absolute()
+    base = _nearest_existing(path.parent)
+    if not base.is_dir():
+        raise OutputError(f"cannot create {path}: {base} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as e:
+        raise OutputError(f"cannot write to {base}: {e.strerror or e}") from None
+
+
+def check_output_file(path: str | os.PathLike) -> Path:
+    """An output file (eval -o, bench -o): not a directory, and creatable."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path} is a directory; give a file name")
+    check_writable(path)
+    return path
+
+
+def _foreign(root: Path) -> list[str] | None:
+    """Names in `root` that a llava-edge package there does not account for; None when `root` holds
+    no package we wrote (no manifest, or one that does not parse)."""
+    try:
+        manifest = load_manifest(root, check_files=False)
+    except PackageError:
+        return None
+    ours = {MANIFEST_NAME, *PACKAGE_EXTRAS, *(Path(f).parts[0] for f in package_files(manifest))}
+    return sorted(p.name for p in root.iterdir() if p.name not in ours)
+
+
+def check_output_dir(target: str | os.PathLike, overwrite: bool = False,
+                     protect: Iterable[str | os.PathLike] = ()) -> Path:
+    """Refuse, before any work, an output directory that must not be replaced or cannot be written.
+
+    Without overwrite only a missing or empty directory is accepted. With overwrite, only a directory
+    holding a llava-edge package and nothing else, and never one of `protect` (the inputs), a
+    directory above one of them, the current directory or one above it.
+    """
+    target = Path(target).resolve()
+    for p in protect:
+        p = Path(p).resolve()
+        if target == p or target in p.parents:
+            raise OutputError(f"refusing to write {target}: it is (or holds) the input {p}; choose another output")
+    cwd = Path.cwd().resolve()
+    if overwrite and (target == cwd or target in cwd.parents):
+        raise OutputError(f"refusing to replace {target}: it is the current directory or one above it")
+    if target.exists():
+        if not target.is_dir():
+            raise OutputError(f"{target} exists and is not a directory")
+        if any(target.iterdir()):
+            if not overwrite:
+                raise OutputError(f"output directory {target} exists and is not empty (use --overwrite to replace "
+                                  "a llava-edge package there)")
+            foreign = _foreign(target)
+            if foreign is None:
+                raise OutputError(f"refusing to overwrite {target}: it is not a llava-edge package")
+            if foreign:
+                shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+                raise OutputError(f"refusing to overwrite {target}: besides a llava-edge package it holds {shown}")
+    check_writable(target)
+    return target
+
+
+# -- staging -----------------------------------------------------------------------------------------
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_staging(directory: str | os.PathLike) -> list[Path]:
+    """Remove staging (`.NAME.partial-PID-*`) and swap-out (`.NAME.old-PID-*`) directories whose process
+    is gone (killed mid-stage), saying so; returns what was removed. A live process's are kept."""
+    directory = Path(directory)
+    removed = []
+    if not directory.is_dir():
+        return removed
+    for p in directory.iterdir():
+        m = _STAGING.match(p.name)
+        if not m or not p.is_dir() or p.is_symlink():
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid() or _alive(pid):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+        logger.warning("removed %s, left by an interrupted llava-edge (process %d, no longer running)", p, pid)
+    return removed
 
 
 @contextlib.contextmanager
-def staged_package(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM raises `Terminated` (a KeyboardInterrupt) where the program is, so the
+    same cleanup as Ctrl-C runs. Only from the main thread, and only if nobody else handles SIGTERM."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def staged_package(target: str | os.PathLike, overwrite: bool = False,
+                   protect: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
     """Yield a temporary directory next to `target`; on success it replaces `target` in one rename.
 
-    On any exception (Ctrl-C included) the staging directory is deleted, so an interrupted stage
-    never leaves something that loads as a package.
+    `target` is checked first (see check_output_dir: only a package of ours is ever replaced, never an
+    input in `protect`) and again just before the swap. On any exception (Ctrl-C, and SIGTERM, included)
+    the staging directory is deleted, so an interrupted stage never leaves something that loads as a
+    package; one left by a killed process (SIGKILL, power loss) is removed by the next stage here.
     """
-    target = Path(target).resolve()
-    if target.exists() and not overwrite:
-        if any(target.iterdir()):
-            raise PackageError(f"output directory {target} exists and is not empty (use --overwrite)")
+    protect = list(protect)
+    target = check_output_dir(target, overwrite, protect)
+    clean_stale_staging(target.parent)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; a package is an ordinary directory
-    try:
-        yield staging
-        replace_dir(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with sigterm_as_interrupt():
+        try:
+            yield staging
+            check_output_dir(target, overwrite, protect)  # something may have appeared there meanwhile
+            replace_dir(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
 
 def replace_dir(new: Path, target: Path) -> None:

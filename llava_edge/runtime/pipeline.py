@@ -19,8 +19,9 @@ from tokenizers import Tokenizer
 from ..errors import UsageError
 from ..package import TOKENIZER_NAME, Manifest, load_manifest
 from . import prompt as prompts
+from .inputs import check_stop, check_text, check_threads
 from .prefix_cache import PrefixCache, image_digest
-from .preprocess import load_image, preprocess
+from .preprocess import MAX_IMAGE_PIXELS, load_image, preprocess
 from .sampling import Sampler, SamplingConfig
 
 
@@ -115,8 +116,9 @@ class _Detokenizer:
 
 class Pipeline:
     def __init__(self, package_dir: str | os.PathLike, manifest: Manifest, backend, tokenizer: Tokenizer,
-                 template: str | None = None, prefix_cache: int = 2):
+                 template: str | None = None, prefix_cache: int = 2, max_image_pixels: int | None = MAX_IMAGE_PIXELS):
         self.package_dir = Path(package_dir)
+        self.max_image_pixels = max_image_pixels  # images from files/bytes above this are refused before decoding
         self.manifest = manifest
         self.backend = backend
         self.tokenizer = tokenizer
@@ -129,7 +131,8 @@ class Pipeline:
     @classmethod
     def from_package(cls, package_dir: str | os.PathLike, backend: str = "ort", device: str = "cpu",
                      threads: int | None = None, template: str | None = None,
-                     prefix_cache: int = 2) -> "Pipeline":
+                     prefix_cache: int = 2, max_image_pixels: int | None = MAX_IMAGE_PIXELS) -> "Pipeline":
+        check_threads(threads)
         manifest = load_manifest(package_dir)
         tokenizer = Tokenizer.from_file(str(Path(package_dir) / TOKENIZER_NAME))
         if backend == "ort":
@@ -147,12 +150,14 @@ class Pipeline:
             engine = TrtBackend(package_dir, manifest)
         else:
             raise UsageError(f"unknown backend {backend!r}; use ort, ort-fast, ort-fast-int4 or tensorrt")
-        return cls(package_dir, manifest, engine, tokenizer, template, prefix_cache)
+        return cls(package_dir, manifest, engine, tokenizer, template, prefix_cache, max_image_pixels)
 
     # -- prompt preparation -------------------------------------------------------------------
     def encode_request(self, request: Request) -> np.ndarray:
         t = self.manifest.text
-        text = prompts.render(self.template, request.turns, t.image_token, len(request.images))
+        turns = [(check_text(q, "prompt", allow_empty=bool(request.images) or a is not None),
+                  None if a is None else check_text(a, "answer", allow_empty=True)) for q, a in request.turns]
+        text = prompts.render(self.template, turns, t.image_token, len(request.images))
         ids = self.tokenizer.encode(text).ids
         ids, n_images = prompts.expand_image_tokens(ids, t.image_token_id, self.manifest.vision.num_image_tokens)
         if n_images != len(request.images):
@@ -166,6 +171,7 @@ class Pipeline:
         if max_new_tokens < 1:
             raise UsageError("max_new_tokens must be >= 1")
         sampling = sampling or SamplingConfig()
+        stop = check_stop(stop)
         t = self.manifest.text
         encoded = [self.encode_request(r) for r in requests]
         lengths = [len(e) for e in encoded]
@@ -177,7 +183,8 @@ class Pipeline:
             )
         b = len(requests)
         timings = Timings()
-        images = [load_image(im) for r in requests for im in r.images]  # decode (and fail) once, early
+        # decode (and fail) once, early
+        images = [load_image(im, self.max_image_pixels) for r in requests for im in r.images]
 
         # prefix reuse (batch 1): skip the tokens, and the vision encoder, that an earlier prompt covered
         reuse = self.prefix_cache is not None and b == 1 and hasattr(self.backend, "resume")

@@ -10,48 +10,105 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import ImageError, ImageTooLargeError
 from ..package import VisionConfig
 
+__all__ = ["ImageError", "ImageTooLargeError", "MAX_IMAGE_PIXELS", "load_image", "preprocess", "preprocess_batch"]
 
-class ImageError(Exception):
-    """The image cannot be read or decoded."""
+# Largest image decoded, in pixels (width x height), read from the header before any decoding: 40M is a
+# 7700x5200 photo (120 MB as RGB). The tower sees a few hundred pixels a side, so more only costs memory
+# and time; a 90 KB PNG can declare 400M pixels (a decompression bomb). CLI: --max-image-pixels.
+MAX_IMAGE_PIXELS = 40_000_000
 
 
-def load_image(source: str | os.PathLike | bytes | Image.Image | np.ndarray) -> Image.Image:
-    """Open an image from a path, raw bytes, a PIL image or an HWC uint8 array."""
+def _name(source) -> str:
+    return "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+
+
+def _check_pixels(size: tuple[int, int], source, max_pixels: int | None) -> None:
+    w, h = size
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageTooLargeError(f"image {_name(source)} is {w}x{h} ({w * h / 1e6:.1f}M pixels), over the limit of "
+                                 f"{max_pixels / 1e6:g}M pixels (raise it with --max-image-pixels)")
+
+
+def load_image(source: str | os.PathLike | bytes | Image.Image | np.ndarray,
+               max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open an image from a path, raw bytes, a PIL image or an HWC uint8 array.
+
+    Files and bytes are checked against `max_pixels` (None: no limit) from the header, before any pixel
+    is decoded; an image already in memory (PIL, numpy) is taken as it is. PIL's own bomb check stays as
+    a backstop (it refuses over twice its limit) and its warning is never printed.
+    """
     if isinstance(source, Image.Image):
         return source
     if isinstance(source, np.ndarray):
-        if source.dtype != np.uint8 or source.ndim not in (2, 3):
-            raise ImageError("arrays must be uint8 HxW or HxWxC")
-        return Image.fromarray(source)
+        if source.dtype != np.uint8 or source.ndim not in (2, 3) or (source.ndim == 3 and source.shape[2] not in (1, 3, 4)):
+            raise ImageError("arrays must be uint8 HxW or HxWxC with C in 1, 3, 4")
+        return Image.fromarray(source[..., 0] if source.ndim == 3 and source.shape[2] == 1 else source)
+    if not isinstance(source, (bytes, bytearray, str, os.PathLike)):
+        raise ImageError(f"an image must be a path, bytes, a PIL image or a numpy array, not {type(source).__name__}")
     try:
-        if isinstance(source, bytes):
-            img = Image.open(io.BytesIO(source))
-        else:
-            path = Path(source)
-            if not path.is_file():
-                raise ImageError(f"image not found: {path}")
-            img = Image.open(path)
-        img.load()  # decode now: a truncated file must fail here, not inside preprocessing
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if isinstance(source, (bytes, bytearray)):
+                img = Image.open(io.BytesIO(source))
+            else:
+                path = Path(source)
+                if path.is_dir():
+                    raise ImageError(f"{path} is a directory, not an image file")
+                if not path.is_file():
+                    raise ImageError(f"image not found: {path}")
+                img = Image.open(path)
+            _check_pixels(img.size, source, max_pixels)
+            img.load()  # decode now: a truncated file must fail here, not inside preprocessing
         return img
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ImageError(f"cannot decode image {source if not isinstance(source, bytes) else '<bytes>'}: {e}") from None
+    except Image.DecompressionBombError:
+        raise ImageTooLargeError(f"image {_name(source)} declares too many pixels to decode (a decompression bomb?); "
+                                 f"the limit is {max_pixels / 1e6 if max_pixels else 0:g}M pixels") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+        if isinstance(e, ImageError):
+            raise
+        raise ImageError(f"cannot decode image {_name(source)}: {e}") from None
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16/32-bit integer and float greyscale -> 8-bit "L", scaled (PIL's own convert clips to 255)."""
+    a = np.asarray(img)
+    if img.mode.startswith("I;16"):
+        scaled = a.astype(np.float64) / 257.0  # 65535 -> 255
+    elif img.mode == "F" and a.size and np.nanmin(a) >= 0 and np.nanmax(a) <= 1:
+        scaled = a.astype(np.float64) * 255.0
+    elif img.mode == "I" and a.size and a.min() >= 0 and a.max() <= 255:
+        scaled = a.astype(np.float64)
+    elif img.mode == "I" and a.size and a.min() >= 0 and a.max() <= 65535:  # 16-bit PNGs open as "I"
+        scaled = a.astype(np.float64) / 257.0
+    else:  # anything else: stretch its own range
+        a = np.nan_to_num(a.astype(np.float64))
+        lo, hi = (a.min(), a.max()) if a.size else (0.0, 0.0)
+        scaled = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
 
 
 def to_rgb(img: Image.Image) -> np.ndarray:
     """HWC uint8 RGB. Transparency is composited on white, as transformers' convert_to_rgb does."""
-    has_alpha = "A" in img.getbands() or img.info.get("transparency") is not None
-    if has_alpha:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return np.array(Image.alpha_composite(background, rgba).convert("RGB"))
-    return np.array(img.convert("RGB"))
+    try:
+        if img.mode.startswith("I") or img.mode == "F":
+            img = _to_8bit(img)
+        has_alpha = "A" in img.getbands() or img.info.get("transparency") is not None
+        if has_alpha:
+            rgba = img.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return np.array(Image.alpha_composite(background, rgba).convert("RGB"))
+        return np.array(img.convert("RGB"))
+    except (ValueError, OSError) as e:
+        raise ImageError(f"unsupported image mode {img.mode!r}: {e}") from None
 
 
 def pad_to_square(rgb: np.ndarray, color: tuple[int, int, int]) -> np.ndarray:

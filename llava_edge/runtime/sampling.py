@@ -6,6 +6,8 @@ copy per step is the float64 softmax of the rows that sample (greedy rows take a
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +24,12 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise UsageError(f"{name} must be a finite number, not {value!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
+            raise UsageError(f"top_k must be an integer, not {self.top_k!r}")
         if self.temperature < 0:
             raise UsageError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
@@ -61,7 +69,10 @@ class Sampler:
 
     def _sample_row(self, row: np.ndarray) -> int:
         c = self.config
-        x = row.astype(np.float64) / c.temperature
+        with np.errstate(over="ignore"):
+            x = row.astype(np.float64) / c.temperature
+        if not np.isfinite(x.max()):  # a temperature so small the logits overflow: that is greedy
+            return int(row.argmax())
         if c.top_k and c.top_k < x.size:
             kth = np.partition(x, -c.top_k)[-c.top_k]
             x[x < kth] = -np.inf
