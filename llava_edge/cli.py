@@ -48,7 +48,6 @@ class _Group(TyperGroup):
         logger = logging.getLogger("llava_edge")
         if not any(isinstance(h, _NoteHandler) for h in logger.handlers):
             logger.addHandler(_NoteHandler())
-            logger.propagate = False
         try:
             with sigterm_as_interrupt():
                 code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)

@@ -32,6 +32,9 @@ MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
 # What later stages add beside the manifest's files (quantization report, TensorRT engines): still ours.
 PACKAGE_EXTRAS = frozenset({"quantization_report.json", "engines"})
+# Packages up to this size are re-hashed on every load (about 0.1 s per 256 MiB); larger ones only on
+# `inspect --verify`, and a graph onnxruntime cannot parse is named when the backend opens it.
+VERIFY_ON_LOAD_BYTES = 256 << 20
 # Staging and swap-out directories carry the pid of the process that made them: `.NAME.partial-PID-xxxx`.
 _STAGING = re.compile(r"^\.(?P<name>.+)\.(?:partial|old)-(?P<pid>\d+)-")
 
@@ -150,9 +153,10 @@ class Manifest:
             raise PackageError(f"manifest.json is malformed: {e}") from e
 
 
-def load_manifest(package_dir: str | os.PathLike, check_files: bool = True) -> Manifest:
+def load_manifest(package_dir: str | os.PathLike, check_files: bool = True, verify: bool | None = None) -> Manifest:
     """Read and validate a package's manifest; with check_files, every file it names must exist
-    with the recorded size (catches truncated copies and half-written packages)."""
+    with the recorded size (catches truncated copies and half-written packages), and its content must
+    match the recorded sha256 when `verify` (None: when the package is at most VERIFY_ON_LOAD_BYTES)."""
     root = Path(package_dir)
     if not root.is_dir():
         raise PackageError(f"model package not found: {root} is not a directory")
@@ -178,6 +182,12 @@ def load_manifest(package_dir: str | os.PathLike, check_files: bool = True) -> M
                         f"package {root}: graph '{name}' is {actual} bytes on disk but the manifest "
                         f"recorded {graph.size_bytes}; the package is corrupt or was modified"
                     )
+        total = sum((root / rel).stat().st_size for rel in manifest.digests if (root / rel).is_file())
+        if manifest.digests and (verify or (verify is None and total <= VERIFY_ON_LOAD_BYTES)):
+            for rel, digest in manifest.digests.items():
+                if file_sha256(root / rel) != digest:
+                    raise PackageError(f"package {root}: {rel} differs from the sha256 recorded in its manifest; the "
+                                       "package is corrupt or was modified: copy or export it again")
     return manifest
 
 
@@ -227,7 +237,7 @@ def verify_package(package_dir: str | os.PathLike) -> tuple[Manifest, list[str]]
     """Re-hash every file the manifest records a digest for; returns the manifest and the files whose
     content differs (empty when intact). A manifest without digests (an older llava-edge) has none."""
     root = Path(package_dir)
-    manifest = load_manifest(root)
+    manifest = load_manifest(root, verify=False)
     bad = [rel for rel, digest in manifest.digests.items() if file_sha256(root / rel) != digest]
     return manifest, bad
 

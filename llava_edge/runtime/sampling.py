@@ -71,8 +71,9 @@ class Sampler:
         c = self.config
         with np.errstate(over="ignore"):
             x = row.astype(np.float64) / c.temperature
-        if not np.isfinite(x.max()):  # a temperature so small the logits overflow: that is greedy
-            return int(row.argmax())
+        x[np.isnan(x)] = -np.inf  # a broken graph's NaN logits are never sampled
+        if not np.isfinite(x.max()):  # overflow (a tiny temperature) is greedy; all -inf/NaN takes the argmax
+            return int(np.nan_to_num(row, nan=-np.inf).argmax())
         if c.top_k and c.top_k < x.size:
             kth = np.partition(x, -c.top_k)[-c.top_k]
             x[x < kth] = -np.inf

@@ -69,10 +69,10 @@ class Ctx:
         self.monkeypatch.chdir(self.tmp / "mine")
         return "."
 
-    def old_package(self) -> str:
+    def old_package(self, corrupt: bool = False) -> str:
         """A package written before digests existed (no "digests" in its manifest)."""
         d = self.tmp / "old"
-        shutil.copytree(self.pkg, d)
+        shutil.copytree(self.fixture("corrupt_pkg") if corrupt else self.pkg, d)
         m = json.loads((d / "manifest.json").read_text())
         m.pop("digests", None)
         (d / "manifest.json").write_text(json.dumps(m))
@@ -125,7 +125,9 @@ ROWS = [
         "is not a llava-edge package", lambda c: c.tmp / "wd"),
     # -- package integrity ---------------------------------------------------------------------------
     Row("run-corrupt-graph-same-size", lambda c: ["run", str(c.fixture("corrupt_pkg")), "-p", "hi"],
-        "cannot load decoder.onnx"),
+        "decoder.onnx differs from the sha256 recorded in its manifest"),
+    Row("run-corrupt-graph-same-size-no-digests", lambda c: ["run", c.old_package(corrupt=True), "-p", "hi"],
+        "cannot load decoder.onnx (decoder graph)"),
     Row("inspect-verify-corrupt-graph", lambda c: ["inspect", str(c.fixture("corrupt_pkg")), "--verify"],
         "decoder.onnx differ(s) from the sha256"),
     Row("inspect-missing-package", lambda c: ["inspect", str(c.tmp / "nope")], "model package not found"),

@@ -17,7 +17,7 @@ import pytest
 
 from llava_edge.cli import app
 from llava_edge.errors import OutputError
-from llava_edge.package import (clean_stale_staging, file_sha256, load_manifest, package_files, staged_package,
+from llava_edge.package import (PackageError, clean_stale_staging, file_sha256, load_manifest, package_files, staged_package,
                                 verify_package, write_manifest)
 
 from .conftest import REPO, tree_digest
@@ -146,8 +146,10 @@ def test_write_manifest_keeps_digests_of_unchanged_files_and_rehashes_rewritten_
     time.sleep(0.01)
     (d / "tokenizer.json").write_text((d / "tokenizer.json").read_text() + " ")  # rewritten after the manifest
     write_manifest(d, m)
-    m2 = load_manifest(d)
+    m2 = load_manifest(d, verify=False)
     assert m2.digests["vision.onnx"] == "kept-not-recomputed"
     assert m2.digests["tokenizer.json"] == file_sha256(d / "tokenizer.json")
     assert verify_package(d)[1] == ["vision.onnx"]
+    with pytest.raises(PackageError, match="vision.onnx differs from the sha256"):
+        load_manifest(d)  # a small package is re-hashed on load
     assert json.loads((d / "manifest.json").read_text())["digests"]["decoder.onnx"] == m.digests["decoder.onnx"]
