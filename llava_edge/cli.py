@@ -129,6 +129,8 @@ def friendly(fn: Callable) -> Callable:
 def _positive(value: int | None, flag: str) -> None:
     if value is not None and value < 1:
         raise UsageError(f"{flag} must be >= 1, not {value}")
+    if flag == "--threads" and value is not None and value > 4096:
+        raise UsageError(f"--threads must be at most 4096, not {value}")
 
 
 def _sampling(greedy: bool, temperature: float | None, top_p: float, top_k: int, repetition_penalty: float,

@@ -164,9 +164,11 @@ def load_manifest(package_dir: str | os.PathLike, check_files: bool = True, veri
     if not path.is_file():
         raise PackageError(f"{root} is not a llava-edge model package: no {MANIFEST_NAME}")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise PackageError(f"{path} is not valid JSON: {e}") from e
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PackageError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise PackageError(f"{path} is not a llava-edge manifest (a JSON {type(data).__name__}, not an object)")
     manifest = Manifest.from_dict(data)
     if check_files:
         if not (root / TOKENIZER_NAME).is_file():

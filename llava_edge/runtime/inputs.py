@@ -7,6 +7,7 @@ function is shared by the CLI, the chat loop and the Python API, so all three sa
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Sequence
 
 from ..errors import TextInputError, UsageError
@@ -40,7 +41,18 @@ def check_stop(stop: Sequence[str]) -> list[str]:
     return [check_text(s, "stop string") for s in stop]
 
 
+MAX_THREADS = 4096
+
+
 def check_threads(threads: int | None) -> int | None:
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise UsageError(f"threads must be a positive integer, not {threads!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or not 1 <= threads <= MAX_THREADS):
+        raise UsageError(f"threads must be an integer from 1 to {MAX_THREADS}, not {threads!r}")
     return threads
+
+
+def check_count(value: Any, what: str) -> int:
+    """A positive integer such as max_new_tokens."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise UsageError(f"{what} must be an integer >= 1, not {value!r}")
+    return int(value)

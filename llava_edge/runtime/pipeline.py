@@ -17,9 +17,9 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from ..errors import UsageError
-from ..package import TOKENIZER_NAME, Manifest, load_manifest
+from ..package import TOKENIZER_NAME, Manifest, PackageError, load_manifest
 from . import prompt as prompts
-from .inputs import check_stop, check_text, check_threads
+from .inputs import check_count, check_stop, check_text, check_threads
 from .prefix_cache import PrefixCache, image_digest
 from .preprocess import MAX_IMAGE_PIXELS, load_image, preprocess
 from .sampling import Sampler, SamplingConfig
@@ -134,7 +134,10 @@ class Pipeline:
                      prefix_cache: int = 2, max_image_pixels: int | None = MAX_IMAGE_PIXELS) -> "Pipeline":
         check_threads(threads)
         manifest = load_manifest(package_dir)
-        tokenizer = Tokenizer.from_file(str(Path(package_dir) / TOKENIZER_NAME))
+        try:
+            tokenizer = Tokenizer.from_file(str(Path(package_dir) / TOKENIZER_NAME))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a file it cannot parse
+            raise PackageError(f"cannot load {TOKENIZER_NAME} of {package_dir}: {e}") from None
         if backend == "ort":
             from .ort_backend import OrtBackend
 
@@ -168,8 +171,9 @@ class Pipeline:
     def run(self, requests: Sequence[Request], max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
             stop: Sequence[str] = ()) -> Iterator[TokenEvent]:
         """Generate for a batch; yields TokenEvents, returns list[GenerationResult] (StopIteration.value)."""
-        if max_new_tokens < 1:
-            raise UsageError("max_new_tokens must be >= 1")
+        max_new_tokens = check_count(max_new_tokens, "max_new_tokens")
+        if not requests:
+            raise UsageError("no requests")
         sampling = sampling or SamplingConfig()
         stop = check_stop(stop)
         t = self.manifest.text
@@ -204,7 +208,7 @@ class Pipeline:
         features = None
         if slots.any():  # all images of the batch in one call
             t0 = time.perf_counter()
-            pixels = np.stack([preprocess(im, self.manifest.vision) for im in images])
+            pixels = np.stack([preprocess(im, self.manifest.vision, self.max_image_pixels) for im in images])
             features = self.backend.encode_images(pixels)
             timings.vision_ms = (time.perf_counter() - t0) * 1000
 

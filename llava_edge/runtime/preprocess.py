@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..errors import ImageError, ImageTooLargeError
 from ..package import VisionConfig
@@ -72,10 +72,12 @@ def load_image(source: str | os.PathLike | bytes | Image.Image | np.ndarray,
     except Image.DecompressionBombError:
         raise ImageTooLargeError(f"image {_name(source)} declares too many pixels to decode (a decompression bomb?); "
                                  f"the limit is {max_pixels / 1e6 if max_pixels else 0:g}M pixels") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
-        if isinstance(e, ImageError):
-            raise
-        raise ImageError(f"cannot decode image {_name(source)}: {e}") from None
+    except ImageError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PIL parsing untrusted bytes: whatever it raises, the file is bad
+        raise ImageError(f"cannot decode image {_name(source)}: {type(e).__name__ if not str(e) else e}") from None
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
@@ -148,11 +150,30 @@ def center_crop(rgb: np.ndarray, size: int) -> np.ndarray:
     return out[t : t + size, l : l + size]
 
 
-def preprocess(image, cfg: VisionConfig) -> np.ndarray:
+def _check_work(h: int, w: int, cfg: VisionConfig, max_pixels: int | None) -> None:
+    """The largest intermediate an image of h x w makes (the padded square, or the short side resized
+    with a long side to match) must fit twice the pixel limit (room for a 16:9 photo at the limit): a
+    1x20000 strip is 20000 pixels but pads to 400M."""
+    if max_pixels is None:
+        return
+    if cfg.pad_to_square:
+        side = max(h, w)
+        work, what = side * side, f"padded to a square it is {side}x{side}"
+    else:
+        short, long = min(h, w), max(h, w)
+        work, what = cfg.shortest_edge * cfg.shortest_edge * long // short, "resized it is"
+    if work > 2 * max_pixels:
+        raise ImageTooLargeError(f"image {w}x{h} is too elongated: {what} {work / 1e6:.1f}M pixels, over twice the "
+                                 f"limit of {max_pixels / 1e6:g}M pixels (crop it, or raise --max-image-pixels)")
+
+
+def preprocess(image, cfg: VisionConfig, max_pixels: int | None = MAX_IMAGE_PIXELS) -> np.ndarray:
     """One image -> pixel_values [3, S, S] float32."""
-    rgb = to_rgb(load_image(image))
-    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+    img = load_image(image, max_pixels)
+    if img.width == 0 or img.height == 0:
         raise ImageError("image has zero size")
+    _check_work(img.height, img.width, cfg, max_pixels)
+    rgb = to_rgb(img)
     if cfg.pad_to_square:
         rgb = pad_to_square(rgb, tuple(int(m * 255) for m in cfg.image_mean))
     rgb = resize_short_side(rgb, cfg.shortest_edge, cfg.resample)
@@ -165,5 +186,5 @@ def preprocess(image, cfg: VisionConfig) -> np.ndarray:
     return ((x.T - mean) / std).T
 
 
-def preprocess_batch(images, cfg: VisionConfig) -> np.ndarray:
-    return np.stack([preprocess(im, cfg) for im in images])
+def preprocess_batch(images, cfg: VisionConfig, max_pixels: int | None = MAX_IMAGE_PIXELS) -> np.ndarray:
+    return np.stack([preprocess(im, cfg, max_pixels) for im in images])

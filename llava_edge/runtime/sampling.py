@@ -30,6 +30,9 @@ class SamplingConfig:
                 raise UsageError(f"{name} must be a finite number, not {value!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
             raise UsageError(f"top_k must be an integer, not {self.top_k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)
+                                      or self.seed < 0):
+            raise UsageError(f"seed must be a non-negative integer, not {self.seed!r}")
         if self.temperature < 0:
             raise UsageError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
@@ -57,7 +60,8 @@ class Sampler:
             if len(ids):
                 u = np.unique(ids)
                 vals = row[u]
-                row[u] = np.where(vals > 0, vals / p, vals * p)
+                with np.errstate(over="ignore", divide="ignore"):
+                    row[u] = np.where(vals > 0, vals / p, vals * p)
 
     def __call__(self, logits: np.ndarray, seen: list[np.ndarray] | None = None) -> np.ndarray:
         """logits [B, V] (modified in place) -> next token ids [B]."""

@@ -31,6 +31,18 @@ def test_pixel_limit_is_read_from_the_header_and_configurable():
     assert load_image(png_bytes(200, 100, bytes(26 * 100)), max_pixels=None).size == (200, 100)
 
 
+def test_an_elongated_image_is_refused_before_padding_it(tiny_models):
+    from llava_edge.package import load_manifest
+    from llava_edge.runtime.preprocess import preprocess
+
+    vision = load_manifest(tiny_models["llava-hf-v1.5"]["package"]).vision
+    assert vision.pad_to_square
+    strip = load_image(png_bytes(1, 20000))  # 20000 pixels, but 400M once padded to a square
+    with pytest.raises(ImageTooLargeError, match="too elongated: padded to a square it is 20000x20000"):
+        preprocess(strip, vision)
+    assert preprocess(load_image(png_bytes(1, 200)), vision).shape == (3, vision.image_size, vision.image_size)
+
+
 def test_python_api_takes_the_limit(tiny_models):
     from llava_edge.runtime.pipeline import Pipeline
 
