@@ -496,7 +496,10 @@ def random_checkpoint(
     """Write a random-weight checkpoint of a named architecture, for speed work without weights."""
     from .package import check_output_dir, staged_package
 
-    check_output_dir(output)  # a missing or empty directory only: never written into
+    if output.is_dir() and any(output.iterdir()):
+        raise UsageError(f"output directory {output} exists and is not empty; random-checkpoint writes only a new or "
+                         "empty directory")
+    check_output_dir(output)
     from .benchmarks.arch import build_random_checkpoint, get_arch
 
     spec = get_arch(arch)

@@ -31,11 +31,15 @@ def _name(source) -> str:
     return "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
 
 
+def _pixels(n: int) -> str:
+    return f"{n / 1e6:.1f}M pixels" if n >= 100_000 else f"{n} pixels"
+
+
 def _check_pixels(size: tuple[int, int], source, max_pixels: int | None) -> None:
     w, h = size
     if max_pixels is not None and w * h > max_pixels:
-        raise ImageTooLargeError(f"image {_name(source)} is {w}x{h} ({w * h / 1e6:.1f}M pixels), over the limit of "
-                                 f"{max_pixels / 1e6:g}M pixels (raise it with --max-image-pixels)")
+        raise ImageTooLargeError(f"image {_name(source)} is {w}x{h} ({_pixels(w * h)}), over the limit of "
+                                 f"{_pixels(max_pixels)} (raise it with --max-image-pixels)")
 
 
 def load_image(source: str | os.PathLike | bytes | Image.Image | np.ndarray,
@@ -71,7 +75,7 @@ def load_image(source: str | os.PathLike | bytes | Image.Image | np.ndarray,
         return img
     except Image.DecompressionBombError:
         raise ImageTooLargeError(f"image {_name(source)} declares too many pixels to decode (a decompression bomb?); "
-                                 f"the limit is {max_pixels / 1e6 if max_pixels else 0:g}M pixels") from None
+                                 f"the limit is {_pixels(max_pixels or 0)}") from None
     except ImageError:
         raise
     except MemoryError:
@@ -163,8 +167,8 @@ def _check_work(h: int, w: int, cfg: VisionConfig, max_pixels: int | None) -> No
         short, long = min(h, w), max(h, w)
         work, what = cfg.shortest_edge * cfg.shortest_edge * long // short, "resized it is"
     if work > 2 * max_pixels:
-        raise ImageTooLargeError(f"image {w}x{h} is too elongated: {what} {work / 1e6:.1f}M pixels, over twice the "
-                                 f"limit of {max_pixels / 1e6:g}M pixels (crop it, or raise --max-image-pixels)")
+        raise ImageTooLargeError(f"image {w}x{h} is too elongated: {what} {_pixels(work)}, over twice the "
+                                 f"limit of {_pixels(max_pixels)} (crop it, or raise --max-image-pixels)")
 
 
 def preprocess(image, cfg: VisionConfig, max_pixels: int | None = MAX_IMAGE_PIXELS) -> np.ndarray:
