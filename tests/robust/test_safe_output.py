@@ -81,17 +81,6 @@ def test_stale_staging_of_a_killed_process_is_named_and_removed(tmp_path, caplog
     assert clean_stale_staging(tmp_path) == []
 
 
-def test_cli_says_it_removed_a_stale_staging_directory(runner, checkpoint, tmp_path):
-    proc, staging = _stager(tmp_path / "pkg")
-    proc.kill()
-    proc.wait(timeout=20)
-    r = runner.invoke(app, ["export", str(checkpoint), "-o", str(tmp_path / "pkg")])
-    assert r.exit_code == 0, r.output
-    notes = [line for line in r.output.splitlines() if line.startswith("note:")]
-    assert len(notes) == 1 and f"process {proc.pid}" in " ".join(r.output.split()), r.output
-    assert not staging.exists() and load_manifest(tmp_path / "pkg").digests
-
-
 def test_failed_replacement_keeps_the_old_package(pkg, tmp_path):
     target = tmp_path / "pkg"
     shutil.copytree(pkg, target)
@@ -104,14 +93,19 @@ def test_failed_replacement_keeps_the_old_package(pkg, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
 
 
-def test_overwrite_replaces_a_package_of_ours(runner, pkg, checkpoint, tmp_path):
+def test_overwrite_replaces_a_package_of_ours_and_says_it_removed_stale_staging(runner, pkg, checkpoint, tmp_path):
+    proc, staging = _stager(tmp_path / "pkg")
+    proc.kill()  # a stage killed outright leaves its staging directory
+    proc.wait(timeout=20)
     target = tmp_path / "pkg"
     shutil.copytree(pkg, target)
-    (target / "manifest.json").write_text((target / "manifest.json").read_text().replace('"path": ', '"path_was": ', 1))
+    old_manifest = (target / "manifest.json").read_text()
     r = runner.invoke(app, ["export", str(checkpoint), "-o", str(target), "--overwrite"])
     assert r.exit_code == 0, r.output
+    notes = [line for line in r.output.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and f"process {proc.pid}" in " ".join(r.output.split()), r.output
     m = load_manifest(target)
-    assert m.source["path"] == str(checkpoint.resolve())
+    assert m.source["path"] == str(checkpoint.resolve()) and (target / "manifest.json").read_text() != old_manifest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "pkg"]  # no staging, no .old left
 
 
