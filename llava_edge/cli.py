@@ -244,6 +244,10 @@ def build(
     as_json: bool = typer.Option(False, "--json", help="Print the plan/result as JSON."),
 ) -> None:
     """Compile TensorRT engines into PKG/engines, sized for the target device."""
+    for value, flag in ((max_batch, "--max-batch"), (max_context, "--max-context"), (max_images, "--max-images")):
+        _positive(value, flag)
+    if workspace_gb is not None and not 0 < workspace_gb < float("inf"):
+        raise UsageError(f"--workspace-gb must be a positive number, not {workspace_gb}")
     from .export.trt_build import build_engines, result_summary
 
     result = build_engines(package, target=target, max_batch=max_batch, max_context=max_context,
@@ -480,6 +484,9 @@ def bench(
         raise UsageError("--batch and --prompt-len take comma-separated integers, e.g. 1,4") from None
     for v in batches + prompt_lens:
         _positive(v, "--batch/--prompt-len")
+    _positive(repeat, "--repeat")
+    if warmup < 0:
+        raise UsageError(f"--warmup must be >= 0, not {warmup}")
     from .benchmarks.harness import run_benchmark
 
     run_benchmark(package, backend=backend, batch=batches, prompt_len=prompt_lens, new_tokens=new_tokens, baseline=baseline,

@@ -167,6 +167,10 @@ ROWS = [
     Row("prompt-beyond-context", lambda c: _run(c)[:4] + ["-p", "hello " * 50, "--max-new-tokens", "200"],
         "exceeds the model's context of 256"),
     Row("bench-batch-not-integers", lambda c: ["bench", c.pkg, "--batch", "1,x"], "comma-separated integers"),
+    Row("bench-repeat-zero", lambda c: ["bench", c.pkg, "--repeat", "0"], "--repeat must be >= 1"),
+    Row("build-max-batch-zero", lambda c: ["build", c.pkg, "--dry-run", "--max-batch", "0"], "--max-batch must be >= 1"),
+    Row("build-workspace-nan", lambda c: ["build", c.pkg, "--dry-run", "--workspace-gb", "nan"],
+        "--workspace-gb must be a positive number"),
 ]
 
 
