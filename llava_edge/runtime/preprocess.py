@@ -16,10 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import ImageError, ImageTooLargeError
+from ..errors import ImageError, ImageTooLargeError  # noqa: F401 - importable from here, as before
 from ..package import VisionConfig
-
-__all__ = ["ImageError", "ImageTooLargeError", "MAX_IMAGE_PIXELS", "load_image", "preprocess", "preprocess_batch"]
 
 # Largest image decoded, in pixels (width x height), read from the header before any decoding: 40M is a
 # 7700x5200 photo (120 MB as RGB). The tower sees a few hundred pixels a side, so more only costs memory
