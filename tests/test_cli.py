@@ -135,6 +135,8 @@ def test_quantize_then_run_and_inspect(tiny_models, tmp_path):
     r = runner.invoke(app, ["quantize", str(m["package"]), "--checkpoint", str(m["checkpoint"]), "--samples", "4",
                             "--group-size", "32", "--method", "rtn", "-o", str(q)])
     assert r.exit_code == 0, r.output
+    # output is not a terminal here: plain progress lines, per stage and for the layer loop
+    assert "write package ..." in r.output and "rtn 4-bit layers: 0/" in r.output, r.output
     r = runner.invoke(app, ["run", str(q), "--image", str(_image(tmp_path)), "--prompt", "hi",
                             "--max-new-tokens", "6", "--json"])
     assert r.exit_code == 0, r.output
