@@ -32,7 +32,7 @@ MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
 # What later stages add beside the manifest's files (quantization report, TensorRT engines): still ours.
 PACKAGE_EXTRAS = frozenset({"quantization_report.json", "engines"})
-# Packages up to this size are re-hashed on every load (about 0.1 s per 256 MiB); larger ones only on
+# Packages up to this size are re-hashed on every load (0.2 s for 256 MiB here); larger ones only on
 # `inspect --verify`, and a graph onnxruntime cannot parse is named when the backend opens it.
 VERIFY_ON_LOAD_BYTES = 256 << 20
 # Staging and swap-out directories carry the pid of the process that made them: `.NAME.partial-PID-xxxx`.
