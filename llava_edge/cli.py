@@ -323,6 +323,8 @@ def chat(
     threads: Optional[int] = typer.Option(None),
     device: str = typer.Option("cpu"),
     backend: str = typer.Option("ort", help="ort or tensorrt."),
+    max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, help="Refuse images with more pixels (width x height), "
+                                         "read from the header before decoding."),
 ) -> None:
     """Multi-turn chat in the terminal. /image PATH switches image, /reset forgets, /quit (or Ctrl-D) exits.
 
@@ -335,8 +337,10 @@ def chat(
     _positive(max_new_tokens, "--max-new-tokens")
     _positive(threads, "--threads")
     sampling = _sampling(False, temperature, top_p, 0, 1.0, seed)
-    pipe = Pipeline.from_package(package, backend=backend, device=device, threads=threads)
-    current = load_image(image) if image else None
+    _positive(max_image_pixels, "--max-image-pixels")
+    pipe = Pipeline.from_package(package, backend=backend, device=device, threads=threads,
+                                 max_image_pixels=max_image_pixels)
+    current = load_image(image, max_image_pixels) if image else None
     history: list[tuple[str, str]] = []
     context = pipe.manifest.text.max_context
     told_dropping = False

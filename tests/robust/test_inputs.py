@@ -100,12 +100,17 @@ def test_chat_survives_bad_lines_and_keeps_the_newest_turns(runner, pkg, image_f
         *[long_turn.encode()] * 9,
         b"/quit",
     ]
-    r = runner.invoke(app, ["chat", str(pkg), "--max-new-tokens", "4"], input=b"\n".join(lines) + b"\n")
+    big = tmp_path / "big.png"
+    big.write_bytes(png_bytes(3000, 1000))
+    lines.insert(3, b"/image " + str(big).encode())  # over --max-image-pixels: refused, the old image kept
+    r = runner.invoke(app, ["chat", str(pkg), "--max-new-tokens", "4", "--max-image-pixels", "2000000"],
+                      input=b"\n".join(lines) + b"\n")
     assert r.exit_code == 0, r.output
     text = " ".join(r.output.split())
     assert "unknown command /foo; commands: /image PATH, /reset, /quit" in text
     assert "image not found" in text
     assert f"image {image_file} (40x30); conversation reset" in text
+    assert "is 3000x1000 (3.0M pixels), over the limit of 2.0M pixels" in text
     assert "the line is not valid UTF-8 (byte 0xe9" in text
     assert r.output.count("llava>") == 9  # every long turn answered: none failed on the context
     assert text.count("dropping the oldest turns") == 1  # said once
