@@ -383,27 +383,54 @@ def staged_package(target: str | os.PathLike, overwrite: bool = False,
     target = check_output_dir(target, overwrite, protect)
     clean_stale_staging(target.parent)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; a package is an ordinary directory
+    prefix = f".{target.name}.partial-{os.getpid()}-"
     with sigterm_as_interrupt():
         try:
+            staging = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+            umask = os.umask(0)
+            os.umask(umask)
+            staging.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; a package is an ordinary directory
             yield staging
             check_output_dir(target, overwrite, protect)  # something may have appeared there meanwhile
             replace_dir(staging, target)
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            # by name, not by variable: a signal may land between mkdtemp and the assignment
+            for p in target.parent.iterdir():
+                if p.name.startswith(prefix):
+                    shutil.rmtree(p, ignore_errors=True)
             raise
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM for a few renames, then deliver them to the handlers in place before.
+    Main thread only (the only one Python runs signal handlers in)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if handler is not None:  # None: installed outside Python; leave it alone
+            previous[sig] = signal.signal(sig, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if held:
+            signal.raise_signal(held[0])
 
 
 def replace_dir(new: Path, target: Path) -> None:
     """Put directory `new` in place of `target` by renames; the old one is removed only once the new
-    one is in, so no moment leaves neither."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
-        target.rename(old)
-        new.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        new.rename(target)
+    one is in, and Ctrl-C or SIGTERM wait for the renames, so no moment leaves neither."""
+    with signals_deferred():
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
+            target.rename(old)
+            new.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            new.rename(target)

@@ -81,6 +81,20 @@ def test_stale_staging_of_a_killed_process_is_named_and_removed(tmp_path, caplog
     assert clean_stale_staging(tmp_path) == []
 
 
+def test_signals_wait_for_the_swap_then_arrive():
+    from llava_edge.errors import Terminated
+    from llava_edge.package import signals_deferred, sigterm_as_interrupt
+
+    done = []
+    with pytest.raises(Terminated):
+        with sigterm_as_interrupt():
+            with signals_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.01)  # the handler would have run here
+                done.append("swapped")
+    assert done == ["swapped"]
+
+
 def test_failed_replacement_keeps_the_old_package(pkg, tmp_path):
     target = tmp_path / "pkg"
     shutil.copytree(pkg, target)
