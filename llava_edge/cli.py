@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import shlex
 import sys
 import tempfile
@@ -18,9 +19,52 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from .contract import KV_INPLACE
-from .errors import LlavaEdgeError, UsageError
+from .errors import LlavaEdgeError, Terminated, UsageError
+from .package import sigterm_as_interrupt
+from .runtime.preprocess import MAX_IMAGE_PIXELS
+
+console = Console(stderr=True)
+out = Console()
+# click's exception classes, wherever this typer keeps them (its own vendored copy since 0.22, click before)
+_click_errors = sys.modules[typer.BadParameter.__module__]
+
+
+class _NoteHandler(logging.Handler):
+    """The library's notices (a stale staging directory removed, ...) as `note:` lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        console.print(f"[yellow]note:[/] {escape(record.getMessage())}", highlight=False, soft_wrap=True)
+
+
+class _Group(TyperGroup):
+    """The command group, run so that a usage error (a bad flag value, a missing option) is one `error:`
+    line and exit code 2 like every other user error, not click's usage box; and so that SIGTERM
+    unwinds like Ctrl-C (staging directories removed)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        logger = logging.getLogger("llava_edge")
+        if not any(isinstance(h, _NoteHandler) for h in logger.handlers):
+            logger.addHandler(_NoteHandler())
+        try:
+            with sigterm_as_interrupt():
+                code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except getattr(_click_errors, "NoArgsIsHelpError", ()) as e:
+            e.show()
+            sys.exit(2)
+        except _click_errors.ClickException as e:
+            where = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) is not None else ""
+            console.print(f"[red]error:[/] {escape(e.format_message())}{where}", highlight=False, soft_wrap=True)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            console.print("[yellow]interrupted[/]")
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
     help="Export, quantize, compile and run LLaVA on edge devices and plain CPUs.\n\n"
@@ -28,9 +72,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=_Group,
 )
-console = Console(stderr=True)
-out = Console()
 
 
 def friendly(fn: Callable) -> Callable:
@@ -40,6 +83,9 @@ def friendly(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except Terminated:
+            console.print("[yellow]terminated[/]")
+            raise typer.Exit(143)
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]")
             raise typer.Exit(130)
@@ -52,6 +98,13 @@ def friendly(fn: Callable) -> Callable:
             raise
 
     return wrapper
+
+
+def _positive(value: int | None, flag: str) -> None:
+    if value is not None and value < 1:
+        raise UsageError(f"{flag} must be >= 1, not {value}")
+    if flag == "--threads" and value is not None and value > 4096:
+        raise UsageError(f"--threads must be at most 4096, not {value}")
 
 
 def _sampling(greedy: bool, temperature: float | None, top_p: float, top_k: int, repetition_penalty: float,
@@ -82,19 +135,13 @@ def export(
                                    "for --backend ort-fast-int4."),
 ) -> None:
     """Split a checkpoint into vision / embed / decoder ONNX graphs, verified against PyTorch."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from .package import check_output_dir
+    from .progress import Stages
 
+    check_output_dir(output, overwrite, protect=[p for p in (checkpoint, vision_tower) if p is not None])
     from .export.exporter import export_package
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
-                  transient=False) as progress:
-        current = {"task": None}
-
-        def on_stage(name: str) -> None:
-            if current["task"] is not None:
-                progress.update(current["task"], completed=1, total=1)
-            current["task"] = progress.add_task(name, total=None)
-
+    with Stages(console).running() as on_stage:
         result = export_package(checkpoint, output, dtype=dtype, opset=opset, overwrite=overwrite,
                                 vision_tower=vision_tower, chat_template=template, on_stage=on_stage)
         if fast or fast_int4:
@@ -104,7 +151,6 @@ def export(
                 if wanted:
                     on_stage("export fast decoder" + (" (int4)" if quant else ""))
                     export_fast_decoder(checkpoint, output, quant=quant)
-        progress.update(current["task"], completed=1, total=1)
     errs = ", ".join(f"{k} {v:.2e}" for k, v in result.errors.items())
     console.print(f"[green]exported[/] {output} ({result.manifest.dtype}); max |onnx - torch|: {errs}")
 
@@ -135,12 +181,21 @@ def quantize(
     overwrite: bool = typer.Option(False),
 ) -> None:
     """GPTQ (or RTN) the decoder to 4 bits, calibrated on image+text conversations; writes a new package."""
+    from .package import check_output_dir, load_manifest
+    from .progress import Stages
+
+    _positive(threads, "--threads")
+    _positive(samples, "--samples")
+    load_manifest(package)  # a bad package is refused before torch is imported
+    if output is not None:
+        check_output_dir(output, overwrite, protect=[p for p in (package, checkpoint, from_gptq) if p is not None])
     from .quantize.quantize import quantize_package
 
-    result = quantize_package(package, checkpoint, output, calib=calib, calib_images=calib_images, samples=samples,
-                              bits=bits, group_size=group_size, act_order=act_order, method=method, format=format,
-                              from_gptq=from_gptq, quantize_lm_head=quantize_lm_head, seed=seed, threads=threads,
-                              overwrite=overwrite)
+    with Stages(console).running() as on_stage:
+        result = quantize_package(package, checkpoint, output, calib=calib, calib_images=calib_images,
+                                  samples=samples, bits=bits, group_size=group_size, act_order=act_order, method=method,
+                                  format=format, from_gptq=from_gptq, quantize_lm_head=quantize_lm_head, seed=seed,
+                                  threads=threads, overwrite=overwrite, on_stage=on_stage)
     console.print(f"[green]quantized[/] -> {result.package_dir}")
 
 
@@ -164,6 +219,10 @@ def build(
     as_json: bool = typer.Option(False, "--json", help="Print the plan/result as JSON."),
 ) -> None:
     """Compile TensorRT engines into PKG/engines, sized for the target device."""
+    for value, flag in ((max_batch, "--max-batch"), (max_context, "--max-context"), (max_images, "--max-images")):
+        _positive(value, flag)
+    if workspace_gb is not None and not 0 < workspace_gb < float("inf"):
+        raise UsageError(f"--workspace-gb must be a positive number, not {workspace_gb}")
     from .build.builder import build_engines, result_summary
 
     result = build_engines(package, target=target, max_batch=max_batch, max_context=max_context,
@@ -198,13 +257,24 @@ def run(
     device: str = typer.Option("cpu", help="cpu or cuda (onnxruntime-gpu)."),
     backend: str = typer.Option("ort", help="ort (onnxruntime) or tensorrt (engines from `build`)."),
     template: Optional[str] = typer.Option(None, help="Override the package's chat template."),
+    max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, help="Refuse images with more pixels (width x height), "
+                                         "read from the header before decoding."),
 ) -> None:
     """Answer one prompt about one image, streaming the answer."""
+    from .runtime.inputs import check_stop, check_text
     from .runtime.pipeline import Pipeline, Request, drain
+    from .runtime.preprocess import load_image
 
+    prompt = check_text(prompt, "--prompt")
+    stop = check_stop(stop)
+    _positive(max_new_tokens, "--max-new-tokens")
+    _positive(threads, "--threads")
+    _positive(max_image_pixels, "--max-image-pixels")
     sampling = _sampling(greedy, temperature, top_p, top_k, repetition_penalty, seed)
-    pipe = Pipeline.from_package(package, backend=backend, device=device, threads=threads, template=template)
-    req = Request([(prompt, None)], [image] if image is not None else [])
+    picture = load_image(image, max_image_pixels) if image is not None else None  # a bad image fails in ms
+    pipe = Pipeline.from_package(package, backend=backend, device=device, threads=threads, template=template,
+                                 max_image_pixels=max_image_pixels)
+    req = Request([(prompt, None)], [picture] if picture is not None else [])
     stream = None if as_json else (lambda e: out.print(e.text, end="", highlight=False, soft_wrap=True, markup=False))
     result = drain(pipe.run([req], max_new_tokens=max_new_tokens, sampling=sampling, stop=stop), stream)[0]
     if as_json:
@@ -228,43 +298,92 @@ def chat(
     threads: Optional[int] = typer.Option(None),
     device: str = typer.Option("cpu"),
     backend: str = typer.Option("ort", help="ort or tensorrt."),
+    max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, help="Refuse images with more pixels (width x height), "
+                                         "read from the header before decoding."),
 ) -> None:
-    """Multi-turn chat in the terminal. /image PATH switches image, /reset forgets, /quit (or Ctrl-D) exits."""
-    from .runtime.pipeline import Pipeline, PromptTooLongError, Request, drain
-    from .runtime.preprocess import ImageError, load_image
+    """Multi-turn chat in the terminal. /image PATH switches image, /reset forgets, /quit (or Ctrl-D) exits.
 
+    The oldest turns are dropped when the conversation outgrows the context; a bad line (an unreadable
+    image, invalid UTF-8, an unknown /command) is answered with an error and the session goes on."""
+    from .runtime.inputs import check_text
+    from .runtime.pipeline import Pipeline, Request, drain
+    from .runtime.preprocess import load_image
+
+    _positive(max_new_tokens, "--max-new-tokens")
+    _positive(threads, "--threads")
     sampling = _sampling(False, temperature, top_p, 0, 1.0, seed)
-    pipe = Pipeline.from_package(package, backend=backend, device=device, threads=threads)
-    current = load_image(image) if image else None
+    _positive(max_image_pixels, "--max-image-pixels")
+    pipe = Pipeline.from_package(package, backend=backend, device=device, threads=threads,
+                                 max_image_pixels=max_image_pixels)
+    current = load_image(image, max_image_pixels) if image else None
     history: list[tuple[str, str]] = []
-    console.print("[dim]/image PATH, /reset, /quit[/]")
+    context = pipe.manifest.text.max_context
+    told_dropping = False
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")  # invalid UTF-8 reaches check_text, not a crash
+    commands = "/image PATH, /reset, /quit"
+    console.print(f"[dim]{commands}[/]")
+
+    def say_error(message: str) -> None:
+        console.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
     while True:
         try:
             line = input("you> ").strip()
         except EOFError:
             out.print()
             return
+        try:
+            line = check_text(line, "the line", allow_empty=True)
+        except UsageError as e:
+            say_error(str(e))
+            continue
         if not line:
             continue
-        if line in ("/quit", "/exit"):
-            return
-        if line == "/reset":
-            history.clear()
-            continue
-        if line.startswith("/image"):
-            try:
-                current = load_image(line.split(maxsplit=1)[1])
+        if line.startswith("/"):
+            cmd, _, arg = line.partition(" ")
+            if cmd in ("/quit", "/exit"):
+                return
+            if cmd == "/reset":
                 history.clear()
-            except (IndexError, ImageError) as e:
-                console.print(f"[red]error:[/] {e if not isinstance(e, IndexError) else 'usage: /image PATH'}")
+                console.print("[dim]conversation reset[/]")
+            elif cmd == "/image":
+                if not arg.strip():
+                    say_error("usage: /image PATH")
+                    continue
+                try:
+                    current = load_image(arg.strip(), pipe.max_image_pixels)
+                except UsageError as e:
+                    say_error(str(e))
+                    continue
+                history.clear()
+                console.print(f"[dim]image {escape(arg.strip())} ({current.width}x{current.height}); "
+                              "conversation reset[/]", highlight=False)
+            else:
+                say_error(f"unknown command {cmd}; commands: {commands}")
             continue
-        req = Request([*history, (line, None)], [current] if current is not None else [])
-        out.print("llava> ", end="")
+        images = [current] if current is not None else []
         try:
+            # keep the newest turns that fit: drop the oldest until prompt + answer fit the context
+            while True:
+                req = Request([*history, (line, None)], images)
+                need = len(pipe.encode_request(req)) + max_new_tokens
+                if need <= context or not history:
+                    break
+                history.pop(0)
+                if not told_dropping:
+                    console.print(f"[dim]note: dropping the oldest turns to stay within the model's context of "
+                                  f"{context} tokens[/]")
+                    told_dropping = True
+            if need > context:
+                say_error(f"this line needs {need} tokens (image and --max-new-tokens {max_new_tokens} included), "
+                          f"more than the model's context of {context}; shorten it")
+                continue
+            out.print("llava> ", end="")
             result = drain(pipe.run([req], max_new_tokens=max_new_tokens, sampling=sampling),
                            lambda e: out.print(e.text, end="", highlight=False, soft_wrap=True, markup=False))[0]
-        except PromptTooLongError as e:
-            console.print(f"\n[red]error:[/] {e}; use /reset")
+        except UsageError as e:
+            say_error(str(e))
             continue
         out.print()
         history.append((line, result.text))
@@ -273,10 +392,23 @@ def chat(
 @app.command()
 @friendly
 def inspect(package: Path = typer.Argument(..., help="Model package directory."),
-            as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON.")) -> None:
+            as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+            verify: bool = typer.Option(False, "--verify", help="Re-hash every file against the sha256 digests in "
+                                        "the manifest (reads the whole package).")) -> None:
     """Show a package's graphs, shapes, dtypes, sizes, quantization and tool versions."""
-    from .package import load_manifest
+    from .package import PackageError, load_manifest, verify_package
 
+    if verify:
+        m, bad = verify_package(package)
+        if bad:
+            raise PackageError(f"package {package}: {', '.join(bad)} differ(s) from the sha256 in the manifest; the "
+                               "package is corrupt or was modified: copy or export it again")
+        if not m.digests:
+            console.print(f"[yellow]note:[/] {package} records no digests (written by an older llava-edge); only "
+                          "presence and sizes were checked", highlight=False, soft_wrap=True)
+        else:
+            console.print(f"[green]verified[/] {len(m.digests)} files of {package} (sha256)", highlight=False,
+                          soft_wrap=True)
     m = load_manifest(package)
     if as_json:
         print(m.to_json())
@@ -324,10 +456,26 @@ def bench(
     md: Optional[Path] = typer.Option(None, help="Also write a markdown note with the command."),
 ) -> None:
     """Latency (vision, time to first token, per token), throughput and memory, vs transformers."""
+    from .package import check_output_file
+
+    _positive(threads, "--threads")
+    _positive(new_tokens, "--new-tokens")
+    for path in (output, plot):
+        if path is not None:
+            check_output_file(path)
+    try:
+        batches, prompt_lens = [int(x) for x in batch.split(",")], [int(x) for x in prompt_len.split(",")]
+    except ValueError:
+        raise UsageError("--batch and --prompt-len take comma-separated integers, e.g. 1,4") from None
+    for v in batches + prompt_lens:
+        _positive(v, "--batch/--prompt-len")
+    _positive(repeat, "--repeat")
+    if warmup < 0:
+        raise UsageError(f"--warmup must be >= 0, not {warmup}")
     from .benchmarks.harness import run_benchmark
 
-    report = run_benchmark(package, backend=backend, batch=[int(x) for x in batch.split(",")],
-                           prompt_len=[int(x) for x in prompt_len.split(",")], new_tokens=new_tokens,
+    report = run_benchmark(package, backend=backend, batch=batches,
+                           prompt_len=prompt_lens, new_tokens=new_tokens,
                            baseline=baseline, checkpoint=checkpoint, repeat=repeat, warmup=warmup, threads=threads,
                            device=device, with_image=not no_image, out_json=output, plot=plot,
                            on_progress=lambda s: console.print(f"[dim]{escape(s)}[/]"))
@@ -345,9 +493,18 @@ def random_checkpoint(
     output: Path = typer.Argument(..., help="Checkpoint directory to write (llava-hf layout, fp16)."),
 ) -> None:
     """Write a random-weight checkpoint of a named architecture, for speed work without weights."""
-    from .benchmarks.arch import build_random_checkpoint
+    from .package import check_output_dir, staged_package
 
-    console.print(f"[green]wrote[/] {build_random_checkpoint(arch, output)}")
+    if output.is_dir() and any(output.iterdir()):
+        raise UsageError(f"output directory {output} exists and is not empty; random-checkpoint writes only a new or "
+                         "empty directory")
+    check_output_dir(output)
+    from .benchmarks.arch import build_random_checkpoint, get_arch
+
+    spec = get_arch(arch)
+    with staged_package(output) as tmp:
+        build_random_checkpoint(spec, tmp)
+    console.print(f"[green]wrote[/] {output}")
 
 
 @app.command("eval")
@@ -361,19 +518,24 @@ def evaluate_cmd(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write per-type results JSON here."),
 ) -> None:
     """Exact-match accuracy per question type on the synthetic held-out set (the trained tiny LLaVA's task)."""
-    from .package import MANIFEST_NAME
+    from .package import MANIFEST_NAME, check_output_file
     from .synthetic.evaluate import evaluate, format_table, overall, package_answerer, torch_answerer
 
+    _positive(n, "--n")
+    _positive(threads, "--threads")
     if not target.exists():
         raise FileNotFoundError(f"{target} not found")
+    if output:
+        check_output_file(output)  # now, not after minutes of answering
     if (target / MANIFEST_NAME).is_file():
         answer = package_answerer(target, backend=backend, threads=threads)
     else:
         answer = torch_answerer(target, threads=threads)
-    results = evaluate(answer, n=n)
+    results = evaluate(answer, n=n, progress=True)
     out.print(format_table(results), markup=False, soft_wrap=True)
     out.print(f"overall: {100 * overall(results):.2f}%", markup=False)
     if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(results, indent=2))
 
 
@@ -385,6 +547,12 @@ def demo(
     max_new_tokens: int = typer.Option(16),
 ) -> None:
     """The whole path on a built-in model, no files needed: checkpoint -> export -> verify -> answer."""
+    from .package import check_output_dir, check_writable
+
+    _positive(max_new_tokens, "--max-new-tokens")
+    if workdir is not None:
+        check_writable(workdir / "package")
+        check_output_dir(workdir / "package", overwrite=True)  # replaced only if it is a package of ours
     from .demo import run_demo
 
     with tempfile.TemporaryDirectory(prefix="llava-edge-demo-") as tmp:

@@ -3,12 +3,14 @@
 The CLI turns a :class:`LlavaEdgeError` into a one-line ``error:`` and exit code 2 and lets every other
 exception through with its traceback (a bug in numpy, onnx or our code must stay debuggable). Each stage
 subclasses it where a caller needs to tell errors apart (``PackageError``, ``BackendError``,
-``QuantizeError``, ...). It subclasses ``ValueError`` so callers that catch ``ValueError`` keep working.
+``QuantizeError``, ...); the server maps them to 4xx answers. It subclasses ``ValueError`` so callers
+that catch ``ValueError`` keep working. docs/errors.md lists every case and the line it prints.
 """
 
 from __future__ import annotations
 
-__all__ = ["LlavaEdgeError", "UsageError"]
+__all__ = ["LlavaEdgeError", "UsageError", "OutputError", "ImageError", "ImageTooLargeError", "TextInputError",
+           "Terminated"]
 
 
 class LlavaEdgeError(ValueError):
@@ -17,3 +19,27 @@ class LlavaEdgeError(ValueError):
 
 class UsageError(LlavaEdgeError):
     """Bad input: a flag, a prompt, a setting or a file the user gave."""
+
+
+class OutputError(UsageError):
+    """An output location that cannot or must not be written: read-only, a file where a directory
+    belongs, or a directory holding something that is not ours to replace."""
+
+
+class ImageError(UsageError):
+    """The image cannot be read or decoded."""
+
+
+class ImageTooLargeError(ImageError):
+    """The image header declares more pixels than the configured limit (checked before decoding)."""
+
+
+class TextInputError(UsageError):
+    """A prompt or chat line that is not text: invalid UTF-8, bytes instead of str, empty."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program was, so staging directories are cleaned as for Ctrl-C.
+
+    Not an error: a KeyboardInterrupt subclass, so every ``except BaseException`` cleanup path that
+    handles Ctrl-C handles a ``kill`` the same way."""

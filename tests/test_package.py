@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 
+from llava_edge.errors import OutputError
 from llava_edge.package import PackageError, load_manifest, staged_package
 
 
@@ -51,10 +52,11 @@ def test_staged_package_refuses_non_empty_target_without_overwrite(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     (target / "keep.txt").write_text("x")
-    with pytest.raises(PackageError, match="not empty"):
+    with pytest.raises(OutputError, match="not empty"):
         with staged_package(target):
             pass
-    with staged_package(target, overwrite=True) as tmp:
-        (tmp / "new.txt").write_text("y")
-    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    with pytest.raises(OutputError, match="not a llava-edge package"):  # --overwrite replaces only our packages
+        with staged_package(target, overwrite=True):
+            pass
+    assert (target / "keep.txt").read_text() == "x"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]

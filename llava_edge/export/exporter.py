@@ -14,7 +14,8 @@ import torch
 
 from ..errors import LlavaEdgeError
 from .. import __version__
-from ..package import FORMAT_VERSION, TOKENIZER_NAME, Manifest, TextConfig, staged_package, write_manifest
+from ..package import (FORMAT_VERSION, TOKENIZER_NAME, Manifest, TextConfig, check_output_dir, staged_package,
+                       write_manifest)
 from . import verify
 from .checkpoint import LoadedCheckpoint, load_checkpoint, weights_bytes
 from .onnx_export import export_decoder, export_embed, export_vision
@@ -86,6 +87,8 @@ def export_package(
         raise ExportError("opset must be >= 17 (LayerNormalization and friends)")
     torch_dtype = DTYPES[dtype]
     stage = on_stage or (lambda name: None)
+    inputs = [p for p in (checkpoint_dir, vision_tower) if p is not None]
+    check_output_dir(out_dir, overwrite, protect=inputs)  # before minutes of work, not after
 
     stage("load checkpoint")
     # fp16 export keeps an fp32 reference for verification when both fit in memory; otherwise (a 7B
@@ -99,7 +102,7 @@ def export_package(
     model = ck.model if ck.model.dtype == torch_dtype else copy.deepcopy(ck.model).to(torch_dtype)
 
     errors: dict[str, float] = {}
-    with staged_package(out_dir, overwrite=overwrite) as tmp:
+    with staged_package(out_dir, overwrite=overwrite, protect=inputs) as tmp:
         ck.tokenizer.save(str(tmp / TOKENIZER_NAME))
         graphs = {}
         for name, fn in (

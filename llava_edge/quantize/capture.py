@@ -26,7 +26,7 @@ from ..runtime import anyres
 from ..runtime import prompt as prompts
 from ..runtime.preprocess import preprocess
 from .data import Conversation
-from .progress import progress_iter
+from ..progress import progress_iter
 
 @dataclass
 class EncodedSample:

@@ -19,7 +19,8 @@ from typing import Any, Callable
 import torch
 
 from ..errors import LlavaEdgeError
-from ..package import TOKENIZER_NAME, Manifest, PackageError, load_manifest, staged_package, write_manifest
+from ..package import (TOKENIZER_NAME, Manifest, PackageError, check_output_dir, load_manifest, staged_package,
+                       write_manifest)
 from .capture import capture_layer_inputs, encode_samples, find_decoder
 from .data import load_calibration
 from .gptq import GPTQConfig
@@ -159,6 +160,8 @@ def quantize_package(
                             "quantize the float package instead")
     label = "gptq-import" if from_gptq is not None else method
     out = Path(out_dir) if out_dir is not None else src.with_name(f"{src.name}-{label}-int{bits}-g{group_size}")
+    inputs = [p for p in (src, checkpoint_dir, from_gptq) if p is not None]
+    check_output_dir(out, overwrite, protect=inputs)  # before calibration, not after
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
@@ -216,7 +219,7 @@ def quantize_package(
     rss_peak = _peak_rss_mb()
 
     stage("write package")
-    with staged_package(out, overwrite=overwrite) as tmp:
+    with staged_package(out, overwrite=overwrite, protect=inputs) as tmp:
         dec = manifest.graphs["decoder"]
         decoder_files = {dec.file, *dec.external_data}
         # The fast decoder (GroupQueryAttention, onnxruntime only) names its weights like the portable
@@ -230,6 +233,8 @@ def quantize_package(
         t0 = time.perf_counter()
         written = write_quantized_decoder(src / dec.file, tmp / dec.file, quantized, format)
         new = Manifest.from_dict(asdict(manifest))
+        for rel in decoder_files | fast_files:  # rewritten: hashed again by write_manifest
+            new.digests.pop(rel, None)
         if fast is not None:
             stage("write quantized fast decoder")
             written_fast = write_quantized_decoder(src / fast.file, tmp / fast.file, quantized, "matmulnbits",

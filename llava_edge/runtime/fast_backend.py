@@ -24,7 +24,7 @@ import onnxruntime as ort
 
 from ..package import Manifest
 from .backend import BackendError
-from .ort_backend import session_options
+from .ort_backend import open_session, session_options
 from .ragged import right_align
 
 
@@ -54,17 +54,18 @@ class FastOrtBackend:
                  decoder: str = "decoder_fast", device: str = "cpu"):
         if decoder not in manifest.graphs:
             fast = [g for g in manifest.graphs if g.startswith("decoder_fast")]
-            raise BackendError(f"package has no '{decoder}' graph (has: {', '.join(fast) or 'none'}); "
-                               "add one with llava_edge.export.fast_decoder.export_fast_decoder")
+            flag = "--fast" if decoder == "decoder_fast" else "--fast-int4"
+            raise BackendError(f"package has no '{decoder}' graph (has: {', '.join(fast) or 'none'}); export one with "
+                               f"`llava-edge export {manifest.source.get('path') or 'CHECKPOINT'} -o {package_dir} {flag} --overwrite`")
         if device != "cpu":
             raise BackendError("the fast backend is CPU-only for now (GroupQueryAttention shared buffer on CPU)")
         root = Path(package_dir)
         opts = session_options(threads)
         providers = ["CPUExecutionProvider"]
         self.manifest = manifest
-        self.vision = ort.InferenceSession(str(root / manifest.graphs["vision"].file), opts, providers=providers)
-        self.embedder = ort.InferenceSession(str(root / manifest.graphs["embed"].file), opts, providers=providers)
-        self.decoder = ort.InferenceSession(str(root / manifest.graphs[decoder].file), opts, providers=providers)
+        self.vision = open_session(root, manifest, "vision", opts, providers)
+        self.embedder = open_session(root, manifest, "embed", opts, providers)
+        self.decoder = open_session(root, manifest, decoder, opts, providers)
         self.decoder_graph = decoder
         past = [i for i in self.decoder.get_inputs() if i.name.startswith("past_key_values.")]
         self.past_names = [i.name for i in past]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ..package import Manifest
+from ..package import Manifest, PackageError
 from .backend import BackendError
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
@@ -29,6 +29,8 @@ class PortableKVCache:
 def session_options(threads: int | None) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if threads is not None and threads < 1:
+        raise BackendError(f"threads must be >= 1, not {threads}")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
@@ -36,6 +38,26 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     # Keep MatMulNBits numerics exact to the stored weights unless the package asks otherwise.
     opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     return opts
+
+
+# What onnxruntime raises for a graph file it cannot load (bad protobuf, bad graph, missing data).
+_LOAD_ERRORS = tuple(getattr(ort.capi.onnxruntime_pybind11_state, n) for n in
+                     ("InvalidProtobuf", "InvalidGraph", "Fail", "NoSuchFile", "RuntimeException", "InvalidArgument",
+                      "NotImplemented"))
+
+
+def open_session(root: Path, manifest: Manifest, graph: str, opts: ort.SessionOptions,
+                 providers: list[str]) -> ort.InferenceSession:
+    """An InferenceSession for one graph of the package; a file onnxruntime cannot load (corrupt, or
+    modified to the same size) becomes one PackageError naming it instead of a protobuf traceback."""
+    path = root / manifest.graphs[graph].file
+    try:
+        return ort.InferenceSession(str(path), opts, providers=providers)
+    except _LOAD_ERRORS as e:
+        reason = " ".join(str(e).split())
+        raise PackageError(f"cannot load {path.name} ({graph} graph) of {root}: the file is corrupt or was modified "
+                           f"(check with `llava-edge inspect {root} --verify`, then export again); onnxruntime: "
+                           f"{reason[:200]}") from None
 
 
 class OrtBackend:
@@ -52,9 +74,9 @@ class OrtBackend:
         root = Path(package_dir)
         opts = session_options(threads)
         self.manifest = manifest
-        self.vision = ort.InferenceSession(str(root / manifest.graphs["vision"].file), opts, providers=providers)
-        self.embedder = ort.InferenceSession(str(root / manifest.graphs["embed"].file), opts, providers=providers)
-        self.decoder = ort.InferenceSession(str(root / manifest.graphs["decoder"].file), opts, providers=providers)
+        self.vision = open_session(root, manifest, "vision", opts, providers)
+        self.embedder = open_session(root, manifest, "embed", opts, providers)
+        self.decoder = open_session(root, manifest, "decoder", opts, providers)
         self.float_dtype = np.dtype(manifest.dtype)
         self.past_names = [i.name for i in self.decoder.get_inputs()[3:]]
         self.present_names = [o.name for o in self.decoder.get_outputs()[1:]]

@@ -17,13 +17,14 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from ..errors import UsageError
-from ..package import TOKENIZER_NAME, Manifest, load_manifest
+from ..package import TOKENIZER_NAME, Manifest, PackageError, load_manifest
 from . import anyres
 from . import prompt as prompts
 from .backend import supports_prefix_reuse
 from .backends import open_backend
+from .inputs import check_count, check_stop, check_text, check_threads
 from .prefix_cache import PrefixCache, image_digest
-from .preprocess import load_image, preprocess
+from .preprocess import MAX_IMAGE_PIXELS, load_image, preprocess
 from .ragged import left_pad
 from .sampling import Sampler, SamplingConfig
 
@@ -119,8 +120,9 @@ class _Detokenizer:
 
 class Pipeline:
     def __init__(self, package_dir: str | os.PathLike, manifest: Manifest, backend, tokenizer: Tokenizer,
-                 template: str | None = None, prefix_cache: int = 2):
+                 template: str | None = None, prefix_cache: int = 2, max_image_pixels: int | None = MAX_IMAGE_PIXELS):
         self.package_dir = Path(package_dir)
+        self.max_image_pixels = max_image_pixels  # images from files/bytes above this are refused before decoding
         self.manifest = manifest
         self.backend = backend
         self.tokenizer = tokenizer
@@ -133,16 +135,22 @@ class Pipeline:
     @classmethod
     def from_package(cls, package_dir: str | os.PathLike, backend: str = "ort", device: str = "cpu",
                      threads: int | None = None, template: str | None = None,
-                     prefix_cache: int = 2) -> "Pipeline":
+                     prefix_cache: int = 2, max_image_pixels: int | None = MAX_IMAGE_PIXELS) -> "Pipeline":
+        check_threads(threads)
         manifest = load_manifest(package_dir)
-        tokenizer = Tokenizer.from_file(str(Path(package_dir) / TOKENIZER_NAME))
+        try:
+            tokenizer = Tokenizer.from_file(str(Path(package_dir) / TOKENIZER_NAME))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a file it cannot parse
+            raise PackageError(f"cannot load {TOKENIZER_NAME} of {package_dir}: {e}") from None
         engine = open_backend(backend, package_dir, manifest, device=device, threads=threads)
-        return cls(package_dir, manifest, engine, tokenizer, template, prefix_cache)
+        return cls(package_dir, manifest, engine, tokenizer, template, prefix_cache, max_image_pixels)
 
     # -- prompt preparation -------------------------------------------------------------------
     def encode_request(self, request: Request) -> np.ndarray:
         t = self.manifest.text
-        text = prompts.render(self.template, request.turns, t.image_token, len(request.images))
+        turns = [(check_text(q, "prompt", allow_empty=bool(request.images) or a is not None),
+                  None if a is None else check_text(a, "answer", allow_empty=True)) for q, a in request.turns]
+        text = prompts.render(self.template, turns, t.image_token, len(request.images))
         ids = self.tokenizer.encode(text).ids
         ids, n_images = prompts.expand_image_tokens(ids, t.image_token_id, self._tokens_per_image(request.images))
         if n_images != len(request.images):
@@ -154,23 +162,25 @@ class Pipeline:
         v = self.manifest.vision
         if not v.anyres:
             return v.num_image_tokens
-        return [anyres.num_image_tokens(load_image(im).size[::-1], v) for im in images]
+        return [anyres.num_image_tokens(load_image(im, self.max_image_pixels).size[::-1], v) for im in images]
 
     def _image_features(self, images: Sequence[Any]) -> np.ndarray:
         """All images' features, concatenated in prompt order: [total image tokens, hidden]."""
         v = self.manifest.vision
         if v.anyres:
             return np.concatenate(anyres.encode(images, v, self.backend.encode_images))
-        features = self.backend.encode_images(np.stack([preprocess(im, v) for im in images]))
+        features = self.backend.encode_images(np.stack([preprocess(im, v, self.max_image_pixels) for im in images]))
         return features.reshape(-1, features.shape[-1])
 
     # -- generation ---------------------------------------------------------------------------
     def run(self, requests: Sequence[Request], max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
             stop: Sequence[str] = ()) -> Iterator[TokenEvent]:
         """Generate for a batch; yields TokenEvents, returns list[GenerationResult] (StopIteration.value)."""
-        if max_new_tokens < 1:
-            raise UsageError("max_new_tokens must be >= 1")
+        max_new_tokens = check_count(max_new_tokens, "max_new_tokens")
+        if not requests:
+            raise UsageError("no requests")
         sampling = sampling or SamplingConfig()
+        stop = check_stop(stop)
         t = self.manifest.text
         encoded = [self.encode_request(r) for r in requests]
         lengths = [len(e) for e in encoded]
@@ -182,7 +192,8 @@ class Pipeline:
             )
         b = len(requests)
         timings = Timings()
-        images = [load_image(im) for r in requests for im in r.images]  # decode (and fail) once, early
+        # decode (and fail) once, early
+        images = [load_image(im, self.max_image_pixels) for r in requests for im in r.images]
 
         # prefix reuse (batch 1): skip the tokens, and the vision encoder, that an earlier prompt covered
         reuse = self.prefix_cache is not None and b == 1 and supports_prefix_reuse(self.backend)

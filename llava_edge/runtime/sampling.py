@@ -6,6 +6,8 @@ copy per step is the float64 softmax of the rows that sample (greedy rows take a
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +24,15 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise UsageError(f"{name} must be a finite number, not {value!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
+            raise UsageError(f"top_k must be an integer, not {self.top_k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)
+                                      or self.seed < 0):
+            raise UsageError(f"seed must be a non-negative integer, not {self.seed!r}")
         if self.temperature < 0:
             raise UsageError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
@@ -49,7 +60,8 @@ class Sampler:
             if len(ids):
                 u = np.unique(ids)
                 vals = row[u]
-                row[u] = np.where(vals > 0, vals / p, vals * p)
+                with np.errstate(over="ignore", divide="ignore"):
+                    row[u] = np.where(vals > 0, vals / p, vals * p)
 
     def __call__(self, logits: np.ndarray, seen: list[np.ndarray] | None = None) -> np.ndarray:
         """logits [B, V] (modified in place) -> next token ids [B]."""
@@ -61,7 +73,11 @@ class Sampler:
 
     def _sample_row(self, row: np.ndarray) -> int:
         c = self.config
-        x = row.astype(np.float64) / c.temperature
+        with np.errstate(over="ignore"):
+            x = row.astype(np.float64) / c.temperature
+        x[np.isnan(x)] = -np.inf  # a broken graph's NaN logits are never sampled
+        if not np.isfinite(x.max()):  # overflow (a tiny temperature) is greedy; all -inf/NaN takes the argmax
+            return int(np.nan_to_num(row, nan=-np.inf).argmax())
         if c.top_k and c.top_k < x.size:
             kth = np.partition(x, -c.top_k)[-c.top_k]
             x[x < kth] = -np.inf

@@ -27,6 +27,7 @@ from typing import Callable
 
 from PIL import Image
 
+from llava_edge.progress import progress_iter
 from llava_edge.synthetic import data as D
 
 AnswerFn = Callable[[Image.Image, str], str]
@@ -68,15 +69,12 @@ def evaluate(answer_fn: AnswerFn, n: int = 300, seed: int = D.HELDOUT_SEED, star
     hits: Counter = Counter()
     blind_hits: Counter = Counter()
     total: Counter = Counter()
-    t0 = time.time()
-    for i, s in enumerate(samples):
+    for s in progress_iter(samples, f"eval: {n} scenes", enabled=progress):
         for t in s.turns:
             total[t.qtype] += 1
             hits[t.qtype] += normalize(answer_fn(s.image, t.question)) == normalize(t.answer)
             if blind is not None:
                 blind_hits[t.qtype] += normalize(blind(s.image, t.question)) == normalize(t.answer)
-        if progress and (i + 1) % 50 == 0:
-            print(f"  {i + 1}/{n} samples ({time.time() - t0:.0f}s)", flush=True)
     chance = D.chance_levels(samples)
     out: dict[str, dict[str, float]] = {}
     for qt in D.QUESTION_TYPES:
