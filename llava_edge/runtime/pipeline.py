@@ -226,9 +226,9 @@ class Pipeline:
 
 
     def sequences(self, requests: Sequence[Request], max_new_tokens: int = 64,
-                  sampling: SamplingConfig | None = None, stop: Sequence[str] = ()) -> list:
+                  sampling: SamplingConfig | None = None, stop: Sequence[str] = (), engine: Engine | None = None) -> list:
         """Engine sequences for requests (prompt checked against the context, images decoded now)."""
-        engine = self.engine
+        engine = engine or self.engine
         return [engine.make_sequence(self.encode_request(r), [load_image(im) for im in r.images], max_new_tokens,
                                      sampling, stop, index=i) for i, r in enumerate(requests)]
 

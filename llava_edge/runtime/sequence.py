@@ -100,7 +100,7 @@ class TokenEvent:
 _ids = itertools.count()
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two requests with the same prompt are still two sequences
 class Sequence:
     """A request as the engine sees it. ``ids`` are prompt ids with image tokens expanded."""
 
