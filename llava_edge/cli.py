@@ -404,5 +404,37 @@ def demo(
         run_demo(Path(workdir) if workdir else Path(tmp), max_new_tokens=max_new_tokens, console=out)
 
 
+@app.command()
+@friendly
+def serve(
+    package: Path = typer.Argument(..., help="Model package directory."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    backend: str = typer.Option("auto", help="auto, ort, ort-fast, ort-fast-int4 or tensorrt."),
+    max_slots: int = typer.Option(4, help="Sequences decoded together (KV-cache slots)."),
+    api_key: Optional[str] = typer.Option(None, envvar="LLAVA_EDGE_API_KEY",
+                                          help="Require 'Authorization: Bearer KEY' on /v1 routes."),
+    max_image_bytes: str = typer.Option("10MB", help="Largest accepted image file."),
+    max_image_pixels: str = typer.Option("40M", help="Largest accepted image, in pixels."),
+    max_images_per_request: int = typer.Option(4, help="Images in one request."),
+    max_tokens: int = typer.Option(512, help="Most tokens one request may generate (and the default)."),
+    queue_size: int = typer.Option(64, help="Requests waiting for a slot before new ones get 429."),
+    media_dir: Optional[Path] = typer.Option(None, help="Directory whose files requests may name as images."),
+    threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads."),
+) -> None:
+    """Serve the package over an OpenAI-compatible HTTP API (continuous batching)."""
+    try:
+        from .serve.app import ServeConfig
+        from .serve.server import parse_size, serve as run_server
+    except ImportError as e:
+        raise UsageError(f"serving needs the serve extra: pip install 'llava-edge[serve]' ({e})") from None
+
+    run_server(ServeConfig(package, host=host, port=port, backend=backend, max_slots=max_slots, api_key=api_key,
+                           max_image_bytes=parse_size(max_image_bytes, "--max-image-bytes"),
+                           max_image_pixels=parse_size(max_image_pixels, "--max-image-pixels"),
+                           max_images_per_request=max_images_per_request, max_tokens=max_tokens,
+                           queue_size=queue_size, media_dir=media_dir, threads=threads))
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
