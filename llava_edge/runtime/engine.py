@@ -78,6 +78,7 @@ class Engine:
         self._live: dict[str, Sequence] = {}
         self.wakeup = threading.Event()  # set by add/cancel: a sleeping worker has something to do
         self.steps = 0
+        self.tokens_generated = 0
 
     # -- requests (any thread) ----------------------------------------------------------------------
     def make_sequence(self, ids: np.ndarray, images: Seq[Any] = (), max_tokens: int = 64,
@@ -226,6 +227,7 @@ class Engine:
         return int(seq.sampler(logits, [seq.seen] if seq.seen is not None else None)[0])
 
     def _emit(self, seq: Sequence, token: int, events: list[TokenEvent]) -> None:
+        self.tokens_generated += 1
         events.append(seq.append(token))
         if seq.status is Status.FINISHED:
             self._retire(seq)

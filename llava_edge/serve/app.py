@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -35,6 +36,7 @@ from .worker import EngineWorker
 
 log = logging.getLogger("llava_edge.serve")
 CHAT_PATH = "/v1/chat/completions"
+DEBUG_ENV = "LLAVA_EDGE_SERVE_DEBUG"
 
 
 @dataclass
@@ -134,8 +136,8 @@ class ServerState:
             seq = engine.make_sequence(ids, images, max_tokens, sampling, stop)
         except UsageError as e:
             raise ApiError(400, str(e), "invalid_value") from None
-        if getattr(chat, "model_extra", None) and chat.model_extra.get("ignore_eos") is True:
-            seq.eos_ids = frozenset()  # extension (vLLM's ignore_eos): fixed-length runs for benchmarks
+        if chat.ignore_eos:
+            seq.eos_ids = frozenset()
         return seq
 
     def _turns(self, chat: ChatRequest) -> tuple[list[tuple[str, str | None]], list[Any]]:
@@ -256,6 +258,26 @@ def create_app(config: ServeConfig) -> FastAPI:
         ready()
         return JSONResponse({"object": "list", "data": [
             {"id": config.model_name, "object": "model", "created": int(time.time()), "owned_by": "llava-edge"}]})
+
+    if os.environ.get(DEBUG_ENV) == "1":
+        # test hooks, off unless LLAVA_EDGE_SERVE_DEBUG=1: hold the engine still to stage queue/slot states
+        @app.post("/debug/pause")
+        async def pause() -> JSONResponse:
+            ready()
+            state.worker.pause()
+            return JSONResponse({"paused": True})
+
+        @app.post("/debug/resume")
+        async def resume() -> JSONResponse:
+            ready()
+            state.worker.resume()
+            return JSONResponse({"paused": False})
+
+        @app.post("/debug/step")
+        async def step(n: int = 1) -> JSONResponse:
+            ready()
+            state.worker.allow_steps(n)
+            return JSONResponse({"steps": n})
 
     @app.post(CHAT_PATH)
     async def chat_completions(request: Request) -> Response:

@@ -40,6 +40,8 @@ class _EngineCollector:
         yield CounterMetricFamily("llava_edge_prefix_cache_hits", "Prompts that reused a cached prefix",
                                   value=pc.hits if pc else 0)
         yield CounterMetricFamily("llava_edge_engine_steps", "Engine steps run", value=engine.steps)
+        yield CounterMetricFamily("llava_edge_engine_tokens", "Tokens the engine generated (cancelled ones included)",
+                                  value=engine.tokens_generated)
 
 
 class Metrics:

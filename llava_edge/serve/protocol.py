@@ -63,6 +63,7 @@ class ChatRequest(_Strict):
     top_k: Optional[int] = Field(default=None, ge=0)  # extension (llama-server, vLLM)
     repetition_penalty: Optional[float] = Field(default=None, gt=0)  # extension
     seed: Optional[int] = None
+    ignore_eos: bool = False  # extension (vLLM): generate max_tokens tokens, for benchmarks
     stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None

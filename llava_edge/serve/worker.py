@@ -23,6 +23,9 @@ class EngineWorker:
         self.loop = loop
         self.queues: dict[str, asyncio.Queue] = {}
         self._stop = threading.Event()
+        self.paused = False  # debug routes only: hold the engine still so tests can stage a state
+        self._steps_allowed = 0
+        self._cond = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="llava-edge-engine", daemon=True)
 
     def start(self) -> None:
@@ -32,6 +35,28 @@ class EngineWorker:
         self._stop.set()
         self.engine.wakeup.set()
         self._thread.join(timeout=10)
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        self.engine.wakeup.set()
+
+    def allow_steps(self, n: int) -> None:
+        """While paused: run exactly n more steps (debug routes)."""
+        with self._cond:
+            self._steps_allowed += n
+        self.engine.wakeup.set()
+
+    def _may_step(self) -> bool:
+        if not self.paused:
+            return True
+        with self._cond:
+            if self._steps_allowed > 0:
+                self._steps_allowed -= 1
+                return True
+        return False
 
     def submit(self, seq: Sequence) -> asyncio.Queue:
         """Queue a sequence; its events arrive on the returned queue (loop thread only)."""
@@ -48,7 +73,7 @@ class EngineWorker:
         engine = self.engine
         while not self._stop.is_set():
             engine.wakeup.clear()
-            if not engine.has_work():
+            if not engine.has_work() or not self._may_step():
                 engine.wakeup.wait(timeout=1.0)
                 continue
             try:
