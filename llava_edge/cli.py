@@ -436,5 +436,32 @@ def serve(
                            queue_size=queue_size, media_dir=media_dir, threads=threads))
 
 
+
+@app.command("bench-serve")
+@friendly
+def bench_serve_cmd(
+    package: Optional[Path] = typer.Argument(None, help="Package to serve (omit with --url)."),
+    url: Optional[str] = typer.Option(None, help="Measure a running server instead of starting one."),
+    server_pid: Optional[int] = typer.Option(None, help="With --url: the server's pid, for RSS."),
+    clients: str = typer.Option("1,2,4,8", help="Comma list of concurrent client counts."),
+    requests: int = typer.Option(4, help="Streaming requests per client per level."),
+    max_tokens: int = typer.Option(32, help="Tokens per request (eos ignored)."),
+    max_slots: int = typer.Option(8, help="The started server's --max-slots."),
+    backend: str = typer.Option("auto", help="The started server's --backend."),
+    threads: Optional[int] = typer.Option(2, help="The started server's --threads."),
+    arrival: int = typer.Option(128, help="Also measure a request arriving while 3 streams of this many tokens "
+                                "decode (0: skip)."),
+    soak: int = typer.Option(0, help="Then N mixed requests (some cancelled, some malformed)."),
+    name: str = typer.Option("serve", help="Output names: benchmarks/results/NAME.{json,md,png}."),
+    out_dir: Path = typer.Option(Path("benchmarks/results"), help="Output directory."),
+) -> None:
+    """Load benchmark of `serve`: N concurrent streaming clients (tok/s, TTFT, per-token, RSS, errors)."""
+    from .benchmarks.serve_load import bench_serve
+
+    if (package is None) == (url is None):
+        raise UsageError("give a PACKAGE to serve or --url of a running server (one of them)")
+    bench_serve(package, url, [int(x) for x in clients.split(",")], requests, max_tokens, max_slots, threads,
+                backend, arrival, soak, server_pid, name, out_dir, progress=lambda s: console.print(f"[dim]{escape(s)}[/]"))
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -369,6 +369,8 @@ async def _stream(state: ServerState, seq: Sequence, queue: asyncio.Queue, cid: 
                 yield sse(chunk_body(cid, model, created, delta, ev.finish_reason, [ev.token_id]))
             if ev.finish_reason is not None:
                 break
+            if not queue.empty():
+                await asyncio.sleep(0)  # let the loop see a disconnect between buffered chunks
         if include_usage:
             body = chunk_body(cid, model, created, {})
             body["choices"] = []
