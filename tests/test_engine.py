@@ -232,3 +232,15 @@ def test_stop_string_cuts_the_streamed_text(pipe, images):
     streamed = "".join(e.text for e in engine.run_until_done([seq]))
     assert seq.finish_reason == "stop" and stop not in streamed
     assert streamed == text[: text.find(stop)]
+
+
+def test_pipeline_engine_is_sized_to_the_call(fast_package, images):
+    pipe = Pipeline.from_package(fast_package, backend="ort-fast", threads=1, prefix_cache=0)
+    one = pipe.generate(images["landscape"], "What is in the picture?", max_new_tokens=5)
+    e = pipe._engine
+    assert e.runner.slots == 1 and e.runner.max_len < pipe.manifest.text.max_context
+    imgs, qs = [images["portrait"], images["rgba"], None], ["Describe it.", "Count.", "Say hello."]
+    batch = pipe.generate_batch(imgs, qs, max_new_tokens=5)
+    assert pipe._engine.runner.slots == 3  # grown for the batch, up to max_slots
+    assert [r.token_ids for r in batch] == [pipe.generate(i, q, max_new_tokens=5).token_ids for i, q in zip(imgs, qs)]
+    assert pipe.generate(images["landscape"], "What is in the picture?", max_new_tokens=5).token_ids == one.token_ids

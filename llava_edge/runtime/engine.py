@@ -87,10 +87,10 @@ class Engine:
         if max_tokens < 1:
             raise UsageError("max_new_tokens must be >= 1")
         t = self.manifest.text
-        if len(ids) + max_tokens > t.max_context:
+        if len(ids) + max_tokens > min(t.max_context, self.runner.max_len):
             raise PromptTooLongError(
                 f"prompt of {len(ids)} tokens (image tokens included) plus max_new_tokens={max_tokens} "
-                f"exceeds the model's context of {t.max_context}")
+                f"exceeds the model's context of {min(t.max_context, self.runner.max_len)}")
         return Sequence(np.asarray(ids, np.int64), list(images), self.tokenizer, max_tokens,
                         sampling or SamplingConfig(), tuple(s for s in stop if s), frozenset(t.eos_token_ids),
                         index=index)

@@ -11,6 +11,7 @@ Two runners behind one small interface:
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Protocol
 
 import numpy as np
@@ -18,6 +19,7 @@ import numpy as np
 
 class ModelRunner(Protocol):
     slots: int
+    max_len: int  # positions a sequence may use (prompt + generated)
     chunk: int | None  # prefill chunk size the runner wants (None: the whole prompt in one call)
     supports_prefix: bool
 
@@ -40,6 +42,7 @@ class SlotRunner:
         self.slots = slots
         self.chunk = chunk
         self.kv = backend.new_slot_cache(slots, max_len)
+        self.max_len = self.kv.max_len
         self.pad_id = 0
 
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
@@ -85,6 +88,7 @@ class SingleRunner:
     def __init__(self, backend: Any, slots: int = 1):
         self.backend = backend
         self.slots = 1
+        self.max_len = sys.maxsize  # each request gets a cache of its own size (the engine caps at the context)
         self.supports_prefix = hasattr(backend, "resume") and hasattr(backend, "snapshot")
         self.cache: Any = None
         self.length = 0

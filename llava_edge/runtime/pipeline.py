@@ -74,19 +74,27 @@ class Pipeline:
         self._engine: Engine | None = None
 
     def make_engine(self, max_slots: int | None = None, prefill_chunk: int | None = None,
-                    image_cache_mb: float | None = None) -> Engine:
+                    image_cache_mb: float | None = None, max_len: int | None = None) -> Engine:
         """A new engine over this pipeline's backend (the server makes its own with its --max-slots).
-        It shares the pipeline's prefix cache; its KV slots are allocated now."""
-        runner = make_runner(self.backend, max_slots or self.max_slots, prefill_chunk or self.prefill_chunk)
+        It shares the pipeline's prefix cache; its KV slots (max_len positions each, the model's context
+        by default) are allocated now."""
+        runner = make_runner(self.backend, max_slots or self.max_slots, prefill_chunk or self.prefill_chunk, max_len)
         return Engine(runner, self.manifest, self.tokenizer, self.prefix_cache,
                       self.image_cache_mb if image_cache_mb is None else image_cache_mb)
 
-    @property
-    def engine(self) -> Engine:
-        if self._engine is None:
-            self._engine = self.make_engine()
-        self._engine.prefix_cache = self.prefix_cache  # callers may swap or drop the prefix cache
-        return self._engine
+    def engine_for(self, n: int, capacity: int) -> Engine:
+        """The pipeline's own engine, grown when a call needs more slots (up to max_slots) or positions:
+        sized to what was asked, not to max_slots x the whole context, so one generate on a big model
+        holds one slot's worth of KV sized like its request (rounded up to a power of two)."""
+        e = self._engine
+        slots = min(max(n, 1), self.max_slots)
+        if e is None or e.runner.slots < slots or e.runner.max_len < capacity:
+            max_len = min(self.manifest.text.max_context, 1 << max(capacity - 1, 1).bit_length())
+            if e is not None:
+                slots, max_len = max(slots, e.runner.slots), max(max_len, e.runner.max_len)
+            self._engine = e = self.make_engine(slots, max_len=max_len)
+        e.prefix_cache = self.prefix_cache  # callers may swap or drop the prefix cache
+        return e
 
     @classmethod
     def from_package(cls, package_dir: str | os.PathLike, backend: str = "ort", device: str = "cpu",
@@ -227,16 +235,19 @@ class Pipeline:
 
     def sequences(self, requests: Sequence[Request], max_new_tokens: int = 64,
                   sampling: SamplingConfig | None = None, stop: Sequence[str] = (), engine: Engine | None = None) -> list:
-        """Engine sequences for requests (prompt checked against the context, images decoded now)."""
-        engine = engine or self.engine
-        return [engine.make_sequence(self.encode_request(r), [load_image(im) for im in r.images], max_new_tokens,
-                                     sampling, stop, index=i) for i, r in enumerate(requests)]
+        """Engine sequences for requests (prompt checked against the context, images decoded now); without
+        an engine, the pipeline's own, sized for them."""
+        encoded = [self.encode_request(r) for r in requests]
+        if engine is None:
+            engine = self.engine_for(len(requests), max(len(e) for e in encoded) + max_new_tokens)
+        return [engine.make_sequence(e, [load_image(im) for im in r.images], max_new_tokens, sampling, stop, index=i)
+                for i, (e, r) in enumerate(zip(encoded, requests))]
 
     def run_engine(self, requests: Sequence[Request], max_new_tokens: int = 64,
                    sampling: SamplingConfig | None = None, stop: Sequence[str] = ()) -> Iterator[TokenEvent]:
         """Like ``run``, through the engine: yields TokenEvents, returns list[GenerationResult]."""
         seqs = self.sequences(requests, max_new_tokens, sampling, stop)
-        engine = self.engine
+        engine = self._engine
         done = False
         try:
             for ev in engine.run_until_done(seqs):
