@@ -244,3 +244,33 @@ def test_pipeline_engine_is_sized_to_the_call(fast_package, images):
     assert pipe._engine.runner.slots == 3  # grown for the batch, up to max_slots
     assert [r.token_ids for r in batch] == [pipe.generate(i, q, max_new_tokens=5).token_ids for i, q in zip(imgs, qs)]
     assert pipe.generate(images["landscape"], "What is in the picture?", max_new_tokens=5).token_ids == one.token_ids
+
+
+def test_running_streams_decode_while_the_vision_encoder_works(pipe, images):
+    import threading
+
+    engine = pipe.make_engine(max_slots=2, prefill_chunk=CHUNK)
+    gate = threading.Event()
+    encode = engine.runner.encode_images
+
+    def slow_encode(pixels):
+        assert gate.wait(30)
+        return encode(pixels)
+
+    engine.runner.encode_images = slow_encode
+    (running,) = pipe.sequences([Request([("Count.", None)], [])], 30, engine=engine)
+    engine.add(running)
+    while running.status is not Status.RUNNING:
+        engine.step()
+    req = Request([("What is in the picture?", None)], [images["landscape"]])
+    (late,) = pipe.sequences([req], 6, engine=engine)
+    engine.add(late)
+    before = len(running.generated)
+    for _ in range(5):
+        engine.step()
+    assert len(running.generated) == before + 5  # one token per step, the vision encoder still busy
+    assert late.status is Status.PREFILL and late.vision is not None and late.computed == 0
+    gate.set()
+    while late.status is not Status.FINISHED:
+        engine.step()
+    assert late.generated == _alone(pipe, req, 6)

@@ -1,7 +1,8 @@
 """The continuous-batching engine: ``add`` requests any time, ``step`` advances all of them one round.
 
-One ``step()`` = admit waiting sequences into free KV slots (prefix-cache lookup, vision through the
-image-embedding cache, prompt embeddings), prefill whole chunks within the token budget, then ONE
+One ``step()`` = admit waiting sequences into free KV slots (prefix-cache lookup, image features from
+the image-embedding cache or the vision encoder on its own thread, so running streams keep decoding
+meanwhile; prompt embeddings), prefill whole chunks within the token budget, then ONE
 decode call that gives every running sequence its next token. Finished and cancelled sequences leave
 at once and free their slot for the next step. ``add``/``cancel`` may be called from other threads
 (the server's event loop); ``step`` runs on one thread (the server's worker, or the caller of
@@ -11,6 +12,8 @@ at once and free their slot for the next step. ``add``/``cancel`` may be called 
 from __future__ import annotations
 
 import queue
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 import threading
 import time
 from collections import OrderedDict
@@ -79,6 +82,7 @@ class Engine:
         self.wakeup = threading.Event()  # set by add/cancel: a sleeping worker has something to do
         self.steps = 0
         self.tokens_generated = 0
+        self._pool: ThreadPoolExecutor | None = None
 
     # -- requests (any thread) ----------------------------------------------------------------------
     def make_sequence(self, ids: np.ndarray, images: Seq[Any] = (), max_tokens: int = 64,
@@ -125,8 +129,13 @@ class Engine:
                 self._prepare(seq)
             except Exception as e:  # noqa: BLE001 - one bad request must not take the engine down
                 self._fail(seq, e, events)
+        self._collect_vision(events, wait=False)
+        plan = sched.prefill_plan()
+        if not plan and not sched.decode_batch():
+            self._collect_vision(events, wait=True)  # nothing else to do: wait for the vision encoder
+            plan = sched.prefill_plan()
 
-        for chunk in sched.prefill_plan():
+        for chunk in plan:
             seq = chunk.seq
             t0 = time.perf_counter()
             try:
@@ -190,38 +199,67 @@ class Engine:
             events.append(TokenEvent(seq.seq_id, None, "", "cancelled", seq.index))
 
     def _prepare(self, seq: Sequence) -> None:
-        """Admission work: prefix lookup, image features (cache, then vision), prompt embeddings, slot."""
-        t = self.manifest.text
+        """Admission work: prefix lookup, image features (cache, else the vision encoder on its own
+        thread), prompt embeddings, slot."""
         if seq.images and (self.image_cache is not None or self.prefix_cache is not None):
             seq.digests = tuple(image_digest(im) for im in seq.images)
         hit, start = None, 0
         if self.prefix_cache is not None and self.runner.supports_prefix:
             hit, start = self.prefix_cache.lookup(seq.digests, seq.ids)
-        new_ids = seq.ids[start:]
-        slots = new_ids == t.image_token_id
-        embeds = self.runner.embed(new_ids[None])[0]
-        if slots.any():
-            flat = self._image_features(seq).reshape(-1, embeds.shape[-1])
-            # a reused prefix can only cover leading image tokens: the rest are the last rows
-            embeds[slots] = flat[flat.shape[0] - int(slots.sum()) :].astype(embeds.dtype, copy=False)
-        self.runner.begin(seq.slot, seq.capacity, hit.state if hit is not None else None, start)
-        seq.embeds, seq.computed, seq.prefill_start = embeds, start, start
-
-    def _image_features(self, seq: Sequence) -> np.ndarray:
-        feats: list[np.ndarray | None] = [None] * len(seq.images)
-        if self.image_cache is not None:
-            feats = [self.image_cache.get(d) for d in seq.digests]
+        seq.computed = seq.prefill_start = start
+        feats: list[np.ndarray | None] = []
+        if (seq.ids[start:] == self.manifest.text.image_token_id).any():
+            cache = self.image_cache
+            feats = [cache.get(d) for d in seq.digests] if cache is not None else [None] * len(seq.images)
         todo = [i for i, f in enumerate(feats) if f is None]
         if todo:
-            t0 = time.perf_counter()
-            pixels = np.stack([preprocess(seq.images[i], self.manifest.vision) for i in todo])
-            out = self.runner.encode_images(pixels)
-            seq.timings.vision_ms += (time.perf_counter() - t0) * 1000
-            for j, i in enumerate(todo):
-                feats[i] = out[j]
-                if self.image_cache is not None:
-                    self.image_cache.put(seq.digests[i], out[j])
-        return np.stack(feats)
+            # the running streams keep decoding while the vision encoder works (onnxruntime releases the GIL)
+            seq.vision = (self._vision_pool().submit(self._encode, seq, todo), feats, todo, hit)
+            return
+        self._finish_prepare(seq, feats, todo, None, hit)
+
+    def _vision_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="llava-edge-vision")
+        return self._pool
+
+    def _encode(self, seq: Sequence, todo: list[int]) -> np.ndarray:
+        t0 = time.perf_counter()
+        pixels = np.stack([preprocess(seq.images[i], self.manifest.vision) for i in todo])
+        out = self.runner.encode_images(pixels)
+        seq.timings.vision_ms += (time.perf_counter() - t0) * 1000
+        return out
+
+    def _finish_prepare(self, seq: Sequence, feats: list, todo: list[int], encoded: np.ndarray | None,
+                        hit: Any) -> None:
+        for j, i in enumerate(todo):
+            feats[i] = encoded[j]
+            if self.image_cache is not None:
+                self.image_cache.put(seq.digests[i], encoded[j])
+        new_ids = seq.ids[seq.prefill_start :]
+        embeds = self.runner.embed(new_ids[None])[0]
+        slots = new_ids == self.manifest.text.image_token_id
+        if slots.any():
+            flat = np.stack(feats).reshape(-1, embeds.shape[-1])
+            # a reused prefix can only cover leading image tokens: the rest are the last rows
+            embeds[slots] = flat[flat.shape[0] - int(slots.sum()) :].astype(embeds.dtype, copy=False)
+        self.runner.begin(seq.slot, seq.capacity, hit.state if hit is not None else None, seq.prefill_start)
+        seq.embeds = embeds
+
+    def _collect_vision(self, events: list[TokenEvent], wait: bool) -> None:
+        """Finish admission of sequences whose image features are ready (waiting for one if asked)."""
+        pending = [s for s in self.scheduler.running if s.vision is not None]
+        if wait and pending:
+            futures_wait([s.vision[0] for s in pending], timeout=0.05, return_when=FIRST_COMPLETED)
+        for seq in pending:
+            future, feats, todo, hit = seq.vision
+            if not future.done():
+                continue
+            seq.vision = None
+            try:
+                self._finish_prepare(seq, feats, todo, future.result(), hit)
+            except Exception as e:  # noqa: BLE001
+                self._fail(seq, e, events)
 
     def _sample(self, seq: Sequence, logits: np.ndarray) -> int:
         return int(seq.sampler(logits, [seq.seen] if seq.seen is not None else None)[0])

@@ -83,7 +83,7 @@ class Scheduler:
         plan: list[PrefillChunk] = []
         spent = 0
         for seq in self.running:
-            if seq.status is not Status.PREFILL:
+            if seq.status is not Status.PREFILL or seq.embeds is None:  # not admitted fully yet (vision)
                 continue
             start = seq.computed
             if self.chunk is None:

@@ -127,7 +127,8 @@ class Sequence:
         self.slot: int | None = None
         self.computed = 0  # prompt tokens already in the KV cache
         self.prefill_start = 0  # first prompt token this sequence prefills itself (after a prefix hit)
-        self.embeds: np.ndarray | None = None  # prompt embeddings from prefill_start on, set at admission
+        self.embeds: np.ndarray | None = None  # prompt embeddings from prefill_start on: set once ready
+        self.vision: Any = None  # (future, features, missing indices, prefix hit) while the vision encoder runs
         self.digests: tuple[str, ...] = ()
         self.sent = 0  # characters of visible text already handed out in events
         self.timings = Timings()
