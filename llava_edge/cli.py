@@ -421,6 +421,8 @@ def serve(
     queue_size: int = typer.Option(64, help="Requests waiting for a slot before new ones get 429."),
     media_dir: Optional[Path] = typer.Option(None, help="Directory whose files requests may name as images."),
     threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads."),
+    prefill_chunk: int = typer.Option(256, help="Prompt tokens per engine step (smaller: running streams stall "
+                                      "less while a new prompt is prefilled; larger: faster first tokens)."),
 ) -> None:
     """Serve the package over an OpenAI-compatible HTTP API (continuous batching)."""
     try:
@@ -433,7 +435,7 @@ def serve(
                            max_image_bytes=parse_size(max_image_bytes, "--max-image-bytes"),
                            max_image_pixels=parse_size(max_image_pixels, "--max-image-pixels"),
                            max_images_per_request=max_images_per_request, max_tokens=max_tokens,
-                           queue_size=queue_size, media_dir=media_dir, threads=threads))
+                           queue_size=queue_size, media_dir=media_dir, threads=threads, prefill_chunk=prefill_chunk))
 
 
 
@@ -449,6 +451,7 @@ def bench_serve_cmd(
     max_slots: int = typer.Option(8, help="The started server's --max-slots."),
     backend: str = typer.Option("auto", help="The started server's --backend."),
     threads: Optional[int] = typer.Option(2, help="The started server's --threads."),
+    prefill_chunk: int = typer.Option(256, help="The started server's --prefill-chunk."),
     arrival: int = typer.Option(128, help="Also measure a request arriving while 3 streams of this many tokens "
                                 "decode (0: skip)."),
     soak: int = typer.Option(0, help="Then N mixed requests (some cancelled, some malformed)."),
@@ -461,7 +464,8 @@ def bench_serve_cmd(
     if (package is None) == (url is None):
         raise UsageError("give a PACKAGE to serve or --url of a running server (one of them)")
     bench_serve(package, url, [int(x) for x in clients.split(",")], requests, max_tokens, max_slots, threads,
-                backend, arrival, soak, server_pid, name, out_dir, progress=lambda s: console.print(f"[dim]{escape(s)}[/]"))
+                backend, arrival, soak, server_pid, name, out_dir, prefill_chunk=prefill_chunk,
+                progress=lambda s: console.print(f"[dim]{escape(s)}[/]"))
 
 if __name__ == "__main__":  # pragma: no cover
     app()

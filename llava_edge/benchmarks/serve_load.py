@@ -302,13 +302,13 @@ def unexpected_log_lines(log: Path) -> list[str]:
 def bench_serve(package: Path | None, url: str | None = None, clients: list[int] = (1, 2, 4, 8), requests: int = 4,
                 max_tokens: int = 32, max_slots: int = 8, threads: int | None = 2, backend: str = "auto",
                 arrival: int = 128, soak: int = 0, server_pid: int | None = None, name: str = "serve",
-                out_dir: Path = Path("benchmarks/results"), progress=print) -> dict[str, Any]:
+                out_dir: Path = Path("benchmarks/results"), prefill_chunk: int = 256, progress=print) -> dict[str, Any]:
     server = None
     log = out_dir / f"{name}_server.log"
     out_dir.mkdir(parents=True, exist_ok=True)
     if url is None:
         args = ["--max-slots", str(max_slots), "--backend", backend, "--max-tokens", str(max(512, max_tokens, arrival)),
-                "--queue-size", "256"] + (["--threads", str(threads)] if threads else [])
+                "--queue-size", "256", "--prefill-chunk", str(prefill_chunk)] + (["--threads", str(threads)] if threads else [])
         env = {**os.environ}
         server = ServerProcess(package, args, env=env, log=log)
         url, server_pid = server.url, server.pid
@@ -330,7 +330,8 @@ def bench_serve(package: Path | None, url: str | None = None, clients: list[int]
             row["vs_one_client"] = round(row["tok_per_s"] / base, 2) if base else None
         result: dict[str, Any] = {"config": {"package": str(package) if package else None, "url": url,
                                              "clients": list(clients), "requests_per_client": requests,
-                                             "max_tokens": max_tokens, "server": health, "threads": threads},
+                                             "max_tokens": max_tokens, "server": health, "threads": threads,
+                                             "prefill_chunk": prefill_chunk if server is not None else None},
                                   "levels": levels, "machine": machine_info(threads)}
         if arrival:
             result["arrival"] = run_arrival(url, arrival, seed=777)
@@ -357,7 +358,7 @@ def markdown(result: dict[str, Any]) -> str:
     c = result["config"]
     lines = [f"serve load: {c['requests_per_client']} streaming requests per client, {c['max_tokens']} tokens each "
              f"(ignore_eos), one random image each; server {c['server'].get('backend')} with "
-             f"{c['server'].get('slots')} slots, threads={c['threads']}", "",
+             f"{c['server'].get('slots')} slots, threads={c['threads']}, prefill chunk {c.get('prefill_chunk')}", "",
              "| clients | requests | errors | tok/s | vs 1 client | TTFT p50 ms | TTFT p99 ms | token p50 ms | "
              "token p99 ms | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["levels"]:

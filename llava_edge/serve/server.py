@@ -25,8 +25,10 @@ def serve(config: ServeConfig, log_level: str = "info") -> None:
     from ..package import load_manifest
 
     load_manifest(config.package)  # a missing or broken package is a one-line error, before the socket opens
-    if config.max_slots < 1 or config.queue_size < 1 or config.max_tokens < 1 or config.max_images_per_request < 0:
-        raise UsageError("--max-slots, --queue-size and --max-tokens must be >= 1")
+    if min(config.max_slots, config.queue_size, config.max_tokens, config.prefill_chunk) < 1:
+        raise UsageError("--max-slots, --queue-size, --max-tokens and --prefill-chunk must be >= 1")
+    if config.max_images_per_request < 0:
+        raise UsageError("--max-images-per-request must be >= 0")
     if config.media_dir is not None and not config.media_dir.is_dir():
         raise UsageError(f"--media-dir {config.media_dir} is not a directory")
     if config.backend not in ("auto", "ort", "ort-fast", "ort-fast-int4", "tensorrt"):
