@@ -284,7 +284,16 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         authorize(request)
         ready()
-        chat = parse_chat_request(await request.body())
+        # base64 images plus text: anything much larger is refused before it is held in memory
+        limit = config.max_images_per_request * (config.max_image_bytes * 4 // 3 + 1024) + 2**20
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise ApiError(413, f"request body over {limit} bytes", "request_too_large")
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise ApiError(413, f"request body over {limit} bytes", "request_too_large")
+        chat = parse_chat_request(bytes(body))
         worker = state.worker
         if worker.engine.queued >= config.queue_size:
             raise ApiError(429, f"the request queue is full ({config.queue_size} waiting); retry later",

@@ -164,6 +164,8 @@ def _bad_requests(server) -> list[tuple[str, object, int, str]]:
         ("image token typed in the text", {"messages": [{"role": "user", "content": "<image> what?"}]}, 400,
          "invalid_prompt"),
         ("not json", b"{not json", 400, "invalid_json"),
+        ("body larger than any allowed request", b"x" * (2 * (200_000 * 4 // 3 + 1024) + 2**20 + 1), 413,
+         "request_too_large"),
     ]
 
 
