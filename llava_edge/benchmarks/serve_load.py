@@ -196,10 +196,13 @@ def run_level(url: str, clients: int, requests: int, max_tokens: int, pid: int |
     stop.set()
     ok = [o for o in outs if o.ok]
     tokens = sum(o.tokens for o in ok)
+    gaps = _gaps(ok)
+    # decode rate while all clients stream: one token per client per median interval (prefills excluded)
+    decode = clients * 1000 / float(np.median(gaps)) if gaps and np.median(gaps) > 0 else None
     return {"clients": clients, "requests": len(outs), "errors": len(outs) - len(ok), "wall_s": round(wall, 3),
-            "tokens": tokens, "tok_per_s": round(tokens / wall, 2),
+            "tokens": tokens, "tok_per_s": round(tokens / wall, 2), "decode_tok_per_s": decode and round(decode, 2),
             "ttft_ms": _pct([o.ttft_s * 1000 for o in ok if o.ttft_s is not None]),
-            "token_ms": _pct(_gaps(ok)), "peak_rss_mb": round(peak[0], 1) if pid else None}
+            "token_ms": _pct(gaps), "peak_rss_mb": round(peak[0], 1) if pid else None}
 
 
 def run_arrival(url: str, stream_tokens: int, seed: int) -> dict[str, Any]:
@@ -237,6 +240,21 @@ def run_arrival(url: str, stream_tokens: int, seed: int) -> dict[str, Any]:
             "token_p99_during_arrival_ms": round(during_p99, 2),
             "token_p99_ratio": round(during_p99 / steady_p99, 2), "intervals_during": len(during),
             "streams_outlived_arrival": all(o.token_times and o.token_times[-1] > t_first for o in streams)}
+
+
+def run_roundtrip(url: str, n: int = 50) -> dict[str, float]:
+    """Server overhead: a 1-token text-only request, non-streaming, one at a time, after 5 warm-ups."""
+    import httpx
+
+    body = {"model": "bench", "max_tokens": 1, "temperature": 0, "messages": [{"role": "user", "content": "hi"}]}
+    times = []
+    with httpx.Client() as h:
+        for i in range(n + 5):
+            t0 = time.perf_counter()
+            h.post(url + "/v1/chat/completions", json=body, timeout=60).raise_for_status()
+            if i >= 5:
+                times.append((time.perf_counter() - t0) * 1000)
+    return {"requests": n, **{f"{k}_ms": round(v, 2) for k, v in percentiles(times, (50, 90, 99)).items()}}
 
 
 def run_soak(url: str, total: int, pid: int | None, seed: int, clients: int = 4) -> dict[str, Any]:
@@ -326,13 +344,18 @@ def bench_serve(package: Path | None, url: str | None = None, clients: list[int]
             progress(f"{n} client(s): {row['tok_per_s']} tok/s, TTFT p50 {row['ttft_ms'].get('p50')} ms, "
                      f"token p50 {row['token_ms'].get('p50')} ms, errors {row['errors']}")
         base = levels[0]["tok_per_s"] if levels and levels[0]["clients"] == 1 else None
+        dbase = levels[0]["decode_tok_per_s"] if base else None
         for row in levels:
             row["vs_one_client"] = round(row["tok_per_s"] / base, 2) if base else None
+            row["decode_vs_one_client"] = (round(row["decode_tok_per_s"] / dbase, 2)
+                                           if dbase and row["decode_tok_per_s"] else None)
         result: dict[str, Any] = {"config": {"package": str(package) if package else None, "url": url,
                                              "clients": list(clients), "requests_per_client": requests,
                                              "max_tokens": max_tokens, "server": health, "threads": threads,
                                              "prefill_chunk": prefill_chunk if server is not None else None},
                                   "levels": levels, "machine": machine_info(threads)}
+        result["roundtrip_1_token"] = run_roundtrip(url)
+        progress(f"1-token round trip: {result['roundtrip_1_token']}")
         if arrival:
             result["arrival"] = run_arrival(url, arrival, seed=777)
             progress(f"arrival: {result['arrival']}")
@@ -359,17 +382,24 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"serve load: {c['requests_per_client']} streaming requests per client, {c['max_tokens']} tokens each "
              f"(ignore_eos), one random image each; server {c['server'].get('backend')} with "
              f"{c['server'].get('slots')} slots, threads={c['threads']}, prefill chunk {c.get('prefill_chunk')}", "",
-             "| clients | requests | errors | tok/s | vs 1 client | TTFT p50 ms | TTFT p99 ms | token p50 ms | "
-             "token p99 ms | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| clients | requests | errors | tok/s (all, wall) | vs 1 client | decode tok/s | vs 1 client | TTFT p50 ms | "
+             "TTFT p99 ms | token p50 ms | token p99 ms | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["levels"]:
         lines.append(f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['tok_per_s']} | {r['vs_one_client']} | "
+                     f"{r['decode_tok_per_s']} | {r['decode_vs_one_client']} | "
                      f"{r['ttft_ms'].get('p50')} | {r['ttft_ms'].get('p99')} | {r['token_ms'].get('p50')} | "
                      f"{r['token_ms'].get('p99')} | {r['peak_rss_mb']} |")
+    lines += ["", "tok/s (all, wall): every generated token over the level's wall time, prefills included. "
+              "decode tok/s: clients x 1 / median per-token interval, the rate while all clients stream."]
     if "arrival" in result:
         a = result["arrival"]
         lines += ["", f"- arrival while 3 stream: TTFT {a['ttft_with_3_decoding_ms']} ms vs {a['ttft_alone_ms']} ms "
                   f"alone (x{a['ttft_ratio']}); running streams' token p99 {a['token_p99_during_arrival_ms']} ms vs "
                   f"{a['steady_token_p99_ms']} ms steady (x{a['token_p99_ratio']})"]
+    rt = result.get("roundtrip_1_token")
+    if rt:
+        lines += [f"- 1-token text request round trip (non-streaming, sequential, {rt['requests']} requests): "
+                  f"p50 {rt['p50_ms']} ms, p90 {rt['p90_ms']} ms, p99 {rt['p99_ms']} ms"]
     if "soak" in result:
         s = result["soak"]
         lines += [f"- soak: {json.dumps(s)}"]
