@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from llava_edge.benchmarks.serve_load import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "test-key-123"
@@ -27,41 +25,14 @@ def served_package(tmp_path_factory) -> Path:
     return pkg
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``llava-edge serve`` in a subprocess (the worktree's code), stopped on close."""
+class Server(ServerProcess):
+    """``llava-edge serve`` in a subprocess running the worktree's code, stopped on close."""
 
     def __init__(self, package: Path, *args: str, debug: bool = False, log: Path | None = None):
-        import httpx
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         if debug:
             env["LLAVA_EDGE_SERVE_DEBUG"] = "1"
-        self.log_path = log
-        self._log = open(log, "w") if log else subprocess.DEVNULL
-        self.proc = subprocess.Popen([sys.executable, "-m", "llava_edge.cli", "serve", str(package), "--port",
-                                      str(self.port), "--threads", "1", *args], env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 90
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.close()
-                raise RuntimeError("server did not become healthy in 90 s")
-            time.sleep(0.1)
+        super().__init__(package, ["--threads", "1", *args], env=env, log=log, timeout_s=90)
 
     def metrics(self) -> dict[str, float]:
         import httpx
@@ -72,16 +43,6 @@ class Server:
                 name, _, value = line.rpartition(" ")
                 out[name] = float(value)
         return out
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        if self._log is not subprocess.DEVNULL:
-            self._log.close()
 
 
 @pytest.fixture(scope="module")
