@@ -423,6 +423,7 @@ def serve(
     threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads."),
     prefill_chunk: int = typer.Option(256, help="Prompt tokens per engine step (smaller: running streams stall "
                                       "less while a new prompt is prefilled; larger: faster first tokens)."),
+    image_cache_mb: float = typer.Option(64.0, help="Image features kept by content digest, in MB (0: off)."),
 ) -> None:
     """Serve the package over an OpenAI-compatible HTTP API (continuous batching)."""
     try:
@@ -435,7 +436,8 @@ def serve(
                            max_image_bytes=parse_size(max_image_bytes, "--max-image-bytes"),
                            max_image_pixels=parse_size(max_image_pixels, "--max-image-pixels"),
                            max_images_per_request=max_images_per_request, max_tokens=max_tokens,
-                           queue_size=queue_size, media_dir=media_dir, threads=threads, prefill_chunk=prefill_chunk))
+                           queue_size=queue_size, media_dir=media_dir, threads=threads, prefill_chunk=prefill_chunk,
+                           image_cache_mb=image_cache_mb))
 
 
 
@@ -452,9 +454,13 @@ def bench_serve_cmd(
     backend: str = typer.Option("auto", help="The started server's --backend."),
     threads: Optional[int] = typer.Option(2, help="The started server's --threads."),
     prefill_chunk: int = typer.Option(256, help="The started server's --prefill-chunk."),
+    server_arg: list[str] = typer.Option([], help="More flags for the started server (repeatable), e.g. "
+                                         "--server-arg=--image-cache-mb=0."),
     arrival: int = typer.Option(128, help="Also measure a request arriving while 3 streams of this many tokens "
                                 "decode (0: skip)."),
     soak: int = typer.Option(0, help="Then N mixed requests (some cancelled, some malformed)."),
+    scaling: bool = typer.Option(False, "--decode-scaling", help="Also time the engine's decode call with 1..N "
+                                 "running sequences in-process, next to static batches (needs PACKAGE)."),
     name: str = typer.Option("serve", help="Output names: benchmarks/results/NAME.{json,md,png}."),
     out_dir: Path = typer.Option(Path("benchmarks/results"), help="Output directory."),
 ) -> None:
@@ -464,7 +470,8 @@ def bench_serve_cmd(
     if (package is None) == (url is None):
         raise UsageError("give a PACKAGE to serve or --url of a running server (one of them)")
     bench_serve(package, url, [int(x) for x in clients.split(",")], requests, max_tokens, max_slots, threads,
-                backend, arrival, soak, server_pid, name, out_dir, prefill_chunk=prefill_chunk,
+                backend, arrival, soak, server_pid, name, out_dir, prefill_chunk=prefill_chunk, scaling=scaling,
+                server_args=server_arg,
                 progress=lambda s: console.print(f"[dim]{escape(s)}[/]"))
 
 if __name__ == "__main__":  # pragma: no cover

@@ -332,17 +332,64 @@ def unexpected_log_lines(log: Path) -> list[str]:
     return bad
 
 
+def decode_scaling(package: Path, backend: str = "ort-fast-int4", batches: tuple[int, ...] = (1, 2, 4, 8),
+                   steps: int = 16, repeats: int = 3, context: int = 256, threads: int | None = 2) -> dict[str, Any]:
+    """Decode tokens/s of the engine's slot decode call with B running sequences, next to a static
+    batch of B in the backend's own cache, in one process, levels interleaved repeat by repeat (the
+    machine is shared: interleaving keeps slow periods from landing on one level). Each of B rows
+    holds ``context`` cached positions (their values do not matter for the time)."""
+    from ..package import load_manifest
+    from ..runtime.fast_backend import FastOrtBackend
+
+    manifest = load_manifest(package)
+    graph = {"ort-fast": "decoder_fast", "ort-fast-int4": "decoder_fast_int4"}[backend]
+    be = FastOrtBackend(package, manifest, threads=threads, decoder=graph)
+    top = max(batches)
+    kv = be.new_slot_cache(top, context + steps + 8)
+    times: dict[str, dict[int, list[float]]] = {"continuous": {b: [] for b in batches}, "static": {b: [] for b in batches}}
+    ids = np.full((top, 1), 5, np.int64)
+    for _ in range(repeats):
+        for b in batches:
+            active = np.ones(b, bool)
+            kv.lengths[:] = context
+            be.decode_slots(kv, be.embed(ids[:b]), active)  # warm this row range's binding
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                be.decode_slots(kv, be.embed(ids[:b]), active)
+            times["continuous"][b].append(steps * b / (time.perf_counter() - t0))
+            cache = be.new_cache(b, context + steps + 8)
+            cache.lengths[:] = context
+            mask = np.ones((b, context + 1), np.int64)
+            pos = np.full((b, 1), context, np.int64)
+            be.step(cache, be.embed(ids[:b]), mask, pos)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                pos += 1
+                mask = np.ones((b, int(pos[0, 0]) + 1), np.int64)
+                be.step(cache, be.embed(ids[:b]), mask, pos)
+            times["static"][b].append(steps * b / (time.perf_counter() - t0))
+    out: dict[str, Any] = {"backend": backend, "steps": steps, "repeats": repeats, "context": context,
+                           "threads": threads, "rows": []}
+    for b in batches:
+        cont, stat = float(np.median(times["continuous"][b])), float(np.median(times["static"][b]))
+        out["rows"].append({"batch": b, "continuous_tok_per_s": round(cont, 2), "static_tok_per_s": round(stat, 2),
+                            "continuous_vs_1": round(cont / float(np.median(times["continuous"][batches[0]])), 2),
+                            "static_vs_1": round(stat / float(np.median(times["static"][batches[0]])), 2)})
+    return out
+
+
 # -- the command -----------------------------------------------------------------------------------
 def bench_serve(package: Path | None, url: str | None = None, clients: list[int] = (1, 2, 4, 8), requests: int = 4,
                 max_tokens: int = 32, max_slots: int = 8, threads: int | None = 2, backend: str = "auto",
                 arrival: int = 128, soak: int = 0, server_pid: int | None = None, name: str = "serve",
-                out_dir: Path = Path("benchmarks/results"), prefill_chunk: int = 256, progress=print) -> dict[str, Any]:
+                out_dir: Path = Path("benchmarks/results"), prefill_chunk: int = 256, scaling: bool = False,
+                server_args: list[str] = (), progress=print) -> dict[str, Any]:
     server = None
     log = out_dir / f"{name}_server.log"
     out_dir.mkdir(parents=True, exist_ok=True)
     if url is None:
         args = ["--max-slots", str(max_slots), "--backend", backend, "--max-tokens", str(max(512, max_tokens, arrival)),
-                "--queue-size", "256", "--prefill-chunk", str(prefill_chunk)] + (["--threads", str(threads)] if threads else [])
+                "--queue-size", "256", "--prefill-chunk", str(prefill_chunk)] + (["--threads", str(threads)] if threads else []) + list(server_args)
         env = {**os.environ}
         server = ServerProcess(package, args, env=env, log=log)
         url, server_pid = server.url, server.pid
@@ -368,7 +415,8 @@ def bench_serve(package: Path | None, url: str | None = None, clients: list[int]
         result: dict[str, Any] = {"config": {"package": str(package) if package else None, "url": url,
                                              "clients": list(clients), "requests_per_client": requests,
                                              "max_tokens": max_tokens, "server": health, "threads": threads,
-                                             "prefill_chunk": prefill_chunk if server is not None else None},
+                                             "prefill_chunk": prefill_chunk if server is not None else None,
+                                             "server_args": list(server_args)},
                                   "levels": levels, "machine": machine_info(threads)}
         result["roundtrip_1_token"] = run_roundtrip(url)
         progress(f"1-token round trip: {result['roundtrip_1_token']}")
@@ -382,6 +430,10 @@ def bench_serve(package: Path | None, url: str | None = None, clients: list[int]
     finally:
         if server is not None:
             server.close()
+    if scaling and package is not None:
+        result["decode_scaling"] = decode_scaling(package, backend if backend != "auto" else "ort-fast-int4",
+                                                  tuple(clients), threads=threads)
+        progress(f"decode scaling: {result['decode_scaling']['rows']}")
     if server is not None and soak:
         result["soak"]["unexpected_log_lines"] = unexpected_log_lines(log)[:20]
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2))
@@ -413,6 +465,15 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", f"- arrival while 3 stream: TTFT {a['ttft_with_3_decoding_ms']} ms vs {a['ttft_alone_ms']} ms "
                   f"alone (x{a['ttft_ratio']}); running streams' token p99 {a['token_p99_during_arrival_ms']} ms vs "
                   f"{a['steady_token_p99_ms']} ms steady (x{a['token_p99_ratio']})"]
+    ds = result.get("decode_scaling")
+    if ds:
+        lines += ["", f"Decode scaling in-process ({ds['backend']}, {ds['context']} cached positions per row, "
+                  f"{ds['steps']} steps, median of {ds['repeats']} interleaved repeats, threads={ds['threads']}):", "",
+                  "| running sequences | slot decode (engine) tok/s | vs 1 | static batch tok/s | vs 1 |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['batch']} | {r['continuous_tok_per_s']} | {r['continuous_vs_1']} | {r['static_tok_per_s']} | "
+                  f"{r['static_vs_1']} |" for r in ds["rows"]]
+        lines.append("")
     rt = result.get("roundtrip_1_token")
     if rt:
         lines += [f"- 1-token text request round trip (non-streaming, sequential, {rt['requests']} requests): "

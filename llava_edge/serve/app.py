@@ -55,6 +55,7 @@ class ServeConfig:
     media_dir: Path | None = None
     threads: int | None = None
     prefill_chunk: int = 256  # prompt tokens per engine step: bounds how long a new prompt stalls the streams
+    image_cache_mb: float = 64.0  # image features kept by content digest (0: off)
     model_name: str = ""
     limits: MediaLimits = field(init=False)
 
@@ -100,7 +101,8 @@ class ServerState:
         try:
             self.backend = resolve_backend(c.package, c.backend)
             pipe = Pipeline.from_package(c.package, backend=self.backend, threads=c.threads)
-            engine = pipe.make_engine(max_slots=c.max_slots, prefill_chunk=c.prefill_chunk, image_cache_mb=64.0)
+            engine = pipe.make_engine(max_slots=c.max_slots, prefill_chunk=c.prefill_chunk,
+                                      image_cache_mb=c.image_cache_mb)
             worker = EngineWorker(engine, loop)
             worker.start()
             self.pipe, self.worker = pipe, worker
