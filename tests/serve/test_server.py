@@ -282,3 +282,39 @@ def test_cancelled_stream_frees_its_slot(small):
 
 def test_debug_routes_are_off_by_default(server):
     assert httpx.post(server.url + "/debug/pause").status_code == 404
+
+
+def test_disconnected_non_streaming_request_is_cancelled(small):
+    import threading
+
+    httpx.post(small.url + "/debug/pause")
+    try:
+        before = small.metrics()
+        body = {"model": "m", "temperature": 0, "max_tokens": 150, "ignore_eos": True, "messages": user("Describe it.")}
+
+        outcome = []
+
+        def give_up_after_a_second() -> None:
+            try:
+                outcome.append(httpx.post(small.url + "/v1/chat/completions", json=body, timeout=1.0).status_code)
+            except httpx.TimeoutException:
+                outcome.append("gave up")
+
+        client = threading.Thread(target=give_up_after_a_second)
+        client.start()
+        _wait(lambda: httpx.get(small.url + "/health").json()["queued"] == 1, "the request to queue")
+        httpx.post(small.url + "/debug/step", params={"n": 2})
+        _wait(lambda: small.metrics()["llava_edge_slots_in_use"] == 1, "the request to take the slot")
+        client.join()
+        assert outcome == ["gave up"]  # the engine is paused: no answer could have come
+
+        def freed() -> bool:
+            httpx.post(small.url + "/debug/step", params={"n": 1})
+            return small.metrics()["llava_edge_slots_in_use"] == 0
+
+        _wait(freed, "the abandoned request's slot to be freed")
+        after = small.metrics()
+        assert after["llava_edge_cancelled_requests_total"] - before["llava_edge_cancelled_requests_total"] == 1
+        assert after["llava_edge_engine_tokens_total"] - before["llava_edge_engine_tokens_total"] < 150
+    finally:
+        httpx.post(small.url + "/debug/resume")
