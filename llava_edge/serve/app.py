@@ -339,16 +339,19 @@ async def _complete(state: ServerState, request: Request, seq: Sequence, queue: 
     clock = _Clock(state, seq)
     done = False
     try:
+        checked = time.monotonic()
         while not done:
             try:
                 ev = await asyncio.wait_for(queue.get(), timeout=0.25)
+                clock.see(ev)
+                done = ev.finish_reason is not None
             except asyncio.TimeoutError:
+                pass
+            if not done and time.monotonic() - checked >= 0.25:  # also while tokens keep coming
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     state.metrics.cancelled.inc()
                     return Response(status_code=499)
-                continue
-            clock.see(ev)
-            done = ev.finish_reason is not None
     finally:
         if not done:
             state.worker.cancel(seq.seq_id)
