@@ -412,7 +412,7 @@ def bench_serve(package: Path | None, url: str | None = None, clients: list[int]
             row["vs_one_client"] = round(row["tok_per_s"] / base, 2) if base else None
             row["decode_vs_one_client"] = (round(row["decode_tok_per_s"] / dbase, 2)
                                            if dbase and row["decode_tok_per_s"] else None)
-        result: dict[str, Any] = {"config": {"package": str(package) if package else None, "url": url,
+        result: dict[str, Any] = {"config": {"package": Path(package).name if package else None, "url": url,
                                              "clients": list(clients), "requests_per_client": requests,
                                              "max_tokens": max_tokens, "server": health, "threads": threads,
                                              "prefill_chunk": prefill_chunk if server is not None else None,
