@@ -333,7 +333,7 @@ def unexpected_log_lines(log: Path) -> list[str]:
 
 
 def decode_scaling(package: Path, backend: str = "ort-fast-int4", batches: tuple[int, ...] = (1, 2, 4, 8),
-                   steps: int = 16, repeats: int = 3, context: int = 256, threads: int | None = 2) -> dict[str, Any]:
+                   steps: int = 6, repeats: int = 6, context: int = 256, threads: int | None = 2) -> dict[str, Any]:
     """Decode tokens/s of the engine's slot decode call with B running sequences, next to a static
     batch of B in the backend's own cache, in one process, levels interleaved repeat by repeat (the
     machine is shared: interleaving keeps slow periods from landing on one level). Each of B rows
