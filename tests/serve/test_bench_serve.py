@@ -29,3 +29,12 @@ def test_bench_serve_small_run(served_package, tmp_path):
     assert json.loads((tmp_path / "t.json").read_text())["levels"] == result["levels"]
     assert "| 2 | 4 | 0 |" in (tmp_path / "t.md").read_text()
     assert unexpected_log_lines(srv.log_path) == []
+
+
+def test_decode_scaling_times_slot_and_static_decode(served_package):
+    from llava_edge.benchmarks.serve_load import decode_scaling
+
+    out = decode_scaling(served_package, "ort-fast", (1, 2, 4), steps=2, repeats=1, context=32, threads=1)
+    assert [r["batch"] for r in out["rows"]] == [1, 2, 4]
+    assert all(r["continuous_tok_per_s"] > 0 and r["static_tok_per_s"] > 0 for r in out["rows"])
+    assert out["rows"][0]["continuous_vs_1"] == 1.0
