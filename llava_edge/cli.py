@@ -49,7 +49,7 @@ class _Group(TyperGroup):
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         logger = logging.getLogger("llava_edge")
         if not any(isinstance(h, _NoteHandler) for h in logger.handlers):
-            logger.addHandler(_NoteHandler())
+            logger.addHandler(_NoteHandler(logging.WARNING))  # notices; INFO (the server's log) is not one
         try:
             with sigterm_as_interrupt():
                 code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
@@ -558,6 +558,76 @@ def demo(
     with tempfile.TemporaryDirectory(prefix="llava-edge-demo-") as tmp:
         run_demo(Path(workdir) if workdir else Path(tmp), max_new_tokens=max_new_tokens, console=out)
 
+
+@app.command()
+@friendly
+def serve(
+    package: Path = typer.Argument(..., help="Model package directory."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    backend: str = typer.Option("auto", help="auto, ort, ort-fast, ort-fast-int4 or tensorrt."),
+    max_slots: int = typer.Option(4, help="Sequences decoded together (KV-cache slots)."),
+    api_key: Optional[str] = typer.Option(None, envvar="LLAVA_EDGE_API_KEY",
+                                          help="Require 'Authorization: Bearer KEY' on /v1 routes."),
+    max_image_bytes: str = typer.Option("10MB", help="Largest accepted image file."),
+    max_image_pixels: str = typer.Option("40M", help="Largest accepted image, in pixels."),
+    max_images_per_request: int = typer.Option(4, help="Images in one request."),
+    max_tokens: int = typer.Option(512, help="Most tokens one request may generate (and the default)."),
+    queue_size: int = typer.Option(64, help="Requests waiting for a slot before new ones get 429."),
+    media_dir: Optional[Path] = typer.Option(None, help="Directory whose files requests may name as images."),
+    threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads."),
+    prefill_chunk: int = typer.Option(256, help="Prompt tokens per engine step (smaller: running streams stall "
+                                      "less while a new prompt is prefilled; larger: faster first tokens)."),
+    image_cache_mb: float = typer.Option(64.0, help="Image features kept by content digest, in MB (0: off)."),
+) -> None:
+    """Serve the package over an OpenAI-compatible HTTP API (continuous batching)."""
+    try:
+        from .serve.app import ServeConfig
+        from .serve.server import parse_size, serve as run_server
+    except ImportError as e:
+        raise UsageError(f"serving needs the serve extra: pip install 'llava-edge[serve]' ({e})") from None
+
+    run_server(ServeConfig(package, host=host, port=port, backend=backend, max_slots=max_slots, api_key=api_key,
+                           max_image_bytes=parse_size(max_image_bytes, "--max-image-bytes"),
+                           max_image_pixels=parse_size(max_image_pixels, "--max-image-pixels"),
+                           max_images_per_request=max_images_per_request, max_tokens=max_tokens,
+                           queue_size=queue_size, media_dir=media_dir, threads=threads, prefill_chunk=prefill_chunk,
+                           image_cache_mb=image_cache_mb))
+
+
+
+@app.command("bench-serve")
+@friendly
+def bench_serve_cmd(
+    package: Optional[Path] = typer.Argument(None, help="Package to serve (omit with --url)."),
+    url: Optional[str] = typer.Option(None, help="Measure a running server instead of starting one."),
+    server_pid: Optional[int] = typer.Option(None, help="With --url: the server's pid, for RSS."),
+    clients: str = typer.Option("1,2,4,8", help="Comma list of concurrent client counts."),
+    requests: int = typer.Option(4, help="Streaming requests per client per level."),
+    max_tokens: int = typer.Option(32, help="Tokens per request (eos ignored)."),
+    max_slots: int = typer.Option(8, help="The started server's --max-slots."),
+    backend: str = typer.Option("auto", help="The started server's --backend."),
+    threads: Optional[int] = typer.Option(2, help="The started server's --threads."),
+    prefill_chunk: int = typer.Option(256, help="The started server's --prefill-chunk."),
+    server_arg: list[str] = typer.Option([], help="More flags for the started server (repeatable), e.g. "
+                                         "--server-arg=--image-cache-mb=0."),
+    arrival: int = typer.Option(128, help="Also measure a request arriving while 3 streams of this many tokens "
+                                "decode (0: skip)."),
+    soak: int = typer.Option(0, help="Then N mixed requests (some cancelled, some malformed)."),
+    scaling: bool = typer.Option(False, "--decode-scaling", help="Also time the engine's decode call with 1..N "
+                                 "running sequences in-process, next to static batches (needs PACKAGE)."),
+    name: str = typer.Option("serve", help="Output names: benchmarks/results/NAME.{json,md,png}."),
+    out_dir: Path = typer.Option(Path("benchmarks/results"), help="Output directory."),
+) -> None:
+    """Load benchmark of `serve`: N concurrent streaming clients (tok/s, TTFT, per-token, RSS, errors)."""
+    from .benchmarks.serve_load import bench_serve
+
+    if (package is None) == (url is None):
+        raise UsageError("give a PACKAGE to serve or --url of a running server (one of them)")
+    bench_serve(package, url, [int(x) for x in clients.split(",")], requests, max_tokens, max_slots, threads,
+                backend, arrival, soak, server_pid, name, out_dir, prefill_chunk=prefill_chunk, scaling=scaling,
+                server_args=server_arg,
+                progress=lambda s: console.print(f"[dim]{escape(s)}[/]"))
 
 if __name__ == "__main__":  # pragma: no cover
     app()

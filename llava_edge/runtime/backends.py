@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ..package import Manifest
 from .backend import Backend, BackendError
 
-__all__ = ["BackendSpec", "BACKENDS", "ALIASES", "resolve", "open_backend"]
+__all__ = ["BackendSpec", "BACKENDS", "ALIASES", "resolve", "resolve_auto", "open_backend"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,24 @@ def resolve(name: str, device: str = "cpu") -> tuple[str, str]:
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; use {', '.join(BACKENDS)}")
     return name, device
+
+
+def resolve_auto(package_dir: str | os.PathLike, manifest: Manifest) -> str:
+    """What ``auto`` means for a package: TensorRT engines when the package has them and TensorRT
+    imports, else the fastest onnxruntime decoder the package carries (int4 fast, fast, portable)."""
+    from pathlib import Path
+
+    if (Path(package_dir) / "engines").is_dir():
+        try:
+            import tensorrt  # noqa: F401
+
+            return "tensorrt"
+        except ImportError:
+            pass
+    for graph, backend in (("decoder_fast_int4", "ort-fast-int4"), ("decoder_fast", "ort-fast")):
+        if graph in manifest.graphs:
+            return backend
+    return "ort"
 
 
 def open_backend(name: str, package_dir: str | os.PathLike, manifest: Manifest, device: str = "cpu",

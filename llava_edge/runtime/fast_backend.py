@@ -9,6 +9,13 @@ Same Backend protocol as OrtBackend, so the pipeline does not change. The differ
   row's own length, so rows of different lengths share a batch and finish independently;
 - the graph returns logits of each row's last real token only ([B,V]), into a bound output buffer.
 
+Slot-addressed use (the engine's continuous batching): ``new_slot_cache`` makes one [max_slots, kvH,
+max_ctx, D] buffer per layer that outlives requests. A row-range of that buffer is contiguous, so an
+OrtValue over rows [lo, hi) is a view of the same memory: ``prefill_slot`` binds one row and appends a
+prompt chunk to it while the other rows keep their state, and ``decode_slots`` binds rows [0, n) and
+appends one token to every active row in one call (an idle row in the range gets a dummy token written
+at its own length, which its next real write overwrites).
+
 Imports neither torch nor onnx (runtime rule).
 """
 
@@ -44,6 +51,20 @@ class FastKVCache:
     @property
     def length(self) -> int:
         return int(self.lengths.max()) if self.batch else 0
+
+
+@dataclass
+class SlotKVCache:
+    """Long-lived cache of ``slots`` independent rows; lengths[s] = tokens of slot s in the cache."""
+
+    slots: int
+    max_len: int
+    keys: list[np.ndarray]
+    values: list[np.ndarray]
+    lengths: np.ndarray  # int32 [slots]
+    logits: np.ndarray  # float32 [slots, V]
+    bindings: dict[tuple[int, int], Any] = field(default_factory=dict)  # (lo, hi) row range -> IOBinding
+    held: list[Any] = field(default_factory=list)  # the bindings' OrtValues, kept alive with the buffers
 
 
 class FastOrtBackend:
@@ -139,6 +160,70 @@ class FastOrtBackend:
         cache.lengths[:] = prefix_len
         return cache
 
+    # -- slot-addressed cache (continuous batching) --------------------------------------------------
+    def new_slot_cache(self, slots: int, max_len: int | None = None) -> SlotKVCache:
+        max_len = max_len or self.max_context
+        if max_len > self.max_context:
+            raise BackendError(f"max_len {max_len} exceeds the model's context {self.max_context} (rotary table)")
+        shape = (slots, self.kv_heads, max_len, self.head_dim)
+        n = len(self.past_names) // 2
+        return SlotKVCache(slots, max_len, [np.zeros(shape, self.float_dtype) for _ in range(n)],
+                           [np.zeros(shape, self.float_dtype) for _ in range(n)], np.zeros(slots, np.int32),
+                           np.zeros((slots, self.vocab), np.float32))
+
+    def prefill_slot(self, kv: SlotKVCache, slot: int, inputs_embeds: np.ndarray) -> np.ndarray:
+        """Append [1, T, H] prompt embeddings to slot's row; logits of the last one [V]."""
+        t = inputs_embeds.shape[1]
+        new_len = int(kv.lengths[slot]) + t
+        if new_len > kv.max_len:
+            raise BackendError(f"KV cache full: {new_len} > {kv.max_len}")
+        embeds = np.ascontiguousarray(inputs_embeds.astype(self.float_dtype, copy=False))
+        self._execute(self._slot_binding(kv, slot, slot + 1), embeds, np.array([new_len], np.int32),
+                      np.array([t - 1], np.int64))
+        kv.lengths[slot] = new_len
+        return kv.logits[slot].copy()
+
+    def decode_slots(self, kv: SlotKVCache, inputs_embeds: np.ndarray, active: np.ndarray) -> np.ndarray:
+        """One token for rows [0, n) (inputs_embeds [n, 1, H]); only ``active`` rows keep theirs.
+        Returns logits [n, V] (rows that are not active hold garbage)."""
+        n = inputs_embeds.shape[0]
+        grown = kv.lengths[:n] + 1
+        if int(grown[active].max(initial=0)) > kv.max_len:
+            raise BackendError(f"KV cache full: {int(grown[active].max())} > {kv.max_len}")
+        embeds = np.ascontiguousarray(inputs_embeds.astype(self.float_dtype, copy=False))
+        self._execute(self._slot_binding(kv, 0, n), embeds, np.minimum(grown, kv.max_len).astype(np.int32),
+                      np.arange(n, dtype=np.int64))
+        kv.lengths[:n] = np.where(active, grown, kv.lengths[:n])
+        return kv.logits[:n].copy()
+
+    def snapshot_slot(self, kv: SlotKVCache, slot: int) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+        n = int(kv.lengths[slot])
+        return ([k[slot : slot + 1, :, :n].copy() for k in kv.keys], [v[slot : slot + 1, :, :n].copy() for v in kv.values],
+                n)
+
+    def resume_slot(self, kv: SlotKVCache, slot: int, state: tuple[list[np.ndarray], list[np.ndarray], int],
+                    prefix_len: int) -> None:
+        keys, values, n = state
+        if prefix_len > n:
+            raise BackendError(f"prefix of {prefix_len} tokens is longer than the snapshot ({n})")
+        for dst, src in zip([*kv.keys, *kv.values], [*keys, *values]):
+            dst[slot, :, :prefix_len] = src[0, :, :prefix_len]
+        kv.lengths[slot] = prefix_len
+
+    def _slot_binding(self, kv: SlotKVCache, lo: int, hi: int) -> Any:
+        binding = kv.bindings.get((lo, hi))
+        if binding is None:
+            binding = self.decoder.io_binding()
+            views = [buf[lo:hi] for pair in zip(kv.keys, kv.values) for buf in pair]  # contiguous row ranges
+            for name, out_name, view in zip(self.past_names, self.present_names, views):
+                ov = ort.OrtValue.ortvalue_from_numpy(view)  # wraps the view's memory, no copy
+                kv.held.append(ov)
+                binding.bind_ortvalue_input(name, ov)
+                binding.bind_ortvalue_output(out_name, ov)
+            binding.bind_output("logits", "cpu", 0, np.float32, [hi - lo, self.vocab], kv.logits[lo:hi].ctypes.data)
+            kv.bindings[(lo, hi)] = binding
+        return binding
+
     # -- internals ----------------------------------------------------------------------------------
     def _run(self, cache: FastKVCache, embeds: np.ndarray, new_lengths: np.ndarray, index: np.ndarray) -> None:
         binding = cache.extra.get("binding")
@@ -150,6 +235,9 @@ class FastOrtBackend:
             binding.bind_output("logits", "cpu", 0, np.float32, list(cache.logits.shape),
                                 cache.logits.ctypes.data)
             cache.extra["binding"] = binding
+        self._execute(binding, embeds, new_lengths, index)
+
+    def _execute(self, binding: Any, embeds: np.ndarray, new_lengths: np.ndarray, index: np.ndarray) -> None:
         seqlens = (new_lengths - 1).astype(np.int32)
         total = np.array(int(new_lengths.max()), dtype=np.int32)
         feeds = (("inputs_embeds", embeds), ("seqlens_k", seqlens), ("total_sequence_length", total),

@@ -1,8 +1,11 @@
 """The Python API: Pipeline.from_package(dir).generate(image, prompt, ...).
 
-One generation loop serves single requests, batches and streaming: it yields TokenEvents as tokens
-arrive and returns the final results. Batches are left-padded (real tokens end at the same column, so
-every row's next token comes from the last position and rows finish independently).
+``generate``, ``stream`` and ``generate_batch`` are thin wrappers over the continuous-batching
+``Engine`` (runtime/engine.py): each request becomes a Sequence, and the engine steps until they end,
+so a request gets exactly the tokens it would get from the server. ``run`` is the static-batch loop:
+one left-padded batch in one cache, rows finishing independently; it serves backends that cannot
+address cache slots (``generate_batch`` on portable onnxruntime and TensorRT) and the benchmark
+harness's static-batch baseline.
 """
 
 from __future__ import annotations
@@ -23,43 +26,16 @@ from . import prompt as prompts
 from .backend import supports_prefix_reuse
 from .backends import open_backend
 from .inputs import check_count, check_stop, check_text, check_threads
+from .engine import Engine, PromptTooLongError
+from .model_runner import make_runner
 from .prefix_cache import PrefixCache, image_digest
 from .preprocess import MAX_IMAGE_PIXELS, load_image, preprocess
 from .ragged import left_pad
 from .sampling import Sampler, SamplingConfig
+from .sequence import Detokenizer as _Detokenizer
+from .sequence import GenerationResult, Timings
 
-
-class PromptTooLongError(UsageError):
-    """The prompt plus max_new_tokens does not fit the package's context."""
-
-
-@dataclass
-class Timings:
-    vision_ms: float = 0.0
-    prefill_ms: float = 0.0
-    decode_ms: float = 0.0
-    new_tokens: int = 0  # decode steps after the first token, summed over the batch
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.new_tokens / (self.decode_ms / 1000) if self.decode_ms > 0 else 0.0
-
-    def as_dict(self) -> dict[str, float]:
-        return {"vision_ms": round(self.vision_ms, 3), "prefill_ms": round(self.prefill_ms, 3),
-                "decode_ms": round(self.decode_ms, 3), "tokens_per_s": round(self.tokens_per_s, 2)}
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]  # generated ids, eos included when generation stopped on it
-    finish_reason: str  # "eos", "stop" (a stop string), "length"
-    prompt_tokens: int
-    timings: Timings
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
-                "prompt_tokens": self.prompt_tokens, "timings": self.timings.as_dict()}
+__all__ = ["Pipeline", "Request", "TokenEvent", "GenerationResult", "Timings", "PromptTooLongError", "drain"]
 
 
 @dataclass
@@ -86,41 +62,11 @@ def drain(gen: Iterator[TokenEvent], on_event: Callable[[TokenEvent], None] | No
             on_event(event)
 
 
-class _Detokenizer:
-    """Incremental text for one sequence: emits only text that will not change with later tokens.
-
-    Decodes a short window, not the whole answer, so a token costs O(window) instead of O(answer)
-    (re-decoding everything made a long answer quadratic). The window is the tokens since the text
-    emitted before last (``prefix``) up to now; the new text is what decoding the window adds to
-    decoding its already-emitted head. Both decodes start at the same token, so a tokenizer that
-    treats a sequence's first token specially (a leading space, a byte-fallback run) does so in both
-    and it cancels out. A window ending inside a UTF-8 character (U+FFFD) waits for the next token.
-    This is the prefix/read-offset scheme of Hugging Face TGI and vLLM.
-    """
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.text = ""
-        self._prefix = 0  # window start
-        self._read = 0  # tokens before this are already in self.text
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        decode = self.tokenizer.decode
-        head = decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
-        window = decode(self.ids[self._prefix :], skip_special_tokens=True)
-        if len(window) <= len(head) or window.endswith("\ufffd") or not window.startswith(head):
-            return ""
-        delta = window[len(head) :]
-        self._prefix, self._read = self._read, len(self.ids)
-        self.text += delta
-        return delta
-
-
 class Pipeline:
     def __init__(self, package_dir: str | os.PathLike, manifest: Manifest, backend, tokenizer: Tokenizer,
-                 template: str | None = None, prefix_cache: int = 2, max_image_pixels: int | None = MAX_IMAGE_PIXELS):
+                 template: str | None = None, prefix_cache: int = 2, *, max_slots: int = 4, prefill_chunk: int = 256,
+                 image_cache_mb: float = 0.0,
+                 max_image_pixels: int | None = MAX_IMAGE_PIXELS):
         self.package_dir = Path(package_dir)
         self.max_image_pixels = max_image_pixels  # images from files/bytes above this are refused before decoding
         self.manifest = manifest
@@ -131,6 +77,33 @@ class Pipeline:
         self.prefix_cache = PrefixCache(prefix_cache) if prefix_cache > 0 else None
         if self.template not in prompts.TEMPLATES:
             raise UsageError(f"unknown chat template {self.template!r}; known: {', '.join(prompts.TEMPLATES)}")
+        self.max_slots, self.prefill_chunk, self.image_cache_mb = max_slots, prefill_chunk, image_cache_mb
+        self._engine: Engine | None = None
+
+    def make_engine(self, max_slots: int | None = None, prefill_chunk: int | None = None,
+                    image_cache_mb: float | None = None, max_len: int | None = None) -> Engine:
+        """A new engine over this pipeline's backend (the server makes its own with its --max-slots).
+        It shares the pipeline's prefix cache; its KV slots (max_len positions each, the model's context
+        by default) are allocated now."""
+        runner = make_runner(self.backend, max_slots or self.max_slots, prefill_chunk or self.prefill_chunk, max_len)
+        engine = Engine(runner, self.manifest, self.tokenizer, self.prefix_cache,
+                        self.image_cache_mb if image_cache_mb is None else image_cache_mb)
+        engine.max_image_pixels = self.max_image_pixels
+        return engine
+
+    def engine_for(self, n: int, capacity: int) -> Engine:
+        """The pipeline's own engine, grown when a call needs more slots (up to max_slots) or positions:
+        sized to what was asked, not to max_slots x the whole context, so one generate on a big model
+        holds one slot's worth of KV sized like its request (rounded up to a power of two)."""
+        e = self._engine
+        slots = min(max(n, 1), self.max_slots)
+        if e is None or e.runner.slots < slots or e.runner.max_len < capacity:
+            max_len = min(self.manifest.text.max_context, 1 << max(capacity - 1, 1).bit_length())
+            if e is not None:
+                slots, max_len = max(slots, e.runner.slots), max(max_len, e.runner.max_len)
+            self._engine = e = self.make_engine(slots, max_len=max_len)
+        e.prefix_cache = self.prefix_cache  # callers may swap or drop the prefix cache
+        return e
 
     @classmethod
     def from_package(cls, package_dir: str | os.PathLike, backend: str = "ort", device: str = "cpu",
@@ -143,7 +116,7 @@ class Pipeline:
         except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a file it cannot parse
             raise PackageError(f"cannot load {TOKENIZER_NAME} of {package_dir}: {e}") from None
         engine = open_backend(backend, package_dir, manifest, device=device, threads=threads)
-        return cls(package_dir, manifest, engine, tokenizer, template, prefix_cache, max_image_pixels)
+        return cls(package_dir, manifest, engine, tokenizer, template, prefix_cache, max_image_pixels=max_image_pixels)
 
     # -- prompt preparation -------------------------------------------------------------------
     def encode_request(self, request: Request) -> np.ndarray:
@@ -273,22 +246,61 @@ class Pipeline:
         return results
 
 
+    def sequences(self, requests: Sequence[Request], max_new_tokens: int = 64,
+                  sampling: SamplingConfig | None = None, stop: Sequence[str] = (), engine: Engine | None = None) -> list:
+        """Engine sequences for requests (prompt checked against the context, images decoded now); without
+        an engine, the pipeline's own, sized for them."""
+        max_new_tokens = check_count(max_new_tokens, "max_new_tokens")
+        stop = check_stop(stop)
+        if not requests:
+            raise UsageError("no requests")
+        encoded = [self.encode_request(r) for r in requests]
+        if engine is None:
+            engine = self.engine_for(len(requests), max(len(e) for e in encoded) + max_new_tokens)
+        return [engine.make_sequence(e, [load_image(im, self.max_image_pixels) for im in r.images], max_new_tokens, sampling, stop, index=i)
+                for i, (e, r) in enumerate(zip(encoded, requests))]
+
+    def run_engine(self, requests: Sequence[Request], max_new_tokens: int = 64,
+                   sampling: SamplingConfig | None = None, stop: Sequence[str] = ()) -> Iterator[TokenEvent]:
+        """Like ``run``, through the engine: yields TokenEvents, returns list[GenerationResult]."""
+        seqs = self.sequences(requests, max_new_tokens, sampling, stop)
+        engine = self._engine
+        done = False
+        try:
+            for ev in engine.run_until_done(seqs):
+                if ev.token_id is not None and ev.text:
+                    yield TokenEvent(ev.index, ev.token_id, ev.text)
+            done = True
+        finally:
+            if not done:  # the caller stopped early: free the slots
+                for s in seqs:
+                    engine.cancel(s.seq_id)
+                engine.step()
+        for s in seqs:
+            if s.exception is not None:
+                raise s.exception
+        return [s.result() for s in seqs]
+
     def generate(self, image: Any, prompt: str, max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
                  stop: Sequence[str] = (), history: Sequence[tuple[str, str]] = ()) -> GenerationResult:
         """One image (or None) and one question; history holds earlier (question, answer) turns."""
         req = Request([*history, (prompt, None)], [image] if image is not None else [])
-        return drain(self.run([req], max_new_tokens, sampling, stop))[0]
+        return drain(self.run_engine([req], max_new_tokens, sampling, stop))[0]
 
     def generate_batch(self, images: Sequence[Any], prompts_: Sequence[str], max_new_tokens: int = 64,
                        sampling: SamplingConfig | None = None, stop: Sequence[str] = ()) -> list[GenerationResult]:
+        """Continuously batched through the engine where the backend has KV slots; otherwise (portable
+        onnxruntime, TensorRT) one static left-padded batch."""
         if len(images) != len(prompts_):
             raise UsageError("generate_batch needs one image (or None) per prompt")
         reqs = [Request([(p, None)], [im] if im is not None else []) for im, p in zip(images, prompts_)]
+        if hasattr(self.backend, "new_slot_cache"):
+            return drain(self.run_engine(reqs, max_new_tokens, sampling, stop))
         return drain(self.run(reqs, max_new_tokens, sampling, stop))
 
     def stream(self, image: Any, prompt: str, max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
                stop: Sequence[str] = (), history: Sequence[tuple[str, str]] = ()) -> Iterator[str]:
         """Text deltas as they are generated."""
         req = Request([*history, (prompt, None)], [image] if image is not None else [])
-        for event in self.run([req], max_new_tokens, sampling, stop):
+        for event in self.run_engine([req], max_new_tokens, sampling, stop):
             yield event.text

@@ -1,0 +1,295 @@
+"""The continuous-batching engine: ``add`` requests any time, ``step`` advances all of them one round.
+
+One ``step()`` = admit waiting sequences into free KV slots (prefix-cache lookup, image features from
+the image-embedding cache or the vision encoder on its own thread, so running streams keep decoding
+meanwhile; prompt embeddings), prefill whole chunks within the token budget, then ONE
+decode call that gives every running sequence its next token. Finished and cancelled sequences leave
+at once and free their slot for the next step. ``add``/``cancel`` may be called from other threads
+(the server's event loop); ``step`` runs on one thread (the server's worker, or the caller of
+``Pipeline.generate``).
+"""
+
+from __future__ import annotations
+
+import queue
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, Iterable, Sequence as Seq
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from ..errors import UsageError
+from ..package import Manifest
+from .inputs import check_count, check_stop
+from .model_runner import ModelRunner
+from .prefix_cache import PrefixCache, image_digest
+from . import anyres
+from .preprocess import MAX_IMAGE_PIXELS, preprocess
+from .sampling import SamplingConfig
+from .scheduler import Scheduler
+from .sequence import Sequence, Status, TokenEvent
+
+
+class PromptTooLongError(UsageError):
+    """The prompt plus max_new_tokens does not fit the package's context."""
+
+
+class ImageCache:
+    """Image features by content digest, least recently used first out, bounded in megabytes: the same
+    camera frame asked about by several requests goes through the vision encoder once."""
+
+    def __init__(self, max_mb: float = 64.0):
+        self.max_bytes = int(max_mb * 2**20)
+        self.entries: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, digest: str) -> np.ndarray | None:
+        feats = self.entries.get(digest)
+        if feats is None:
+            self.misses += 1
+            return None
+        self.entries.move_to_end(digest)
+        self.hits += 1
+        return feats
+
+    def put(self, digest: str, feats: np.ndarray) -> None:
+        if feats.nbytes > self.max_bytes or digest in self.entries:
+            return
+        self.entries[digest] = feats
+        self.bytes += feats.nbytes
+        while self.bytes > self.max_bytes:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= old.nbytes
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, manifest: Manifest, tokenizer: Tokenizer,
+                 prefix_cache: PrefixCache | None = None, image_cache_mb: float = 64.0):
+        self.runner = runner
+        self.manifest = manifest
+        self.tokenizer = tokenizer
+        self.prefix_cache = prefix_cache
+        self.image_cache = ImageCache(image_cache_mb) if image_cache_mb > 0 else None
+        self.scheduler = Scheduler(runner.slots, runner.chunk)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._queued = 0  # added but not admitted yet (inbox + waiting): what a queue limit counts
+        self._live: dict[str, Sequence] = {}
+        self.wakeup = threading.Event()  # set by add/cancel: a sleeping worker has something to do
+        self.steps = 0
+        self.tokens_generated = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self.max_image_pixels: int | None = MAX_IMAGE_PIXELS  # the same limit load_image applies
+
+    # -- requests (any thread) ----------------------------------------------------------------------
+    def make_sequence(self, ids: np.ndarray, images: Seq[Any] = (), max_tokens: int = 64,
+                      sampling: SamplingConfig | None = None, stop: Seq[str] = (), index: int = 0) -> Sequence:
+        """A Sequence for prompt ids (image tokens expanded); refuses what cannot fit the context."""
+        max_tokens = check_count(max_tokens, "max_new_tokens")
+        stop = check_stop(stop)
+        t = self.manifest.text
+        if len(ids) + max_tokens > min(t.max_context, self.runner.max_len):
+            raise PromptTooLongError(
+                f"prompt of {len(ids)} tokens (image tokens included) plus max_new_tokens={max_tokens} "
+                f"exceeds the model's context of {min(t.max_context, self.runner.max_len)}")
+        return Sequence(np.asarray(ids, np.int64), list(images), self.tokenizer, max_tokens,
+                        sampling or SamplingConfig(), tuple(s for s in stop if s), frozenset(t.eos_token_ids),
+                        index=index)
+
+    def add(self, seq: Sequence) -> str:
+        with self._lock:
+            self._queued += 1
+        self._inbox.put(("add", seq))
+        self.wakeup.set()
+        return seq.seq_id
+
+    def cancel(self, seq_id: str) -> None:
+        self._inbox.put(("cancel", seq_id))
+        self.wakeup.set()
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    def has_work(self) -> bool:
+        return not self._inbox.empty() or not self.scheduler.idle()
+
+    # -- one round (the engine's thread) ------------------------------------------------------------
+    def step(self) -> list[TokenEvent]:
+        events: list[TokenEvent] = []
+        self._drain_inbox(events)
+        sched = self.scheduler
+        for seq in sched.admit():
+            with self._lock:
+                self._queued -= 1
+            try:
+                self._prepare(seq)
+            except Exception as e:  # noqa: BLE001 - one bad request must not take the engine down
+                self._fail(seq, e, events)
+        self._collect_vision(events, wait=False)
+        plan = sched.prefill_plan()
+        if not plan and not sched.decode_batch():
+            self._collect_vision(events, wait=True)  # nothing else to do: wait for the vision encoder
+            plan = sched.prefill_plan()
+
+        for chunk in plan:
+            seq = chunk.seq
+            t0 = time.perf_counter()
+            try:
+                off = seq.prefill_start
+                logits = self.runner.prefill(seq.slot, seq.embeds[chunk.start - off : chunk.end - off])
+            except Exception as e:  # noqa: BLE001
+                self._fail(seq, e, events)
+                continue
+            seq.computed = chunk.end
+            seq.timings.prefill_ms += (time.perf_counter() - t0) * 1000
+            if chunk.last:
+                seq.embeds = None
+                if self.prefix_cache is not None and self.runner.supports_prefix:
+                    self.prefix_cache.store(seq.digests, seq.ids, self.runner.snapshot(seq.slot))
+                seq.status = Status.RUNNING
+                self._emit(seq, self._sample(seq, logits[None]), events)
+
+        batch = sched.decode_batch()
+        if batch:
+            try:
+                logits = self.runner.decode([s.slot for s in batch], [s.generated[-1] for s in batch])
+            except Exception as e:  # noqa: BLE001
+                for seq in batch:
+                    self._fail(seq, e, events)
+                batch = []
+            for i, seq in enumerate(batch):
+                self._emit(seq, self._sample(seq, logits[i : i + 1]), events)
+        self.steps += 1
+        return events
+
+    def run_until_done(self, seqs: Iterable[Sequence]) -> Iterable[TokenEvent]:
+        """Add sequences and step until all of them have finished; yields every event (the Pipeline's loop)."""
+        pending = {s.seq_id for s in seqs}
+        for s in seqs:
+            self.add(s)
+        while pending:
+            for ev in self.step():
+                if ev.finish_reason is not None:
+                    pending.discard(ev.seq_id)
+                yield ev
+
+    # -- internals ------------------------------------------------------------------------------------
+    def _drain_inbox(self, events: list[TokenEvent]) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self._live[item.seq_id] = item
+                self.scheduler.add(item)
+                continue
+            seq = self._live.get(item)
+            if seq is None or seq.status is Status.FINISHED:
+                continue
+            if seq.status is Status.WAITING:
+                with self._lock:
+                    self._queued -= 1
+            seq.finish("cancelled")
+            self._retire(seq)
+            events.append(TokenEvent(seq.seq_id, None, "", "cancelled", seq.index))
+
+    def _prepare(self, seq: Sequence) -> None:
+        """Admission work: prefix lookup, image features (cache, else the vision encoder on its own
+        thread), prompt embeddings, slot."""
+        if seq.images and (self.image_cache is not None or self.prefix_cache is not None):
+            seq.digests = tuple(image_digest(im) for im in seq.images)
+        hit, start = None, 0
+        if self.prefix_cache is not None and self.runner.supports_prefix:
+            hit, start = self.prefix_cache.lookup(seq.digests, seq.ids)
+        seq.computed = seq.prefill_start = start
+        feats: list[np.ndarray | None] = []
+        if (seq.ids[start:] == self.manifest.text.image_token_id).any():
+            cache = self.image_cache
+            feats = [cache.get(d) for d in seq.digests] if cache is not None else [None] * len(seq.images)
+        todo = [i for i, f in enumerate(feats) if f is None]
+        if todo:
+            # the running streams keep decoding while the vision encoder works (onnxruntime releases the GIL)
+            seq.vision = (self._vision_pool().submit(self._encode, seq, todo), feats, todo, hit)
+            return
+        self._finish_prepare(seq, feats, todo, None, hit)
+
+    def _vision_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="llava-edge-vision")
+        return self._pool
+
+    def _encode(self, seq: Sequence, todo: list[int]) -> list[np.ndarray]:
+        """Features of the images `todo`, one [tokens_i, hidden] array each (LLaVA-NeXT: tokens_i
+        depends on the image's size), from one vision call."""
+        t0 = time.perf_counter()
+        v = self.manifest.vision
+        images = [seq.images[i] for i in todo]
+        if v.anyres:
+            out = anyres.encode(images, v, self.runner.encode_images)
+        else:
+            out = list(self.runner.encode_images(np.stack([preprocess(im, v, self.max_image_pixels) for im in images])))
+        seq.timings.vision_ms += (time.perf_counter() - t0) * 1000
+        return out
+
+    def _finish_prepare(self, seq: Sequence, feats: list, todo: list[int], encoded: np.ndarray | None,
+                        hit: Any) -> None:
+        for j, i in enumerate(todo):
+            feats[i] = encoded[j]
+            if self.image_cache is not None:
+                self.image_cache.put(seq.digests[i], encoded[j])
+        new_ids = seq.ids[seq.prefill_start :]
+        embeds = self.runner.embed(new_ids[None])[0]
+        slots = new_ids == self.manifest.text.image_token_id
+        if slots.any():
+            flat = np.concatenate([f.reshape(-1, embeds.shape[-1]) for f in feats])
+            # a reused prefix can only cover leading image tokens: the rest are the last rows
+            embeds[slots] = flat[flat.shape[0] - int(slots.sum()) :].astype(embeds.dtype, copy=False)
+        self.runner.begin(seq.slot, seq.capacity, hit.state if hit is not None else None, seq.prefill_start)
+        seq.embeds = embeds
+
+    def _collect_vision(self, events: list[TokenEvent], wait: bool) -> None:
+        """Finish admission of sequences whose image features are ready (waiting for one if asked)."""
+        pending = [s for s in self.scheduler.running if s.vision is not None]
+        if wait and pending:
+            futures_wait([s.vision[0] for s in pending], timeout=0.05, return_when=FIRST_COMPLETED)
+        for seq in pending:
+            future, feats, todo, hit = seq.vision
+            if not future.done():
+                continue
+            seq.vision = None
+            try:
+                self._finish_prepare(seq, feats, todo, future.result(), hit)
+            except Exception as e:  # noqa: BLE001
+                self._fail(seq, e, events)
+
+    def _sample(self, seq: Sequence, logits: np.ndarray) -> int:
+        return int(seq.sampler(logits, [seq.seen] if seq.seen is not None else None)[0])
+
+    def _emit(self, seq: Sequence, token: int, events: list[TokenEvent]) -> None:
+        self.tokens_generated += 1
+        events.append(seq.append(token))
+        if seq.status is Status.FINISHED:
+            self._retire(seq)
+
+    def _fail(self, seq: Sequence, error: Exception, events: list[TokenEvent]) -> None:
+        seq.error = f"{type(error).__name__}: {error}"
+        seq.exception = error
+        seq.finish("error")
+        self._retire(seq)
+        events.append(TokenEvent(seq.seq_id, None, "", "error", seq.index))
+
+    def _retire(self, seq: Sequence) -> None:
+        if seq.slot is not None:
+            self.runner.release(seq.slot)
+        self.scheduler.remove(seq)
+        seq.embeds = None
+        self._live.pop(seq.seq_id, None)
+

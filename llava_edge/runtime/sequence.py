@@ -1,0 +1,192 @@
+"""One request's state inside the engine: prompt ids, images, sampling, generated ids, text, timings.
+
+Why each sequence carries its own Sampler (and so its own seeded rng), repetition history, detokenizer
+and stop strings: requests with different settings share one decode batch, and a seeded request must
+draw the same numbers whether it runs alone or next to seven others.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence as Seq
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .sampling import Sampler, SamplingConfig
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # queued, no slot yet
+    PREFILL = "prefill"  # has a slot, prompt not fully in the KV cache yet
+    RUNNING = "running"  # decoding one token per step
+    FINISHED = "finished"
+
+
+@dataclass
+class Timings:
+    vision_ms: float = 0.0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    new_tokens: int = 0  # decode steps after the first token
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / (self.decode_ms / 1000) if self.decode_ms > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"vision_ms": round(self.vision_ms, 3), "prefill_ms": round(self.prefill_ms, 3),
+                "decode_ms": round(self.decode_ms, 3), "tokens_per_s": round(self.tokens_per_s, 2)}
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # generated ids, eos included when generation stopped on it
+    finish_reason: str  # "eos", "stop" (a stop string), "length"; in the engine also "cancelled", "error"
+    prompt_tokens: int
+    timings: Timings
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
+                "prompt_tokens": self.prompt_tokens, "timings": self.timings.as_dict()}
+
+
+class Detokenizer:
+    """Incremental text for one sequence: emits only text that will not change with later tokens.
+
+    Decodes a short window, not the whole answer, so a token costs O(window) instead of O(answer).
+    The window is the tokens since the text emitted before last (``prefix``) up to now; the new text is
+    what decoding the window adds to decoding its already-emitted head. Both decodes start at the same
+    token, so a tokenizer that treats a sequence's first token specially does so in both and it cancels
+    out. A window ending inside a UTF-8 character (U+FFFD) waits for the next token. This is the
+    prefix/read-offset scheme of Hugging Face TGI and vLLM.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self._prefix = 0  # window start
+        self._read = 0  # tokens before this are already in self.text
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        decode = self.tokenizer.decode
+        head = decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
+        window = decode(self.ids[self._prefix :], skip_special_tokens=True)
+        if len(window) <= len(head) or window.endswith("\ufffd") or not window.startswith(head):
+            return ""
+        delta = window[len(head) :]
+        self._prefix, self._read = self._read, len(self.ids)
+        self.text += delta
+        return delta
+
+
+@dataclass
+class TokenEvent:
+    """What one step produced for one sequence. ``text`` is the newly visible text (may be "")."""
+
+    seq_id: str
+    token_id: int | None  # None for an event that only reports an end (cancelled, error)
+    text: str
+    finish_reason: str | None = None
+    index: int = 0  # the caller's own index (Pipeline: position in the batch)
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)  # identity: two requests with the same prompt are still two sequences
+class Sequence:
+    """A request as the engine sees it. ``ids`` are prompt ids with image tokens expanded."""
+
+    ids: np.ndarray
+    images: list[Any]  # PIL images, in prompt order
+    tokenizer: Tokenizer
+    max_tokens: int
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    stop: Seq[str] = ()
+    eos_ids: frozenset[int] = frozenset()
+    seq_id: str = ""
+    index: int = 0
+
+    def __post_init__(self) -> None:
+        self.seq_id = self.seq_id or f"seq-{next(_ids)}"
+        self.sampler = Sampler(self.sampling)
+        self.seen = self.ids.copy() if self.sampling.repetition_penalty != 1.0 else None
+        self.detok = Detokenizer(self.tokenizer)
+        self.generated: list[int] = []
+        self.status = Status.WAITING
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.exception: Exception | None = None
+        self.slot: int | None = None
+        self.computed = 0  # prompt tokens already in the KV cache
+        self.prefill_start = 0  # first prompt token this sequence prefills itself (after a prefix hit)
+        self.embeds: np.ndarray | None = None  # prompt embeddings from prefill_start on: set once ready
+        self.vision: Any = None  # (future, features, missing indices, prefix hit) while the vision encoder runs
+        self.digests: tuple[str, ...] = ()
+        self.sent = 0  # characters of visible text already handed out in events
+        self.timings = Timings()
+        self.arrival = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.ids)
+
+    @property
+    def capacity(self) -> int:
+        """KV positions this sequence can need: the prompt plus every generated token but the last."""
+        return self.prompt_len + self.max_tokens
+
+    def append(self, token_id: int) -> TokenEvent:
+        """Record a sampled token; decide whether the sequence ends; return the event to hand out."""
+        now = time.perf_counter()
+        if self.first_token_at is None:
+            self.first_token_at = now
+        self.generated.append(token_id)
+        if self.seen is not None:
+            self.seen = np.append(self.seen, token_id)
+        if token_id in self.eos_ids:
+            self.finish("eos")
+        else:
+            delta = self.detok.push(token_id)
+            # a stop string not seen before must end inside this delta: look at the tail only
+            tail = self.detok.text[-(len(delta) + max((len(s) for s in self.stop), default=0)):]
+            if self.stop and delta and any(s in tail for s in self.stop):
+                self.finish("stop")
+            elif len(self.generated) >= self.max_tokens:
+                self.finish("length")
+        visible = self.visible_text()
+        text, self.sent = visible[self.sent :], max(self.sent, len(visible))
+        return TokenEvent(self.seq_id, token_id, text, self.finish_reason, self.index)
+
+    def visible_text(self) -> str:
+        """The answer so far as a client may see it: cut before the first stop string."""
+        text = self.detok.text
+        if self.finish_reason == "stop":
+            cut = min(text.find(s) for s in self.stop if s in text)
+            return text[:cut]
+        return text
+
+    def finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        self.status = Status.FINISHED
+        self.finished_at = time.perf_counter()
+        if self.first_token_at is not None:
+            self.timings.decode_ms = (self.finished_at - self.first_token_at) * 1000
+            self.timings.new_tokens = max(0, len(self.generated) - 1)
+
+    def result(self) -> GenerationResult:
+        text = self.tokenizer.decode(self.generated, skip_special_tokens=True)
+        if self.finish_reason == "stop":
+            cut = min(text.find(s) for s in self.stop if s in text)
+            text = text[:cut]
+        return GenerationResult(text.strip(), list(self.generated), self.finish_reason or "length",
+                                self.prompt_len, self.timings)

@@ -1,0 +1,389 @@
+"""The FastAPI app: OpenAI chat completions (streaming or not), models, health, Prometheus metrics.
+
+Every request is validated, its images decoded and its prompt tokenized on a worker thread before it
+reaches the engine, so anything wrong with it is a 4xx with OpenAI's error JSON and never touches the
+running batch. The model loads in the background after the socket is open: ``/health`` (and every
+``/v1`` route) answers 503 until it is ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import UsageError
+from ..runtime.pipeline import Pipeline
+from ..runtime.pipeline import Request as ChatTurns
+from ..runtime.sampling import SamplingConfig
+from ..runtime.sequence import Sequence
+from .media import MediaLimits, load_image_url
+from .metrics import CONTENT_TYPE, Metrics
+from .protocol import ApiError, ChatRequest, chunk_body, completion_body, completion_id, parse_chat_request, usage
+from .worker import EngineWorker
+
+log = logging.getLogger("llava_edge.serve")
+CHAT_PATH = "/v1/chat/completions"
+DEBUG_ENV = "LLAVA_EDGE_SERVE_DEBUG"
+
+
+@dataclass
+class ServeConfig:
+    package: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    backend: str = "auto"
+    max_slots: int = 4
+    api_key: str | None = None
+    max_image_bytes: int = 10 * 10**6
+    max_image_pixels: int = 40 * 10**6
+    max_images_per_request: int = 4
+    max_tokens: int = 512  # per request; also the default when a request gives none
+    queue_size: int = 64
+    media_dir: Path | None = None
+    threads: int | None = None
+    prefill_chunk: int = 256  # prompt tokens per engine step: bounds how long a new prompt stalls the streams
+    image_cache_mb: float = 64.0  # image features kept by content digest (0: off)
+    model_name: str = ""
+    limits: MediaLimits = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.package = Path(self.package)
+        self.model_name = self.model_name or self.package.resolve().name
+        self.limits = MediaLimits(self.max_image_bytes, self.max_image_pixels, self.max_images_per_request,
+                                  Path(self.media_dir) if self.media_dir else None)
+
+
+def resolve_backend(package: Path, name: str) -> str:
+    """``auto``: see runtime/backends.resolve_auto."""
+    if name != "auto":
+        return name
+    from ..package import load_manifest
+    from ..runtime.backends import resolve_auto
+
+    return resolve_auto(package, load_manifest(package))
+
+
+class ServerState:
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.pipe: Pipeline | None = None
+        self.worker: EngineWorker | None = None
+        self.backend = ""
+        self.load_error: str | None = None
+        self.metrics = Metrics(lambda: self.worker.engine if self.worker else None)
+
+    def load(self, loop: asyncio.AbstractEventLoop) -> None:
+        c = self.config
+        try:
+            self.backend = resolve_backend(c.package, c.backend)
+            pipe = Pipeline.from_package(c.package, backend=self.backend, threads=c.threads,
+                                         max_image_pixels=c.max_image_pixels)
+            engine = pipe.make_engine(max_slots=c.max_slots, prefill_chunk=c.prefill_chunk,
+                                      image_cache_mb=c.image_cache_mb)
+            worker = EngineWorker(engine, loop)
+            worker.start()
+            self.pipe, self.worker = pipe, worker
+            log.info("model %s ready (backend %s, %d slot(s))", c.model_name, self.backend, engine.runner.slots)
+        except Exception as e:  # noqa: BLE001 - reported by /health
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.error("loading the model failed: %s", self.load_error)
+
+    # -- request -> sequence (runs on a thread: image decoding, tokenizing) --------------------------
+    def build_sequence(self, chat: ChatRequest) -> Sequence:
+        pipe, engine, c = self.pipe, self.worker.engine, self.config
+        turns, images = self._turns(chat)
+        try:
+            ids = pipe.encode_request(ChatTurns(turns, images))
+        except UsageError as e:
+            raise ApiError(400, str(e), "invalid_prompt") from None
+        room = pipe.manifest.text.max_context - len(ids)
+        requested = chat.max_completion_tokens or chat.max_tokens
+        if requested is not None and requested > c.max_tokens:
+            raise ApiError(400, f"max_tokens={requested} is over the server's limit of {c.max_tokens}",
+                           "invalid_value", "max_tokens")
+        max_tokens = requested or min(c.max_tokens, room)
+        if room < 1 or max_tokens > room:
+            raise ApiError(400, f"the prompt has {len(ids)} tokens (image tokens included); with max_tokens="
+                           f"{max_tokens} it does not fit the model's context of {pipe.manifest.text.max_context}",
+                           "context_length_exceeded", "messages")
+        stop = [chat.stop] if isinstance(chat.stop, str) else list(chat.stop or [])
+        if len(stop) > 4:
+            raise ApiError(400, "at most 4 stop strings", "invalid_value", "stop")
+        try:
+            sampling = SamplingConfig(temperature=1.0 if chat.temperature is None else chat.temperature,
+                                      top_p=1.0 if chat.top_p is None else chat.top_p, top_k=chat.top_k or 0,
+                                      repetition_penalty=chat.repetition_penalty or 1.0, seed=chat.seed)
+            seq = engine.make_sequence(ids, images, max_tokens, sampling, stop)
+        except UsageError as e:
+            raise ApiError(400, str(e), "invalid_value") from None
+        if chat.ignore_eos:
+            seq.eos_ids = frozenset()
+        return seq
+
+    def _turns(self, chat: ChatRequest) -> tuple[list[tuple[str, str | None]], list[Any]]:
+        image_token = self.pipe.manifest.text.image_token
+        parts_count = sum(1 for m in chat.messages if isinstance(m.content, list)
+                          for p in m.content if p.type == "image_url")
+        if parts_count > self.config.max_images_per_request:
+            raise ApiError(400, f"{parts_count} images in one request; the server's limit is "
+                           f"{self.config.max_images_per_request}", "too_many_images", "messages")
+        system: list[str] = []
+        turns: list[tuple[str, str | None]] = []
+        user: str | None = None
+        images: list[Any] = []
+        for i, m in enumerate(chat.messages):
+            if isinstance(m.content, list):
+                pieces = []
+                for p in m.content:
+                    if p.type == "text":
+                        if p.text is None:
+                            raise ApiError(400, "a text part needs 'text'", "invalid_value", f"messages.{i}.content")
+                        pieces.append(p.text)
+                    else:
+                        if p.image_url is None:
+                            raise ApiError(400, "an image_url part needs 'image_url'", "invalid_value",
+                                           f"messages.{i}.content")
+                        if m.role != "user":
+                            raise ApiError(400, "images are accepted in user messages only", "invalid_value",
+                                           f"messages.{i}.content")
+                        images.append(load_image_url(p.image_url.url, self.config.limits))
+                        pieces.append(image_token + "\n")
+                text = "".join(pieces)
+            else:
+                text = m.content or ""
+            if m.role in ("system", "developer"):
+                system.append(text)
+            elif m.role == "user":
+                user = text if user is None else user + "\n" + text
+            else:
+                if user is None:
+                    raise ApiError(400, "an assistant message must follow a user message", "invalid_value",
+                                   f"messages.{i}")
+                turns.append((user, text))
+                user = None
+        if user is None:
+            raise ApiError(400, "the last message must be the user's", "invalid_value", "messages")
+        turns.append((user, None))
+        if system:
+            first, answer = turns[0]
+            turns[0] = ("\n".join(system) + "\n" + first, answer)
+        return turns, images
+
+
+def create_app(config: ServeConfig) -> FastAPI:
+    state = ServerState(config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loop = asyncio.get_running_loop()
+        threading.Thread(target=state.load, args=(loop,), name="llava-edge-load", daemon=True).start()
+        yield
+        if state.worker is not None:
+            state.worker.stop()
+
+    app = FastAPI(title="llava-edge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.serve = state
+
+    def error_response(e: ApiError, path: str) -> JSONResponse:
+        if path == CHAT_PATH:
+            state.metrics.requests.labels(str(e.status)).inc()
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError) -> JSONResponse:
+        return error_response(e, request.url.path)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return error_response(ApiError(e.status_code, str(e.detail), code), request.url.path)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception) -> JSONResponse:
+        log.exception("internal error on %s", request.url.path)
+        return error_response(ApiError(500, f"internal error: {type(e).__name__}", "internal_error"),
+                              request.url.path)
+
+    def ready() -> None:
+        if state.worker is None:
+            msg = f"the model failed to load: {state.load_error}" if state.load_error else "the model is loading"
+            raise ApiError(503, msg, "model_not_ready")
+
+    def authorize(request: Request) -> None:
+        key = config.api_key
+        if not key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if state.worker is None:
+            status = "error" if state.load_error else "loading"
+            return JSONResponse({"status": status, "error": state.load_error}, status_code=503)
+        engine = state.worker.engine
+        return JSONResponse({"status": "ok", "model": config.model_name, "backend": state.backend,
+                             "slots": engine.runner.slots, "slots_in_use": engine.scheduler.slots_in_use,
+                             "queued": engine.queued})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        authorize(request)
+        ready()
+        return JSONResponse({"object": "list", "data": [
+            {"id": config.model_name, "object": "model", "created": int(time.time()), "owned_by": "llava-edge"}]})
+
+    if os.environ.get(DEBUG_ENV) == "1":
+        # test hooks, off unless LLAVA_EDGE_SERVE_DEBUG=1: hold the engine still to stage queue/slot states
+        @app.post("/debug/pause")
+        async def pause() -> JSONResponse:
+            ready()
+            state.worker.pause()
+            return JSONResponse({"paused": True})
+
+        @app.post("/debug/resume")
+        async def resume() -> JSONResponse:
+            ready()
+            state.worker.resume()
+            return JSONResponse({"paused": False})
+
+        @app.post("/debug/step")
+        async def step(n: int = 1) -> JSONResponse:
+            ready()
+            state.worker.allow_steps(n)
+            return JSONResponse({"steps": n})
+
+    @app.post(CHAT_PATH)
+    async def chat_completions(request: Request) -> Response:
+        authorize(request)
+        ready()
+        # base64 images plus text: anything much larger is refused before it is held in memory
+        limit = config.max_images_per_request * (config.max_image_bytes * 4 // 3 + 1024) + 2**20
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise ApiError(413, f"request body over {limit} bytes", "request_too_large")
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise ApiError(413, f"request body over {limit} bytes", "request_too_large")
+        chat = parse_chat_request(bytes(body))
+        worker = state.worker
+        if worker.engine.queued >= config.queue_size:
+            raise ApiError(429, f"the request queue is full ({config.queue_size} waiting); retry later",
+                           "queue_full")
+        seq = await asyncio.to_thread(state.build_sequence, chat)
+        if worker.engine.queued >= config.queue_size:  # re-checked: others may have queued meanwhile
+            raise ApiError(429, f"the request queue is full ({config.queue_size} waiting); retry later",
+                           "queue_full")
+        queue = worker.submit(seq)
+        state.metrics.prompt_tokens.inc(seq.prompt_len)
+        state.metrics.requests.labels("200").inc()
+        cid = completion_id()
+        if chat.stream:
+            include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+            return StreamingResponse(_stream(state, seq, queue, cid, include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await _complete(state, request, seq, queue, cid)
+
+    return app
+
+
+class _Clock:
+    """Time to first token and per-token intervals of one request, into the histograms."""
+
+    def __init__(self, state: ServerState, seq: Sequence):
+        self.metrics, self.seq, self.last = state.metrics, seq, None
+
+    def see(self, ev: Any) -> None:
+        if ev.token_id is None:
+            return
+        now = time.perf_counter()
+        if self.last is None:
+            self.metrics.ttft.observe(now - self.seq.arrival)
+        else:
+            self.metrics.tpot.observe(now - self.last)
+        self.last = now
+        self.metrics.completion_tokens.inc()
+
+
+async def _complete(state: ServerState, request: Request, seq: Sequence, queue: asyncio.Queue, cid: str) -> Response:
+    clock = _Clock(state, seq)
+    done = False
+    try:
+        checked = time.monotonic()
+        while not done:
+            try:
+                ev = await asyncio.wait_for(queue.get(), timeout=0.25)
+                clock.see(ev)
+                done = ev.finish_reason is not None
+            except asyncio.TimeoutError:
+                pass
+            if not done and time.monotonic() - checked >= 0.25:  # also while tokens keep coming
+                checked = time.monotonic()
+                if await request.is_disconnected():
+                    state.metrics.cancelled.inc()
+                    return Response(status_code=499)
+    finally:
+        if not done:
+            state.worker.cancel(seq.seq_id)
+    if seq.finish_reason == "error":
+        raise ApiError(500, f"generation failed: {seq.error}", "generation_error")
+    r = seq.result()
+    return JSONResponse(completion_body(cid, state.config.model_name, r.text, r.finish_reason, r.token_ids,
+                                        r.prompt_tokens))
+
+
+async def _stream(state: ServerState, seq: Sequence, queue: asyncio.Queue, cid: str,
+                  include_usage: bool) -> AsyncIterator[bytes]:
+    model, created = state.config.model_name, int(time.time())
+
+    def sse(obj: dict[str, Any]) -> bytes:
+        return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+    done = False
+    try:
+        yield sse(chunk_body(cid, model, created, {"role": "assistant", "content": ""}))
+        clock = _Clock(state, seq)
+        while True:
+            ev = await queue.get()
+            clock.see(ev)
+            if ev.finish_reason == "error":
+                yield sse({"error": ApiError(500, f"generation failed: {seq.error}", "generation_error").body()["error"]})
+                break
+            if ev.token_id is not None:
+                delta = {"content": ev.text} if ev.text else {}
+                yield sse(chunk_body(cid, model, created, delta, ev.finish_reason, [ev.token_id]))
+            if ev.finish_reason is not None:
+                break
+            if not queue.empty():
+                await asyncio.sleep(0)  # let the loop see a disconnect between buffered chunks
+        if include_usage:
+            body = chunk_body(cid, model, created, {})
+            body["choices"] = []
+            body["usage"] = usage(seq.prompt_len, len(seq.generated))
+            yield sse(body)
+        yield b"data: [DONE]\n\n"
+        done = True
+    finally:
+        if not done:  # the client went away (or the server is stopping): free the slot now
+            state.worker.cancel(seq.seq_id)
+            state.metrics.cancelled.inc()

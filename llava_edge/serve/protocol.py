@@ -1,0 +1,112 @@
+"""The OpenAI chat-completions wire format: request validation, response bodies, error JSON.
+
+Why strict parsing: a field of the wrong type ("max_tokens": "ten") must be a 400 that names the
+field, never a coercion that guesses, and never a 500. Unknown fields are ignored (clients send
+vendor extras such as ``logit_bias`` or ``user``), as vLLM and llama-server do.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI's JSON: {"error": {"message", "type", "param", "code"}}."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+             413: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 500: "server_error"}
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class ImageURL(_Strict):
+    url: str
+    detail: Optional[str] = None
+
+
+class ContentPart(_Strict):
+    type: Literal["text", "image_url"]
+    text: Optional[str] = None
+    image_url: Optional[ImageURL] = None
+
+
+class Message(_Strict):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: Union[str, list[ContentPart], None] = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ChatRequest(_Strict):
+    model: Optional[str] = None
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    temperature: Optional[float] = Field(default=None, ge=0, le=2)
+    top_p: Optional[float] = Field(default=None, gt=0, le=1)
+    top_k: Optional[int] = Field(default=None, ge=0)  # extension (llama-server, vLLM)
+    repetition_penalty: Optional[float] = Field(default=None, gt=0)  # extension
+    seed: Optional[int] = None
+    ignore_eos: bool = False  # extension (vLLM): generate max_tokens tokens, for benchmarks
+    stop: Union[str, list[str], None] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    n: int = Field(default=1, ge=1, le=1)
+
+
+def parse_chat_request(body: bytes) -> ChatRequest:
+    try:
+        return ChatRequest.model_validate_json(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("function-after",))
+        msg = err.get("msg", "invalid value")
+        if err.get("type") == "json_invalid":
+            raise ApiError(400, f"the request body is not valid JSON: {msg}", "invalid_json") from None
+        raise ApiError(400, f"invalid field '{loc}': {msg}" if loc else msg, "invalid_value", loc or None) from None
+
+
+def completion_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex[:24]
+
+
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop", "error": "stop"}
+
+
+def completion_body(cid: str, model: str, text: str, finish: str, token_ids: list[int], prompt_tokens: int
+                    ) -> dict[str, Any]:
+    """A chat.completion; ``token_ids`` is our extension field on the choice (the generated ids)."""
+    return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": FINISH.get(finish, "stop"), "logprobs": None, "token_ids": token_ids}],
+            "usage": usage(prompt_tokens, len(token_ids))}
+
+
+def chunk_body(cid: str, model: str, created: int, delta: dict[str, Any], finish: str | None = None,
+               token_ids: list[int] | None = None) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None,
+                              "finish_reason": FINISH.get(finish, "stop") if finish else None}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}

@@ -1,0 +1,40 @@
+"""bench-serve end to end on the tiny model: every scenario runs, its numbers are consistent, files written."""
+
+from __future__ import annotations
+
+import json
+
+from llava_edge.benchmarks.serve_load import bench_serve, unexpected_log_lines
+
+from .conftest import Server
+
+
+def test_bench_serve_small_run(served_package, tmp_path):
+    srv = Server(served_package, "--max-slots", "4", "--max-tokens", "200", log=tmp_path / "server.log")
+    try:
+        result = bench_serve(None, url=srv.url, server_pid=srv.pid, clients=[1, 2], requests=2, max_tokens=6,
+                             arrival=40, soak=23, name="t", out_dir=tmp_path, progress=lambda s: None)
+    finally:
+        srv.close()
+    assert [r["clients"] for r in result["levels"]] == [1, 2]
+    for row in result["levels"]:
+        assert row["errors"] == 0 and row["tokens"] == row["requests"] * 6 and row["requests"] == 2 * row["clients"]
+        assert row["peak_rss_mb"] > 10 and row["ttft_ms"]["p50"] > 0
+    soak = result["soak"]
+    # i % 11 == 5 is malformed (5, 16), i % 7 == 3 is cancelled after 3 tokens (3, 10, 17)
+    assert (soak["malformed_4xx"], soak["cancelled"], soak["ok"], soak["unexpected"]) == (2, 3, 18, 0)
+    assert soak["slots_in_use_at_end"] == 0 and soak["queued_at_end"] == 0
+    assert result["roundtrip_1_token"]["p50_ms"] > 0
+    assert result["arrival"]["ttft_alone_ms"] > 0
+    assert json.loads((tmp_path / "t.json").read_text())["levels"] == result["levels"]
+    assert "| 2 | 4 | 0 |" in (tmp_path / "t.md").read_text()
+    assert unexpected_log_lines(srv.log_path) == []
+
+
+def test_decode_scaling_times_slot_and_static_decode(served_package):
+    from llava_edge.benchmarks.serve_load import decode_scaling
+
+    out = decode_scaling(served_package, "ort-fast", (1, 2, 4), steps=2, repeats=1, context=32, threads=1)
+    assert [r["batch"] for r in out["rows"]] == [1, 2, 4]
+    assert all(r["continuous_tok_per_s"] > 0 and r["static_tok_per_s"] > 0 for r in out["rows"])
+    assert out["rows"][0]["continuous_vs_1"] == 1.0
