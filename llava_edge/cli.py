@@ -223,15 +223,26 @@ def run(
     device: str = typer.Option("cpu", help="cpu or cuda (onnxruntime-gpu)."),
     backend: str = typer.Option("ort", help="ort (onnxruntime) or tensorrt (engines from `build`)."),
     template: Optional[str] = typer.Option(None, help="Override the package's chat template."),
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema", help="Answer with JSON that validates "
+                                               "against this JSON-schema file (constrained decoding)."),
 ) -> None:
     """Answer one prompt about one image, streaming the answer."""
     from .runtime.pipeline import Pipeline, Request, drain
 
     sampling = _sampling(greedy, temperature, top_p, top_k, repetition_penalty, seed)
+    schema = None
+    if json_schema is not None:
+        from .runtime.constrain import load_schema
+
+        schema = load_schema(json_schema)
     pipe = Pipeline.from_package(package, backend=backend, device=device, threads=threads, template=template)
     req = Request([(prompt, None)], [image] if image is not None else [])
     stream = None if as_json else (lambda e: out.print(e.text, end="", highlight=False, soft_wrap=True, markup=False))
-    result = drain(pipe.run([req], max_new_tokens=max_new_tokens, sampling=sampling, stop=stop), stream)[0]
+    if schema is not None:  # constrained decoding runs in the engine (a per-sequence grammar)
+        gen = pipe.run_engine([req], max_new_tokens, sampling, stop, json_schema=schema)
+    else:
+        gen = pipe.run([req], max_new_tokens=max_new_tokens, sampling=sampling, stop=stop)
+    result = drain(gen, stream)[0]
     if as_json:
         print(json.dumps(result.as_dict()))
     else:
