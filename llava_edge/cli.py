@@ -434,8 +434,10 @@ def serve(
     threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads."),
     prefill_chunk: int = typer.Option(256, help="Prompt tokens per engine step (smaller: running streams stall "
                                       "less while a new prompt is prefilled; larger: faster first tokens)."),
+    ui: bool = typer.Option(True, "--ui/--no-ui", help="Serve the kiosk page (camera, upload, streamed answers) "
+                            "at /."),
 ) -> None:
-    """Serve the package over an OpenAI-compatible HTTP API (continuous batching)."""
+    """Serve the package over an OpenAI-compatible HTTP API (continuous batching) and a kiosk page at /."""
     try:
         from .serve.app import ServeConfig
         from .serve.server import parse_size, serve as run_server
@@ -446,7 +448,8 @@ def serve(
                            max_image_bytes=parse_size(max_image_bytes, "--max-image-bytes"),
                            max_image_pixels=parse_size(max_image_pixels, "--max-image-pixels"),
                            max_images_per_request=max_images_per_request, max_tokens=max_tokens,
-                           queue_size=queue_size, media_dir=media_dir, threads=threads, prefill_chunk=prefill_chunk))
+                           queue_size=queue_size, media_dir=media_dir, threads=threads, prefill_chunk=prefill_chunk,
+                           ui=ui))
 
 
 

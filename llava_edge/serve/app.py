@@ -55,6 +55,7 @@ class ServeConfig:
     media_dir: Path | None = None
     threads: int | None = None
     prefill_chunk: int = 256  # prompt tokens per engine step: bounds how long a new prompt stalls the streams
+    ui: bool = True  # the kiosk page at / (serve/ui.py, serve/static/)
     model_name: str = ""
     limits: MediaLimits = field(init=False)
 
@@ -334,6 +335,10 @@ def create_app(config: ServeConfig) -> FastAPI:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await _complete(state, request, seq, queue, cid)
 
+    if config.ui:
+        from .ui import mount_ui
+
+        mount_ui(app)
     return app
 
 
