@@ -112,7 +112,7 @@ function stopCamera() {
   state.stream = null;
   $("video").hidden = true;
   $("snap").disabled = true;
-  $("camera").textContent = "Start camera";
+  $("camera").textContent = "Camera";
   if (!state.frame) { $("placeholder").hidden = false; $("stage").classList.add("empty"); }
 }
 
