@@ -481,5 +481,44 @@ def bench_serve_cmd(
                 backend, arrival, soak, server_pid, name, out_dir, prefill_chunk=prefill_chunk,
                 progress=lambda s: console.print(f"[dim]{escape(s)}[/]"))
 
+
+@app.command()
+@friendly
+def watch(
+    package: Path = typer.Argument(..., help="Model package directory."),
+    source: str = typer.Option(..., "--source", "-s", help="Video file, camera (/dev/videoN), stream "
+                               "(rtsp://...) or a directory of images."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The question asked about every sampled frame."),
+    every: float = typer.Option(1.0, "--every", help="Seconds of source time between sampled frames (a directory: "
+                                "one image per interval)."),
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema", help="Answers are JSON validating against "
+                                               "this JSON-schema file."),
+    threshold: float = typer.Option(1.0, help="A frame whose mean absolute RGB difference (0-255) from the last "
+                                    "answered frame is below this reuses that answer (0: identical frames only)."),
+    max_new_tokens: int = typer.Option(64, help="Generate at most this many tokens per answer."),
+    max_frames: Optional[int] = typer.Option(None, help="Stop after this many sampled frames."),
+    backend: str = typer.Option("ort", help="ort, ort-fast, ort-fast-int4 or tensorrt."),
+    threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads."),
+    device: str = typer.Option("cpu", help="cpu or cuda (onnxruntime-gpu)."),
+) -> None:
+    """Ask one question about a video, camera or stream: one JSON line per sampled frame (greedy answers)."""
+    from .runtime.pipeline import Pipeline
+    from .watch.loop import WatchConfig, watch as watch_loop
+    from .watch.sources import open_frames
+
+    if threshold < 0:
+        raise UsageError("--threshold must be >= 0")
+    schema = None
+    if json_schema is not None:
+        from .runtime.constrain import load_schema
+
+        schema = load_schema(json_schema)
+    frames = open_frames(source, every)  # a missing source fails before the model loads
+    pipe = Pipeline.from_package(package, backend=backend, device=device, threads=threads)
+    cfg = WatchConfig(prompt, threshold, max_new_tokens, schema, max_frames)
+    for record in watch_loop(pipe, frames, cfg):
+        print(json.dumps(record), flush=True)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
