@@ -16,6 +16,8 @@ the schema room.
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +81,7 @@ class Grammar:
 
     def __init__(self, tokenizer: Tokenizer, eos_ids: frozenset[int], schema: dict[str, Any] | None):
         llg = _llguidance()
+        self.tokenizer = tokenizer
         self.lt = ll_tokenizer(tokenizer, eos_ids)
         self.eos = sorted(eos_ids)
         # json_object mode: any JSON object
@@ -94,6 +97,24 @@ class Grammar:
 
     def matcher(self) -> "Constraint":
         return Constraint(self._llg.LLMatcher(self.lt, self.grammar, log_level=0), self.lt.vocab_size, self.eos)
+
+
+_LOCK = threading.Lock()
+_GRAMMARS: "OrderedDict[tuple[int, str], Grammar]" = OrderedDict()
+
+
+def cached_grammar(tokenizer: Tokenizer, eos_ids: frozenset[int], schema: dict[str, Any] | None) -> Grammar:
+    """A compiled grammar, reused across calls with the same schema (compiling costs ~0.1-0.3 s at a
+    32000-token vocabulary: once per schema, not once per frame or request)."""
+    key = (id(tokenizer), json.dumps(schema, sort_keys=True))
+    with _LOCK:  # the server builds sequences on several threads
+        grammar = _GRAMMARS.get(key)
+        if grammar is None or grammar.tokenizer is not tokenizer:
+            grammar = _GRAMMARS[key] = Grammar(tokenizer, eos_ids, schema)
+            while len(_GRAMMARS) > 32:
+                _GRAMMARS.popitem(last=False)
+        _GRAMMARS.move_to_end(key)
+        return grammar
 
 
 class Constraint:

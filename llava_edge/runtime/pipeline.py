@@ -244,9 +244,9 @@ class Pipeline:
         seqs = [engine.make_sequence(e, [load_image(im) for im in r.images], max_new_tokens, sampling, stop, index=i)
                 for i, (e, r) in enumerate(zip(encoded, requests))]
         if json_schema is not None:  # the answers must parse and validate (runtime/constrain.py)
-            from .constrain import Grammar
+            from .constrain import cached_grammar
 
-            grammar = Grammar(self.tokenizer, frozenset(self.manifest.text.eos_token_ids), json_schema)
+            grammar = cached_grammar(self.tokenizer, frozenset(self.manifest.text.eos_token_ids), json_schema)
             for s in seqs:
                 s.constraint = grammar.matcher()
         return seqs

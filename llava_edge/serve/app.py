@@ -94,7 +94,6 @@ class ServerState:
         self.worker: EngineWorker | None = None
         self.backend = ""
         self.load_error: str | None = None
-        self.grammars: dict[str, Any] = {}  # response_format schema text -> runtime.constrain.Grammar
         self.metrics = Metrics(lambda: self.worker.engine if self.worker else None)
 
     def load(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -147,22 +146,16 @@ class ServerState:
 
     def _grammar(self, fmt: Any) -> Any:
         """The compiled grammar of a response_format (cached by schema text); a bad schema is a 400."""
-        from ..runtime.constrain import ConstraintError, Grammar
+        from ..runtime.constrain import ConstraintError, cached_grammar
 
         if fmt.type == "json_schema" and fmt.json_schema is None:
             raise ApiError(400, "response_format json_schema needs a 'json_schema' object with a 'schema'",
                            "invalid_value", "response_format")
         schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
-        key = json.dumps(schema, sort_keys=True)
-        if key not in self.grammars:
-            try:
-                grammar = Grammar(self.pipe.tokenizer, frozenset(self.pipe.manifest.text.eos_token_ids), schema)
-            except ConstraintError as e:
-                raise ApiError(400, str(e), "unsupported_schema", "response_format") from None
-            if len(self.grammars) >= 64:
-                self.grammars.pop(next(iter(self.grammars)))
-            self.grammars[key] = grammar
-        return self.grammars[key]
+        try:
+            return cached_grammar(self.pipe.tokenizer, frozenset(self.pipe.manifest.text.eos_token_ids), schema)
+        except ConstraintError as e:
+            raise ApiError(400, str(e), "unsupported_schema", "response_format") from None
 
     def _turns(self, chat: ChatRequest) -> tuple[list[tuple[str, str | None]], list[Any]]:
         image_token = self.pipe.manifest.text.image_token
