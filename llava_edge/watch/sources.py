@@ -70,7 +70,7 @@ def _video(source: str, every: float) -> Iterator[Frame]:
     if source.startswith("/dev/video"):
         fmt = "v4l2"
     elif source.startswith(("rtsp://", "rtsps://")):
-        options = {"rtsp_transport": "tcp", "stimeout": "5000000"}
+        options = {"rtsp_transport": "tcp"}
     try:
         container = av.open(source, format=fmt, options=options, timeout=10.0)
     except (av.FFmpegError, OSError, ValueError) as e:
