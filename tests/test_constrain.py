@@ -163,3 +163,26 @@ def test_run_cli_json_schema(bpe_package, tmp_path):
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     jsonschema.validate(json.loads(json.loads(r.stdout)["text"]), SCHEMA)
+
+
+def test_watch_json_schema(bpe_package, tmp_path):
+    """`watch --json-schema`: every line's answer parses, validates and is also in the line as "json"."""
+    from PIL import Image
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(frames / f"{i}.png")
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps(SCHEMA))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "llava_edge.cli", "watch", str(bpe_package), "--source", str(frames),
+                        "--prompt", "describe", "--json-schema", str(schema), "--max-new-tokens", "160",
+                        "--backend", "ort-fast"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    assert len(lines) == 3 and not any(x["reused"] for x in lines)
+    for x in lines:
+        assert x["finish_reason"] == "eos"
+        assert json.loads(x["answer"]) == x["json"]
+        jsonschema.validate(x["json"], SCHEMA)

@@ -70,7 +70,7 @@ def _wait_done(page) -> str:
     return page.text_content("#answer")
 
 
-def test_upload_ask_follow_up(page, client, tmp_path):
+def test_upload_ask_follow_up(page, client, server, tmp_path):
     png = _scene_png(tmp_path)
     page.set_input_files("#file", str(png))
     page.wait_for_selector("#frame:not([hidden])")
@@ -89,11 +89,15 @@ def test_upload_ask_follow_up(page, client, tmp_path):
     assert answer and answer == expected
     stats = page.text_content("#stats")
     assert "First token" in stats and "tok/s" in stats
-    # a follow-up about the same frame, with the first turn as history
+    # a follow-up about the same frame, with the first turn as history: the frame is not encoded again
+    before = server.metrics()
     page.click("text=How many shapes are there?")
     page.wait_for_function("document.querySelectorAll('.a').length == 2 && "
                            "document.querySelector('#stats').dataset.state != 'running'")
     follow = _wait_done(page)
+    after = server.metrics()
+    assert after["llava_edge_image_cache_misses_total"] == before["llava_edge_image_cache_misses_total"]
+    assert after["llava_edge_prefix_cache_hits_total"] == before["llava_edge_prefix_cache_hits_total"] + 1
     assert follow == _api_answer(client, data_url, "How many shapes are there?", [("what color is the shape?", answer)])
     # reset clears the conversation and the frame
     page.click("#reset")
