@@ -186,3 +186,20 @@ def test_watch_json_schema(bpe_package, tmp_path):
         assert x["finish_reason"] == "eos"
         assert json.loads(x["answer"]) == x["json"]
         jsonschema.validate(x["json"], SCHEMA)
+
+
+def test_constrained_and_free_sequences_share_a_batch(pipe, image):
+    """A constrained sequence masks only its own logits row: a free greedy sequence decoded beside it
+    gets exactly the tokens it gets alone, and the constrained one those it gets alone."""
+    from llava_edge.runtime.constrain import cached_grammar
+    from llava_edge.runtime.pipeline import Request
+
+    free_alone = pipe.generate(image, "describe the image", 40)
+    json_alone = pipe.generate(image, "where is it?", 120, json_schema=SCHEMA)
+    engine = pipe.make_engine(max_slots=2)
+    free = engine.make_sequence(pipe.encode_request(Request([("describe the image", None)], [image])), [image], 40)
+    con = engine.make_sequence(pipe.encode_request(Request([("where is it?", None)], [image])), [image], 120)
+    con.constraint = cached_grammar(pipe.tokenizer, frozenset(pipe.manifest.text.eos_token_ids), SCHEMA).matcher()
+    list(engine.run_until_done([free, con]))
+    assert free.generated == free_alone.token_ids
+    assert con.generated == json_alone.token_ids
