@@ -259,6 +259,8 @@ def run(
     template: Optional[str] = typer.Option(None, help="Override the package's chat template."),
     max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, help="Refuse images with more pixels (width x height), "
                                          "read from the header before decoding."),
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema", help="Answer with JSON that validates "
+                                               "against this JSON-schema file (constrained decoding)."),
 ) -> None:
     """Answer one prompt about one image, streaming the answer."""
     from .runtime.inputs import check_stop, check_text
@@ -271,12 +273,21 @@ def run(
     _positive(threads, "--threads")
     _positive(max_image_pixels, "--max-image-pixels")
     sampling = _sampling(greedy, temperature, top_p, top_k, repetition_penalty, seed)
+    schema = None
+    if json_schema is not None:
+        from .runtime.constrain import load_schema
+
+        schema = load_schema(json_schema)
     picture = load_image(image, max_image_pixels) if image is not None else None  # a bad image fails in ms
     pipe = Pipeline.from_package(package, backend=backend, device=device, threads=threads, template=template,
                                  max_image_pixels=max_image_pixels)
     req = Request([(prompt, None)], [picture] if picture is not None else [])
     stream = None if as_json else (lambda e: out.print(e.text, end="", highlight=False, soft_wrap=True, markup=False))
-    result = drain(pipe.run([req], max_new_tokens=max_new_tokens, sampling=sampling, stop=stop), stream)[0]
+    if schema is not None:  # constrained decoding runs in the engine (a per-sequence grammar)
+        gen = pipe.run_engine([req], max_new_tokens, sampling, stop, json_schema=schema)
+    else:
+        gen = pipe.run([req], max_new_tokens=max_new_tokens, sampling=sampling, stop=stop)
+    result = drain(gen, stream)[0]
     if as_json:
         print(json.dumps(result.as_dict()))
     else:
@@ -579,8 +590,10 @@ def serve(
     prefill_chunk: int = typer.Option(256, help="Prompt tokens per engine step (smaller: running streams stall "
                                       "less while a new prompt is prefilled; larger: faster first tokens)."),
     image_cache_mb: float = typer.Option(64.0, help="Image features kept by content digest, in MB (0: off)."),
+    ui: bool = typer.Option(True, "--ui/--no-ui", help="Serve the kiosk page (camera, upload, streamed answers) "
+                            "at /."),
 ) -> None:
-    """Serve the package over an OpenAI-compatible HTTP API (continuous batching)."""
+    """Serve the package over an OpenAI-compatible HTTP API (continuous batching) and a kiosk page at /."""
     try:
         from .serve.app import ServeConfig
         from .serve.server import parse_size, serve as run_server
@@ -592,7 +605,7 @@ def serve(
                            max_image_pixels=parse_size(max_image_pixels, "--max-image-pixels"),
                            max_images_per_request=max_images_per_request, max_tokens=max_tokens,
                            queue_size=queue_size, media_dir=media_dir, threads=threads, prefill_chunk=prefill_chunk,
-                           image_cache_mb=image_cache_mb))
+                           image_cache_mb=image_cache_mb, ui=ui))
 
 
 
@@ -628,6 +641,45 @@ def bench_serve_cmd(
                 backend, arrival, soak, server_pid, name, out_dir, prefill_chunk=prefill_chunk, scaling=scaling,
                 server_args=server_arg,
                 progress=lambda s: console.print(f"[dim]{escape(s)}[/]"))
+
+
+@app.command()
+@friendly
+def watch(
+    package: Path = typer.Argument(..., help="Model package directory."),
+    source: str = typer.Option(..., "--source", "-s", help="Video file, camera (/dev/videoN), stream "
+                               "(rtsp://...) or a directory of images."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The question asked about every sampled frame."),
+    every: float = typer.Option(1.0, "--every", help="Seconds of source time between sampled frames (a directory: "
+                                "one image per interval)."),
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema", help="Answers are JSON validating against "
+                                               "this JSON-schema file."),
+    threshold: float = typer.Option(1.0, help="A frame whose mean absolute RGB difference (0-255) from the last "
+                                    "answered frame is below this reuses that answer (0: identical frames only)."),
+    max_new_tokens: int = typer.Option(64, help="Generate at most this many tokens per answer."),
+    max_frames: Optional[int] = typer.Option(None, help="Stop after this many sampled frames."),
+    backend: str = typer.Option("ort", help="ort, ort-fast, ort-fast-int4 or tensorrt."),
+    threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads."),
+    device: str = typer.Option("cpu", help="cpu or cuda (onnxruntime-gpu)."),
+) -> None:
+    """Ask one question about a video, camera or stream: one JSON line per sampled frame (greedy answers)."""
+    from .runtime.pipeline import Pipeline
+    from .watch.loop import WatchConfig, watch as watch_loop
+    from .watch.sources import open_frames
+
+    if threshold < 0:
+        raise UsageError("--threshold must be >= 0")
+    schema = None
+    if json_schema is not None:
+        from .runtime.constrain import load_schema
+
+        schema = load_schema(json_schema)
+    frames = open_frames(source, every)  # a missing source fails before the model loads
+    pipe = Pipeline.from_package(package, backend=backend, device=device, threads=threads)
+    cfg = WatchConfig(prompt, threshold, max_new_tokens, schema, max_frames)
+    for record in watch_loop(pipe, frames, cfg):
+        print(json.dumps(record), flush=True)
+
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -271,7 +271,12 @@ class Engine:
                 self._fail(seq, e, events)
 
     def _sample(self, seq: Sequence, logits: np.ndarray) -> int:
-        return int(seq.sampler(logits, [seq.seen] if seq.seen is not None else None)[0])
+        if seq.constraint is not None:  # structured answers (runtime/constrain.py): mask, draw, follow
+            seq.constraint.mask(logits)
+        token = int(seq.sampler(logits, [seq.seen] if seq.seen is not None else None)[0])
+        if seq.constraint is not None:
+            seq.constraint.advance(token)
+        return token
 
     def _emit(self, seq: Sequence, token: int, events: list[TokenEvent]) -> None:
         self.tokens_generated += 1

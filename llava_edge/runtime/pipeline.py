@@ -247,7 +247,8 @@ class Pipeline:
 
 
     def sequences(self, requests: Sequence[Request], max_new_tokens: int = 64,
-                  sampling: SamplingConfig | None = None, stop: Sequence[str] = (), engine: Engine | None = None) -> list:
+                  sampling: SamplingConfig | None = None, stop: Sequence[str] = (), engine: Engine | None = None,
+                  json_schema: dict | None = None) -> list:
         """Engine sequences for requests (prompt checked against the context, images decoded now); without
         an engine, the pipeline's own, sized for them."""
         max_new_tokens = check_count(max_new_tokens, "max_new_tokens")
@@ -257,13 +258,20 @@ class Pipeline:
         encoded = [self.encode_request(r) for r in requests]
         if engine is None:
             engine = self.engine_for(len(requests), max(len(e) for e in encoded) + max_new_tokens)
-        return [engine.make_sequence(e, [load_image(im, self.max_image_pixels) for im in r.images], max_new_tokens, sampling, stop, index=i)
+        seqs = [engine.make_sequence(e, [load_image(im, self.max_image_pixels) for im in r.images], max_new_tokens, sampling, stop, index=i)
                 for i, (e, r) in enumerate(zip(encoded, requests))]
+        if json_schema is not None:  # the answers must parse and validate (runtime/constrain.py)
+            from .constrain import cached_grammar
 
-    def run_engine(self, requests: Sequence[Request], max_new_tokens: int = 64,
-                   sampling: SamplingConfig | None = None, stop: Sequence[str] = ()) -> Iterator[TokenEvent]:
+            grammar = cached_grammar(self.tokenizer, frozenset(self.manifest.text.eos_token_ids), json_schema)
+            for s in seqs:
+                s.constraint = grammar.matcher()
+        return seqs
+
+    def run_engine(self, requests: Sequence[Request], max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
+                   stop: Sequence[str] = (), json_schema: dict | None = None) -> Iterator[TokenEvent]:
         """Like ``run``, through the engine: yields TokenEvents, returns list[GenerationResult]."""
-        seqs = self.sequences(requests, max_new_tokens, sampling, stop)
+        seqs = self.sequences(requests, max_new_tokens, sampling, stop, json_schema=json_schema)
         engine = self._engine
         done = False
         try:
@@ -282,10 +290,12 @@ class Pipeline:
         return [s.result() for s in seqs]
 
     def generate(self, image: Any, prompt: str, max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
-                 stop: Sequence[str] = (), history: Sequence[tuple[str, str]] = ()) -> GenerationResult:
-        """One image (or None) and one question; history holds earlier (question, answer) turns."""
+                 stop: Sequence[str] = (), history: Sequence[tuple[str, str]] = (),
+                 json_schema: dict | None = None) -> GenerationResult:
+        """One image (or None) and one question; history holds earlier (question, answer) turns; with
+        ``json_schema`` the answer is constrained to JSON that validates against it."""
         req = Request([*history, (prompt, None)], [image] if image is not None else [])
-        return drain(self.run_engine([req], max_new_tokens, sampling, stop))[0]
+        return drain(self.run_engine([req], max_new_tokens, sampling, stop, json_schema))[0]
 
     def generate_batch(self, images: Sequence[Any], prompts_: Sequence[str], max_new_tokens: int = 64,
                        sampling: SamplingConfig | None = None, stop: Sequence[str] = ()) -> list[GenerationResult]:

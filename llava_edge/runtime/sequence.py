@@ -117,6 +117,7 @@ class Sequence:
     def __post_init__(self) -> None:
         self.seq_id = self.seq_id or f"seq-{next(_ids)}"
         self.sampler = Sampler(self.sampling)
+        self.constraint: Any = None  # a runtime.constrain.Constraint: the answer must match a JSON schema
         self.seen = self.ids.copy() if self.sampling.repetition_penalty != 1.0 else None
         self.detok = Detokenizer(self.tokenizer)
         self.generated: list[int] = []

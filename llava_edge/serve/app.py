@@ -56,6 +56,7 @@ class ServeConfig:
     threads: int | None = None
     prefill_chunk: int = 256  # prompt tokens per engine step: bounds how long a new prompt stalls the streams
     image_cache_mb: float = 64.0  # image features kept by content digest (0: off)
+    ui: bool = True  # the kiosk page at / (serve/ui.py, serve/static/)
     model_name: str = ""
     limits: MediaLimits = field(init=False)
 
@@ -131,7 +132,22 @@ class ServerState:
             raise ApiError(400, str(e), "invalid_value") from None
         if chat.ignore_eos:
             seq.eos_ids = frozenset()
+        if chat.response_format is not None and chat.response_format.type != "text":
+            seq.constraint = self._grammar(chat.response_format).matcher()
         return seq
+
+    def _grammar(self, fmt: Any) -> Any:
+        """The compiled grammar of a response_format (cached by schema text); a bad schema is a 400."""
+        from ..runtime.constrain import ConstraintError, cached_grammar
+
+        if fmt.type == "json_schema" and fmt.json_schema is None:
+            raise ApiError(400, "response_format json_schema needs a 'json_schema' object with a 'schema'",
+                           "invalid_value", "response_format")
+        schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
+        try:
+            return cached_grammar(self.pipe.tokenizer, frozenset(self.pipe.manifest.text.eos_token_ids), schema)
+        except ConstraintError as e:
+            raise ApiError(400, str(e), "unsupported_schema", "response_format") from None
 
     def _turns(self, chat: ChatRequest) -> tuple[list[tuple[str, str | None]], list[Any]]:
         image_token = self.pipe.manifest.text.image_token
@@ -304,6 +320,10 @@ def create_app(config: ServeConfig) -> FastAPI:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await _complete(state, request, seq, queue, cid)
 
+    if config.ui:
+        from .ui import mount_ui
+
+        mount_ui(app)
     return app
 
 

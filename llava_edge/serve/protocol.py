@@ -53,6 +53,20 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Strict):
+    name: Optional[str] = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: Optional[bool] = None
+    description: Optional[str] = None
+
+
+class ResponseFormat(_Strict):
+    """``json_object``: any JSON object; ``json_schema``: JSON that validates (constrained decoding)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+
 class ChatRequest(_Strict):
     model: Optional[str] = None
     messages: list[Message] = Field(min_length=1)
@@ -68,6 +82,7 @@ class ChatRequest(_Strict):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     n: int = Field(default=1, ge=1, le=1)
+    response_format: Optional[ResponseFormat] = None
 
 
 def parse_chat_request(body: bytes) -> ChatRequest:
