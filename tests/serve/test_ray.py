@@ -1,0 +1,122 @@
+"""Ray Serve end to end: a real local Ray cluster (CPU only, started here, torn down after), 2 replicas of
+the shipped tiny LLaVA, the real openai client.
+
+Each response names its replica in ``x-llava-edge-replica``, which gives the per-replica counts. Greedy
+answers through Ray are compared token for token with ``Pipeline.generate`` in this process (the same
+reference the plain server's tests use).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from llava_edge.runtime.pipeline import Pipeline
+
+from .conftest import ROOT
+from .test_server import PROMPTS, _images, user
+
+ray = pytest.importorskip("ray", reason="Ray Serve is the optional extra: pip install 'llava-edge[ray]'")
+serve = pytest.importorskip("ray.serve", reason="Ray Serve is the optional extra: pip install 'llava-edge[ray]'")
+
+APP = "llava-edge-test"
+KEY = "ray-key"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(served_package):
+    from llava_edge.serve.ray_app import app as build_app
+
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    t0 = time.monotonic()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+                                       "RAY_USAGE_STATS_ENABLED": "0"}})
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"package": str(served_package), "replicas": "2", "cpus_per_replica": "0.5",
+                         "threads": "1", "max_slots": "4", "api_key": KEY, "max_tokens": "200",
+                         "graceful_shutdown_timeout_s": "5", "health_check_period_s": "2"}),
+              name=APP, route_prefix="/")
+    print(f"\nray cluster + 2 replicas up in {time.monotonic() - t0:.1f} s")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(served_package):
+    ref = Pipeline.from_package(served_package, backend="ort-fast", prefix_cache=0)
+    ref.manifest.text.eos_token_ids = []  # requests below use ignore_eos, so lengths are exactly max_tokens
+    return ref
+
+
+def _client(url: str):
+    from openai import OpenAI
+
+    return OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def _ask(client, messages, max_tokens: int, stream: bool) -> tuple[list[int], str, str]:
+    """(token ids, text, replica) of one greedy request."""
+    kw = dict(model="tiny-llava", messages=messages, max_tokens=max_tokens, temperature=0,
+              extra_body={"ignore_eos": True})
+    if not stream:
+        raw = client.chat.completions.with_raw_response.create(**kw)
+        c = raw.parse().choices[0]
+        return c.model_extra["token_ids"], c.message.content, raw.headers["x-llava-edge-replica"]
+    raw = client.chat.completions.with_raw_response.create(stream=True, **kw)
+    ids, text = [], ""
+    for chunk in raw.parse():
+        for c in chunk.choices:
+            ids += (c.model_extra or {}).get("token_ids") or []
+            text += c.delta.content or ""
+    return ids, text.strip(), raw.headers["x-llava-edge-replica"]
+
+
+def _jobs(n: int) -> list[tuple[str, object, int, bool]]:
+    images = _images()
+    return [(PROMPTS[i % 8], images[(3 * i) % 8], 3 + (5 * i) % 17, i % 2 == 1) for i in range(n)]
+
+
+def _check(jobs, got, reference) -> dict[str, int]:
+    per_replica: dict[str, int] = {}
+    for (prompt, img, n, stream), (ids, text, replica) in zip(jobs, got):
+        alone = reference.generate(img, prompt, max_new_tokens=n)
+        assert ids == alone.token_ids, (prompt, n, stream)
+        assert text == alone.text
+        per_replica[replica] = per_replica.get(replica, 0) + 1
+    return per_replica
+
+
+def test_sixteen_concurrent_requests_over_two_replicas_equal_generate(cluster, reference):
+    client = _client(cluster)
+    jobs = _jobs(16)
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(lambda j: _ask(client, user(j[0], j[1]), j[2], j[3]), jobs))
+    per_replica = _check(jobs, got, reference)
+    print("requests per replica:", per_replica)
+    assert len(per_replica) == 2 and all(v > 0 for v in per_replica.values()), per_replica
+    assert [m.id for m in client.models.list()] == ["tiny-llava"]
+
+
+def test_same_routes_and_errors_as_plain_serve(cluster):
+    import httpx
+
+    r = httpx.get(cluster + "/health", timeout=10)
+    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["slots"] == 4
+    r = httpx.post(cluster + "/v1/chat/completions", json={"messages": []}, timeout=10)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = httpx.post(cluster + "/v1/chat/completions", content=b"{not json", timeout=10,
+                   headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
