@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from .server import parse_size
 log = logging.getLogger("llava_edge.serve")
 REPLICA_HEADER = "x-llava-edge-replica"
 APP_IMPORT_PATH = "llava_edge.serve.ray_app:app"
+API_KEY_ENV = "LLAVA_EDGE_API_KEY"
 
 
 @dataclass
@@ -100,12 +102,15 @@ def parse_args(args: dict[str, Any]) -> tuple[list[ServeConfig], RayOptions]:
             return None
         if kind == "size":
             return value if isinstance(value, int) else parse_size(str(value), name)
+        if not isinstance(kind, type):
+            return kind(value)  # a parser with its own error message
         try:
-            return kind(value) if not isinstance(value, kind if isinstance(kind, type) else ()) else value
+            return value if isinstance(value, kind) else kind(value)
         except (TypeError, ValueError):
             raise UsageError(f"ray_app arg {name}={value!r}: expected {getattr(kind, '__name__', kind)}") from None
 
     serve_kw = {k: convert(k, t, args[k]) for k, t in _SERVE_ARGS.items() if k in args}
+    serve_kw.setdefault("api_key", os.environ.get(API_KEY_ENV))  # a config file should not hold the key
     ray_kw = {k: convert(k, t, args[k]) for k, t in _RAY_ARGS.items() if k in args}
     options = RayOptions(**ray_kw)
     if serve_kw.get("threads") is None and options.cpus_per_replica >= 1:
@@ -143,6 +148,7 @@ class LlavaEdgeReplica:
 
     async def __init__(self, config: ServeConfig):
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        config.api_key = config.api_key or os.environ.get(API_KEY_ENV)  # set by `ray start` on this node
         self.state = ServerState(config)
         await asyncio.to_thread(self.state.load, asyncio.get_running_loop())
         if self.state.worker is None:  # Ray reports the deployment as failed with this message
@@ -315,13 +321,13 @@ def config_yaml(args: dict[str, Any], host: str = "0.0.0.0", port: int = 8000, n
     import yaml
 
     parse_args(args)  # refuse a config that would not build
-    plain = {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
-             for k, v in args.items() if v is not None}
-    if "autoscale" in plain and isinstance(plain["autoscale"], list):
-        plain["autoscale"] = ",".join(str(x) for x in plain["autoscale"])
+    plain = {k: str(v) if isinstance(v, Path) else v for k, v in args.items() if v is not None and k != "api_key"}
     doc = {"proxy_location": "EveryNode", "http_options": {"host": host, "port": port},
            "applications": [{"name": name, "route_prefix": "/", "import_path": APP_IMPORT_PATH, "args": plain}]}
-    return yaml.safe_dump(doc, sort_keys=False)
+    note = (f"# Written by `llava-edge serve --ray --write-config`; deploy with `serve deploy FILE`.\n"
+            f"# Package paths must exist on every node. The API key is never written here: set {API_KEY_ENV}\n"
+            f"# in the environment of `ray start` on every node (each replica reads it).\n")
+    return note + yaml.safe_dump(doc, sort_keys=False)
 
 
 def run(args: dict[str, Any], address: str | None, host: str, port: int, name: str = "llava-edge") -> None:
