@@ -290,8 +290,11 @@ class ModelRouter:
 
     def _open(self, name: str, request: Request, body: bytes):
         headers = [(k, v) for k, v in request.headers.raw if k.decode().lower() not in _HOP_HEADERS]
+        path, root = request.scope["path"], request.scope.get("root_path", "")
+        if root and path.startswith(root):  # the app's own path, under any route prefix
+            path = path[len(root):] or "/"
         return self.models[name].options(stream=True).forward.remote(
-            request.method, request.url.path, request.url.query.encode(), headers, body)
+            request.method, path, request.url.query.encode(), headers, body)
 
     async def _call(self, name: str, request: Request, body: bytes) -> tuple[int, dict[str, str], bytes]:
         gen = self._open(name, request, body)
@@ -340,17 +343,18 @@ def run(args: dict[str, Any], address: str | None, host: str, port: int, name: s
             raise UsageError(f"package {c.package} is not a directory")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ray.init(address=address)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build(configs, options), name=name, route_prefix="/")
-    print(f"serving {', '.join(c.model_name for c in configs)} on http://{host}:{port}/v1 through Ray "
-          f"(Ctrl-C stops)", flush=True)
     try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build(configs, options), name=name, route_prefix="/")
+        print(f"serving {', '.join(c.model_name for c in configs)} on http://{host}:{port}/v1 through Ray "
+              f"(Ctrl-C stops)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
-    finally:
-        serve.delete(name)
+    finally:  # replicas get graceful_shutdown_timeout_s to finish their streams
         if address is None:
             serve.shutdown()
-            ray.shutdown()
+        else:
+            serve.delete(name)
+        ray.shutdown()

@@ -120,3 +120,75 @@ def test_same_routes_and_errors_as_plain_serve(cluster):
     r = httpx.post(cluster + "/v1/chat/completions", content=b"{not json", timeout=10,
                    headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+
+
+def _replica_actor(uid: str):
+    return ray.get_actor(f"SERVE_REPLICA::{APP}#llava-edge-tiny-llava#{uid}", namespace="serve")
+
+
+def _wait_running(app: str, n: int, timeout_s: float) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        st = serve.status().applications[app]
+        deps = list(st.deployments.values())
+        if st.status == "RUNNING" and all(d.status == "HEALTHY" and d.replica_states.get("RUNNING", 0) == n
+                                          for d in deps):
+            return time.monotonic() - t0
+        time.sleep(0.5)
+    raise AssertionError(f"{app} not back to {n} running replicas in {timeout_s} s: {serve.status().applications[app]}")
+
+
+def test_killed_replica_fails_its_requests_cleanly_and_is_restarted(cluster, reference):
+    """One replica dies with streams in flight: each request completes with the right tokens or raises
+    (none hangs past 60 s), Ray starts a new replica, and the next 16 requests all succeed."""
+    import threading
+
+    from openai import APIError
+
+    client = _client(cluster)
+    jobs = [(PROMPTS[i], _images()[i], 200, True) for i in range(8)]
+    started: dict[str, list[int]] = {}
+    first_chunk = threading.Event()
+
+    def ask(i: int):
+        prompt, img, n, _ = jobs[i]
+        raw = client.chat.completions.with_raw_response.create(
+            model="tiny-llava", messages=user(prompt, img), max_tokens=n, temperature=0, stream=True,
+            extra_body={"ignore_eos": True})
+        replica, ids, finish = raw.headers["x-llava-edge-replica"], [], None
+        try:
+            for chunk in raw.parse():
+                for c in chunk.choices:
+                    ids += (c.model_extra or {}).get("token_ids") or []
+                    finish = c.finish_reason or finish
+                started.setdefault(replica, []).append(i)
+                first_chunk.set()
+        except APIError as e:
+            return "error", replica, type(e).__name__
+        return "ok", replica, (ids, finish)
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(ask, i) for i in range(8)]
+        assert first_chunk.wait(60)
+        victim = next(iter(started))
+        ray.kill(_replica_actor(victim), no_restart=True)
+        outcomes = []
+        for f in futures:
+            try:
+                outcomes.append(f.result(timeout=max(1.0, 60 - (time.monotonic() - t0))))
+            except APIError as e:  # refused before its stream started (the replica was already gone)
+                outcomes.append(("error", None, type(e).__name__))
+    print("outcomes:", [(o[0], o[1], o[2] if o[0] == "error" else o[2][1]) for o in outcomes])
+    for i, (kind, replica, detail) in enumerate(outcomes):
+        if kind == "ok":  # a completed answer is whole and right, never silently cut short
+            ids, finish = detail
+            assert finish == "length" and ids == reference.generate(jobs[i][1], jobs[i][0], max_new_tokens=200).token_ids
+    assert any(o[0] == "error" and o[1] == victim for o in outcomes), "the kill hit no request in flight"
+    assert all(o[0] == "ok" for o in outcomes if o[1] not in (victim, None)), outcomes
+    print(f"replica restarted in {_wait_running(APP, 2, 120):.1f} s")
+    jobs16 = _jobs(16)
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(lambda j: _ask(client, user(j[0], j[1]), j[2], j[3]), jobs16))
+    per_replica = _check(jobs16, got, reference)
+    assert victim not in per_replica and sum(per_replica.values()) == 16
