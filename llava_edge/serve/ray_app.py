@@ -141,10 +141,10 @@ class _ReplicaHeader:
         await self.app(scope, receive, send_with_header)
 
 
-@serve.deployment
-@serve.ingress()
-class LlavaEdgeReplica:
-    """One engine and the plain server's FastAPI app over it."""
+class EngineReplica:
+    """One engine and the plain server's FastAPI app over it. Deployed as the application's HTTP ingress
+    (one package: Ray's proxy calls the app), or as a plain deployment that the router calls through
+    ``forward`` (several packages: Ray allows one FastAPI ingress per application)."""
 
     async def __init__(self, config: ServeConfig):
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -153,12 +153,11 @@ class LlavaEdgeReplica:
         await asyncio.to_thread(self.state.load, asyncio.get_running_loop())
         if self.state.worker is None:  # Ray reports the deployment as failed with this message
             raise RuntimeError(f"{config.model_name}: {self.state.load_error}")
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.asgi = create_app(config, self.state)
+        self.asgi.add_middleware(_ReplicaHeader, replica=serve.get_replica_context().replica_id.unique_id)
 
     def __serve_build_asgi_app__(self) -> Any:
-        app = create_app(self.state.config, self.state)
-        app.add_middleware(_ReplicaHeader, replica=self.replica_id)
-        return app
+        return self.asgi
 
     async def check_health(self) -> None:
         code, body = self.state.health()
@@ -186,7 +185,7 @@ class LlavaEdgeReplica:
 
         async def run() -> None:
             try:
-                await self.app(scope, receive, out.put)
+                await self.asgi(scope, receive, out.put)
             finally:
                 out.put_nowait(None)
 
@@ -218,27 +217,27 @@ class LlavaEdgeReplica:
         worker.stop()
 
 
+LlavaEdgeReplica = serve.deployment(serve.ingress()(EngineReplica))
+PackageReplica = serve.deployment(EngineReplica)
+
+
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection"}
 
 
 @serve.deployment
-@serve.ingress()
 class ModelRouter:
     """One endpoint for several packages: a chat request goes to the deployment named by its ``model``;
     ``/v1/models`` and ``/health`` gather every package's answer. Auth, limits and errors stay the
-    replicas' own: the router forwards headers and body untouched."""
+    replicas' own: the router forwards headers and body untouched. A plain deployment rather than a
+    second FastAPI ingress (Ray allows one per application, and the package replicas have it)."""
 
     def __init__(self, models: dict[str, DeploymentHandle]):
         self.models = models
         self.default = next(iter(models))
 
-    def __serve_build_asgi_app__(self) -> Any:
-        from fastapi import FastAPI
-
-        app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-
-        @app.get("/v1/models")
-        async def models(request: Request) -> Response:
+    async def __call__(self, request: Request) -> Response:
+        path = self._path(request)
+        if request.method == "GET" and path == "/v1/models":
             data = []
             for name in self.models:
                 status, headers, body = await self._call(name, request, b"")
@@ -246,55 +245,52 @@ class ModelRouter:
                     return Response(body, status_code=status, headers=headers)
                 data += json.loads(body)["data"]
             return JSONResponse({"object": "list", "data": data})
-
-        @app.get("/health")
-        async def health(request: Request) -> JSONResponse:
+        if request.method == "GET" and path == "/health":
             out = {}
             for name in self.models:
                 status, _, body = await self._call(name, request, b"")
                 out[name] = json.loads(body) if status in (200, 503) else {"status": "error", "code": status}
             ok = all(v.get("status") == "ok" for v in out.values())
             return JSONResponse({"status": "ok" if ok else "error", "models": out}, status_code=200 if ok else 503)
-
-        @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
-        async def anything(request: Request) -> Response:
-            body = await request.body()
-            name = self.default
-            if request.method == "POST" and body:
-                try:
-                    name = json.loads(body).get("model") or self.default
-                except (ValueError, AttributeError):
-                    pass  # the replica answers with its own invalid_json error
-            if name not in self.models:
-                return JSONResponse({"error": {"message": f"model {name!r} is not served here; models: "
-                                               f"{', '.join(self.models)}", "type": "invalid_request_error",
-                                               "param": "model", "code": "model_not_found"}}, status_code=404)
-            gen = self._open(name, request, body)
+        body = await request.body()
+        name = self.default
+        if request.method == "POST" and body:
             try:
-                status, headers = await gen.__anext__()
-            except BaseException:
+                name = json.loads(body).get("model") or self.default
+            except (ValueError, AttributeError):
+                pass  # the replica answers with its own invalid_json error
+        if name not in self.models:
+            return JSONResponse({"error": {"message": f"model {name!r} is not served here; models: "
+                                           f"{', '.join(self.models)}", "type": "invalid_request_error",
+                                           "param": "model", "code": "model_not_found"}}, status_code=404)
+        gen = self._open(name, request, body)
+        try:
+            status, headers = await gen.__anext__()
+        except BaseException:
+            gen.cancel()
+            raise
+
+        async def rest() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in gen:
+                    yield chunk
+            finally:
                 gen.cancel()
-                raise
 
-            async def rest() -> AsyncIterator[bytes]:
-                try:
-                    async for chunk in gen:
-                        yield chunk
-                finally:
-                    gen.cancel()
+        return StreamingResponse(rest(), status_code=status,
+                                 headers={k: v for k, v in headers if k.lower() not in _HOP_HEADERS})
 
-            headers = {k: v for k, v in headers if k.lower() not in _HOP_HEADERS}
-            return StreamingResponse(rest(), status_code=status, headers=headers)
-
-        return app
-
-    def _open(self, name: str, request: Request, body: bytes):
-        headers = [(k, v) for k, v in request.headers.raw if k.decode().lower() not in _HOP_HEADERS]
+    @staticmethod
+    def _path(request: Request) -> str:
         path, root = request.scope["path"], request.scope.get("root_path", "")
         if root and path.startswith(root):  # the app's own path, under any route prefix
             path = path[len(root):] or "/"
+        return path
+
+    def _open(self, name: str, request: Request, body: bytes):
+        headers = [(k, v) for k, v in request.headers.raw if k.decode().lower() not in _HOP_HEADERS]
         return self.models[name].options(stream=True).forward.remote(
-            request.method, path, request.url.query.encode(), headers, body)
+            request.method, self._path(request), request.url.query.encode(), headers, body)
 
     async def _call(self, name: str, request: Request, body: bytes) -> tuple[int, dict[str, str], bytes]:
         gen = self._open(name, request, body)
@@ -305,11 +301,12 @@ class ModelRouter:
 
 def build(configs: list[ServeConfig], options: RayOptions):
     """The Ray Serve application: one package's replicas as the ingress, or a router over several."""
-    bound = {c.model_name: LlavaEdgeReplica.options(name=f"llava-edge-{c.model_name}",
-                                                    **options.deployment_options(c)).bind(c)
+    if len(configs) == 1:
+        c = configs[0]
+        return LlavaEdgeReplica.options(name=f"llava-edge-{c.model_name}", **options.deployment_options(c)).bind(c)
+    bound = {c.model_name: PackageReplica.options(name=f"llava-edge-{c.model_name}",
+                                                  **options.deployment_options(c)).bind(c)
              for c in configs}
-    if len(bound) == 1:
-        return next(iter(bound.values()))
     return ModelRouter.options(name="llava-edge-router", max_ongoing_requests=1000,
                                ray_actor_options={"num_cpus": 0.25}).bind(bound)
 

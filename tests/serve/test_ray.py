@@ -192,3 +192,46 @@ def test_killed_replica_fails_its_requests_cleanly_and_is_restarted(cluster, ref
         got = list(pool.map(lambda j: _ask(client, user(j[0], j[1]), j[2], j[3]), jobs16))
     per_replica = _check(jobs16, got, reference)
     assert victim not in per_replica and sum(per_replica.values()) == 16
+
+
+def test_several_packages_behind_one_endpoint_chosen_by_model(cluster, served_package, reference, tmp_path):
+    """Two packages (here the same model under two names), one deployment each behind the router:
+    ``model`` picks the deployment, answers are right streaming or not, errors stay the replicas' own."""
+    import shutil
+
+    import httpx
+    from openai import NotFoundError
+
+    from llava_edge.serve.ray_app import app as build_app
+
+    other = tmp_path / "tiny-llava-b"
+    shutil.copytree(served_package, other)
+    serve.run(build_app({"package": f"{served_package},{other}", "replicas": "1", "cpus_per_replica": "0.25",
+                         "threads": "1", "api_key": KEY}), name="multi", route_prefix="/multi")
+    try:
+        client = _client(cluster + "/multi")
+        assert sorted(m.id for m in client.models.list()) == ["tiny-llava", "tiny-llava-b"]
+        img, replicas = _images()[1], {}
+        alone = reference.generate(img, PROMPTS[1], max_new_tokens=12).token_ids
+        for model in ("tiny-llava", "tiny-llava-b", "tiny-llava-b", "tiny-llava"):
+            raw = client.chat.completions.with_raw_response.create(
+                model=model, messages=user(PROMPTS[1], img), max_tokens=12, temperature=0,
+                extra_body={"ignore_eos": True})
+            r = raw.parse()
+            assert r.model == model and r.choices[0].model_extra["token_ids"] == alone
+            replicas.setdefault(model, set()).add(raw.headers["x-llava-edge-replica"])
+            ids = []
+            for chunk in client.chat.completions.create(model=model, messages=user(PROMPTS[1], img), max_tokens=12,
+                                                        temperature=0, stream=True, extra_body={"ignore_eos": True}):
+                assert chunk.model == model
+                ids += [t for c in chunk.choices for t in (c.model_extra or {}).get("token_ids") or []]
+            assert ids == alone
+        assert all(len(v) == 1 for v in replicas.values()) and replicas["tiny-llava"] != replicas["tiny-llava-b"]
+        with pytest.raises(NotFoundError, match="model_not_found|not served"):
+            client.chat.completions.create(model="nope", messages=user("hi"), max_tokens=2)
+        r = httpx.post(cluster + "/multi/v1/chat/completions", json={"model": "tiny-llava-b", "messages": []}, timeout=10)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        h = httpx.get(cluster + "/multi/health", timeout=10).json()
+        assert h["status"] == "ok" and set(h["models"]) == {"tiny-llava", "tiny-llava-b"}
+    finally:
+        serve.delete("multi")
