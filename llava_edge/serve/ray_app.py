@@ -32,7 +32,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import UsageError
-from ..runtime.sequence import TokenEvent
 from .app import ServeConfig, ServerState, create_app
 from .server import parse_size
 
@@ -52,7 +51,7 @@ class RayOptions:
     gpus_per_replica: float = 0.0
     target_ongoing_requests: float | None = None  # autoscaling target per replica; default max_slots
     max_ongoing_requests: int | None = None  # sent to one replica at once; default 2 * max_slots
-    graceful_shutdown_timeout_s: float = 30.0  # streams get this long to finish, then are cancelled
+    graceful_shutdown_timeout_s: float = 30.0  # a stopping replica's streams get this long to finish
     health_check_period_s: float = 10.0
 
     def deployment_options(self, config: ServeConfig) -> dict[str, Any]:
@@ -203,18 +202,12 @@ class EngineReplica:
             task.cancel()
 
     async def __del__(self) -> None:
-        """Ray calls this once the replica has had ``graceful_shutdown_timeout_s`` to finish its
-        requests: whatever still runs is cancelled and its client told so, then the engine stops."""
+        """Ray calls this once the replica's requests are done: a stopping replica takes no new requests
+        and its streams get ``graceful_shutdown_timeout_s`` to finish; streams still running then are
+        cut by Ray's kill (the client sees a closed connection, not a hang)."""
         state = getattr(self, "state", None)
-        worker = state.worker if state else None
-        if worker is None:
-            return
-        live = list(worker.engine._live.values())
-        for seq in live:
-            seq.error, seq.finish_reason = "the replica is shutting down", "error"
-            worker.engine.cancel(seq.seq_id)
-        worker._deliver([TokenEvent(seq.seq_id, None, "", "error") for seq in live])
-        worker.stop()
+        if state is not None and state.worker is not None:
+            state.worker.stop()
 
 
 LlavaEdgeReplica = serve.deployment(serve.ingress()(EngineReplica))

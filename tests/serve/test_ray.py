@@ -126,16 +126,22 @@ def _replica_actor(uid: str):
     return ray.get_actor(f"SERVE_REPLICA::{APP}#llava-edge-tiny-llava#{uid}", namespace="serve")
 
 
-def _wait_running(app: str, n: int, timeout_s: float) -> float:
-    t0 = time.monotonic()
+def _wait_replicas(url: str, n: int, exclude: str, timeout_s: float) -> tuple[set[str], float]:
+    """Ask /health until n replicas other than ``exclude`` have answered: a replacement is serving."""
+    import httpx
+
+    t0, seen = time.monotonic(), set()
     while time.monotonic() - t0 < timeout_s:
-        st = serve.status().applications[app]
-        deps = list(st.deployments.values())
-        if st.status == "RUNNING" and all(d.status == "HEALTHY" and d.replica_states.get("RUNNING", 0) == n
-                                          for d in deps):
-            return time.monotonic() - t0
-        time.sleep(0.5)
-    raise AssertionError(f"{app} not back to {n} running replicas in {timeout_s} s: {serve.status().applications[app]}")
+        try:
+            r = httpx.get(url + "/health", timeout=5)
+            if r.status_code == 200:
+                seen.add(r.headers["x-llava-edge-replica"])
+        except httpx.HTTPError:
+            pass
+        if len(seen - {exclude}) >= n:
+            return seen - {exclude}, time.monotonic() - t0
+        time.sleep(0.05)
+    raise AssertionError(f"only {seen} answered in {timeout_s} s")
 
 
 def test_killed_replica_fails_its_requests_cleanly_and_is_restarted(cluster, reference):
@@ -186,12 +192,13 @@ def test_killed_replica_fails_its_requests_cleanly_and_is_restarted(cluster, ref
             assert finish == "length" and ids == reference.generate(jobs[i][1], jobs[i][0], max_new_tokens=200).token_ids
     assert any(o[0] == "error" and o[1] == victim for o in outcomes), "the kill hit no request in flight"
     assert all(o[0] == "ok" for o in outcomes if o[1] not in (victim, None)), outcomes
-    print(f"replica restarted in {_wait_running(APP, 2, 120):.1f} s")
+    replicas, waited = _wait_replicas(cluster, 2, victim, 120)
+    print(f"a new replica answered {waited:.1f} s after the kill")
     jobs16 = _jobs(16)
     with ThreadPoolExecutor(16) as pool:
         got = list(pool.map(lambda j: _ask(client, user(j[0], j[1]), j[2], j[3]), jobs16))
     per_replica = _check(jobs16, got, reference)
-    assert victim not in per_replica and sum(per_replica.values()) == 16
+    assert set(per_replica) <= replicas and sum(per_replica.values()) == 16, per_replica
 
 
 def test_several_packages_behind_one_endpoint_chosen_by_model(cluster, served_package, reference, tmp_path):
@@ -235,3 +242,58 @@ def test_several_packages_behind_one_endpoint_chosen_by_model(cluster, served_pa
         assert h["status"] == "ok" and set(h["models"]) == {"tiny-llava", "tiny-llava-b"}
     finally:
         serve.delete("multi")
+
+
+def _stream_in_thread(client, max_tokens: int):
+    """Start a greedy stream on a thread; returns (first chunk seen, thread, result dict)."""
+    import threading
+
+    from openai import APIError
+
+    first, result = threading.Event(), {}
+
+    def stream():
+        ids = []
+        try:
+            for chunk in client.chat.completions.create(model="tiny-llava", messages=user(PROMPTS[0], _images()[0]),
+                                                        max_tokens=max_tokens, temperature=0, stream=True,
+                                                        extra_body={"ignore_eos": True}):
+                ids += [t for c in chunk.choices for t in (c.model_extra or {}).get("token_ids") or []]
+                first.set()
+            result["ids"] = ids
+        except APIError as e:
+            result["error"] = type(e).__name__
+        first.set()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    return first, t, result
+
+
+def test_shutdown_lets_streams_finish_within_the_grace_and_cuts_them_after(cluster, reference):
+    """Deleting an app while streams run: a stream that ends within ``graceful_shutdown_timeout_s`` is
+    answered whole; one held past it (the engine paused by the debug route) ends in a client error
+    shortly after the grace, never a hang. Runs last: it deletes the module's app."""
+    import httpx
+
+    from llava_edge.serve.app import DEBUG_ENV, ServeConfig
+    from llava_edge.serve.ray_app import LlavaEdgeReplica
+
+    first, t, result = _stream_in_thread(_client(cluster), 200)  # the module's app: grace 5 s
+    assert first.wait(60)
+    serve.delete(APP)
+    t.join(30)
+    assert result.get("ids") == reference.generate(_images()[0], PROMPTS[0], max_new_tokens=200).token_ids, result
+
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", DEBUG_ENV: "1"}  # debug routes: hold the engine still
+    serve.run(LlavaEdgeReplica.options(name="drain", graceful_shutdown_timeout_s=0.5, graceful_shutdown_wait_loop_s=0.1,
+                                       ray_actor_options={"num_cpus": 0.25, "runtime_env": {"env_vars": env}})
+              .bind(ServeConfig(reference.package_dir, threads=1, api_key=KEY)), name="drain", route_prefix="/drain")
+    first, t, result = _stream_in_thread(_client(cluster + "/drain"), 200)
+    assert first.wait(60)
+    assert httpx.post(cluster + "/drain/debug/pause", timeout=10).status_code == 200
+    t0 = time.monotonic()
+    serve.delete("drain")
+    t.join(30)
+    print(f"held stream ended {time.monotonic() - t0:.1f} s after the delete began:", result)
+    assert not t.is_alive() and "error" in result, result
