@@ -46,7 +46,7 @@ def main() -> None:
     a = ap.parse_args()
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    result: dict[str, Any] = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
+    result: dict[str, Any] = {"config": {k: v.name if isinstance(v, Path) else v for k, v in vars(a).items()},
                               "machine": machine_info(a.threads)}
     server = ServerProcess(a.package, ["--threads", str(a.threads), "--max-slots", str(a.max_slots),
                                        "--queue-size", "256"], env={**os.environ})
@@ -89,7 +89,7 @@ def main() -> None:
 
 def markdown(r: dict[str, Any]) -> str:
     c = r["config"]
-    lines = [f"# Ray Serve vs plain serve: {Path(c['package']).name}", "",
+    lines = [f"# Ray Serve vs plain serve: {c['package']}", "",
              f"Command: `python -m llava_edge.benchmarks.ray_serve {c['package']} --clients {c['clients']} "
              f"--requests {c['requests']} --max-tokens {c['max_tokens']} --threads {c['threads']} "
              f"--max-slots {c['max_slots']} --name {c['name']}`", "",
@@ -112,9 +112,10 @@ def markdown(r: dict[str, Any]) -> str:
               "", "Reading: every streamed token crosses Ray's proxy (replica -> proxy -> client) instead of going",
               "straight from the server's event loop to the socket, a fixed cost per chunk and per request. On a",
               "model whose tokens take about a millisecond that cost, not the engine, sets the throughput, so a",
-              "second replica adds little until the proxy and both replicas have cores of their own; on a real",
-              "model (tens of ms per token per replica) the same cost is a few percent and replicas on separate",
-              f"cores or machines add their throughput. Load average during the run: {r['machine'].get('load_average')}."]
+              "second replica adds little until the proxy and both replicas have cores of their own. On a real",
+              "model (tens of ms per token per replica) the same cost is small next to a token (not measured here),",
+              f"and replicas on cores or machines of their own add their throughput. Load average during the run: "
+              f"{r['machine'].get('load_average')} on {r['machine'].get('cpu_count')} cores."]
     return "\n".join(lines) + "\n"
 
 
