@@ -58,6 +58,8 @@ class RayOptions:
         opts: dict[str, Any] = {
             "ray_actor_options": {"num_cpus": self.cpus_per_replica, "num_gpus": self.gpus_per_replica},
             "max_ongoing_requests": self.max_ongoing_requests or 2 * config.max_slots,
+            # the rest wait in each Ray proxy, up to --queue-size per replica; past that Ray answers 503
+            "max_queued_requests": config.queue_size * max(self.replicas, self.autoscale[1] if self.autoscale else 1),
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
             "health_check_period_s": self.health_check_period_s,
         }

@@ -63,4 +63,4 @@ def test_write_config_is_a_valid_serve_deploy_file_that_builds_the_same_app(serv
     assert opts["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "initial_replicas": 1,
                                           "target_ongoing_requests": 6}
     assert opts["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.5} and opts["max_ongoing_requests"] == 12
-    assert "num_replicas" not in opts
+    assert "num_replicas" not in opts and opts["max_queued_requests"] == 64 * 3
