@@ -1,4 +1,5 @@
-"""`llava-edge serve --ray` without a cluster: the missing-extra error, flag errors, and the config YAML."""
+"""`llava-edge serve --ray` without a cluster: the missing-extra error (a subprocess with Ray blocked), flag
+errors and the config YAML (in process: nothing here starts a cluster)."""
 
 from __future__ import annotations
 
@@ -36,8 +37,12 @@ def test_ray_without_the_extra_is_a_one_line_error(served_package):
 ])
 def test_ray_flag_errors(served_package, args, message):
     pytest.importorskip("ray", reason="needs the ray extra")
-    proc = _cli(str(served_package), *args)  # each is refused before any cluster starts
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    from typer.testing import CliRunner
+
+    from llava_edge.cli import app
+
+    r = CliRunner().invoke(app, ["serve", str(served_package), *args])  # each is refused before any cluster starts
+    assert r.exit_code == 2 and message in r.output, r.output
 
 
 def test_write_config_is_a_valid_serve_deploy_file_that_builds_the_same_app(served_package, tmp_path):
@@ -47,10 +52,15 @@ def test_write_config_is_a_valid_serve_deploy_file_that_builds_the_same_app(serv
 
     from llava_edge.serve.ray_app import parse_args
 
+    from typer.testing import CliRunner
+
+    from llava_edge.cli import app
+
     out = tmp_path / "serve.yaml"
-    proc = _cli(str(served_package), "--ray", "--autoscale", "1,3", "--gpus-per-replica", "0.5", "--max-slots", "6",
-                "--api-key", "secret-key", "--host", "0.0.0.0", "--port", "9000", "--write-config", str(out))
-    assert proc.returncode == 0, proc.stderr
+    r = CliRunner().invoke(app, ["serve", str(served_package), "--ray", "--autoscale", "1,3", "--gpus-per-replica",
+                                 "0.5", "--max-slots", "6", "--api-key", "secret-key", "--host", "0.0.0.0", "--port",
+                                 "9000", "--write-config", str(out)])
+    assert r.exit_code == 0, r.output
     text = out.read_text()
     assert "secret-key" not in text  # the key stays out of files
     schema = ServeDeploySchema.model_validate(yaml.safe_load(text))
