@@ -35,13 +35,14 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def cluster(served_package):
+    from llava_edge.serve.app import DEBUG_ENV
     from llava_edge.serve.ray_app import app as build_app
 
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     t0 = time.monotonic()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-                                       "RAY_USAGE_STATS_ENABLED": "0"}})
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0",
+                                       DEBUG_ENV: "1"}})  # debug routes: tests hold an engine still
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"package": str(served_package), "replicas": "2", "cpus_per_replica": "0.5",
@@ -240,6 +241,23 @@ def test_several_packages_behind_one_endpoint_chosen_by_model(cluster, served_pa
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         h = httpx.get(cluster + "/multi/health", timeout=10).json()
         assert h["status"] == "ok" and set(h["models"]) == {"tiny-llava", "tiny-llava-b"}
+
+        def cancelled() -> float:  # other GET routes go to the first package's replica
+            text = httpx.get(cluster + "/multi/metrics", timeout=10).text
+            return float(next(ln.split()[-1] for ln in text.splitlines()
+                              if ln.startswith("llava_edge_cancelled_requests_total")))
+
+        before = cancelled()
+        assert httpx.post(cluster + "/multi/debug/pause", timeout=10).status_code == 200  # no token until resumed
+        stream = client.chat.completions.create(model="tiny-llava", messages=user(PROMPTS[0], img), max_tokens=20,
+                                                temperature=0, stream=True)
+        next(iter(stream))  # the role chunk: the request is in the replica's engine
+        stream.close()  # the client leaves: the router cancels its call, the replica its sequence
+        deadline = time.monotonic() + 20
+        while cancelled() == before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert cancelled() == before + 1
+        httpx.post(cluster + "/multi/debug/resume", timeout=10)
     finally:
         serve.delete("multi")
 
@@ -276,7 +294,7 @@ def test_shutdown_lets_streams_finish_within_the_grace_and_cuts_them_after(clust
     shortly after the grace, never a hang. Runs last: it deletes the module's app."""
     import httpx
 
-    from llava_edge.serve.app import DEBUG_ENV, ServeConfig
+    from llava_edge.serve.app import ServeConfig
     from llava_edge.serve.ray_app import LlavaEdgeReplica
 
     first, t, result = _stream_in_thread(_client(cluster), 200)  # the module's app: grace 5 s
@@ -285,9 +303,8 @@ def test_shutdown_lets_streams_finish_within_the_grace_and_cuts_them_after(clust
     t.join(30)
     assert result.get("ids") == reference.generate(_images()[0], PROMPTS[0], max_new_tokens=200).token_ids, result
 
-    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", DEBUG_ENV: "1"}  # debug routes: hold the engine still
     serve.run(LlavaEdgeReplica.options(name="drain", graceful_shutdown_timeout_s=0.5, graceful_shutdown_wait_loop_s=0.1,
-                                       ray_actor_options={"num_cpus": 0.25, "runtime_env": {"env_vars": env}})
+                                       ray_actor_options={"num_cpus": 0.25})
               .bind(ServeConfig(reference.package_dir, threads=1, api_key=KEY)), name="drain", route_prefix="/drain")
     first, t, result = _stream_in_thread(_client(cluster + "/drain"), 200)
     assert first.wait(60)

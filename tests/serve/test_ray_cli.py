@@ -74,3 +74,14 @@ def test_write_config_is_a_valid_serve_deploy_file_that_builds_the_same_app(serv
                                           "target_ongoing_requests": 6}
     assert opts["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.5} and opts["max_ongoing_requests"] == 12
     assert "num_replicas" not in opts and opts["max_queued_requests"] == 64 * 3
+
+
+def test_ray_app_imports_neither_torch_nor_transformers():
+    pytest.importorskip("ray", reason="needs the ray extra")
+    code = BLOCK.format(blocked=("torch", "transformers")) + """
+import llava_edge.serve.ray_app
+print('CLEAN')
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0 and "CLEAN" in proc.stdout, proc.stderr
