@@ -35,7 +35,6 @@ from ..errors import UsageError
 from .app import ServeConfig, ServerState, create_app
 from .server import parse_size
 
-log = logging.getLogger("llava_edge.serve")
 REPLICA_HEADER = "x-llava-edge-replica"
 APP_IMPORT_PATH = "llava_edge.serve.ray_app:app"
 API_KEY_ENV = "LLAVA_EDGE_API_KEY"
@@ -114,8 +113,8 @@ def parse_args(args: dict[str, Any]) -> tuple[list[ServeConfig], RayOptions]:
     serve_kw.setdefault("api_key", os.environ.get(API_KEY_ENV))  # a config file should not hold the key
     ray_kw = {k: convert(k, t, args[k]) for k, t in _RAY_ARGS.items() if k in args}
     options = RayOptions(**ray_kw)
-    if serve_kw.get("threads") is None and options.cpus_per_replica >= 1:
-        serve_kw["threads"] = int(options.cpus_per_replica)  # onnxruntime gets the CPUs Ray reserved, no more
+    if serve_kw.get("threads") is None:
+        serve_kw["threads"] = max(1, int(options.cpus_per_replica))  # onnxruntime gets the CPUs Ray reserved
     packages = [Path(p.strip()) for p in str(args["package"]).split(",") if p.strip()]
     configs = [ServeConfig(p, **serve_kw) for p in packages]
     names = [c.model_name for c in configs]
@@ -216,15 +215,16 @@ LlavaEdgeReplica = serve.deployment(serve.ingress()(EngineReplica))
 PackageReplica = serve.deployment(EngineReplica)
 
 
-_HOP_HEADERS = {"content-length", "transfer-encoding", "connection"}
+_HOP_HEADERS = {"content-length", "transfer-encoding", "connection"}  # of the response: it is re-chunked
 
 
 @serve.deployment
 class ModelRouter:
     """One endpoint for several packages: a chat request goes to the deployment named by its ``model``;
-    ``/v1/models`` and ``/health`` gather every package's answer. Auth, limits and errors stay the
-    replicas' own: the router forwards headers and body untouched. A plain deployment rather than a
-    second FastAPI ingress (Ray allows one per application, and the package replicas have it)."""
+    ``/v1/models`` and ``/health`` gather every package's answer; any other route goes to the first
+    package. Auth, limits and errors stay the replicas' own: the router forwards headers and body
+    untouched. A plain deployment rather than a second FastAPI ingress (Ray allows one per application,
+    and the package replicas have it)."""
 
     def __init__(self, models: dict[str, DeploymentHandle]):
         self.models = models
@@ -283,7 +283,7 @@ class ModelRouter:
         return path
 
     def _open(self, name: str, request: Request, body: bytes):
-        headers = [(k, v) for k, v in request.headers.raw if k.decode().lower() not in _HOP_HEADERS]
+        headers = [(k, v) for k, v in request.headers.raw if k.lower() not in (b"transfer-encoding", b"connection")]
         return self.models[name].options(stream=True).forward.remote(
             request.method, self._path(request), request.url.query.encode(), headers, body)
 
