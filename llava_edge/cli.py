@@ -421,8 +421,6 @@ def serve(
     queue_size: int = typer.Option(64, help="Requests waiting for a slot before new ones get 429."),
     media_dir: Optional[Path] = typer.Option(None, help="Directory whose files requests may name as images."),
     threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads."),
-    prefill_chunk: int = typer.Option(256, help="Prompt tokens per engine step (smaller: running streams stall "
-                                      "less while a new prompt is prefilled; larger: faster first tokens)."),
     ray: bool = typer.Option(False, "--ray", help="Serve through Ray Serve: replicas over one or many machines "
                              "(PACKAGE may be several directories separated by commas, chosen by `model`)."),
     replicas: Optional[int] = typer.Option(None, help="With --ray: fixed number of replicas (default 1)."),
@@ -433,6 +431,8 @@ def serve(
     cpus_per_replica: float = typer.Option(1.0, help="With --ray: CPUs each replica reserves (also its threads)."),
     write_config: Optional[Path] = typer.Option(None, help="With --ray: write a serve config YAML for "
                                                 "`serve deploy FILE` and exit."),
+    prefill_chunk: int = typer.Option(256, help="Prompt tokens per engine step (smaller: running streams stall "
+                                      "less while a new prompt is prefilled; larger: faster first tokens)."),
 ) -> None:
     """Serve the package over an OpenAI-compatible HTTP API (continuous batching)."""
     if ray or write_config is not None:
