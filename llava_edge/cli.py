@@ -587,6 +587,16 @@ def serve(
     queue_size: int = typer.Option(64, help="Requests waiting for a slot before new ones get 429."),
     media_dir: Optional[Path] = typer.Option(None, help="Directory whose files requests may name as images."),
     threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads."),
+    ray: bool = typer.Option(False, "--ray", help="Serve through Ray Serve: replicas over one or many machines "
+                             "(PACKAGE may be several directories separated by commas, chosen by `model`)."),
+    replicas: Optional[int] = typer.Option(None, help="With --ray: fixed number of replicas (default 1)."),
+    autoscale: Optional[str] = typer.Option(None, help="With --ray: MIN,MAX replicas, scaled on ongoing requests."),
+    ray_address: Optional[str] = typer.Option(None, help="With --ray: 'auto' (a running cluster on this machine) "
+                                              "or ray://HOST:10001; default: start a local cluster."),
+    gpus_per_replica: float = typer.Option(0.0, help="With --ray: GPUs each replica reserves (fractions allowed)."),
+    cpus_per_replica: float = typer.Option(1.0, help="With --ray: CPUs each replica reserves (also its threads)."),
+    write_config: Optional[Path] = typer.Option(None, help="With --ray: write a serve config YAML for "
+                                                "`serve deploy FILE` and exit."),
     prefill_chunk: int = typer.Option(256, help="Prompt tokens per engine step (smaller: running streams stall "
                                       "less while a new prompt is prefilled; larger: faster first tokens)."),
     image_cache_mb: float = typer.Option(64.0, help="Image features kept by content digest, in MB (0: off)."),
@@ -594,6 +604,16 @@ def serve(
                             "at /."),
 ) -> None:
     """Serve the package over an OpenAI-compatible HTTP API (continuous batching) and a kiosk page at /."""
+    if ray or write_config is not None:
+        return _serve_ray(package, host, port, ray_address, write_config, {
+            "package": str(package), "backend": backend, "max_slots": max_slots, "api_key": api_key,
+            "max_image_bytes": max_image_bytes, "max_image_pixels": max_image_pixels,
+            "max_images_per_request": max_images_per_request, "max_tokens": max_tokens, "queue_size": queue_size,
+            "media_dir": media_dir, "threads": threads, "prefill_chunk": prefill_chunk,
+            "image_cache_mb": image_cache_mb, "ui": ui, "replicas": replicas,
+            "autoscale": autoscale, "gpus_per_replica": gpus_per_replica, "cpus_per_replica": cpus_per_replica})
+    if replicas is not None or autoscale is not None or ray_address is not None:
+        raise UsageError("--replicas, --autoscale and --ray-address need --ray")
     try:
         from .serve.app import ServeConfig
         from .serve.server import parse_size, serve as run_server
@@ -608,6 +628,27 @@ def serve(
                            image_cache_mb=image_cache_mb, ui=ui))
 
 
+
+def _serve_ray(package: Path, host: str, port: int, address: Optional[str], write_config: Optional[Path],
+               args: dict) -> None:
+    if args["replicas"] is not None and args["autoscale"] is not None:
+        raise UsageError("give --replicas or --autoscale, not both")
+    if address is not None and address != "auto" and not address.startswith("ray://"):
+        raise UsageError(f"--ray-address {address!r}: use auto or ray://HOST:10001")
+    try:
+        from .serve import ray_app
+    except ImportError as e:
+        raise UsageError(f"--ray needs the ray extra: pip install 'llava-edge[ray]' ({e})") from None
+    args = {k: v for k, v in args.items() if v is not None}
+    if write_config is not None:
+        for p in str(package).split(","):
+            if not Path(p).is_dir():
+                raise UsageError(f"package {p} is not a directory")
+        args["package"] = ",".join(str(Path(p).resolve()) for p in str(package).split(","))
+        write_config.write_text(ray_app.config_yaml(args, host=host, port=port))
+        console.print(f"wrote {write_config}: deploy it with `serve deploy {write_config}` on a running cluster")
+        return
+    ray_app.run(args, address, host, port)
 
 @app.command("bench-serve")
 @friendly

@@ -102,6 +102,18 @@ class ServerState:
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("loading the model failed: %s", self.load_error)
 
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """HTTP status and body of ``/health``; a Ray Serve replica's health check asks the same."""
+        if self.worker is None:
+            status = "error" if self.load_error else "loading"
+            return 503, {"status": status, "error": self.load_error}
+        if not self.worker.alive:
+            return 503, {"status": "error", "error": "the engine thread has stopped"}
+        engine = self.worker.engine
+        return 200, {"status": "ok", "model": self.config.model_name, "backend": self.backend,
+                     "slots": engine.runner.slots, "slots_in_use": engine.scheduler.slots_in_use,
+                     "queued": engine.queued}
+
     # -- request -> sequence (runs on a thread: image decoding, tokenizing) --------------------------
     def build_sequence(self, chat: ChatRequest) -> Sequence:
         pipe, engine, c = self.pipe, self.worker.engine, self.config
@@ -199,13 +211,16 @@ class ServerState:
         return turns, images
 
 
-def create_app(config: ServeConfig) -> FastAPI:
-    state = ServerState(config)
+def create_app(config: ServeConfig, state: ServerState | None = None) -> FastAPI:
+    """The app over ``state``, or over a new one whose model loads once the app starts. A Ray Serve
+    replica passes a state it has already loaded, so the replica is not ready before its model."""
+    state = state or ServerState(config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loop = asyncio.get_running_loop()
-        threading.Thread(target=state.load, args=(loop,), name="llava-edge-load", daemon=True).start()
+        if state.worker is None and state.load_error is None:
+            loop = asyncio.get_running_loop()
+            threading.Thread(target=state.load, args=(loop,), name="llava-edge-load", daemon=True).start()
         yield
         if state.worker is not None:
             state.worker.stop()
@@ -249,13 +264,8 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if state.worker is None:
-            status = "error" if state.load_error else "loading"
-            return JSONResponse({"status": status, "error": state.load_error}, status_code=503)
-        engine = state.worker.engine
-        return JSONResponse({"status": "ok", "model": config.model_name, "backend": state.backend,
-                             "slots": engine.runner.slots, "slots_in_use": engine.scheduler.slots_in_use,
-                             "queued": engine.queued})
+        code, body = state.health()
+        return JSONResponse(body, status_code=code)
 
     @app.get("/metrics")
     async def metrics() -> Response:
