@@ -1,16 +1,5 @@
-"""The TensorRT backend's own logic on CPU, against a fake ``tensorrt`` + ``cuda-python``.
-
-The fakes run the package's ONNX graphs with onnxruntime on host memory, behind the TensorRT calls the
-backend makes (profiles, set_input_shape, set_tensor_address, execute_async_v3, cudaMemcpy*), and
-enforce what TensorRT would: input shapes inside the active profile, copies in the right direction,
-outputs not larger than their buffers. This tests OUR buffer handling (profile switching, ping-pong KV
-slabs, the in-place cache and its scatter copies, pinned staging, last-position logits via
-cudaMemcpy2D, CUDA graph capture and replay), not TensorRT.
-
-Fake CUDA memory and graphs behave like the real ones where it matters here: cudaMalloc returns NaN
-garbage (not zeros), and work issued on a stream while it is being captured is recorded, not run: a
-captured graph replays it later with the shapes and addresses of the capture.
-"""
+"""The TensorRT backend's own logic on CPU, against the fake ``tensorrt`` + ``cuda-python`` of
+tests/fakes/fake_tensorrt.py (what it runs and what it enforces is described there)."""
 
 from __future__ import annotations
 
