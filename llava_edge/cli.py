@@ -135,17 +135,25 @@ def export(
                               "cache; CPU) for --backend ort-fast."),
     fast_int4: bool = typer.Option(False, "--fast-int4", help="Also add an int4 (round-to-nearest) fast decoder "
                                    "for --backend ort-fast-int4."),
+    target: str = typer.Option("portable", help="Which decoder the package holds: portable (every backend, "
+                               "quantize and build; --fast/--fast-int4 add fast ones), cpu (only the fast fp32 "
+                               "decoder, ort-fast) or cpu-int4 (only the int4 fast decoder, ort-fast-int4)."),
 ) -> None:
     """Split a checkpoint into vision / embed / decoder ONNX graphs, verified against PyTorch."""
     from .package import check_output_dir
     from .progress import Stages
 
+    if target not in ("portable", "cpu", "cpu-int4"):
+        raise UsageError(f"--target {target!r}: use portable, cpu or cpu-int4")
+    if target != "portable" and (fast or fast_int4):
+        raise UsageError(f"--target {target} holds one decoder; --fast and --fast-int4 add to a portable package "
+                         "(--target portable)")
     check_output_dir(output, overwrite, protect=[p for p in (checkpoint, vision_tower) if p is not None])
     from .export.exporter import export_package
 
     with Stages(console).running() as on_stage:
         result = export_package(checkpoint, output, dtype=dtype, opset=opset, overwrite=overwrite,
-                                vision_tower=vision_tower, chat_template=template, on_stage=on_stage)
+                                vision_tower=vision_tower, chat_template=template, on_stage=on_stage, target=target)
         if fast or fast_int4:
             from .export.fast_decoder import export_fast_decoder
 
@@ -154,7 +162,7 @@ def export(
                     on_stage("export fast decoder" + (" (int4)" if quant else ""))
                     export_fast_decoder(checkpoint, output, quant=quant)
     errs = ", ".join(f"{k} {v:.2e}" for k, v in result.errors.items())
-    console.print(f"[green]exported[/] {output} ({result.manifest.dtype}); max |onnx - torch|: {errs}")
+    console.print(f"[green]exported[/] {output} ({result.manifest.dtype}, target {target}); checks: {errs}")
 
 
 @app.command()
@@ -432,6 +440,8 @@ def inspect(package: Path = typer.Argument(..., help="Model package directory.")
     if m.family:
         out.print(f"family: {m.family.get('model', 'llava')}, decoder {m.family.get('decoder', '?')}, "
                   f"vision {m.family.get('vision', '?')}")
+    decoders = ", ".join(g for g in m.graphs if g.startswith("decoder"))
+    out.print(f"target: {m.extra.get('target', 'portable')} (decoders: {decoders or 'none'})")
     if m.extra.get("context_cap"):
         out.print(f"context capped at {t.max_context}: {m.extra['context_cap']}")
     out.print(f"decoder: {t.num_layers} layers, hidden {t.hidden_size}, heads {t.num_heads} (kv {t.num_kv_heads}) x "

@@ -5,10 +5,13 @@ from __future__ import annotations
 import copy
 import os
 import platform
-from dataclasses import dataclass
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import onnx
 import torch
 
@@ -24,6 +27,15 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
 # Max |ONNX - torch| accepted on random inputs, per graph dtype. fp32 graphs match to ~1e-6 on tiny
 # models; the bound leaves room for the accumulation order of large hidden sizes.
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2}
+# Deployment targets: which decoder graph the package carries. "portable" (past in, present out) runs on
+# every backend and is what quantize and build start from; "cpu" / "cpu-int4" carry only the fast
+# decoder of ort-fast / ort-fast-int4, so a CPU deployment ships (and maps) one decoder, not three.
+TARGETS = {"portable": "decoder", "cpu": "decoder_fast", "cpu-int4": "decoder_fast_int4"}
+# An int4 (round-to-nearest) decoder cannot match torch to float tolerance; its logits must stay within
+# this relative distance (||int4 - torch|| / ||torch||, per position) of transformers' on the check
+# prompt. A wrong packing or scale is far above it (unrelated logits: ~1.4); the float graph built by the
+# same code is checked first, to the float tolerance.
+INT4_RELATIVE_TOLERANCE = 0.1
 
 
 class ExportError(LlavaEdgeError):
@@ -76,11 +88,20 @@ def export_package(
     vision_tower: str | Path | None = None,
     chat_template: str | None = None,
     on_stage: Callable[[str], None] | None = None,
+    target: str = "portable",
 ) -> ExportResult:
-    """Load the checkpoint, export vision/embed/decoder, verify each in onnxruntime, write the package.
+    """Load the checkpoint, export vision/embed and the target's decoder, verify each, write the package.
 
-    The package appears at out_dir only once everything succeeded (staged directory + rename).
+    target "portable": the portable decoder, each graph checked against its torch module and the split
+    pipeline against transformers. "cpu" / "cpu-int4": only the fast decoder (fp32 / int4 round-to-
+    nearest), checked through the runtime's fast backend against transformers on an image prompt
+    (prefill and decode paths, see verify.fast_decoder_logits_error); for int4 the float fast graph is
+    built in a scratch directory first and held to the float tolerance, then the int4 graph to
+    INT4_RELATIVE_TOLERANCE. The package appears at out_dir only once everything succeeded (staged
+    directory + rename).
     """
+    if target not in TARGETS:
+        raise ExportError(f"unknown target {target!r}; use {', '.join(TARGETS)}")
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; use fp32 or fp16")
     if opset < 17:
@@ -105,11 +126,11 @@ def export_package(
     with staged_package(out_dir, overwrite=overwrite, protect=inputs) as tmp:
         ck.tokenizer.save(str(tmp / TOKENIZER_NAME))
         graphs = {}
-        for name, fn in (
-            ("vision", lambda: export_vision(model, ck.vision, tmp, torch_dtype, opset)),
-            ("embed", lambda: export_embed(model, tmp, opset)),
-            ("decoder", lambda: export_decoder(model, tmp, torch_dtype, opset)),
-        ):
+        steps = [("vision", lambda: export_vision(model, ck.vision, tmp, torch_dtype, opset)),
+                 ("embed", lambda: export_embed(model, tmp, opset))]
+        if target == "portable":
+            steps.append(("decoder", lambda: export_decoder(model, tmp, torch_dtype, opset)))
+        for name, fn in steps:
             stage(f"export {name}")
             exported = fn()
             onnx.checker.check_model(str(tmp / exported.spec.file))
@@ -120,17 +141,8 @@ def export_package(
             if not err <= TOLERANCE[torch_dtype]:
                 raise ExportError(f"{name}.onnx differs from PyTorch by {err:.3g} (> {TOLERANCE[torch_dtype]:.0e})")
             graphs[name] = exported.spec
+            del exported
 
-        stage("verify against transformers")
-        errors["pipeline_logits"] = verify.pipeline_logits_error(
-            ck.model, ck.tokenizer, ck.image_token_id, ck.vision.num_image_tokens, tmp, ck.vision.image_size,
-            vision=ck.vision,
-        )
-        if not errors["pipeline_logits"] <= TOLERANCE[torch_dtype] * 10:
-            raise ExportError(
-                f"split graphs differ from transformers' LlavaForConditionalGeneration by "
-                f"{errors['pipeline_logits']:.3g} in logits"
-            )
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             source={"path": str(ck.path), "layout": ck.layout, "projector": ck.projector,
@@ -140,11 +152,68 @@ def export_package(
             vision=ck.vision,
             graphs=graphs,
             versions=_versions(),
-            extra={"opset": opset, "verification": errors,
+            extra={"opset": opset, "target": target, "verification": errors,
                    "reference_dtype": str(ck.model.dtype).replace("torch.", ""),
                    "chat_template_source": ck.chat_template_source,
                    **({"context_cap": ck.context_cap} if ck.context_cap else {})},
             family=dict(ck.family),
         )
+        if target == "portable":
+            stage("verify against transformers")
+            errors["pipeline_logits"] = verify.pipeline_logits_error(
+                ck.model, ck.tokenizer, ck.image_token_id, ck.vision.num_image_tokens, tmp, ck.vision.image_size,
+                vision=ck.vision,
+            )
+            if not errors["pipeline_logits"] <= TOLERANCE[torch_dtype] * 10:
+                raise ExportError(
+                    f"split graphs differ from transformers' LlavaForConditionalGeneration by "
+                    f"{errors['pipeline_logits']:.3g} in logits"
+                )
+        else:
+            _add_fast_decoder(model, ck, manifest, tmp, torch_dtype, "int4-rtn" if target == "cpu-int4" else None,
+                              errors, stage)
         write_manifest(tmp, manifest)
     return ExportResult(Path(out_dir), manifest, errors)
+
+
+def _add_fast_decoder(model, ck: LoadedCheckpoint, manifest: Manifest, tmp: Path, torch_dtype: torch.dtype,
+                      quant: str | None, errors: dict[str, float], stage: Callable[[str], None]) -> None:
+    """Build the target's fast decoder into the staging directory and verify it (see export_package).
+
+    float: its logits against transformers', to the float tolerance. int4: two float twins are built in
+    a scratch directory (removed before the package is written): the float fast graph, held to the
+    float tolerance against transformers (the wiring all three graphs share), and one whose MatMul
+    weights are the int4 values times their scales; the shipped int4 graph must match that one within
+    INT4_RELATIVE_TOLERANCE (what MatMulNBits' int8 activations cost), which a wrong packing, scale or
+    block layout is far above."""
+    from .fast_decoder import INT4_DEQUANTIZED, FastDecoderConfig, build_fast_decoder
+
+    bound = TOLERANCE[torch_dtype] * 10
+    cfg = FastDecoderConfig(name="decoder_fast_int4" if quant else "decoder_fast", dtype=manifest.dtype, quant=quant)
+    scratch = Path(tempfile.mkdtemp(prefix=".verify-", dir=tmp))
+    twins = {"decoder_fast": None, "decoder_fast_int4_twin": INT4_DEQUANTIZED} if quant else {}
+    try:
+        for name, twin_quant in twins.items():
+            stage(f"export {name} (float, for the check)")
+            spec = build_fast_decoder(model, scratch / f"{name}.onnx", FastDecoderConfig(name, manifest.dtype, twin_quant))
+            spec.file = f"{scratch.name}/{spec.file}"
+            manifest.graphs[name] = spec
+        stage(f"export {cfg.name}")
+        manifest.graphs[cfg.name] = build_fast_decoder(model, tmp / f"{cfg.name}.onnx", cfg)
+        stage(f"verify {cfg.name} against transformers")
+        want, got = verify.fast_decoder_logits(ck.model, ck.tokenizer, manifest, tmp, [*twins, cfg.name])
+    finally:
+        for name in twins:
+            manifest.graphs.pop(name, None)
+        shutil.rmtree(scratch, ignore_errors=True)
+    float_graph = "decoder_fast"
+    errors[f"{float_graph}_logits"] = err = float(np.abs(got[float_graph] - want).max())
+    if not err <= bound:
+        raise ExportError(f"the fast decoder differs from transformers by {err:.3g} in logits (> {bound:.0e})")
+    if quant:
+        errors["decoder_fast_int4_vs_twin"] = rel = verify.max_relative_error(got[cfg.name], got["decoder_fast_int4_twin"])
+        errors["decoder_fast_int4_vs_transformers"] = verify.max_relative_error(got[cfg.name], want)
+        if not rel <= INT4_RELATIVE_TOLERANCE:
+            raise ExportError(f"the int4 fast decoder's logits are {rel:.3g} (relative) from its float twin's "
+                              f"(> {INT4_RELATIVE_TOLERANCE}); the int4 graph is broken")
+    manifest.extra["fast_decoders"] = {cfg.name: asdict(cfg)}

@@ -50,12 +50,11 @@ def random_inputs(graph_name: str, graph: ExportedGraph, seed: int = 0) -> tuple
     return (torch.randn((b, t, hidden), generator=g).to(ex[0].dtype), mask, pos, *past)
 
 
-def pipeline_logits_error(llava, tokenizer, image_token_id: int, num_image_tokens: int, package_dir: Path,
-                          image_size: int, seed: int = 0, vision=None) -> float:
-    """transformers' full LLaVA forward vs our split graphs (vision -> splice -> decoder) on one prompt
-    with an image. This is the check that catches a wrong feature layer, select strategy or projector;
-    for LLaVA-NeXT (vision.anyres) also the tiling, unpadding and newlines (runtime/anyres.py), on an
-    odd-size landscape image."""
+def _image_prompt(llava, tokenizer, image_token_id: int, num_image_tokens: int, package_dir: Path,
+                  image_size: int, seed: int, vision) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """One prompt with an image through transformers' full forward and through our vision and embed
+    graphs: returns (input_ids [1,T], inputs_embeds [1,T,H] with the image features spliced in, the
+    reference logits [1,T,V])."""
     from ..runtime import anyres
 
     g = torch.Generator().manual_seed(seed)
@@ -74,6 +73,7 @@ def pipeline_logits_error(llava, tokenizer, image_token_id: int, num_image_token
         pixel = torch.randn((1, 3, image_size, image_size), generator=g)
         feats = vision_sess.run(None, {"pixel_values": pixel.numpy().astype(np_dtype)})[0][0]
         hf_kwargs = {"pixel_values": pixel}
+    del vision_sess
     text_ids = tokenizer.encode("USER: describe the picture ASSISTANT:").ids
     ids = [text_ids[0]] + [image_token_id] * num_image_tokens + text_ids[1:]
     input_ids = torch.tensor([ids])
@@ -81,16 +81,60 @@ def pipeline_logits_error(llava, tokenizer, image_token_id: int, num_image_token
         want = llava(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **hf_kwargs).logits
 
     embed = session(package_dir / "embed.onnx")
-    decoder = session(package_dir / "decoder.onnx")
     emb = embed.run(None, {"input_ids": input_ids.numpy()})[0]
     emb[0, 1 : 1 + num_image_tokens] = feats
-    feeds = {"inputs_embeds": emb, "attention_mask": np.ones((1, len(ids)), np.int64),
-             "position_ids": np.arange(len(ids), dtype=np.int64)[None]}
+    return input_ids.numpy(), emb, want
+
+
+def pipeline_logits_error(llava, tokenizer, image_token_id: int, num_image_tokens: int, package_dir: Path,
+                          image_size: int, seed: int = 0, vision=None, decoder: str = "decoder.onnx") -> float:
+    """transformers' full LLaVA forward vs our split graphs (vision -> splice -> decoder) on one prompt
+    with an image. This is the check that catches a wrong feature layer, select strategy or projector;
+    for LLaVA-NeXT (vision.anyres) also the tiling, unpadding and newlines (runtime/anyres.py), on an
+    odd-size landscape image. ``decoder``: the portable decoder's file, relative to package_dir."""
+    ids, emb, want = _image_prompt(llava, tokenizer, image_token_id, num_image_tokens, package_dir, image_size,
+                                   seed, vision)
+    decoder = session(package_dir / decoder)
+    n = ids.shape[1]
+    feeds = {"inputs_embeds": emb, "attention_mask": np.ones((1, n), np.int64),
+             "position_ids": np.arange(n, dtype=np.int64)[None]}
     for inp in decoder.get_inputs()[3:]:
         kv = inp.shape
-        feeds[inp.name] = np.zeros((1, kv[1], 0, kv[3]), np_dtype)
+        feeds[inp.name] = np.zeros((1, kv[1], 0, kv[3]), emb.dtype)
     got = decoder.run(["logits"], feeds)[0]
     return float(np.abs(got.astype(np.float64) - want.double().numpy()).max())
+
+
+def fast_decoder_logits(llava, tokenizer, manifest, package_dir: Path, graphs: list[str], seed: int = 0,
+                        decode_steps: int = 3) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """transformers' full LLaVA forward and fast decoder graphs (GroupQueryAttention, in-place cache)
+    on one prompt with an image, the graphs driven by the runtime's own FastOrtBackend: the prompt is
+    prefilled but for its last ``decode_steps`` tokens, which then go in one per step, so the prefill
+    and the decode path both produce logits. Returns (transformers' logits at those decode_steps + 1
+    positions [P,V], {graph: its logits there [P,V]})."""
+    from ..runtime.fast_backend import FastOrtBackend
+
+    v, t = manifest.vision, manifest.text
+    _, emb, want = _image_prompt(llava, tokenizer, t.image_token_id, v.num_image_tokens, package_dir, v.image_size,
+                                 seed, v)
+    n = emb.shape[1]
+    p = n - decode_steps
+    got = {}
+    for graph in graphs:
+        backend = FastOrtBackend(package_dir, manifest, decoder=graph)
+        cache = backend.new_cache(1, n)
+        rows = [backend.step(cache, emb[:, :p], np.ones((1, p), np.int64), np.arange(p, dtype=np.int64)[None])[0]]
+        for i in range(p, n):
+            rows.append(backend.step(cache, emb[:, i:i + 1], np.ones((1, i + 1), np.int64),
+                                     np.array([[i]], np.int64))[0])
+        got[graph] = np.stack(rows).astype(np.float64)
+        del backend, cache
+    return want[0, p - 1:].double().numpy(), got
+
+
+def max_relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    """max over rows of ||got - want|| / ||want||."""
+    return float((np.linalg.norm(got - want, axis=-1) / np.maximum(np.linalg.norm(want, axis=-1), 1e-12)).max())
 
 
 def hf_greedy_tokens(llava, pipeline, images, questions, max_new_tokens: int) -> list[list[int]]:
