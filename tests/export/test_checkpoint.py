@@ -124,3 +124,22 @@ def test_large_decoder_goes_to_one_external_file_and_nothing_else(tiny_models, t
     for g in m.graphs.values():
         expected |= {g.file, *g.external_data}
     assert set(names) == expected, names
+
+
+def test_weights_are_converted_one_tensor_at_a_time_and_a_truncated_file_is_named(tiny_models, tmp_path):
+    """An fp16 checkpoint loaded as fp32 (export's reference) or fp16 holds exactly the file's values, converted;
+    a truncated weights file is one CheckpointError naming it."""
+    src = tiny_models["llava-hf-gqa"]["checkpoint"]
+    ck = tmp_path / "fp16"
+    shutil.copytree(src, ck)
+    state = load_file(ck / "model.safetensors")
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, ck / "model.safetensors")
+    half = load_checkpoint(ck, dtype=torch.float16).model
+    full = load_checkpoint(ck).model
+    assert all(p.dtype == torch.float32 for p in full.parameters())
+    for (name, a), b in zip(full.state_dict().items(), half.state_dict().values()):
+        assert torch.equal(a, b.float()), name
+    data = (ck / "model.safetensors").read_bytes()
+    (ck / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cannot read weights .*model.safetensors"):
+        load_checkpoint(ck)
