@@ -103,6 +103,9 @@ def detect_layout(path: Path) -> str:
     )
 
 
+READ_WINDOW = 256 << 20  # bytes of a weights file read between reopenings (see _load_state_dict)
+
+
 def _load_state_dict(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Single-file or sharded safetensors (preferred), else pytorch_model*.bin (weights only).
 
@@ -115,10 +118,19 @@ def _load_state_dict(path: Path, dtype: torch.dtype | None = None) -> dict[str, 
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
     def read(f: Path, state: dict[str, torch.Tensor]) -> None:
+        # The file is mapped, and the pages read stay in this process's RSS until it is unmapped:
+        # reopening it every READ_WINDOW bytes keeps that at one window, not the whole file.
         try:
             with safe_open(str(f), framework="pt") as st:
-                for k in st.keys():
-                    state[k] = convert(st.get_tensor(k))
+                keys = list(st.keys())
+            while keys:
+                with safe_open(str(f), framework="pt") as st:
+                    read_bytes = 0
+                    while keys and read_bytes < READ_WINDOW:
+                        t = st.get_tensor(keys[0])
+                        read_bytes += t.numel() * t.element_size()
+                        state[keys.pop(0)] = convert(t)
+                        del t
         except (SafetensorError, OSError, RuntimeError) as e:  # truncated or not a safetensors file
             raise CheckpointError(f"cannot read weights {f}: {e}") from None
 
