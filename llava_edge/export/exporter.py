@@ -35,7 +35,7 @@ TARGETS = {"portable": "decoder", "cpu": "decoder_fast", "cpu-int4": "decoder_fa
 # An int4 (round-to-nearest) decoder cannot match torch to float tolerance. It is checked against its
 # float twin (MatMul weights = the int4 values times their scales): max over positions of
 # ||int4 - twin|| / ||twin|| on the check prompt, which is what MatMulNBits' int8 activations cost
-# (0.015-0.025 on the tiny and edge-1b shapes); a wrong packing or scale is far above (swapped nibbles: ~1).
+# (0.015-0.025 on the tiny and edge-1b shapes); a wrong packing or scale is far above (swapped nibbles: 1.37).
 INT4_RELATIVE_TOLERANCE = 0.1
 
 
