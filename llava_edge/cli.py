@@ -30,6 +30,8 @@ console = Console(stderr=True)
 out = Console()
 # click's exception classes, wherever this typer keeps them (its own vendored copy since 0.22, click before)
 _click_errors = sys.modules[typer.BadParameter.__module__]
+BACKEND_HELP = ("auto (the fastest graph the package has: TensorRT engines, int4 fast, fast, portable decoder), ort, "
+                "ort-fast, ort-fast-int4 or tensorrt.")
 
 
 class _NoteHandler(logging.Handler):
@@ -133,17 +135,25 @@ def export(
                               "cache; CPU) for --backend ort-fast."),
     fast_int4: bool = typer.Option(False, "--fast-int4", help="Also add an int4 (round-to-nearest) fast decoder "
                                    "for --backend ort-fast-int4."),
+    target: str = typer.Option("portable", help="Which decoder the package holds: portable (every backend, "
+                               "quantize and build; --fast/--fast-int4 add fast ones), cpu (only the fast fp32 "
+                               "decoder, ort-fast) or cpu-int4 (only the int4 fast decoder, ort-fast-int4)."),
 ) -> None:
     """Split a checkpoint into vision / embed / decoder ONNX graphs, verified against PyTorch."""
     from .package import check_output_dir
     from .progress import Stages
 
+    if target not in ("portable", "cpu", "cpu-int4"):
+        raise UsageError(f"--target {target!r}: use portable, cpu or cpu-int4")
+    if target != "portable" and (fast or fast_int4):
+        raise UsageError(f"--target {target} holds one decoder; --fast and --fast-int4 add to a portable package "
+                         "(--target portable)")
     check_output_dir(output, overwrite, protect=[p for p in (checkpoint, vision_tower) if p is not None])
     from .export.exporter import export_package
 
     with Stages(console).running() as on_stage:
         result = export_package(checkpoint, output, dtype=dtype, opset=opset, overwrite=overwrite,
-                                vision_tower=vision_tower, chat_template=template, on_stage=on_stage)
+                                vision_tower=vision_tower, chat_template=template, on_stage=on_stage, target=target)
         if fast or fast_int4:
             from .export.fast_decoder import export_fast_decoder
 
@@ -152,7 +162,7 @@ def export(
                     on_stage("export fast decoder" + (" (int4)" if quant else ""))
                     export_fast_decoder(checkpoint, output, quant=quant)
     errs = ", ".join(f"{k} {v:.2e}" for k, v in result.errors.items())
-    console.print(f"[green]exported[/] {output} ({result.manifest.dtype}); max |onnx - torch|: {errs}")
+    console.print(f"[green]exported[/] {output} ({result.manifest.dtype}, target {target}); checks: {errs}")
 
 
 @app.command()
@@ -255,7 +265,7 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token_ids, timings)."),
     threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads."),
     device: str = typer.Option("cpu", help="cpu or cuda (onnxruntime-gpu)."),
-    backend: str = typer.Option("ort", help="ort (onnxruntime) or tensorrt (engines from `build`)."),
+    backend: str = typer.Option("auto", help=BACKEND_HELP),
     template: Optional[str] = typer.Option(None, help="Override the package's chat template."),
     max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, help="Refuse images with more pixels (width x height), "
                                          "read from the header before decoding."),
@@ -308,7 +318,7 @@ def chat(
     seed: Optional[int] = typer.Option(None),
     threads: Optional[int] = typer.Option(None),
     device: str = typer.Option("cpu"),
-    backend: str = typer.Option("ort", help="ort or tensorrt."),
+    backend: str = typer.Option("auto", help=BACKEND_HELP),
     max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, help="Refuse images with more pixels (width x height), "
                                          "read from the header before decoding."),
 ) -> None:
@@ -430,6 +440,8 @@ def inspect(package: Path = typer.Argument(..., help="Model package directory.")
     if m.family:
         out.print(f"family: {m.family.get('model', 'llava')}, decoder {m.family.get('decoder', '?')}, "
                   f"vision {m.family.get('vision', '?')}")
+    decoders = ", ".join(g for g in m.graphs if g.startswith("decoder"))
+    out.print(f"target: {m.extra.get('target', 'portable')} (decoders: {decoders or 'none'})")
     if m.extra.get("context_cap"):
         out.print(f"context capped at {t.max_context}: {m.extra['context_cap']}")
     out.print(f"decoder: {t.num_layers} layers, hidden {t.hidden_size}, heads {t.num_heads} (kv {t.num_kv_heads}) x "
@@ -451,7 +463,7 @@ def inspect(package: Path = typer.Argument(..., help="Model package directory.")
 @friendly
 def bench(
     package: Path = typer.Argument(..., help="Model package to measure."),
-    backend: str = typer.Option("ort", help="Comma list of backends: ort, ort-fast, ort-fast-int4, tensorrt."),
+    backend: str = typer.Option("auto", help="Comma list of backends: " + BACKEND_HELP),
     device: str = typer.Option("cpu", help="cpu or cuda (onnxruntime backends)."),
     batch: str = typer.Option("1", help="Comma list of batch sizes."),
     prompt_len: str = typer.Option("64", help="Comma list of text prompt lengths (image tokens come on top)."),
@@ -524,7 +536,7 @@ def evaluate_cmd(
     target: Path = typer.Argument(..., help="A model package (scored through the runtime) or a llava-hf "
                                   "checkpoint (scored with transformers)."),
     n: int = typer.Option(300, help="Held-out scenes (5-9 questions each)."),
-    backend: str = typer.Option("ort", help="Runtime backend for packages: ort, ort-fast, ort-fast-int4."),
+    backend: str = typer.Option("auto", help="Runtime backend for packages: " + BACKEND_HELP),
     threads: Optional[int] = typer.Option(None),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write per-type results JSON here."),
 ) -> None:
@@ -576,7 +588,7 @@ def serve(
     package: Path = typer.Argument(..., help="Model package directory."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (127.0.0.1: this machine only)."),
     port: int = typer.Option(8000, help="TCP port."),
-    backend: str = typer.Option("auto", help="auto, ort, ort-fast, ort-fast-int4 or tensorrt."),
+    backend: str = typer.Option("auto", help=BACKEND_HELP),
     max_slots: int = typer.Option(4, help="Sequences decoded together (KV-cache slots)."),
     api_key: Optional[str] = typer.Option(None, envvar="LLAVA_EDGE_API_KEY",
                                           help="Require 'Authorization: Bearer KEY' on /v1 routes."),
@@ -699,7 +711,7 @@ def watch(
                                     "answered frame is below this reuses that answer (0: identical frames only)."),
     max_new_tokens: int = typer.Option(64, help="Generate at most this many tokens per answer."),
     max_frames: Optional[int] = typer.Option(None, help="Stop after this many sampled frames."),
-    backend: str = typer.Option("ort", help="ort, ort-fast, ort-fast-int4 or tensorrt."),
+    backend: str = typer.Option("auto", help=BACKEND_HELP),
     threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads."),
     device: str = typer.Option("cpu", help="cpu or cuda (onnxruntime-gpu)."),
 ) -> None:

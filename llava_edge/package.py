@@ -199,6 +199,17 @@ def load_manifest(package_dir: str | os.PathLike, check_files: bool = True, veri
     return manifest
 
 
+def require_portable_decoder(package_dir: str | os.PathLike, manifest: Manifest, command: str) -> None:
+    """quantize and build start from the portable decoder; a `--target cpu`/`cpu-int4` package has
+    none. One line that says so and how to get a package that has it."""
+    if "decoder" in manifest.graphs:
+        return
+    source = manifest.source.get("path") or "CHECKPOINT"
+    raise PackageError(f"`llava-edge {command}` starts from the portable decoder, which {package_dir} (exported "
+                       f"with --target {manifest.extra.get('target', '?')}) does not hold; export one with "
+                       f"`llava-edge export {source} -o NEW_PKG`")
+
+
 def graph_size(root: Path, graph: GraphSpec) -> int:
     return sum((root / rel).stat().st_size for rel in [graph.file, *graph.external_data])
 

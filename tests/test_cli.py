@@ -11,6 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from llava_edge.cli import app
+from llava_edge.package import load_manifest
 
 runner = CliRunner()
 
@@ -199,10 +200,36 @@ def test_export_fast_then_run_fast_backend_matches_portable(tiny_models, tmp_pat
     assert r.exit_code == 0, r.output
     args = ["run", str(pkg), "--image", str(_image(tmp_path)), "--prompt", "What is it?", "--max-new-tokens", "16",
             "--json"]
-    portable = json.loads(runner.invoke(app, args).output.strip().splitlines()[-1])
+    portable = json.loads(runner.invoke(app, args + ["--backend", "ort"]).output.strip().splitlines()[-1])
     fast = json.loads(runner.invoke(app, args + ["--backend", "ort-fast"]).output.strip().splitlines()[-1])
     assert fast["token_ids"] == portable["token_ids"] and len(fast["token_ids"]) == 16
-    _assert_user_error(runner.invoke(app, args + ["--backend", "ort-fast-int4"]), "decoder_fast_int4")
+    _assert_user_error(runner.invoke(app, args + ["--backend", "ort-fast-int4"]), "decoder_fast_int4",
+                       f"llava-edge export {tiny_models['original-v1']['checkpoint']} -o {pkg} --fast-int4 --overwrite")
+
+
+def test_run_and_chat_default_to_the_fastest_graph_in_the_package(tiny_models, tmp_path, monkeypatch):
+    """No --backend: run and chat open the fast decoder when the package has one (resolve_auto)."""
+    from llava_edge.runtime import backends
+
+    pkg = tmp_path / "pkg"
+    assert runner.invoke(app, ["export", str(tiny_models["llava-hf-gqa"]["checkpoint"]), "-o", str(pkg),
+                               "--fast"]).exit_code == 0
+    opened = []
+    real = backends.open_backend
+
+    def spy(name, *a, **k):
+        backend = real(name, *a, **k)
+        opened.append((name, type(backend).__name__, getattr(backend, "decoder_graph", None)))
+        return backend
+
+    monkeypatch.setattr("llava_edge.runtime.pipeline.open_backend", spy)
+    r = runner.invoke(app, ["run", str(pkg), "--prompt", "hi", "--max-new-tokens", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["chat", str(pkg), "--max-new-tokens", "2"], input="hi\n/quit\n")
+    assert r.exit_code == 0, r.output
+    assert opened == [("auto", "FastOrtBackend", "decoder_fast")] * 2
+    m = load_manifest(pkg)
+    assert backends.resolve_auto(pkg, m) == "ort-fast" and backends.resolve_auto(pkg, m, "cuda") == "ort"
 
 
 def test_bench_writes_json_with_baseline_ratios(tiny_models, tmp_path):
@@ -227,7 +254,7 @@ def test_gptq_package_runs_on_the_fast_backend(tiny_models, tmp_path):
     assert (q / graph["file"]).read_bytes().count(b"MatMulNBits") > 0
     args = ["run", str(q), "--image", str(_image(tmp_path)), "--prompt", "What is it?", "--max-new-tokens", "12",
             "--json"]
-    portable = json.loads(runner.invoke(app, args).output.strip().splitlines()[-1])
+    portable = json.loads(runner.invoke(app, args + ["--backend", "ort"]).output.strip().splitlines()[-1])
     fast = json.loads(runner.invoke(app, args + ["--backend", "ort-fast"]).output.strip().splitlines()[-1])
     assert fast["token_ids"] == portable["token_ids"]
 

@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import LlavaEdgeError
 from ..package import TOKENIZER_NAME, Manifest, load_manifest
 from ..runtime.backend import BackendError
-from ..runtime.backends import resolve
+from ..runtime.backends import resolve, resolve_auto
 from ..runtime.ragged import left_pad
 from .measure import PeakRSS, TimedBackend, machine_info, median, percentiles, versions
 
@@ -158,7 +158,9 @@ class _TransformersEngine:
                 self.model.model.get_image_features(pixel_values=px, **vision_kwargs)
                 vision_ms = (time.perf_counter() - t0) * 1000
             t0 = time.perf_counter()
-            out = self.model.generate(input_ids=ids_t, attention_mask=mask_t, pixel_values=px, do_sample=False,
+            # a text-only prompt passes no pixel_values at all: transformers' LLaVA would encode None
+            images = {"pixel_values": px} if px is not None else {}
+            out = self.model.generate(input_ids=ids_t, attention_mask=mask_t, do_sample=False, **images,
                                       max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad,
                                       streamer=_Stamp())
         stamps = stamps[1:]  # the first put is the prompt
@@ -238,7 +240,7 @@ def _package_bytes(package_dir: Path, manifest: Manifest, engines: Sequence[str]
 
 def run_benchmark(
     package_dir: str | os.PathLike,
-    backend: str | Sequence[str] = "ort",
+    backend: str | Sequence[str] = "auto",
     batch: Sequence[int] = (1,),
     prompt_len: Sequence[int] = (64,),
     new_tokens: int = 128,
@@ -265,6 +267,7 @@ def run_benchmark(
     engines = [b.strip() for b in (backend.split(",") if isinstance(backend, str) else backend) if b.strip()]
     if not engines:
         raise BenchmarkError("no backend given")
+    engines = list(dict.fromkeys(resolve_auto(package_dir, manifest, device) if n == "auto" else n for n in engines))
     if baseline not in (None, "transformers"):
         raise BenchmarkError(f"unknown baseline {baseline!r}; the only baseline is 'transformers'")
     for name in engines:

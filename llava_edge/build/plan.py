@@ -13,7 +13,7 @@ from typing import Literal
 
 from ..errors import LlavaEdgeError
 from ..contract import AOT_MIN, ENGINE_GRAPHS, KV_INPLACE, KV_LAYOUTS, KV_PINGPONG, ONNX_DOMAIN, AttentionImpl, attention_impl_for, parse_trt_version
-from ..package import Manifest, load_manifest
+from ..package import Manifest, load_manifest, require_portable_decoder
 from . import ops
 from .plugin_decoder import PluginDecoderConfig, PluginDecoderError, make_plugin_decoder
 from .static_decoder import StaticDecoderError, make_static_decoder
@@ -109,6 +109,7 @@ def plan_build(package_dir: str | Path, trt_version: str | tuple[int, ...], targ
 
     root = Path(package_dir)
     manifest = manifest or load_manifest(root)
+    require_portable_decoder(root, manifest, "build")
     version = parse_trt_version(trt_version) if isinstance(trt_version, str) else tuple(trt_version)
     if version < (10, 0):
         raise EngineBuildError(f"TensorRT {'.'.join(map(str, version))} is too old: llava-edge needs >= 10.0 "

@@ -103,9 +103,36 @@ def detect_layout(path: Path) -> str:
     )
 
 
-def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Single-file or sharded safetensors (preferred), else pytorch_model*.bin (weights only)."""
-    from safetensors.torch import load_file
+READ_WINDOW = 256 << 20  # bytes of a weights file read between reopenings (see _load_state_dict)
+
+
+def _load_state_dict(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Single-file or sharded safetensors (preferred), else pytorch_model*.bin (weights only).
+
+    Tensors are read one at a time (safetensors' mmap) and floating ones converted to ``dtype`` as they
+    come: converting the whole model afterwards would hold the file's copy and the converted one at
+    once (a 7B fp16 checkpoint loaded as fp32: 14 + 28 GB instead of 28)."""
+    from safetensors import SafetensorError, safe_open
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    def read(f: Path, state: dict[str, torch.Tensor]) -> None:
+        # The file is mapped, and the pages read stay in this process's RSS until it is unmapped:
+        # reopening it every READ_WINDOW bytes keeps that at one window, not the whole file.
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                keys = list(st.keys())
+            while keys:
+                with safe_open(str(f), framework="pt") as st:
+                    read_bytes = 0
+                    while keys and read_bytes < READ_WINDOW:
+                        t = st.get_tensor(keys[0])
+                        read_bytes += t.numel() * t.element_size()
+                        state[keys.pop(0)] = convert(t)
+                        del t
+        except (SafetensorError, OSError, RuntimeError) as e:  # truncated or not a safetensors file
+            raise CheckpointError(f"cannot read weights {f}: {e}") from None
 
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -115,22 +142,20 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"checkpoint {path} is incomplete: missing shard(s) {', '.join(missing)}")
         state: dict[str, torch.Tensor] = {}
         for f in files:
-            state.update(load_file(path / f))
+            read(path / f, state)
         return state
     singles = sorted(path.glob("*.safetensors"))
     if singles:
         state = {}
         for f in singles:
-            try:
-                state.update(load_file(f))
-            except Exception as e:  # safetensors raises its own error types on truncation
-                raise CheckpointError(f"cannot read weights {f}: {e}") from None
+            read(f, state)
         return state
     bins = sorted(path.glob("pytorch_model*.bin"))
     if bins:
         state = {}
         for f in bins:
-            state.update(torch.load(f, map_location="cpu", weights_only=True))
+            for k, v in torch.load(f, map_location="cpu", weights_only=True, mmap=True).items():
+                state[k] = convert(v)
         return state
     raise CheckpointError(f"no weights in {path}: expected model.safetensors (or shards) or pytorch_model.bin")
 
@@ -349,7 +374,7 @@ def _load_llava_hf(path: Path, dtype: torch.dtype) -> LoadedCheckpoint:
     config = (LlavaNextConfig if next_ else LlavaConfig).from_pretrained(path, local_files_only=True)
     if next_ and VISION_FAMILIES[vt] != "clip":
         raise CheckpointError("LLaVA-NeXT with a non-CLIP tower is not supported")
-    state = {_normalize_hf_key(k): v for k, v in _load_state_dict(path).items()}
+    state = {_normalize_hf_key(k): v for k, v in _load_state_dict(path, dtype).items()}
     with torch.device("meta"):  # no memory until the real weights are assigned
         model = (LlavaNextForConditionalGeneration if next_ else LlavaForConditionalGeneration)(config)
     _strict_load(model, state, path)
@@ -451,7 +476,7 @@ def _load_original(path: Path, vision_tower: str | Path | None, dtype: torch.dty
         vision_config=vcfg, text_config=tcfg, image_token_id=image_token_id, vision_feature_layer=layer,
         vision_feature_select_strategy=strategy, projector_hidden_act="gelu", tie_word_embeddings=False,
     )
-    state_in = _load_state_dict(path)
+    state_in = _load_state_dict(path, dtype)
     meta = torch.device("meta")
     with meta:
         model = LlavaForConditionalGeneration(config)
@@ -478,7 +503,7 @@ def _load_original(path: Path, vision_tower: str | Path | None, dtype: torch.dty
         elif k.startswith("lm_head."):
             state[k] = v
     if not tower_in_ckpt:
-        for k, v in _load_state_dict(clip_dir).items():
+        for k, v in _load_state_dict(clip_dir, dtype).items():
             if k.startswith("vision_model."):  # hub CLIPModel / CLIPVisionModel files
                 state["model.vision_tower." + k[len("vision_model.") :]] = v
             elif k.startswith(("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")):  # transformers 5

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import platform
-from dataclasses import dataclass
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import onnx
 import torch
 
@@ -24,6 +28,15 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
 # Max |ONNX - torch| accepted on random inputs, per graph dtype. fp32 graphs match to ~1e-6 on tiny
 # models; the bound leaves room for the accumulation order of large hidden sizes.
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2}
+# Deployment targets: which decoder graph the package carries. "portable" (past in, present out) runs on
+# every backend and is what quantize and build start from; "cpu" / "cpu-int4" carry only the fast
+# decoder of ort-fast / ort-fast-int4, so a CPU deployment ships (and maps) one decoder, not three.
+TARGETS = {"portable": "decoder", "cpu": "decoder_fast", "cpu-int4": "decoder_fast_int4"}
+# An int4 (round-to-nearest) decoder cannot match torch to float tolerance. It is checked against its
+# float twin (MatMul weights = the int4 values times their scales): max over positions of
+# ||int4 - twin|| / ||twin|| on the check prompt, which is what MatMulNBits' int8 activations cost
+# (0.015-0.025 on the tiny and edge-1b shapes); a wrong packing or scale is far above (swapped nibbles: 1.37).
+INT4_RELATIVE_TOLERANCE = 0.1
 
 
 class ExportError(LlavaEdgeError):
@@ -76,11 +89,20 @@ def export_package(
     vision_tower: str | Path | None = None,
     chat_template: str | None = None,
     on_stage: Callable[[str], None] | None = None,
+    target: str = "portable",
 ) -> ExportResult:
-    """Load the checkpoint, export vision/embed/decoder, verify each in onnxruntime, write the package.
+    """Load the checkpoint, export vision/embed and the target's decoder, verify each, write the package.
 
-    The package appears at out_dir only once everything succeeded (staged directory + rename).
+    target "portable": the portable decoder, each graph checked against its torch module and the split
+    pipeline against transformers. "cpu" / "cpu-int4": only the fast decoder (fp32 / int4 round-to-
+    nearest), checked through the runtime's fast backend against transformers on an image prompt
+    (prefill and decode paths, see verify.fast_decoder_logits); for int4 two float twins are built in a
+    scratch directory (see _check_fast_decoders). Torch's side of every check runs first, then the torch
+    model is freed and onnxruntime loads the graphs, so no graph is held beside the model. The package
+    appears at out_dir only once everything succeeded (staged directory + rename).
     """
+    if target not in TARGETS:
+        raise ExportError(f"unknown target {target!r}; use {', '.join(TARGETS)}")
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; use fp32 or fp16")
     if opset < 17:
@@ -104,33 +126,23 @@ def export_package(
     errors: dict[str, float] = {}
     with staged_package(out_dir, overwrite=overwrite, protect=inputs) as tmp:
         ck.tokenizer.save(str(tmp / TOKENIZER_NAME))
+        # Phase 1, torch: export every graph and compute torch's outputs for each check. Phase 2,
+        # onnxruntime: the torch model is freed first, so no graph is ever loaded beside it.
         graphs = {}
-        for name, fn in (
-            ("vision", lambda: export_vision(model, ck.vision, tmp, torch_dtype, opset)),
-            ("embed", lambda: export_embed(model, tmp, opset)),
-            ("decoder", lambda: export_decoder(model, tmp, torch_dtype, opset)),
-        ):
+        pending = []  # (graph name, spec, inputs, torch's outputs)
+        steps = [("vision", lambda: export_vision(model, ck.vision, tmp, torch_dtype, opset)),
+                 ("embed", lambda: export_embed(model, tmp, opset))]
+        if target == "portable":
+            steps.append(("decoder", lambda: export_decoder(model, tmp, torch_dtype, opset)))
+        for name, fn in steps:
             stage(f"export {name}")
             exported = fn()
             onnx.checker.check_model(str(tmp / exported.spec.file))
-            stage(f"verify {name}")
-            err = verify.max_abs_error(exported, tmp, verify.random_inputs(name, exported))
-            exported.spec.max_abs_error = err
-            errors[name] = err
-            if not err <= TOLERANCE[torch_dtype]:
-                raise ExportError(f"{name}.onnx differs from PyTorch by {err:.3g} (> {TOLERANCE[torch_dtype]:.0e})")
+            x = verify.random_inputs(name, exported)
+            pending.append((name, exported.spec, x, verify.torch_outputs(exported, x)))
             graphs[name] = exported.spec
+            del exported
 
-        stage("verify against transformers")
-        errors["pipeline_logits"] = verify.pipeline_logits_error(
-            ck.model, ck.tokenizer, ck.image_token_id, ck.vision.num_image_tokens, tmp, ck.vision.image_size,
-            vision=ck.vision,
-        )
-        if not errors["pipeline_logits"] <= TOLERANCE[torch_dtype] * 10:
-            raise ExportError(
-                f"split graphs differ from transformers' LlavaForConditionalGeneration by "
-                f"{errors['pipeline_logits']:.3g} in logits"
-            )
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             source={"path": str(ck.path), "layout": ck.layout, "projector": ck.projector,
@@ -140,11 +152,86 @@ def export_package(
             vision=ck.vision,
             graphs=graphs,
             versions=_versions(),
-            extra={"opset": opset, "verification": errors,
+            extra={"opset": opset, "target": target, "verification": errors,
                    "reference_dtype": str(ck.model.dtype).replace("torch.", ""),
                    "chat_template_source": ck.chat_template_source,
                    **({"context_cap": ck.context_cap} if ck.context_cap else {})},
             family=dict(ck.family),
         )
+        quant = "int4-rtn" if target == "cpu-int4" else None
+        scratch = Path(tempfile.mkdtemp(prefix=".verify-", dir=tmp))
+        try:
+            fast = _build_fast_decoders(model, manifest, tmp, scratch, quant, stage) if target != "portable" else []
+            stage("verify against transformers" if target == "portable" else "transformers on the check prompt")
+            ref = verify.image_prompt_reference(ck.model, ck.tokenizer, ck.image_token_id, ck.vision.num_image_tokens,
+                                                tmp, ck.vision.image_size, vision=ck.vision)
+            model = ck.model = steps = None  # torch's part is done: free the model before the graphs load
+            gc.collect()
+
+            for name, spec, x, want in pending:
+                stage(f"verify {name}")
+                err = spec.max_abs_error = errors[name] = verify.onnx_error(tmp, spec, x, want)
+                if not err <= TOLERANCE[torch_dtype]:
+                    raise ExportError(f"{name}.onnx differs from PyTorch by {err:.3g} (> {TOLERANCE[torch_dtype]:.0e})")
+            del pending
+            if target == "portable":
+                errors["pipeline_logits"] = verify.portable_logits_error(tmp, ref)
+                if not errors["pipeline_logits"] <= TOLERANCE[torch_dtype] * 10:
+                    raise ExportError(
+                        f"split graphs differ from transformers' LlavaForConditionalGeneration by "
+                        f"{errors['pipeline_logits']:.3g} in logits"
+                    )
+            else:
+                _check_fast_decoders(manifest, tmp, fast, ref, quant, TOLERANCE[torch_dtype] * 10, errors, stage)
+        finally:
+            for name in list(manifest.graphs):
+                if manifest.graphs[name].file.startswith(scratch.name + "/"):
+                    del manifest.graphs[name]
+            shutil.rmtree(scratch, ignore_errors=True)
         write_manifest(tmp, manifest)
     return ExportResult(Path(out_dir), manifest, errors)
+
+
+TWIN = "decoder_fast_int4_twin"
+
+
+def _build_fast_decoders(model, manifest: Manifest, tmp: Path, scratch: Path, quant: str | None,
+                         stage: Callable[[str], None]) -> list[str]:
+    """The target's fast decoder into the package, and for int4 its two float twins into `scratch`
+    (see _check_fast_decoders); returns the graph names to check, all in manifest.graphs."""
+    from .fast_decoder import INT4_DEQUANTIZED, FastDecoderConfig, build_fast_decoder
+
+    twins = {"decoder_fast": None, TWIN: INT4_DEQUANTIZED} if quant else {}
+    for name, twin_quant in twins.items():
+        stage(f"export {name} (float, for the check)")
+        spec = build_fast_decoder(model, scratch / f"{name}.onnx", FastDecoderConfig(name, manifest.dtype, twin_quant))
+        spec.file = f"{scratch.name}/{spec.file}"
+        manifest.graphs[name] = spec
+    cfg = FastDecoderConfig(name="decoder_fast_int4" if quant else "decoder_fast", dtype=manifest.dtype, quant=quant)
+    stage(f"export {cfg.name}")
+    manifest.graphs[cfg.name] = build_fast_decoder(model, tmp / f"{cfg.name}.onnx", cfg)
+    manifest.extra["fast_decoders"] = {cfg.name: asdict(cfg)}
+    return [*twins, cfg.name]
+
+
+def _check_fast_decoders(manifest: Manifest, tmp: Path, graphs: list[str], ref: verify.PromptReference,
+                         quant: str | None, bound: float, errors: dict[str, float],
+                         stage: Callable[[str], None]) -> None:
+    """float: the fast decoder's logits against transformers', within `bound`. int4: the float fast
+    graph is held to `bound` (the wiring all three graphs share), and the shipped int4 graph must be
+    within INT4_RELATIVE_TOLERANCE of its twin whose MatMul weights are the int4 values times their
+    scales (what MatMulNBits' int8 activations cost), which a wrong packing, scale or block layout is
+    far above."""
+    got = {}
+    for name in graphs:
+        stage(f"verify {name} against transformers")
+        got[name], want = verify.fast_decoder_logits(manifest, tmp, name, ref)
+    errors["decoder_fast_logits"] = err = float(np.abs(got["decoder_fast"] - want).max())
+    if not err <= bound:
+        raise ExportError(f"the fast decoder differs from transformers by {err:.3g} in logits (> {bound:.0e})")
+    if quant:
+        errors["decoder_fast_int4_vs_twin"] = rel = verify.max_relative_error(got["decoder_fast_int4"], got[TWIN])
+        errors["decoder_fast_int4_vs_transformers"] = verify.max_relative_error(got["decoder_fast_int4"], want)
+        if not rel <= INT4_RELATIVE_TOLERANCE:
+            raise ExportError(f"the int4 fast decoder's logits are {rel:.3g} (relative) from its float twin's "
+                              f"(> {INT4_RELATIVE_TOLERANCE}); the int4 graph is broken")

@@ -42,6 +42,8 @@ from ..quantize.packing import pack
 from .graphs import layer_projections, rotary_inv_freq
 
 MAX_IR_VERSION = 10
+# quant value of the float twin of an int4-rtn graph: same rounded weights, stored as float MatMul
+INT4_DEQUANTIZED = "int4-rtn-dequantized"
 _ALIGN = 4096  # external data offsets page-aligned so onnxruntime can map them
 
 
@@ -51,7 +53,7 @@ class FastDecoderConfig:
 
     name: str = "decoder_fast"
     dtype: str = "float32"  # float32 / float16 activations and unquantized weights
-    quant: str | None = None  # None or "int4-rtn"
+    quant: str | None = None  # None, "int4-rtn", or INT4_DEQUANTIZED (export's check only)
     block_size: int = 128  # int4 block along K
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fast path), 0 = exact to the weights
     quantize_lm_head: bool = False  # lm_head stays float unless asked (docs/quantization.md)
@@ -89,19 +91,34 @@ class _ExternalData:
         self.f.close()
 
 
-def quantize_int4_rtn(w_t: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """[K,N] float weight -> MatMulNBits B uint8 [N, K/bs, bs/2] and scales [N*K/bs] (zero point 8).
-
-    Symmetric round-to-nearest, per output column and K block; nibble 2j in the low half of byte j."""
+def _rtn(w_t: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric round-to-nearest of a [K,N] weight per output column and K block: int4 values int8
+    [N,K] and scales float32 [N, K/bs, 1]."""
     k, n = w_t.shape
     if k % block_size:
         raise ValueError(f"K={k} is not a multiple of the int4 block size {block_size}")
     w = w_t.T.astype(np.float32).reshape(n, k // block_size, block_size)
     scale = np.abs(w).max(axis=-1, keepdims=True) / 7.0
     scale[scale == 0] = 1.0
-    q = np.clip(np.rint(w / scale), -8, 7).astype(np.int8).reshape(n, k)
+    return np.clip(np.rint(w / scale), -8, 7).astype(np.int8).reshape(n, k), scale
+
+
+def quantize_int4_rtn(w_t: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """[K,N] float weight -> MatMulNBits B uint8 [N, K/bs, bs/2] and scales [N*K/bs] (zero point 8).
+
+    Symmetric round-to-nearest, per output column and K block; nibble 2j in the low half of byte j."""
+    k, n = w_t.shape
+    q, scale = _rtn(w_t, block_size)
     packed = pack(q, 4).reshape(n, k // block_size, block_size // 2)  # the one int4 layout (quantize/packing.py)
     return packed, scale.reshape(-1)
+
+
+def dequantize_int4_rtn(w_t: np.ndarray, block_size: int) -> np.ndarray:
+    """The [K,N] float weight quantize_int4_rtn's values and scales stand for (q * scale): the weights of
+    the float twin an int4 graph is checked against at export."""
+    k, n = w_t.shape
+    q, scale = _rtn(w_t, block_size)
+    return (q.reshape(n, k // block_size, block_size) * scale).reshape(n, k).T
 
 
 def _llava_model(checkpoint_or_loaded: Any):
@@ -141,9 +158,11 @@ class _GraphBuilder:
     def linear(self, x: str, weight: Any, name: str, quantize: bool, bias: Any = None) -> str:
         """x @ weight.T (+ bias); weight is a torch [out, in] tensor, bias [out] or None (Qwen2's q/k/v)."""
         w_t = weight.detach().float().numpy().T  # [in, out]
-        if quantize:
+        bs = self.cfg.block_size if w_t.shape[0] % self.cfg.block_size == 0 else 32
+        if quantize and self.cfg.quant == INT4_DEQUANTIZED:  # the int4 values as float MatMul weights
+            w_t = dequantize_int4_rtn(w_t, bs)
+        if quantize and self.cfg.quant == "int4-rtn":
             k, n = w_t.shape
-            bs = self.cfg.block_size if k % self.cfg.block_size == 0 else 32
             packed, scales = quantize_int4_rtn(w_t, bs)
             b = self.init(name + ".qweight", packed)
             s = self.init(name + ".scales", scales.astype(self.dtype))
@@ -173,9 +192,9 @@ def build_fast_decoder(model: Any, out_path: Path, cfg: FastDecoderConfig) -> Gr
         raise ValueError("the fast decoder rotates whole heads; partial_rotary_factor < 1 is not supported")
     dtype = np.dtype(cfg.dtype)
     onnx_dtype = helper.np_dtype_to_tensor_dtype(dtype)
-    quant = cfg.quant == "int4-rtn"
-    if cfg.quant not in (None, "int4-rtn"):
-        raise ValueError(f"unknown quant {cfg.quant!r}; use None or 'int4-rtn'")
+    quant = cfg.quant is not None
+    if cfg.quant not in (None, "int4-rtn", INT4_DEQUANTIZED):
+        raise ValueError(f"unknown quant {cfg.quant!r}; use None, 'int4-rtn' or {INT4_DEQUANTIZED!r}")
 
     data_path = out_path.with_name(out_path.name + ".data")
     data = _ExternalData(data_path)

@@ -40,11 +40,50 @@ def _finish(raw_path: Path, model_path: Path, size_hint: int) -> list[str]:
     """Clamp the IR version, give the decoder's weights stable names, move big weights out of line.
 
     raw_path is torch's output in a scratch directory: above 2 GB the TorchScript exporter writes one
-    external file per tensor next to it, which must not end up in the package."""
-    model = onnx.load(str(raw_path), load_external_data=True)
+    external file per tensor next to it, which must not end up in the package. The graph is read without
+    its weights and they are copied into the one data file a tensor at a time, so a 7B decoder is never
+    in memory twice (beside the torch model)."""
+    model = onnx.load(str(raw_path), load_external_data=False)
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     _name_matmul_weights(model)
-    return save_onnx(model, model_path, external=size_hint > EXTERNAL_DATA_THRESHOLD)
+    external = size_hint > EXTERNAL_DATA_THRESHOLD
+    if not external and not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        return save_onnx(model, model_path, external=False)
+    return _save_streamed(model, raw_path.parent, model_path)
+
+
+def _save_streamed(model: onnx.ModelProto, src_dir: Path, path: Path, align: int = 4096) -> list[str]:
+    """Write `model` with every initializer of >= 1 KiB in `<name>.data` (page-aligned offsets), copying
+    weights that live in files under src_dir one tensor at a time."""
+    location = path.name + ".data"
+    for f in path.parent.glob(path.name + "*.data"):
+        f.unlink()
+    offset = 0
+    with open(path.parent / location, "wb") as out:
+        for t in model.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                info = {e.key: e.value for e in t.external_data}
+                with open(src_dir / info["location"], "rb") as f:
+                    f.seek(int(info.get("offset", 0)))
+                    data = f.read(int(info["length"])) if "length" in info else f.read()
+            elif t.HasField("raw_data") and len(t.raw_data) >= 1024:
+                data = t.raw_data
+            else:
+                continue
+            pad = (-offset) % align
+            out.write(b"\0" * pad)
+            offset += pad
+            out.write(data)
+            t.ClearField("raw_data")
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in (("location", location), ("offset", str(offset)), ("length", str(len(data)))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+            offset += len(data)
+            del data
+    onnx.save_model(model, str(path))
+    return [location]
 
 
 def save_onnx(model: onnx.ModelProto, path: Path, external: bool) -> list[str]:

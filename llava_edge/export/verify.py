@@ -3,9 +3,11 @@ pipeline against transformers' LlavaForConditionalGeneration forward."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 
@@ -13,21 +15,38 @@ from .onnx_export import ExportedGraph
 
 
 def session(path: Path) -> ort.InferenceSession:
+    """A CPU session for a check. fp16 graphs run without graph optimizations: onnxruntime's CPU provider
+    casts fp16 weights to fp32 for its kernels, and constant folding would keep an fp32 copy of every
+    weight (a 7B fp16 decoder: 13 + 26 GB); unfolded, each cast lives for one node."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    graph = onnx.load(str(path), load_external_data=False)
+    if any(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for i in graph.graph.input):
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    del graph
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def max_abs_error(graph: ExportedGraph, package_dir: Path, inputs: tuple[torch.Tensor, ...]) -> float:
-    """Run the ONNX graph and its torch module on the same inputs; return the largest difference."""
-    sess = session(package_dir / graph.spec.file)
-    feeds = {spec.name: t.numpy() for spec, t in zip(graph.spec.inputs, inputs)}
-    got = sess.run(None, feeds)
+def torch_outputs(graph: ExportedGraph, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
+    """The torch module's outputs on `inputs`, as numpy: the reference an ONNX graph is compared with
+    once the torch model is gone (see onnx_error)."""
     with torch.no_grad():
         want = graph.module(*inputs)
     if isinstance(want, torch.Tensor):
         want = (want,)
-    return float(max(np.abs(g.astype(np.float64) - w.double().numpy()).max() for g, w in zip(got, want)))
+    return [w.numpy() for w in want]
+
+
+def onnx_error(package_dir: Path, spec, inputs: tuple[torch.Tensor, ...], want: list[np.ndarray]) -> float:
+    """Run the ONNX graph on `inputs`; the largest difference from the torch outputs `want`."""
+    sess = session(package_dir / spec.file)
+    got = sess.run(None, {s.name: t.numpy() for s, t in zip(spec.inputs, inputs)})
+    return float(max(np.abs(g.astype(np.float64) - w.astype(np.float64)).max() for g, w in zip(got, want)))
+
+
+def max_abs_error(graph: ExportedGraph, package_dir: Path, inputs: tuple[torch.Tensor, ...]) -> float:
+    """Run the ONNX graph and its torch module on the same inputs; return the largest difference."""
+    return onnx_error(package_dir, graph.spec, inputs, torch_outputs(graph, inputs))
 
 
 def random_inputs(graph_name: str, graph: ExportedGraph, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -50,12 +69,21 @@ def random_inputs(graph_name: str, graph: ExportedGraph, seed: int = 0) -> tuple
     return (torch.randn((b, t, hidden), generator=g).to(ex[0].dtype), mask, pos, *past)
 
 
-def pipeline_logits_error(llava, tokenizer, image_token_id: int, num_image_tokens: int, package_dir: Path,
-                          image_size: int, seed: int = 0, vision=None) -> float:
-    """transformers' full LLaVA forward vs our split graphs (vision -> splice -> decoder) on one prompt
-    with an image. This is the check that catches a wrong feature layer, select strategy or projector;
-    for LLaVA-NeXT (vision.anyres) also the tiling, unpadding and newlines (runtime/anyres.py), on an
-    odd-size landscape image."""
+@dataclass
+class PromptReference:
+    """transformers' logits on one prompt with an image, and the inputs_embeds our vision and embed graphs
+    make for it: what the decoder graphs are checked against once the torch model is gone."""
+
+    input_ids: np.ndarray  # [1, T]
+    inputs_embeds: np.ndarray  # [1, T, H], image features spliced in
+    logits: np.ndarray  # [1, T, V] float32, transformers' full forward
+
+
+def image_prompt_reference(llava, tokenizer, image_token_id: int, num_image_tokens: int, package_dir: Path,
+                           image_size: int, seed: int = 0, vision=None) -> PromptReference:
+    """transformers' full LLaVA forward on one prompt with an image, and the same prompt through our
+    vision and embed graphs. For LLaVA-NeXT (vision.anyres) also the tiling, unpadding and newlines
+    (runtime/anyres.py), on an odd-size landscape image."""
     from ..runtime import anyres
 
     g = torch.Generator().manual_seed(seed)
@@ -74,6 +102,7 @@ def pipeline_logits_error(llava, tokenizer, image_token_id: int, num_image_token
         pixel = torch.randn((1, 3, image_size, image_size), generator=g)
         feats = vision_sess.run(None, {"pixel_values": pixel.numpy().astype(np_dtype)})[0][0]
         hf_kwargs = {"pixel_values": pixel}
+    del vision_sess
     text_ids = tokenizer.encode("USER: describe the picture ASSISTANT:").ids
     ids = [text_ids[0]] + [image_token_id] * num_image_tokens + text_ids[1:]
     input_ids = torch.tensor([ids])
@@ -81,16 +110,55 @@ def pipeline_logits_error(llava, tokenizer, image_token_id: int, num_image_token
         want = llava(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **hf_kwargs).logits
 
     embed = session(package_dir / "embed.onnx")
-    decoder = session(package_dir / "decoder.onnx")
     emb = embed.run(None, {"input_ids": input_ids.numpy()})[0]
     emb[0, 1 : 1 + num_image_tokens] = feats
-    feeds = {"inputs_embeds": emb, "attention_mask": np.ones((1, len(ids)), np.int64),
-             "position_ids": np.arange(len(ids), dtype=np.int64)[None]}
-    for inp in decoder.get_inputs()[3:]:
+    return PromptReference(input_ids.numpy(), emb, want.float().numpy())
+
+
+def portable_logits_error(package_dir: Path, ref: PromptReference, decoder: str = "decoder.onnx") -> float:
+    """The split pipeline (vision -> splice -> portable decoder) vs transformers' logits on ref's prompt.
+    This is the check that catches a wrong feature layer, select strategy or projector."""
+    sess = session(package_dir / decoder)
+    n = ref.input_ids.shape[1]
+    feeds = {"inputs_embeds": ref.inputs_embeds, "attention_mask": np.ones((1, n), np.int64),
+             "position_ids": np.arange(n, dtype=np.int64)[None]}
+    for inp in sess.get_inputs()[3:]:
         kv = inp.shape
-        feeds[inp.name] = np.zeros((1, kv[1], 0, kv[3]), np_dtype)
-    got = decoder.run(["logits"], feeds)[0]
-    return float(np.abs(got.astype(np.float64) - want.double().numpy()).max())
+        feeds[inp.name] = np.zeros((1, kv[1], 0, kv[3]), ref.inputs_embeds.dtype)
+    got = sess.run(["logits"], feeds)[0]
+    return float(np.abs(got.astype(np.float64) - ref.logits.astype(np.float64)).max())
+
+
+def pipeline_logits_error(llava, tokenizer, image_token_id: int, num_image_tokens: int, package_dir: Path,
+                          image_size: int, seed: int = 0, vision=None) -> float:
+    """transformers' full LLaVA forward vs our split graphs on one prompt with an image (both steps above)."""
+    ref = image_prompt_reference(llava, tokenizer, image_token_id, num_image_tokens, package_dir, image_size, seed,
+                                 vision)
+    return portable_logits_error(package_dir, ref)
+
+
+def fast_decoder_logits(manifest, package_dir: Path, graph: str, ref: PromptReference,
+                        decode_steps: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """A fast decoder graph (GroupQueryAttention, in-place cache) on ref's prompt, driven by the
+    runtime's own FastOrtBackend: the prompt is prefilled but for its last ``decode_steps`` tokens,
+    which then go in one per step, so the prefill and the decode path both produce logits. Returns
+    (the graph's logits at those decode_steps + 1 positions [P,V], transformers' there [P,V])."""
+    from ..runtime.fast_backend import FastOrtBackend
+
+    emb = ref.inputs_embeds
+    n = emb.shape[1]
+    p = n - decode_steps
+    backend = FastOrtBackend(package_dir, manifest, decoder=graph)
+    cache = backend.new_cache(1, n)
+    rows = [backend.step(cache, emb[:, :p], np.ones((1, p), np.int64), np.arange(p, dtype=np.int64)[None])[0]]
+    for i in range(p, n):
+        rows.append(backend.step(cache, emb[:, i:i + 1], np.ones((1, i + 1), np.int64), np.array([[i]], np.int64))[0])
+    return np.stack(rows).astype(np.float64), ref.logits[0, p - 1:].astype(np.float64)
+
+
+def max_relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    """max over rows of ||got - want|| / ||want||."""
+    return float((np.linalg.norm(got - want, axis=-1) / np.maximum(np.linalg.norm(want, axis=-1), 1e-12)).max())
 
 
 def hf_greedy_tokens(llava, pipeline, images, questions, max_new_tokens: int) -> list[list[int]]:

@@ -19,8 +19,8 @@ from typing import Any, Callable
 import torch
 
 from ..errors import LlavaEdgeError
-from ..package import (TOKENIZER_NAME, Manifest, PackageError, check_output_dir, load_manifest, staged_package,
-                       write_manifest)
+from ..package import (TOKENIZER_NAME, Manifest, PackageError, check_output_dir, load_manifest,
+                       require_portable_decoder, staged_package, write_manifest)
 from .capture import capture_layer_inputs, encode_samples, find_decoder
 from .data import load_calibration
 from .gptq import GPTQConfig
@@ -155,6 +155,7 @@ def quantize_package(
     stage = on_stage or (lambda s: None)
     src = Path(package_dir)
     manifest = load_manifest(src)
+    require_portable_decoder(src, manifest, "quantize")
     if manifest.quantization:
         raise QuantizeError(f"{src} is already quantized ({manifest.quantization.get('method')}); "
                             "quantize the float package instead")

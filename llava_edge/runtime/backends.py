@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from ..package import Manifest
 from .backend import Backend, BackendError
 
-__all__ = ["BackendSpec", "BACKENDS", "ALIASES", "resolve", "resolve_auto", "open_backend"]
+__all__ = ["BackendSpec", "BACKENDS", "ALIASES", "DECODER_GRAPHS", "resolve", "resolve_auto", "require_graphs",
+           "open_backend"]
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,16 @@ def resolve(name: str, device: str = "cpu") -> tuple[str, str]:
     return name, device
 
 
-def resolve_auto(package_dir: str | os.PathLike, manifest: Manifest) -> str:
+# The decoder graph each onnxruntime backend runs, and the `export` flag that adds it to a package.
+DECODER_GRAPHS: dict[str, tuple[str, str]] = {
+    "ort": ("decoder", ""), "ort-fast": ("decoder_fast", " --fast"), "ort-fast-int4": ("decoder_fast_int4", " --fast-int4"),
+}
+
+
+def resolve_auto(package_dir: str | os.PathLike, manifest: Manifest, device: str = "cpu") -> str:
     """What ``auto`` means for a package: TensorRT engines when the package has them and TensorRT
-    imports, else the fastest onnxruntime decoder the package carries (int4 fast, fast, portable)."""
+    imports, else the fastest onnxruntime decoder the package carries (int4 fast, fast, portable; the
+    fast ones run on CPU only, so on cuda the portable one comes first)."""
     from pathlib import Path
 
     if (Path(package_dir) / "engines").is_dir():
@@ -53,16 +61,38 @@ def resolve_auto(package_dir: str | os.PathLike, manifest: Manifest) -> str:
             return "tensorrt"
         except ImportError:
             pass
-    for graph, backend in (("decoder_fast_int4", "ort-fast-int4"), ("decoder_fast", "ort-fast")):
-        if graph in manifest.graphs:
+    order = ["ort-fast-int4", "ort-fast", "ort"]
+    if device != "cpu":
+        order = ["ort", "ort-fast-int4", "ort-fast"]
+    for backend in order:
+        if DECODER_GRAPHS[backend][0] in manifest.graphs:
             return backend
     return "ort"
 
 
+def require_graphs(name: str, package_dir: str | os.PathLike, manifest: Manifest) -> None:
+    """Refuse, in one line with the command that adds it, an onnxruntime backend whose graphs the
+    package lacks (a `--target cpu-int4` package has no portable decoder, a plain one no fast decoder)."""
+    if name not in DECODER_GRAPHS:
+        return
+    graph, flag = DECODER_GRAPHS[name]
+    missing = [g for g in ("vision", "embed", graph) if g not in manifest.graphs]
+    if not missing:
+        return
+    decoders = [g for g in manifest.graphs if g.startswith("decoder")]
+    source = manifest.source.get("path") or "CHECKPOINT"
+    raise BackendError(f"package {package_dir} has no '{missing[0]}' graph for --backend {name} (its decoders: "
+                       f"{', '.join(decoders) or 'none'}; --backend auto picks one it has); add it with "
+                       f"`llava-edge export {source} -o {package_dir}{flag} --overwrite`")
+
+
 def open_backend(name: str, package_dir: str | os.PathLike, manifest: Manifest, device: str = "cpu",
                  threads: int | None = None) -> Backend:
-    """Open ``package_dir``'s graphs (or engines) on the named backend."""
+    """Open ``package_dir``'s graphs (or engines) on the named backend (``auto``: see resolve_auto)."""
+    if name == "auto":
+        name = resolve_auto(package_dir, manifest, device)
     name, device = resolve(name, device)
+    require_graphs(name, package_dir, manifest)
     if name == "ort":
         from .ort_backend import OrtBackend
 

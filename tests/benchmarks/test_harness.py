@@ -60,3 +60,13 @@ def test_bad_arguments(package):
         run_benchmark(package, backend="tensorrt", console=False, new_tokens=2, repeat=1)
     with pytest.raises(BenchmarkError, match="baseline"):
         run_benchmark(package, baseline="llama.cpp", console=False, new_tokens=2, repeat=1)
+
+
+def test_text_only_benchmark_with_transformers_baseline(package, tiny_models):
+    """--no-image --baseline transformers: no pixels reach either side, and both decode the same tokens."""
+    report = run_benchmark(package, backend="ort", batch=[1], prompt_len=[8], new_tokens=4,
+                           baseline="transformers", checkpoint=tiny_models["llava-hf-gqa"]["checkpoint"],
+                           repeat=1, warmup=0, threads=1, with_image=False, console=False)
+    assert [r.engine for r in report.results] == ["ort", "transformers"]
+    assert all(r.vision_ms == 0 for r in report.results)
+    assert report.outputs_identical == {"batch=1,prompt=8:ort==transformers": True}

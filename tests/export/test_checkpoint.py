@@ -124,3 +124,57 @@ def test_large_decoder_goes_to_one_external_file_and_nothing_else(tiny_models, t
     for g in m.graphs.values():
         expected |= {g.file, *g.external_data}
     assert set(names) == expected, names
+
+
+def test_weights_are_converted_one_tensor_at_a_time_and_a_truncated_file_is_named(tiny_models, tmp_path):
+    """An fp16 checkpoint loaded as fp32 (export's reference) or fp16 holds exactly the file's values, converted;
+    a truncated weights file is one CheckpointError naming it."""
+    src = tiny_models["llava-hf-gqa"]["checkpoint"]
+    ck = tmp_path / "fp16"
+    shutil.copytree(src, ck)
+    state = load_file(ck / "model.safetensors")
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, ck / "model.safetensors")
+    half = load_checkpoint(ck, dtype=torch.float16).model
+    full = load_checkpoint(ck).model
+    assert all(p.dtype == torch.float32 for p in full.parameters())
+    for (name, a), b in zip(full.state_dict().items(), half.state_dict().values()):
+        assert torch.equal(a, b.float()), name
+    data = (ck / "model.safetensors").read_bytes()
+    (ck / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cannot read weights .*model.safetensors"):
+        load_checkpoint(ck)
+
+
+@pytest.mark.parametrize("target", ["portable", "cpu-int4"])
+def test_no_decoder_graph_is_loaded_beside_the_torch_model(tiny_models, tmp_path, monkeypatch, target):
+    """Export computes torch's side of every check first and frees the model before onnxruntime opens a
+    decoder graph (a 7B decoder session beside the 7B torch model would double the peak)."""
+    import gc
+    import weakref
+
+    from llava_edge.export import exporter, verify
+    from llava_edge.runtime import fast_backend
+
+    alive = []
+    real_load, real_session, real_open = exporter.load_checkpoint, verify.session, fast_backend.open_session
+
+    def load(*a, **k):
+        ck = real_load(*a, **k)
+        alive.append(weakref.ref(ck.model))
+        return ck
+
+    opened = []
+
+    def check(name):
+        gc.collect()
+        if name.startswith("decoder"):
+            assert alive and alive[0]() is None, f"{name} opened while the torch model is alive"
+            opened.append(name)
+
+    monkeypatch.setattr(exporter, "load_checkpoint", load)
+    monkeypatch.setattr(verify, "session", lambda path: check(path.name) or real_session(path))
+    monkeypatch.setattr(fast_backend, "open_session",
+                        lambda root, m, graph, *a: check(graph) or real_open(root, m, graph, *a))
+    exporter.export_package(tiny_models["llava-hf-gqa"]["checkpoint"], tmp_path / "p", target=target)
+    assert opened == (["decoder.onnx"] * 2 if target == "portable" else
+                      ["decoder_fast", "decoder_fast_int4_twin", "decoder_fast_int4"])

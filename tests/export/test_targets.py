@@ -1,0 +1,118 @@
+"""Deployment targets: `export --target cpu|cpu-int4` writes vision + embed + that one fast decoder, verified
+at export, and runs the same greedy tokens as that decoder in a full package; what it lacks is refused
+with the command that adds it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from llava_edge.cli import app
+from llava_edge.package import graph_size, load_manifest
+
+runner = CliRunner()
+PRESET = "llava-hf-gqa"
+
+
+@pytest.fixture(scope="module")
+def packages(tiny_models, tmp_path_factory):
+    """One tiny checkpoint exported three ways: everything (portable + fast + int4 fast), cpu, cpu-int4."""
+    ck = str(tiny_models[PRESET]["checkpoint"])
+    root = tmp_path_factory.mktemp("targets")
+    out = {}
+    for name, flags in (("full", ["--fast", "--fast-int4"]), ("cpu", ["--target", "cpu"]),
+                        ("cpu-int4", ["--target", "cpu-int4"])):
+        r = runner.invoke(app, ["export", ck, "-o", str(root / name), *flags])
+        assert r.exit_code == 0, r.output
+        out[name] = root / name
+    return out
+
+
+def _image(tmp_path):
+    path = tmp_path / "img.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 52, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _tokens(pkg, image, *flags):
+    r = runner.invoke(app, ["run", str(pkg), "--image", str(image), "--prompt", "What is in the picture?",
+                            "--max-new-tokens", "20", "--json", *flags])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.output.strip().splitlines()[-1])["token_ids"]
+
+
+def _error(result, *needles):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    text = " ".join(result.output.split())
+    for n in needles:
+        assert n in text, result.output
+
+
+def test_cpu_int4_package_holds_only_its_graphs(packages):
+    full, small = load_manifest(packages["full"]), load_manifest(packages["cpu-int4"])
+    assert list(small.graphs) == ["vision", "embed", "decoder_fast_int4"]
+    assert small.extra["target"] == "cpu-int4" and full.extra["target"] == "portable"
+    files = sorted(p.name for p in packages["cpu-int4"].iterdir())
+    assert files == ["decoder_fast_int4.onnx", "decoder_fast_int4.onnx.data", "embed.onnx", "manifest.json",
+                     "tokenizer.json", "vision.onnx"]  # no decoder.onnx, no fp32 fast decoder, no scratch left
+    assert set(small.digests) == {"tokenizer.json", *files} - {"manifest.json"}
+    # the same graphs, byte for byte in size, minus the two decoders the target does not need
+    for name, g in small.graphs.items():
+        assert g.size_bytes == full.graphs[name].size_bytes == graph_size(packages["cpu-int4"], g)
+    dropped = full.graphs["decoder"].size_bytes + full.graphs["decoder_fast"].size_bytes
+    size = {k: sum(f.stat().st_size for f in p.iterdir()) for k, p in packages.items()}
+    assert size["full"] - size["cpu-int4"] == pytest.approx(dropped, abs=16_000)  # manifests differ a little
+    print(f"\npackage bytes: full {size['full']}, cpu {size['cpu']}, cpu-int4 {size['cpu-int4']} "
+          f"({size['cpu-int4'] / size['full']:.2f} of full)")
+    v = small.extra["verification"]  # both checks ran and passed at export
+    assert v["decoder_fast_logits"] < 1e-3 and v["decoder_fast_int4_vs_twin"] < 0.1
+
+
+def test_cpu_int4_greedy_tokens_equal_the_full_packages_int4_decoder(packages, tmp_path):
+    image = _image(tmp_path)
+    want = _tokens(packages["full"], image, "--backend", "ort-fast-int4")
+    assert _tokens(packages["cpu-int4"], image) == want  # default backend: auto -> ort-fast-int4
+    assert len(want) == 20
+
+
+def test_cpu_target_greedy_tokens_equal_the_portable_decoder(packages, tmp_path):
+    image = _image(tmp_path)
+    assert list(load_manifest(packages["cpu"]).graphs) == ["vision", "embed", "decoder_fast"]
+    assert not (packages["cpu"] / "decoder.onnx").exists()
+    assert _tokens(packages["cpu"], image) == _tokens(packages["full"], image, "--backend", "ort")
+
+
+def test_missing_graphs_are_refused_with_the_command_that_adds_them(packages, tiny_models):
+    pkg, ck = str(packages["cpu-int4"]), str(tiny_models[PRESET]["checkpoint"])
+    run = ["run", pkg, "--prompt", "hi", "--max-new-tokens", "2"]
+    _error(runner.invoke(app, [*run, "--backend", "ort"]), "no 'decoder' graph",
+           f"`llava-edge export {ck} -o {pkg} --overwrite`")
+    _error(runner.invoke(app, [*run, "--backend", "ort-fast"]), "no 'decoder_fast' graph",
+           f"`llava-edge export {ck} -o {pkg} --fast --overwrite`")
+    _error(runner.invoke(app, ["quantize", pkg, "--checkpoint", ck]), "starts from the portable decoder",
+           "--target cpu-int4", f"llava-edge export {ck} -o NEW_PKG")
+    _error(runner.invoke(app, ["build", pkg, "--dry-run", "--trt-version", "10.3"]), "starts from the portable decoder")
+    _error(runner.invoke(app, ["export", ck, "-o", str(packages["cpu"].parent / "x"), "--target", "cpu", "--fast"]),
+           "--target cpu holds one decoder")
+    _error(runner.invoke(app, ["export", ck, "-o", str(packages["cpu"].parent / "x"), "--target", "gpu"]),
+           "--target 'gpu'")
+    r = runner.invoke(app, ["inspect", pkg])
+    assert r.exit_code == 0 and "target: cpu-int4 (decoders: decoder_fast_int4)" in " ".join(r.output.split())
+
+
+def test_a_broken_int4_graph_fails_the_export_check(tiny_models, tmp_path, monkeypatch):
+    """The int4 graph is checked against its float twin: nibbles packed the wrong way round are caught."""
+    from llava_edge.export import fast_decoder
+    from llava_edge.export.exporter import ExportError, export_package
+
+    real = fast_decoder.pack
+    monkeypatch.setattr(fast_decoder, "pack", lambda q, bits: (lambda b: (b << 4) | (b >> 4))(real(q, bits)))
+    with pytest.raises(ExportError, match="int4 graph is broken"):
+        export_package(tiny_models[PRESET]["checkpoint"], tmp_path / "pkg", target="cpu-int4")
+    assert not (tmp_path / "pkg").exists()
