@@ -431,8 +431,12 @@ def bench_serve(package: Path | None, url: str | None = None, clients: list[int]
         if server is not None:
             server.close()
     if scaling and package is not None:
-        result["decode_scaling"] = decode_scaling(package, backend if backend != "auto" else "ort-fast-int4",
-                                                  tuple(clients), threads=threads)
+        if backend == "auto":  # what the server picked: the fastest graph the package has
+            from ..package import load_manifest
+            from ..runtime.backends import resolve_auto
+
+            backend = resolve_auto(package, load_manifest(package))
+        result["decode_scaling"] = decode_scaling(package, backend, tuple(clients), threads=threads)
         progress(f"decode scaling: {result['decode_scaling']['rows']}")
     if server is not None and soak:
         result["soak"]["unexpected_log_lines"] = unexpected_log_lines(log)[:20]
