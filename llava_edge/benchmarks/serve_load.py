@@ -486,7 +486,7 @@ def markdown(result: dict[str, Any]) -> str:
         s = result["soak"]
         lines += [f"- soak: {json.dumps(s)}"]
     m = result["machine"]
-    lines += [f"- machine: {m.get('cpu')}, {m.get('cores')} cores, load average {m.get('load_average')}",
+    lines += [f"- machine: {m.get('cpu')}, {m.get('cpu_count')} cores, load average {m.get('load_average')}",
               f"- server peak RSS (VmHWM): {result.get('server_peak_rss_mb')} MB"]
     return "\n".join(lines) + "\n"
 
