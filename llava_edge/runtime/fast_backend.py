@@ -43,10 +43,10 @@ class FastKVCache:
     max_len: int
     keys: list[np.ndarray]
     values: list[np.ndarray]
-    ort_values: list[Any]  # OrtValues over keys/values (same memory), bound as past and present
     lengths: np.ndarray  # int32 [B]
     logits: np.ndarray  # float32 [B, V], bound as the graph's output
-    extra: dict[str, Any] = field(default_factory=dict)
+    binding: Any = None  # IOBinding over keys/values (past and present) and logits, made on first use
+    held: list[Any] = field(default_factory=list)  # the binding's OrtValues, kept alive with the buffers
 
     @property
     def length(self) -> int:
@@ -107,13 +107,7 @@ class FastOrtBackend:
     def new_cache(self, batch: int, max_len: int) -> FastKVCache:
         if max_len > self.max_context:
             raise BackendError(f"max_len {max_len} exceeds the model's context {self.max_context} (rotary table)")
-        shape = (batch, self.kv_heads, max_len, self.head_dim)
-        keys = [np.zeros(shape, self.float_dtype) for _ in range(len(self.past_names) // 2)]
-        values = [np.zeros(shape, self.float_dtype) for _ in range(len(self.past_names) // 2)]
-        ort_values = []
-        for k, v in zip(keys, values):
-            ort_values += [ort.OrtValue.ortvalue_from_numpy(k), ort.OrtValue.ortvalue_from_numpy(v)]
-        return FastKVCache(batch, max_len, keys, values, ort_values, np.zeros(batch, np.int32),
+        return FastKVCache(batch, max_len, *self._kv_buffers(batch, max_len), np.zeros(batch, np.int32),
                            np.zeros((batch, self.vocab), np.float32))
 
     def step(self, cache: FastKVCache, inputs_embeds: np.ndarray, attention_mask: np.ndarray,
@@ -165,10 +159,7 @@ class FastOrtBackend:
         max_len = max_len or self.max_context
         if max_len > self.max_context:
             raise BackendError(f"max_len {max_len} exceeds the model's context {self.max_context} (rotary table)")
-        shape = (slots, self.kv_heads, max_len, self.head_dim)
-        n = len(self.past_names) // 2
-        return SlotKVCache(slots, max_len, [np.zeros(shape, self.float_dtype) for _ in range(n)],
-                           [np.zeros(shape, self.float_dtype) for _ in range(n)], np.zeros(slots, np.int32),
+        return SlotKVCache(slots, max_len, *self._kv_buffers(slots, max_len), np.zeros(slots, np.int32),
                            np.zeros((slots, self.vocab), np.float32))
 
     def prefill_slot(self, kv: SlotKVCache, slot: int, inputs_embeds: np.ndarray) -> np.ndarray:
@@ -213,29 +204,35 @@ class FastOrtBackend:
     def _slot_binding(self, kv: SlotKVCache, lo: int, hi: int) -> Any:
         binding = kv.bindings.get((lo, hi))
         if binding is None:
-            binding = self.decoder.io_binding()
-            views = [buf[lo:hi] for pair in zip(kv.keys, kv.values) for buf in pair]  # contiguous row ranges
-            for name, out_name, view in zip(self.past_names, self.present_names, views):
-                ov = ort.OrtValue.ortvalue_from_numpy(view)  # wraps the view's memory, no copy
-                kv.held.append(ov)
-                binding.bind_ortvalue_input(name, ov)
-                binding.bind_ortvalue_output(out_name, ov)
-            binding.bind_output("logits", "cpu", 0, np.float32, [hi - lo, self.vocab], kv.logits[lo:hi].ctypes.data)
-            kv.bindings[(lo, hi)] = binding
+            binding = kv.bindings[(lo, hi)] = self._bind(kv.keys, kv.values, kv.logits, lo, hi, kv.held)
         return binding
 
     # -- internals ----------------------------------------------------------------------------------
+    def _kv_buffers(self, rows: int, max_len: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Zeroed keys and values, one [rows, kvH, max_len, D] buffer per layer each."""
+        shape = (rows, self.kv_heads, max_len, self.head_dim)
+        n = len(self.past_names) // 2
+        return ([np.zeros(shape, self.float_dtype) for _ in range(n)],
+                [np.zeros(shape, self.float_dtype) for _ in range(n)])
+
+    def _bind(self, keys: list[np.ndarray], values: list[np.ndarray], logits: np.ndarray, lo: int, hi: int,
+              held: list[Any]) -> Any:
+        """An IOBinding of rows [lo, hi) of the buffers as both past and present (in place) and of logits;
+        a row range of a [rows, ...] buffer is contiguous, so the OrtValues wrap it without a copy."""
+        binding = self.decoder.io_binding()
+        views = [buf[lo:hi] for pair in zip(keys, values) for buf in pair]
+        for name, out_name, view in zip(self.past_names, self.present_names, views):
+            ov = ort.OrtValue.ortvalue_from_numpy(view)
+            held.append(ov)
+            binding.bind_ortvalue_input(name, ov)
+            binding.bind_ortvalue_output(out_name, ov)
+        binding.bind_output("logits", "cpu", 0, np.float32, [hi - lo, self.vocab], logits[lo:hi].ctypes.data)
+        return binding
+
     def _run(self, cache: FastKVCache, embeds: np.ndarray, new_lengths: np.ndarray, index: np.ndarray) -> None:
-        binding = cache.extra.get("binding")
-        if binding is None:
-            binding = self.decoder.io_binding()
-            for name, out_name, ov in zip(self.past_names, self.present_names, cache.ort_values):
-                binding.bind_ortvalue_input(name, ov)
-                binding.bind_ortvalue_output(out_name, ov)
-            binding.bind_output("logits", "cpu", 0, np.float32, list(cache.logits.shape),
-                                cache.logits.ctypes.data)
-            cache.extra["binding"] = binding
-        self._execute(binding, embeds, new_lengths, index)
+        if cache.binding is None:
+            cache.binding = self._bind(cache.keys, cache.values, cache.logits, 0, cache.batch, cache.held)
+        self._execute(cache.binding, embeds, new_lengths, index)
 
     def _execute(self, binding: Any, embeds: np.ndarray, new_lengths: np.ndarray, index: np.ndarray) -> None:
         seqlens = (new_lengths - 1).astype(np.int32)
