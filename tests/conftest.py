@@ -47,6 +47,19 @@ def tiny_models(tmp_path_factory) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="session")
+def gqa_fast_package(tiny_models, tmp_path_factory):
+    """The GQA tiny model's package plus its fast (GroupQueryAttention) decoder, built once; read-only."""
+    import shutil
+
+    from llava_edge.export.fast_decoder import export_fast_decoder
+
+    pkg = tmp_path_factory.mktemp("gqa_fast") / "pkg"
+    shutil.copytree(tiny_models["llava-hf-gqa"]["package"], pkg)
+    export_fast_decoder(tiny_models["llava-hf-gqa"]["checkpoint"], pkg)
+    return pkg
+
+
+@pytest.fixture(scope="session")
 def images():
     """Real-world-like odd inputs: portrait, landscape, grayscale, RGBA, tiny, palette."""
     from PIL import Image

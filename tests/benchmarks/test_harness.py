@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
 from llava_edge.benchmarks.harness import BenchmarkError, run_benchmark
 from llava_edge.benchmarks.report import markdown
-from llava_edge.export.fast_decoder import export_fast_decoder
 
 
 @pytest.fixture(scope="module")
-def package(tiny_models, tmp_path_factory):
-    pkg = tmp_path_factory.mktemp("bench") / "pkg"
-    shutil.copytree(tiny_models["llava-hf-gqa"]["package"], pkg)
-    export_fast_decoder(tiny_models["llava-hf-gqa"]["model"], pkg)
-    return pkg
+def package(gqa_fast_package):
+    return gqa_fast_package
 
 
 def test_run_benchmark_with_transformers_baseline(package, tiny_models, tmp_path):

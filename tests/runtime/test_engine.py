@@ -3,7 +3,6 @@ never change a greedy token, and the scheduler keeps its promises (slots, budget
 
 from __future__ import annotations
 
-import shutil
 
 import numpy as np
 import pytest
@@ -18,13 +17,8 @@ CHUNK = 8
 
 
 @pytest.fixture(scope="module")
-def fast_package(tiny_models, tmp_path_factory):
-    from llava_edge.export.fast_decoder import export_fast_decoder
-
-    pkg = tmp_path_factory.mktemp("enginepkg") / "pkg"
-    shutil.copytree(tiny_models["llava-hf-gqa"]["package"], pkg)
-    export_fast_decoder(tiny_models["llava-hf-gqa"]["checkpoint"], pkg)
-    return pkg
+def fast_package(gqa_fast_package):
+    return gqa_fast_package
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,8 @@ from llava_edge.runtime.pipeline import Pipeline
 
 
 @pytest.fixture(scope="module")
-def fast_package(tiny_models, tmp_path_factory):
-    import shutil
-
-    from llava_edge.export.fast_decoder import export_fast_decoder
-
-    pkg = tmp_path_factory.mktemp("fastpkg") / "pkg"
-    shutil.copytree(tiny_models["llava-hf-gqa"]["package"], pkg)
-    export_fast_decoder(tiny_models["llava-hf-gqa"]["checkpoint"], pkg)
-    return pkg
+def fast_package(gqa_fast_package):
+    return gqa_fast_package
 
 
 @pytest.mark.parametrize("backend", ["ort", "ort-fast"])
