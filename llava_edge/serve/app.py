@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import UsageError
 from ..runtime.pipeline import Pipeline
 from ..runtime.pipeline import Request as ChatTurns
+from ..runtime.preprocess import MAX_IMAGE_PIXELS
 from ..runtime.sampling import SamplingConfig
 from ..runtime.sequence import Sequence
 from .media import MediaLimits, load_image_url
@@ -48,7 +49,7 @@ class ServeConfig:
     max_slots: int = 4
     api_key: str | None = None
     max_image_bytes: int = 10 * 10**6
-    max_image_pixels: int = 40 * 10**6
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # the runtime's own limit (runtime/preprocess.py)
     max_images_per_request: int = 4
     max_tokens: int = 512  # per request; also the default when a request gives none
     queue_size: int = 64

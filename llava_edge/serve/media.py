@@ -9,21 +9,21 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from PIL import Image
 
+from ..errors import ImageError, ImageTooLargeError
+from ..runtime.preprocess import MAX_IMAGE_PIXELS, load_image
 from .protocol import ApiError
 
 
 @dataclass
 class MediaLimits:
     max_image_bytes: int = 10 * 10**6
-    max_image_pixels: int = 40 * 10**6
+    max_image_pixels: int = MAX_IMAGE_PIXELS
     max_images: int = 4
     media_dir: Path | None = None
 
@@ -74,19 +74,15 @@ def _local_file_bytes(url: str, limits: MediaLimits) -> bytes:
 
 
 def _decode(data: bytes, limits: MediaLimits) -> Image.Image:
+    """The runtime's own loader (pixel limit from the header, bombs, truncated files), its errors as 4xx."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > limits.max_image_pixels:
-                raise ApiError(413, f"image of {w}x{h} pixels is over the server's limit of "
-                               f"{limits.max_image_pixels} pixels", "image_too_large")
-            img.load()
-        if w < 1 or h < 1:
-            raise ApiError(400, "image has no pixels", "invalid_image")
-        return img
-    except ApiError:
-        raise
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
+        img = load_image(data, limits.max_image_pixels)
+    except ImageTooLargeError as e:
+        raise ApiError(413, str(e), "image_too_large") from None
+    except ImageError as e:
+        raise ApiError(400, str(e), "invalid_image") from None
+    except Exception as e:  # noqa: BLE001 - whatever else untrusted bytes cause is the request's fault
         raise ApiError(400, f"cannot decode the image: {type(e).__name__}: {e}", "invalid_image") from None
+    if img.width < 1 or img.height < 1:
+        raise ApiError(400, "image has no pixels", "invalid_image")
+    return img
