@@ -130,6 +130,11 @@ class Pipeline:
             raise UsageError(f"the prompt has {n_images} image placeholder(s) but {len(request.images)} image(s) were given")
         return ids
 
+    def _decoded(self, requests: Sequence[Request]) -> list[Request]:
+        """The requests with their images decoded (and refused) once, before anything needs them: the
+        prompt layout (a LLaVA-NeXT image's token count depends on its size) and the vision encoder."""
+        return [Request(r.turns, [load_image(im, self.max_image_pixels) for im in r.images]) for r in requests]
+
     def _tokens_per_image(self, images: Sequence[Any]) -> int | list[int]:
         """Image tokens each image takes: fixed, or (LLaVA-NeXT anyres) a function of its size."""
         v = self.manifest.vision
@@ -155,6 +160,7 @@ class Pipeline:
         sampling = sampling or SamplingConfig()
         stop = check_stop(stop)
         t = self.manifest.text
+        requests = self._decoded(requests)
         encoded = [self.encode_request(r) for r in requests]
         lengths = [len(e) for e in encoded]
         longest = max(lengths)
@@ -165,8 +171,7 @@ class Pipeline:
             )
         b = len(requests)
         timings = Timings()
-        # decode (and fail) once, early
-        images = [load_image(im, self.max_image_pixels) for r in requests for im in r.images]
+        images = [im for r in requests for im in r.images]
 
         # prefix reuse (batch 1): skip the tokens, and the vision encoder, that an earlier prompt covered
         reuse = self.prefix_cache is not None and b == 1 and supports_prefix_reuse(self.backend)
@@ -255,10 +260,11 @@ class Pipeline:
         stop = check_stop(stop)
         if not requests:
             raise UsageError("no requests")
+        requests = self._decoded(requests)
         encoded = [self.encode_request(r) for r in requests]
         if engine is None:
             engine = self.engine_for(len(requests), max(len(e) for e in encoded) + max_new_tokens)
-        seqs = [engine.make_sequence(e, [load_image(im, self.max_image_pixels) for im in r.images], max_new_tokens, sampling, stop, index=i)
+        seqs = [engine.make_sequence(e, r.images, max_new_tokens, sampling, stop, index=i)
                 for i, (e, r) in enumerate(zip(encoded, requests))]
         if json_schema is not None:  # the answers must parse and validate (runtime/constrain.py)
             from .constrain import cached_grammar
