@@ -138,6 +138,11 @@ def export(
     target: str = typer.Option("portable", help="Which decoder the package holds: portable (every backend, "
                                "quantize and build; --fast/--fast-int4 add fast ones), cpu (only the fast fp32 "
                                "decoder, ort-fast) or cpu-int4 (only the int4 fast decoder, ort-fast-int4)."),
+    embed: str = typer.Option("auto", help="Embedding table: float, int8 (a quarter of the bytes, rows within "
+                              "1% of float) or auto (int8 for --target cpu-int4, float otherwise)."),
+    lm_head: str = typer.Option("auto", help="lm_head of the fast decoders: float, int8 (8-bit MatMulNBits: "
+                                "a quarter of the bytes read per token) or auto (int8 in int4 decoders, float "
+                                "otherwise)."),
 ) -> None:
     """Split a checkpoint into vision / embed / decoder ONNX graphs, verified against PyTorch."""
     from .package import check_output_dir
@@ -145,6 +150,14 @@ def export(
 
     if target not in ("portable", "cpu", "cpu-int4"):
         raise UsageError(f"--target {target!r}: use portable, cpu or cpu-int4")
+    for part, value in (("--embed", embed), ("--lm-head", lm_head)):
+        if value not in ("auto", "float", "int8"):
+            raise UsageError(f"{part} {value!r}: use auto, float or int8")
+    if target == "portable" and embed == "int8":
+        raise UsageError("--embed int8 is for --target cpu or cpu-int4: the portable package table is shared by "
+                         "every backend, quantize and build, and stays float")
+    if target == "portable" and lm_head == "int8" and not (fast or fast_int4):
+        raise UsageError("--lm-head int8 applies to fast decoders: add --fast/--fast-int4 or use --target cpu/cpu-int4")
     if target != "portable" and (fast or fast_int4):
         raise UsageError(f"--target {target} holds one decoder; --fast and --fast-int4 add to a portable package "
                          "(--target portable)")
@@ -153,14 +166,16 @@ def export(
 
     with Stages(console).running() as on_stage:
         result = export_package(checkpoint, output, dtype=dtype, opset=opset, overwrite=overwrite,
-                                vision_tower=vision_tower, chat_template=template, on_stage=on_stage, target=target)
+                                vision_tower=vision_tower, chat_template=template, on_stage=on_stage, target=target,
+                                embed=embed, lm_head=lm_head if target != "portable" else "float")
         if fast or fast_int4:
             from .export.fast_decoder import export_fast_decoder
 
             for quant, wanted in ((None, fast), ("int4-rtn", fast_int4)):
                 if wanted:
                     on_stage("export fast decoder" + (" (int4)" if quant else ""))
-                    export_fast_decoder(checkpoint, output, quant=quant)
+                    int8_head = lm_head == "int8" or (lm_head == "auto" and quant is not None)
+                    export_fast_decoder(checkpoint, output, quant=quant, lm_head_bits=8 if int8_head else None)
     errs = ", ".join(f"{k} {v:.2e}" for k, v in result.errors.items())
     console.print(f"[green]exported[/] {output} ({result.manifest.dtype}, target {target}); checks: {errs}")
 
@@ -442,6 +457,9 @@ def inspect(package: Path = typer.Argument(..., help="Model package directory.")
                   f"vision {m.family.get('vision', '?')}")
     decoders = ", ".join(g for g in m.graphs if g.startswith("decoder"))
     out.print(f"target: {m.extra.get('target', 'portable')} (decoders: {decoders or 'none'})")
+    heads = {n: c.get("lm_head_bits") for n, c in m.extra.get("fast_decoders", {}).items()}
+    out.print(f"weights: embed {m.extra.get('embed', 'float')}, fast decoders' lm_head "
+              + (", ".join(f"{n} {'int' + str(b) if b else 'float'}" for n, b in heads.items()) or "-"))
     if m.extra.get("context_cap"):
         out.print(f"context capped at {t.max_context}: {m.extra['context_cap']}")
     out.print(f"decoder: {t.num_layers} layers, hidden {t.hidden_size}, heads {t.num_heads} (kv {t.num_kv_heads}) x "

@@ -22,6 +22,7 @@ from ..package import (FORMAT_VERSION, TOKENIZER_NAME, Manifest, TextConfig, che
                        write_manifest)
 from . import verify
 from .checkpoint import LoadedCheckpoint, load_checkpoint, weights_bytes
+from .embed_int8 import RELATIVE_TOLERANCE, write_int8_embed
 from .onnx_export import export_decoder, export_embed, export_vision
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
@@ -37,6 +38,7 @@ TARGETS = {"portable": "decoder", "cpu": "decoder_fast", "cpu-int4": "decoder_fa
 # ||int4 - twin|| / ||twin|| on the check prompt, which is what MatMulNBits' int8 activations cost
 # (0.015-0.025 on the tiny and edge-1b shapes); a wrong packing or scale is far above (swapped nibbles: 1.37).
 INT4_RELATIVE_TOLERANCE = 0.1
+INT8_EMBED_TOLERANCE = RELATIVE_TOLERANCE  # rows of the int8 table against the float table (embed_int8.py)
 
 
 class ExportError(LlavaEdgeError):
@@ -90,6 +92,8 @@ def export_package(
     chat_template: str | None = None,
     on_stage: Callable[[str], None] | None = None,
     target: str = "portable",
+    embed: str = "auto",
+    lm_head: str = "auto",
 ) -> ExportResult:
     """Load the checkpoint, export vision/embed and the target's decoder, verify each, write the package.
 
@@ -100,9 +104,21 @@ def export_package(
     scratch directory (see _check_fast_decoders). Torch's side of every check runs first, then the torch
     model is freed and onnxruntime loads the graphs, so no graph is held beside the model. The package
     appears at out_dir only once everything succeeded (staged directory + rename).
+
+    embed / lm_head: "float", "int8" (embedding table as GatherBlockQuantized, lm_head as 8-bit
+    MatMulNBits in the fast decoder) or "auto" (int8 for cpu-int4, whose decoder is int4 anyway; float
+    otherwise). The portable decoder keeps a float lm_head (quantize owns its numerics).
     """
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r}; use {', '.join(TARGETS)}")
+    embed, lm_head = (_part_format(part, value, target) for part, value in (("embed", embed), ("lm_head", lm_head)))
+    if embed == "int8" and target == "portable":
+        raise ExportError("an int8 embedding table is for the cpu targets; the portable package's stays float")
+    if lm_head == "int8" and target == "cpu":
+        raise ExportError("--lm-head int8 goes with the int4 decoder (--target cpu-int4); the cpu target is float")
+    if lm_head == "int8" and target == "portable":
+        raise ExportError("an int8 lm_head lives in the fast decoder: use --target cpu or cpu-int4 (or quantize "
+                          "--quantize-lm-head for the portable decoder)")
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; use fp32 or fp16")
     if opset < 17:
@@ -137,7 +153,11 @@ def export_package(
         for name, fn in steps:
             stage(f"export {name}")
             exported = fn()
-            onnx.checker.check_model(str(tmp / exported.spec.file))
+            if name == "embed" and embed == "int8":
+                write_int8_embed(exported.module.embed_tokens.weight.detach().float().numpy(),
+                                 tmp / exported.spec.file, "float32" if torch_dtype == torch.float32 else "float16")
+            else:
+                onnx.checker.check_model(str(tmp / exported.spec.file))
             x = verify.random_inputs(name, exported)
             pending.append((name, exported.spec, x, verify.torch_outputs(exported, x)))
             graphs[name] = exported.spec
@@ -152,7 +172,7 @@ def export_package(
             vision=ck.vision,
             graphs=graphs,
             versions=_versions(),
-            extra={"opset": opset, "target": target, "verification": errors,
+            extra={"opset": opset, "target": target, "verification": errors, "embed": embed, "lm_head": lm_head,
                    "reference_dtype": str(ck.model.dtype).replace("torch.", ""),
                    "chat_template_source": ck.chat_template_source,
                    **({"context_cap": ck.context_cap} if ck.context_cap else {})},
@@ -161,7 +181,9 @@ def export_package(
         quant = "int4-rtn" if target == "cpu-int4" else None
         scratch = Path(tempfile.mkdtemp(prefix=".verify-", dir=tmp))
         try:
-            fast = _build_fast_decoders(model, manifest, tmp, scratch, quant, stage) if target != "portable" else []
+            head_bits = 8 if lm_head == "int8" else None
+            fast = (_build_fast_decoders(model, manifest, tmp, scratch, quant, head_bits, stage)
+                    if target != "portable" else [])
             stage("verify against transformers" if target == "portable" else "transformers on the check prompt")
             ref = verify.image_prompt_reference(ck.model, ck.tokenizer, ck.image_token_id, ck.vision.num_image_tokens,
                                                 tmp, ck.vision.image_size, vision=ck.vision)
@@ -170,6 +192,12 @@ def export_package(
 
             for name, spec, x, want in pending:
                 stage(f"verify {name}")
+                if name == "embed" and embed == "int8":
+                    errors["embed_int8_relative"] = err = verify.onnx_error(tmp, spec, x, want, relative=True)
+                    if not err <= INT8_EMBED_TOLERANCE:
+                        raise ExportError(f"the int8 embedding rows are {err:.3g} (relative) from the float table's "
+                                          f"(> {INT8_EMBED_TOLERANCE}); the int8 embed graph is broken")
+                    continue
                 err = spec.max_abs_error = errors[name] = verify.onnx_error(tmp, spec, x, want)
                 if not err <= TOLERANCE[torch_dtype]:
                     raise ExportError(f"{name}.onnx differs from PyTorch by {err:.3g} (> {TOLERANCE[torch_dtype]:.0e})")
@@ -195,8 +223,14 @@ def export_package(
 TWIN = "decoder_fast_int4_twin"
 
 
+def _part_format(part: str, value: str, target: str) -> str:
+    if value not in ("auto", "float", "int8"):
+        raise ExportError(f"unknown {part} format {value!r}; use auto, float or int8")
+    return ("int8" if target == "cpu-int4" else "float") if value == "auto" else value
+
+
 def _build_fast_decoders(model, manifest: Manifest, tmp: Path, scratch: Path, quant: str | None,
-                         stage: Callable[[str], None]) -> list[str]:
+                         head_bits: int | None, stage: Callable[[str], None]) -> list[str]:
     """The target's fast decoder into the package, and for int4 its two float twins into `scratch`
     (see _check_fast_decoders); returns the graph names to check, all in manifest.graphs."""
     from .fast_decoder import INT4_DEQUANTIZED, FastDecoderConfig, build_fast_decoder
@@ -204,10 +238,13 @@ def _build_fast_decoders(model, manifest: Manifest, tmp: Path, scratch: Path, qu
     twins = {"decoder_fast": None, TWIN: INT4_DEQUANTIZED} if quant else {}
     for name, twin_quant in twins.items():
         stage(f"export {name} (float, for the check)")
-        spec = build_fast_decoder(model, scratch / f"{name}.onnx", FastDecoderConfig(name, manifest.dtype, twin_quant))
+        # the float graph checks the wiring against transformers: float lm_head; the twin mirrors the int4 graph
+        spec = build_fast_decoder(model, scratch / f"{name}.onnx", FastDecoderConfig(
+            name, manifest.dtype, twin_quant, lm_head_bits=head_bits if twin_quant else None))
         spec.file = f"{scratch.name}/{spec.file}"
         manifest.graphs[name] = spec
-    cfg = FastDecoderConfig(name="decoder_fast_int4" if quant else "decoder_fast", dtype=manifest.dtype, quant=quant)
+    cfg = FastDecoderConfig(name="decoder_fast_int4" if quant else "decoder_fast", dtype=manifest.dtype, quant=quant,
+                            lm_head_bits=head_bits)
     stage(f"export {cfg.name}")
     manifest.graphs[cfg.name] = build_fast_decoder(model, tmp / f"{cfg.name}.onnx", cfg)
     manifest.extra["fast_decoders"] = {cfg.name: asdict(cfg)}

@@ -38,7 +38,7 @@ import onnx.numpy_helper
 from onnx import TensorProto, helper
 
 from ..package import GraphSpec, TensorSpec, load_manifest, write_manifest
-from ..quantize.packing import pack
+from ..quantize.packing import pack, qrange
 from .graphs import layer_projections, rotary_inv_freq
 
 MAX_IR_VERSION = 10
@@ -56,7 +56,9 @@ class FastDecoderConfig:
     quant: str | None = None  # None, "int4-rtn", or INT4_DEQUANTIZED (export's check only)
     block_size: int = 128  # int4 block along K
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fast path), 0 = exact to the weights
-    quantize_lm_head: bool = False  # lm_head stays float unless asked (docs/quantization.md)
+    quantize_lm_head: bool = False  # lm_head in int4 with the rest (quality: docs/quantization.md)
+    lm_head_bits: int | None = None  # 8: lm_head as 8-bit MatMulNBits even when the rest is float or int4
+    fuse: bool = True  # q/k/v as one MatMul feeding GQA packed, gate/up as one MatMul (one kernel each)
 
 
 class _ExternalData:
@@ -91,26 +93,32 @@ class _ExternalData:
         self.f.close()
 
 
-def _rtn(w_t: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric round-to-nearest of a [K,N] weight per output column and K block: int4 values int8
+def _rtn(w_t: np.ndarray, block_size: int, bits: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric round-to-nearest of a [K,N] weight per output column and K block: signed values int8
     [N,K] and scales float32 [N, K/bs, 1]."""
     k, n = w_t.shape
     if k % block_size:
-        raise ValueError(f"K={k} is not a multiple of the int4 block size {block_size}")
+        raise ValueError(f"K={k} is not a multiple of the int{bits} block size {block_size}")
+    lo, hi = qrange(bits)
     w = w_t.T.astype(np.float32).reshape(n, k // block_size, block_size)
-    scale = np.abs(w).max(axis=-1, keepdims=True) / 7.0
+    scale = np.abs(w).max(axis=-1, keepdims=True) / hi
     scale[scale == 0] = 1.0
-    return np.clip(np.rint(w / scale), -8, 7).astype(np.int8).reshape(n, k), scale
+    return np.clip(np.rint(w / scale), lo, hi).astype(np.int8).reshape(n, k), scale
+
+
+def quantize_rtn(w_t: np.ndarray, block_size: int, bits: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """[K,N] float weight -> MatMulNBits B uint8 [N, K/bs, bs*bits/8] and scales [N*K/bs] (default zero
+    point 2^(bits-1)). Symmetric round-to-nearest per output column and K block, in the one packed
+    layout of quantize/packing.py (int4: element 2j in the low nibble of byte j)."""
+    k, n = w_t.shape
+    q, scale = _rtn(w_t, block_size, bits)
+    packed = pack(q, bits).reshape(n, k // block_size, block_size * bits // 8)
+    return packed, scale.reshape(-1)
 
 
 def quantize_int4_rtn(w_t: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """[K,N] float weight -> MatMulNBits B uint8 [N, K/bs, bs/2] and scales [N*K/bs] (zero point 8).
-
-    Symmetric round-to-nearest, per output column and K block; nibble 2j in the low half of byte j."""
-    k, n = w_t.shape
-    q, scale = _rtn(w_t, block_size)
-    packed = pack(q, 4).reshape(n, k // block_size, block_size // 2)  # the one int4 layout (quantize/packing.py)
-    return packed, scale.reshape(-1)
+    """quantize_rtn at 4 bits: MatMulNBits B uint8 [N, K/bs, bs/2] and scales [N*K/bs] (zero point 8)."""
+    return quantize_rtn(w_t, block_size, 4)
 
 
 def dequantize_int4_rtn(w_t: np.ndarray, block_size: int) -> np.ndarray:
@@ -155,25 +163,31 @@ class _GraphBuilder:
         self.nodes.append(helper.make_node(op, inputs, outs, name=self.name(op), domain=domain or None, **attrs))
         return outs
 
-    def linear(self, x: str, weight: Any, name: str, quantize: bool, bias: Any = None) -> str:
-        """x @ weight.T (+ bias); weight is a torch [out, in] tensor, bias [out] or None (Qwen2's q/k/v)."""
-        w_t = weight.detach().float().numpy().T  # [in, out]
+    def linear(self, x: str, weights: Any, name: str, quantize: bool, biases: Any = None, bits: int = 4) -> str:
+        """x @ concat(weights).T (+ biases): one MatMul (or MatMulNBits) for one or several torch [out, in]
+        weights that read the same input (fused q/k/v, gate/up), so the matrix is walked by one kernel
+        call; each part is quantized on its own rows, so fusing does not change a single value."""
+        weights = weights if isinstance(weights, (list, tuple)) else [weights]
+        w_t = np.concatenate([w.detach().float().numpy().T for w in weights], axis=1)  # [in, out]
         bs = self.cfg.block_size if w_t.shape[0] % self.cfg.block_size == 0 else 32
-        if quantize and self.cfg.quant == INT4_DEQUANTIZED:  # the int4 values as float MatMul weights
-            w_t = dequantize_int4_rtn(w_t, bs)
-        if quantize and self.cfg.quant == "int4-rtn":
+        if quantize and bits == 4 and self.cfg.quant == INT4_DEQUANTIZED:  # the int4 values as float weights
+            w_t, quantize = dequantize_int4_rtn(w_t, bs), False
+        if quantize:
             k, n = w_t.shape
-            packed, scales = quantize_int4_rtn(w_t, bs)
+            packed, scales = quantize_rtn(w_t, bs, bits)
             b = self.init(name + ".qweight", packed)
             s = self.init(name + ".scales", scales.astype(self.dtype))
-            y = self.node("MatMulNBits", [x, b, s], domain="com.microsoft", K=k, N=n, bits=4, block_size=bs,
+            y = self.node("MatMulNBits", [x, b, s], domain="com.microsoft", K=k, N=n, bits=bits, block_size=bs,
                           accuracy_level=self.cfg.accuracy_level)[0]
         else:
             w = self.init(name + ".weight_t", np.ascontiguousarray(w_t.astype(self.dtype)))
             y = self.node("MatMul", [x, w])[0]
-        if bias is None:
+        biases = biases if isinstance(biases, (list, tuple)) else [biases]
+        if all(b is None for b in biases):
             return y
-        return self.node("Add", [y, self.init(name + ".bias", bias.detach().float().numpy().astype(self.dtype))])[0]
+        bias = np.concatenate([(b.detach().float().numpy() if b is not None else np.zeros(w.shape[0], np.float32))
+                               for b, w in zip(biases, weights)])
+        return self.node("Add", [y, self.init(name + ".bias", bias.astype(self.dtype))])[0]
 
 
 def build_fast_decoder(model: Any, out_path: Path, cfg: FastDecoderConfig) -> GraphSpec:
@@ -195,6 +209,8 @@ def build_fast_decoder(model: Any, out_path: Path, cfg: FastDecoderConfig) -> Gr
     quant = cfg.quant is not None
     if cfg.quant not in (None, "int4-rtn", INT4_DEQUANTIZED):
         raise ValueError(f"unknown quant {cfg.quant!r}; use None, 'int4-rtn' or {INT4_DEQUANTIZED!r}")
+    if cfg.lm_head_bits not in (None, 4, 8):
+        raise ValueError(f"lm_head_bits must be None, 4 or 8, not {cfg.lm_head_bits!r}")
 
     data_path = out_path.with_name(out_path.name + ".data")
     data = _ExternalData(data_path)
@@ -222,9 +238,12 @@ def build_fast_decoder(model: Any, out_path: Path, cfg: FastDecoderConfig) -> Gr
             else:
                 h, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [down, residual, ln_w], n_out=4,
                                            domain="com.microsoft", epsilon=eps)
-            q = g.linear(h, q_proj.weight, f"layers.{i}.q_proj", quant, q_proj.bias)
-            k = g.linear(h, k_proj.weight, f"layers.{i}.k_proj", quant, k_proj.bias)
-            v = g.linear(h, v_proj.weight, f"layers.{i}.v_proj", quant, v_proj.bias)
+            projs = (q_proj, k_proj, v_proj)
+            if cfg.fuse:  # packed q|k|v: GroupQueryAttention splits it itself (key and value inputs empty)
+                q = g.linear(h, [p.weight for p in projs], f"layers.{i}.qkv_proj", quant, [p.bias for p in projs])
+                k = v = ""
+            else:
+                q, k, v = (g.linear(h, p.weight, f"layers.{i}.{n}_proj", quant, p.bias) for p, n in zip(projs, "qkv"))
             pk, pv = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
             ok, ov = f"present.{i}.key", f"present.{i}.value"
             past_in += [pk, pv]
@@ -238,9 +257,14 @@ def build_fast_decoder(model: Any, out_path: Path, cfg: FastDecoderConfig) -> Gr
                             layer.post_attention_layernorm.weight.detach().float().numpy().astype(dtype))
             h2, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [o, residual, post_w], n_out=4,
                                         domain="com.microsoft", epsilon=eps)
-            gate = g.linear(h2, mlp.gate_proj.weight, f"layers.{i}.mlp.gate_proj", quant)
-            up = g.linear(h2, mlp.up_proj.weight, f"layers.{i}.mlp.up_proj", quant)
-            act = g.node("Mul", [g.node("Mul", [gate, g.node("Sigmoid", [gate])[0]])[0], up])[0]
+            if cfg.fuse:
+                gate_up = g.linear(h2, [mlp.gate_proj.weight, mlp.up_proj.weight], f"layers.{i}.mlp.gate_up_proj", quant)
+                gate, up = g.node("Split", [gate_up], n_out=2, axis=-1)
+            else:
+                gate = g.linear(h2, mlp.gate_proj.weight, f"layers.{i}.mlp.gate_proj", quant)
+                up = g.linear(h2, mlp.up_proj.weight, f"layers.{i}.mlp.up_proj", quant)
+            # QuickGelu with alpha 1 is x * sigmoid(x): SiLU in one kernel
+            act = g.node("Mul", [g.node("QuickGelu", [gate], domain="com.microsoft", alpha=1.0)[0], up])[0]
             down = g.linear(act, mlp.down_proj.weight, f"layers.{i}.mlp.down_proj", quant)
 
         # last positions only: [B,S,H] -> [B*S,H] -> gather rows -> norm -> lm_head
@@ -250,7 +274,8 @@ def build_fast_decoder(model: Any, out_path: Path, cfg: FastDecoderConfig) -> Gr
         rows = g.node("Gather", [flat, "logits_index"], axis=0)[0]
         norm_w = g.init("norm.weight", lm.norm.weight.detach().float().numpy().astype(dtype))
         normed = g.node("SimplifiedLayerNormalization", [rows, norm_w], axis=-1, epsilon=eps)[0]
-        logits = g.linear(normed, model.lm_head.weight, "lm_head", quant and cfg.quantize_lm_head)
+        head_quant = cfg.lm_head_bits is not None or (quant and cfg.quantize_lm_head)
+        logits = g.linear(normed, model.lm_head.weight, "lm_head", head_quant, bits=cfg.lm_head_bits or 4)
         if dtype != np.float32:
             g.node("Cast", [logits], outputs=["logits"], to=TensorProto.FLOAT)
         else:
@@ -284,7 +309,8 @@ def build_fast_decoder(model: Any, out_path: Path, cfg: FastDecoderConfig) -> Gr
 
 def export_fast_decoder(checkpoint_or_loaded: Any, package_dir: str | os.PathLike, dtype: str | None = None,
                         quant: str | None = None, name: str | None = None, block_size: int = 128,
-                        accuracy_level: int = 4, quantize_lm_head: bool = False) -> GraphSpec:
+                        accuracy_level: int = 4, quantize_lm_head: bool = False,
+                        lm_head_bits: int | None = None, fuse: bool = True) -> GraphSpec:
     """Add a fast decoder graph to an existing package (manifest.graphs[name]).
 
     checkpoint_or_loaded: a checkpoint directory, a LoadedCheckpoint or a LlavaForConditionalGeneration
@@ -296,7 +322,8 @@ def export_fast_decoder(checkpoint_or_loaded: Any, package_dir: str | os.PathLik
     manifest = load_manifest(root)
     cfg = FastDecoderConfig(name=name or ("decoder_fast_int4" if quant else "decoder_fast"),
                             dtype=dtype or manifest.dtype, quant=quant, block_size=block_size,
-                            accuracy_level=accuracy_level, quantize_lm_head=quantize_lm_head)
+                            accuracy_level=accuracy_level, quantize_lm_head=quantize_lm_head,
+                            lm_head_bits=lm_head_bits, fuse=fuse)
     model = _llava_model(checkpoint_or_loaded)
     tmp = root / f".{cfg.name}.partial.onnx"
     try:

@@ -13,7 +13,9 @@ Both forms carry the same codes and scales, so they compute the same function up
 accumulation order; ``tests/calibration`` checks that in onnxruntime.
 
 Weights are located by initializer name (``layers.{i}.q_proj.weight_t`` ..., the exporter's
-contract), not by node position, and any quantized Linear that is not found is an error.
+contract), not by node position, and any quantized Linear that is not found is an error. The fast
+decoder stacks q/k/v (``layers.{i}.qkv_proj.weight_t``) and gate/up (``layers.{i}.mlp.gate_up_proj``)
+into one weight each; their quantized parts are stacked the same way (``FUSED``).
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..export.onnx_export import EXTERNAL_DATA_THRESHOLD, MAX_IR_VERSION, save_onnx
-from .packing import QuantizedLinear, pack_int4_onnx
+from .packing import QuantizedLinear, concat_outputs, pack_int4_onnx
 
 FORMATS = ("matmulnbits", "qdq")
+# Fused weights of the fast decoder (export/fast_decoder.py): name suffix -> the Linears stacked in it.
+FUSED = {".qkv_proj": (".q_proj", ".k_proj", ".v_proj"), ".mlp.gate_up_proj": (".mlp.gate_proj", ".mlp.up_proj")}
 QDQ_OPSET = 21
 _NP_FLOAT = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 
@@ -120,13 +124,21 @@ def write_quantized_decoder(
     new_inits: list[onnx.TensorProto] = []
     drop: set[str] = set()
     replaced: list[str] = []
-    targets = {f"{key}.weight_t": key for key in quantized}
+    targets = {f"{key}.weight_t": (key, [key]) for key in quantized}
+    for suffix, part_suffixes in FUSED.items():  # the fast decoder's fused q/k/v and gate/up
+        for key in quantized:
+            if key.endswith(part_suffixes[0]):
+                prefix = key[: -len(part_suffixes[0])]
+                parts = [prefix + p for p in part_suffixes]
+                if all(p in quantized for p in parts):
+                    targets[f"{prefix}{suffix}.weight_t"] = (prefix + suffix, parts)
     for node in graph.node:
-        key = targets.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        if key is None:
+        target = targets.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if target is None:
             new_nodes.append(node)
             continue
-        q = quantized[key]
+        key, parts = target
+        q = quantized[key] if parts == [key] else concat_outputs([quantized[p] for p in parts])
         init = inits[node.input[1]]
         if list(init.dims) != [q.shape[1], q.shape[0]]:
             raise OnnxWriteError(f"{init.name} is {list(init.dims)} in the graph but the quantized weight is "
@@ -149,7 +161,7 @@ def write_quantized_decoder(
         new_nodes.extend(nodes)
         new_inits.extend(extra)
         drop.add(init.name)
-        replaced.append(key)
+        replaced.extend(parts)
 
     missing = sorted(set(quantized) - set(replaced))
     if missing:

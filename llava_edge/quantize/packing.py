@@ -69,6 +69,20 @@ class QuantizedLinear:
         return pack(self.q, self.bits)
 
 
+def concat_outputs(parts: list[QuantizedLinear]) -> QuantizedLinear:
+    """Several quantized Linears that read the same input as one (rows stacked along N): the fast
+    decoder's fused q/k/v and gate/up. Each part keeps its own codes and scales, so the fused matrix
+    computes exactly the parts' outputs side by side."""
+    first = parts[0]
+    for p in parts[1:]:
+        if (p.bits, p.group_size, p.shape[1]) != (first.bits, first.group_size, first.shape[1]):
+            raise ValueError("fused Linears must share bits, group size and input width")
+        if (p.perm is None) != (first.perm is None) or (p.perm is not None and not torch.equal(p.perm, first.perm)):
+            raise ValueError("fused Linears must share one input-channel order")
+    return QuantizedLinear(torch.cat([p.q for p in parts]), torch.cat([p.scales for p in parts]), first.bits,
+                           first.group_size, first.perm)
+
+
 def dequantize(q: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
     n, k = q.shape
     return (q.float().view(n, k // group_size, group_size) * scales.float().unsqueeze(-1)).view(n, k)

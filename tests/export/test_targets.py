@@ -20,12 +20,14 @@ PRESET = "llava-hf-gqa"
 
 @pytest.fixture(scope="module")
 def packages(tiny_models, tmp_path_factory):
-    """One tiny checkpoint exported three ways: everything (portable + fast + int4 fast), cpu, cpu-int4."""
+    """One tiny checkpoint exported four ways: everything (portable + fast + int4 fast), cpu, cpu-int4
+    (int8 embedding table by default) and cpu-int4 with the float table (the full package's)."""
     ck = str(tiny_models[PRESET]["checkpoint"])
     root = tmp_path_factory.mktemp("targets")
     out = {}
     for name, flags in (("full", ["--fast", "--fast-int4"]), ("cpu", ["--target", "cpu"]),
-                        ("cpu-int4", ["--target", "cpu-int4"])):
+                        ("cpu-int4", ["--target", "cpu-int4"]),
+                        ("cpu-int4-float-embed", ["--target", "cpu-int4", "--embed", "float"])):
         r = runner.invoke(app, ["export", ck, "-o", str(root / name), *flags])
         assert r.exit_code == 0, r.output
         out[name] = root / name
@@ -64,20 +66,30 @@ def test_cpu_int4_package_holds_only_its_graphs(packages):
     assert set(small.digests) == {"tokenizer.json", *files} - {"manifest.json"}
     # the same graphs, byte for byte in size, minus the two decoders the target does not need
     for name, g in small.graphs.items():
-        assert g.size_bytes == full.graphs[name].size_bytes == graph_size(packages["cpu-int4"], g)
-    dropped = full.graphs["decoder"].size_bytes + full.graphs["decoder_fast"].size_bytes
+        assert g.size_bytes == graph_size(packages["cpu-int4"], g)
+        if name != "embed":
+            assert g.size_bytes == full.graphs[name].size_bytes
+    assert small.graphs["embed"].size_bytes < 0.4 * full.graphs["embed"].size_bytes
+    # int8 by default in cpu-int4: the embedding table and the int4 decoder's lm_head (here also in full's)
+    assert small.extra["embed"] == "int8" and load_manifest(packages["cpu"]).extra["embed"] == "float"
+    assert small.extra["fast_decoders"]["decoder_fast_int4"]["lm_head_bits"] == 8
+    assert full.extra["fast_decoders"]["decoder_fast_int4"]["lm_head_bits"] == 8
+    assert full.extra["fast_decoders"]["decoder_fast"]["lm_head_bits"] is None
+    dropped = (full.graphs["decoder"].size_bytes + full.graphs["decoder_fast"].size_bytes
+               + full.graphs["embed"].size_bytes - small.graphs["embed"].size_bytes)
     size = {k: sum(f.stat().st_size for f in p.iterdir()) for k, p in packages.items()}
     assert size["full"] - size["cpu-int4"] == pytest.approx(dropped, abs=16_000)  # manifests differ a little
     print(f"\npackage bytes: full {size['full']}, cpu {size['cpu']}, cpu-int4 {size['cpu-int4']} "
           f"({size['cpu-int4'] / size['full']:.2f} of full)")
-    v = small.extra["verification"]  # both checks ran and passed at export
+    v = small.extra["verification"]  # the checks ran and passed at export
     assert v["decoder_fast_logits"] < 1e-3 and v["decoder_fast_int4_vs_twin"] < 0.1
+    assert 0 < v["embed_int8_relative"] < 1e-2
 
 
 def test_cpu_int4_greedy_tokens_equal_the_full_packages_int4_decoder(packages, tmp_path):
     image = _image(tmp_path)
     want = _tokens(packages["full"], image, "--backend", "ort-fast-int4")
-    assert _tokens(packages["cpu-int4"], image) == want  # default backend: auto -> ort-fast-int4
+    assert _tokens(packages["cpu-int4-float-embed"], image) == want  # default backend: auto -> ort-fast-int4
     assert len(want) == 20
 
 
@@ -103,7 +115,15 @@ def test_missing_graphs_are_refused_with_the_command_that_adds_them(packages, ti
     _error(runner.invoke(app, ["export", ck, "-o", str(packages["cpu"].parent / "x"), "--target", "gpu"]),
            "--target 'gpu'")
     r = runner.invoke(app, ["inspect", pkg])
-    assert r.exit_code == 0 and "target: cpu-int4 (decoders: decoder_fast_int4)" in " ".join(r.output.split())
+    text = " ".join(r.output.split())
+    assert r.exit_code == 0 and "target: cpu-int4 (decoders: decoder_fast_int4)" in text
+    assert "weights: embed int8, fast decoders' lm_head decoder_fast_int4 int8" in text
+    _error(runner.invoke(app, ["export", ck, "-o", str(packages["cpu"].parent / "x"), "--embed", "int4"]),
+           "--embed 'int4'")
+    _error(runner.invoke(app, ["export", ck, "-o", str(packages["cpu"].parent / "x"), "--lm-head", "int8"]),
+           "--lm-head int8 applies to fast decoders")
+    _error(runner.invoke(app, ["export", ck, "-o", str(packages["cpu"].parent / "x"), "--embed", "int8"]),
+           "--embed int8 is for --target cpu or cpu-int4")
 
 
 def test_a_broken_int4_graph_fails_the_export_check(tiny_models, tmp_path, monkeypatch):
@@ -116,3 +136,32 @@ def test_a_broken_int4_graph_fails_the_export_check(tiny_models, tmp_path, monke
     with pytest.raises(ExportError, match="int4 graph is broken"):
         export_package(tiny_models[PRESET]["checkpoint"], tmp_path / "pkg", target="cpu-int4")
     assert not (tmp_path / "pkg").exists()
+
+
+def test_a_broken_int8_embedding_fails_the_export_check(tiny_models, tmp_path, monkeypatch):
+    """The int8 table is checked against the float rows: scales off by 2x are caught."""
+    from llava_edge.export import embed_int8
+    from llava_edge.export.exporter import ExportError, export_package
+
+    real = embed_int8.quantize_rows
+    monkeypatch.setattr(embed_int8, "quantize_rows", lambda w, bs: (lambda c, s: (c, s * 2))(*real(w, bs)))
+    with pytest.raises(ExportError, match="int8 embed graph is broken"):
+        export_package(tiny_models[PRESET]["checkpoint"], tmp_path / "pkg", target="cpu-int4")
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_float_embedding_and_head_on_request(tiny_models, tmp_path):
+    """--embed float --lm-head float give the float table and a float lm_head MatMul in a cpu-int4 package."""
+    import onnx
+
+    ck = str(tiny_models[PRESET]["checkpoint"])
+    r = runner.invoke(app, ["export", ck, "-o", str(tmp_path / "p"), "--target", "cpu-int4", "--embed", "float",
+                            "--lm-head", "float"])
+    assert r.exit_code == 0, r.output
+    m = load_manifest(tmp_path / "p")
+    assert m.extra["embed"] == "float" and m.extra["fast_decoders"]["decoder_fast_int4"]["lm_head_bits"] is None
+    embed_ops = {n.op_type for n in onnx.load(str(tmp_path / "p" / "embed.onnx")).graph.node}
+    assert "GatherBlockQuantized" not in embed_ops
+    dec = onnx.load(str(tmp_path / "p" / "decoder_fast_int4.onnx"), load_external_data=False).graph.node
+    head = [n for n in dec if any(i.startswith("lm_head.") for i in n.input)]
+    assert [n.op_type for n in head] == ["MatMul"]

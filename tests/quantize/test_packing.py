@@ -72,3 +72,20 @@ def test_rtn_is_nearest_grid_point_and_uses_the_full_code_range():
     codes = lin.q.view(32, 2, 32)
     assert bool(((codes == -8) | (codes == 7)).any(-1).all())
     assert isinstance(lin, QuantizedLinear)
+
+
+def test_concat_outputs_stacks_rows_and_refuses_mismatched_parts():
+    import torch
+
+    from llava_edge.quantize.packing import QuantizedLinear, concat_outputs
+
+    g = torch.Generator().manual_seed(0)
+    q = lambda n: QuantizedLinear(torch.randint(-8, 8, (n, 64), generator=g, dtype=torch.int8),  # noqa: E731
+                                  torch.rand(n, 2, generator=g), 4, 32)
+    a, b = q(16), q(8)
+    ab = concat_outputs([a, b])
+    assert torch.equal(ab.dequantize(), torch.cat([a.dequantize(), b.dequantize()]))
+    with pytest.raises(ValueError):
+        concat_outputs([a, QuantizedLinear(b.q, torch.rand(8, 4), 4, 16)])
+    with pytest.raises(ValueError):
+        concat_outputs([QuantizedLinear(a.q, a.scales, 4, 32, torch.arange(64)), b])

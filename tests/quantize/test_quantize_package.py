@@ -174,3 +174,32 @@ def test_import_desc_act_gptq_checkpoint_end_to_end(gptq_pkg, fp_package, holdou
         la, lb = a.logits(s), b.logits(s)
         np.testing.assert_allclose(lb, la, rtol=0, atol=1e-4 * float(np.abs(la).max()))
     assert torch.is_tensor(imp.quantized["layers.0.q_proj"].perm)
+
+
+def test_gptq_into_the_fused_fast_decoder(fp_package, tmp_path):
+    """The fast decoder stacks q/k/v and gate/up into one weight each; quantize stacks their GPTQ codes
+    the same way, so the quantized fast graph computes what the quantized portable graph computes."""
+    from llava_edge.export.fast_decoder import export_fast_decoder
+    from llava_edge.runtime.pipeline import Pipeline
+    from PIL import Image
+
+    pkg, ckpt = fp_package
+    src = tmp_path / "src"
+    shutil.copytree(pkg, src)
+    export_fast_decoder(ckpt, src)
+    out = tmp_path / "gptq"
+    res = quantize_package(src, ckpt, out, **OPTS)
+    nodes = onnx.load(str(out / "decoder_fast.onnx"), load_external_data=False).graph.node
+    kinds = sorted(n.input[1].rsplit(".", 2)[-2] for n in nodes if n.op_type == "MatMulNBits")
+    layers = load_manifest(out).text.num_layers
+    assert kinds == sorted(["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] * layers)
+    assert not any(n.op_type == "MatMul" and "layers." in n.input[1] for n in nodes)  # nothing left in float
+    assert len(res.quantized) == 7 * layers
+
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (60, 80, 3), dtype=np.uint8))
+    portable = Pipeline.from_package(out, backend="ort")
+    fast = Pipeline.from_package(out, backend="ort-fast")
+    for prompt in ("What is in the picture?", "Describe the colors."):
+        want = portable.generate(image, prompt, max_new_tokens=12)
+        got = fast.generate(image, prompt, max_new_tokens=12)
+        assert got.token_ids == want.token_ids

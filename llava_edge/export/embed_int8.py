@@ -1,0 +1,67 @@
+"""The token embedding table in 8 bits: one GatherBlockQuantized node over uint8 rows.
+
+Why: in an int4 CPU package the fp32 embedding table is as large as all the int4 decoder layers of a
+1B model together (32000 x 2048 x 4 bytes = 262 MB), yet each step reads only the rows of the new
+tokens. Stored as symmetric 8-bit codes per block of `block_size` hidden channels (one fp scale per
+block, zero point 128: the same code layout as quantize/packing.py's int8) it is a quarter of that,
+and onnxruntime's GatherBlockQuantized (com.microsoft) dequantizes only the gathered rows. The
+rounding error is at most half a step, max|block| / 254, far below what the int4 layers add.
+
+Graph contract: the same as the float embed graph (input_ids int64 [B,S] -> inputs_embeds [B,S,H]), so
+the runtime does not know which one it holds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..quantize.packing import pack
+
+MAX_IR_VERSION = 10
+# ||int8 rows - float rows|| / ||float rows||, worst row: rounding to 8 bits is <= 0.4% of a block's
+# largest value per element; a wrong scale or code offset is far above.
+RELATIVE_TOLERANCE = 1e-2
+
+
+def quantize_rows(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """[V,H] float -> (uint8 codes [V,H] = q + 128, scales [V, H/block_size]), symmetric per block."""
+    v, h = weight.shape
+    if h % block_size:
+        raise ValueError(f"hidden size {h} is not a multiple of the embedding block size {block_size}")
+    w = weight.astype(np.float32).reshape(v, h // block_size, block_size)
+    scale = np.abs(w).max(axis=-1, keepdims=True) / 127.0
+    scale[scale == 0] = 1.0
+    q = np.clip(np.rint(w / scale), -128, 127).astype(np.int8).reshape(v, h)
+    return pack(q, 8), scale.reshape(v, h // block_size)
+
+
+def dequantize_rows(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """What GatherBlockQuantized computes for every row: (code - 128) * scale of its block."""
+    v, h = codes.shape
+    bs = h // scales.shape[1]
+    return ((codes.astype(np.float32) - 128).reshape(v, -1, bs) * scales[:, :, None]).reshape(v, h)
+
+
+def write_int8_embed(weight: np.ndarray, path: Path, dtype: str = "float32", block_size: int = 128) -> None:
+    """Write the embed graph for a [V,H] float table to `path` (one file: a 7B table is 131 MB in 8 bits)."""
+    if weight.shape[1] % block_size:
+        block_size = 32
+    codes, scales = quantize_rows(weight, block_size)
+    out_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    node = helper.make_node("GatherBlockQuantized", ["embed_tokens.qweight", "input_ids", "embed_tokens.scales"],
+                            ["inputs_embeds"], name="embed_tokens", domain="com.microsoft", bits=8,
+                            block_size=block_size, gather_axis=0, quantize_axis=1)
+    graph = helper.make_graph(
+        [node], "llava_edge_embed_int8",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("inputs_embeds", out_type, ["batch", "seq", weight.shape[1]])],
+        initializer=[numpy_helper.from_array(codes, "embed_tokens.qweight"),
+                     numpy_helper.from_array(scales.astype(np.dtype(dtype)), "embed_tokens.scales")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                              producer_name="llava-edge")
+    model.ir_version = MAX_IR_VERSION
+    onnx.save_model(model, str(path))
