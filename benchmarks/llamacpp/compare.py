@@ -1,0 +1,66 @@
+"""The side-by-side table of side_by_side.sh's OUT_DIR: llava-edge against llama.cpp, with ratios.
+
+usage: python compare.py OUT_DIR  (markdown on stdout; ratio = llava-edge / llama.cpp, so > 1 is better for
+decode tok/s and < 1 is better for times, RSS and bytes)
+"""
+import json, re, sys
+from pathlib import Path
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() and path.stat().st_size else {}
+
+
+def ours(out: Path, tag: str, kind: str) -> dict:
+    d = load(out / f"ours-{tag}-{kind}.json")
+    return d["results"][0] | {"package_bytes": d["package_bytes"]} if d else {}
+
+
+def rss_mb(out: Path, tag: str) -> float | None:
+    p = out / f"rss-{tag}.err"
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.read_text()) if p.is_file() else None
+    return int(m.group(1)) / 1024 if m else None
+
+
+def main(out: Path) -> None:
+    lc = {q: load(out / f"llamacpp-{q}.json") for q in ("f32", "q4_0")}
+    me = {(t, k): ours(out, t, k) for t in ("int4", "fp32") for k in ("text", "image")}
+    rows = []
+
+    def row(label, a, b, fmt="{:.1f}"):
+        ratio = f"{a / b:.2f}" if a and b else "-"
+        rows.append(f"| {label} | {fmt.format(a) if a else '-'} | {fmt.format(b) if b else '-'} | {ratio} |")
+
+    g = lambda d, *keys: (lambda v: v)(_get(d, keys))  # noqa: E731
+    for tag, q in (("int4", "q4_0"), ("fp32", "f32")):
+        row(f"{tag} decode, text prompt (tok/s)", g(me[tag, "text"], "decode_tokens_per_s"), g(lc[q], "text", "decode_tok_s"))
+        row(f"{tag} decode, image prompt (tok/s)", g(me[tag, "image"], "decode_tokens_per_s"),
+            g(lc[q], "image", "decode_tok_s"))
+    for tag, q in (("int4", "q4_0"), ("fp32", "f32")):
+        mine, theirs = me[tag, "image"], lc[q].get("image", {})
+        a = mine.get("ttft_ms", 0) / 1e3
+        row(f"TTFT with the image, {tag} (s; vision {mine.get('vision_ms', 0) / 1e3:.2f} vs "
+            f"{theirs.get('image_encode_s', 0):.2f})", a, theirs.get("ttft_s"), "{:.2f}")
+        row(f"TTFT text, {tag} (s)", me[tag, "text"].get("ttft_ms", 0) / 1e3, g(lc[q], "text", "ttft_s"), "{:.2f}")
+    row("peak RSS of one int4 run (MB)", rss_mb(out, "int4"), lc["q4_0"].get("peak_rss_mb"), "{:.0f}")
+    row("peak RSS of one fp32 run (MB)", rss_mb(out, "fp32"), lc["f32"].get("peak_rss_mb"), "{:.0f}")
+    mmproj = 0
+    for q in ("q4_0",):
+        m = (lc[q].get("image") or {}).get("mmproj")
+        mmproj = Path(m).stat().st_size if m and Path(m).is_file() else 0
+    row("int4 deployment on disk (MB; llama.cpp: GGUF + mmproj)", me["int4", "text"].get("package_bytes", 0) / 2**20,
+        (lc["q4_0"].get("gguf_mb") or 0) + mmproj / 2**20, "{:.0f}")
+    print("| | llava-edge | llama.cpp | llava-edge / llama.cpp |\n|---|---|---|---|")
+    print("\n".join(rows))
+    when = (out / "when.txt").read_text().strip().replace("\n", "; ") if (out / "when.txt").is_file() else ""
+    print(f"\n{when}")
+
+
+def _get(d: dict, keys: tuple) -> float | None:
+    for k in keys:
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
