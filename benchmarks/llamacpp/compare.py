@@ -1,7 +1,7 @@
 """The side-by-side table of side_by_side.sh's OUT_DIR: llava-edge against llama.cpp, with ratios.
 
-usage: python compare.py OUT_DIR  (markdown on stdout; ratio = llava-edge / llama.cpp, so > 1 is better for
-decode tok/s and < 1 is better for times, RSS and bytes)
+usage: python compare.py OUT_DIR [--plot PNG]  (markdown on stdout; ratio = llava-edge / llama.cpp, so > 1 is
+better for decode tok/s and < 1 is better for times, RSS and bytes)
 """
 import json, re, sys
 from pathlib import Path
@@ -25,11 +25,12 @@ def rss_mb(out: Path, tag: str) -> float | None:
 def main(out: Path) -> None:
     lc = {q: load(out / f"llamacpp-{q}.json") for q in ("f32", "q4_0")}
     me = {(t, k): ours(out, t, k) for t in ("int4", "fp32") for k in ("text", "image")}
-    rows = []
+    rows, pairs = [], []
 
     def row(label, a, b, fmt="{:.1f}"):
         ratio = f"{a / b:.2f}" if a and b else "-"
         rows.append(f"| {label} | {fmt.format(a) if a else '-'} | {fmt.format(b) if b else '-'} | {ratio} |")
+        pairs.append((label.split(" (")[0], a, b))
 
     g = lambda d, *keys: (lambda v: v)(_get(d, keys))  # noqa: E731
     for tag, q in (("int4", "q4_0"), ("fp32", "f32")):
@@ -54,6 +55,26 @@ def main(out: Path) -> None:
     print("\n".join(rows))
     when = (out / "when.txt").read_text().strip().replace("\n", "; ") if (out / "when.txt").is_file() else ""
     print(f"\n{when}")
+    return pairs
+
+
+def plot(pairs: list, path: Path) -> None:
+    """One bar per row: llava-edge / llama.cpp, with the parity line (decode: higher is better; the rest: lower)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = [(label, a / b) for label, a, b in pairs if a and b]
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(pairs) + 1.2))
+    colors = ["tab:green" if ("decode" in lb) == (r >= 1) else "tab:red" for lb, r in pairs]
+    ax.barh([lb for lb, _ in pairs][::-1], [r for _, r in pairs][::-1], color=colors[::-1])
+    ax.axvline(1.0, color="black", lw=1)
+    ax.set_xlabel("llava-edge / llama.cpp (decode: > 1 is faster; times, RSS, bytes: < 1 is better)")
+    for i, (_, r) in enumerate(pairs[::-1]):
+        ax.text(r, i, f" {r:.2f}", va="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def _get(d: dict, keys: tuple) -> float | None:
@@ -63,4 +84,6 @@ def _get(d: dict, keys: tuple) -> float | None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    result = main(Path(sys.argv[1]))
+    if "--plot" in sys.argv:
+        plot(result, Path(sys.argv[sys.argv.index("--plot") + 1]))

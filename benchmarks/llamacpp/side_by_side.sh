@@ -34,4 +34,4 @@ for pair in "int4:$PKG_INT4" "fp32:$PKG_FP32"; do
   grep "Maximum resident" "$OUT/rss-$tag.err" | sed "s/^/$tag: /"
 done
 echo "end $(date -Is) load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/when.txt"
-python3 "$HERE/compare.py" "$OUT" | tee "$OUT/table.md"
+python3 "$HERE/compare.py" "$OUT" --plot "$OUT/side_by_side.png" | tee "$OUT/table.md"

@@ -106,9 +106,12 @@ class Pipeline:
         return e
 
     @classmethod
-    def from_package(cls, package_dir: str | os.PathLike, backend: str = "ort", device: str = "cpu",
+    def from_package(cls, package_dir: str | os.PathLike, backend: str = "auto", device: str = "cpu",
                      threads: int | None = None, template: str | None = None,
                      prefix_cache: int = 2, max_image_pixels: int | None = MAX_IMAGE_PIXELS) -> "Pipeline":
+        """Open a package for generation. backend "auto" (the default, as on the command line) runs the
+        fastest graph the package holds (runtime/backends.resolve_auto): a cpu-int4 package opens its int4
+        fast decoder, a portable one its portable decoder; name one (ort, ort-fast, ...) to choose."""
         check_threads(threads)
         manifest = load_manifest(package_dir)
         try:

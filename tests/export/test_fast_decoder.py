@@ -38,7 +38,7 @@ def _pipes(pkg, decoder="decoder_fast"):
 
     m = load_manifest(pkg)
     tok = Tokenizer.from_file(str(pkg / "tokenizer.json"))
-    return Pipeline.from_package(pkg), Pipeline(pkg, m, FastOrtBackend(pkg, m, threads=2, decoder=decoder), tok)
+    return Pipeline.from_package(pkg, backend="ort"), Pipeline(pkg, m, FastOrtBackend(pkg, m, threads=2, decoder=decoder), tok)
 
 
 def _hf_greedy(model, pipe, images, questions):
@@ -104,3 +104,37 @@ def test_int4_rtn_round_trips():
     q = np.stack([packed & 15, packed >> 4], -1).reshape(8, 2, 32).astype(np.float32) - 8
     deq = (q * scales.reshape(8, 2, 1)).reshape(8, 64).T
     assert np.abs(deq - w).max() <= scales.max() / 2 + 1e-6
+
+
+@pytest.mark.parametrize("quant", [None, "int4-rtn"])
+def test_fused_projections_compute_what_the_separate_ones_do(tiny_models, fast_packages, images, quant):
+    """q/k/v (GroupQueryAttention's packed input) and gate/up fused into one weight each: the same
+    function as one MatMul per projection (each part quantized on its own rows), greedy tokens equal and
+    logits within float reassociation; and the fused graph really has one weight per pair."""
+    preset = "llava-hf-gqa"
+    pkg = fast_packages[preset]
+    name = "decoder_fast_int4" if quant else "decoder_fast"
+    export_fast_decoder(tiny_models[preset]["model"], pkg, quant=quant, block_size=32, name=name + "_sep", fuse=False)
+    nodes = {g: onnx.load(str(pkg / f"{g}.onnx"), load_external_data=False).graph.node for g in (name, name + "_sep")}
+    weights = {g: sorted(i for n in ns for i in n.input if i.startswith("layers.0.") and "norm" not in i)
+               for g, ns in nodes.items()}
+    suffix = ".qweight" if quant else ".weight_t"
+    assert [w.removeprefix("layers.0.") for w in weights[name] if w.endswith(suffix)] == \
+        [f"{p}{suffix}" for p in ("mlp.down_proj", "mlp.gate_up_proj", "o_proj", "qkv_proj")]
+    assert len([w for w in weights[name + "_sep"] if w.endswith(suffix)]) == 7
+    assert sum(n.op_type == "QuickGelu" for n in nodes[name]) == load_manifest(pkg).text.num_layers
+
+    m = load_manifest(pkg)
+    fused, sep = (FastOrtBackend(pkg, m, threads=1, decoder=g) for g in (name, name + "_sep"))
+    emb = np.random.default_rng(0).standard_normal((1, 9, m.text.hidden_size)).astype(np.float32)
+    logits = []
+    for be in (fused, sep):
+        cache = be.new_cache(1, 16)
+        rows = [be.step(cache, emb[:, :7], np.ones((1, 7), np.int64), np.arange(7)[None])[0]]
+        rows += [be.step(cache, emb[:, i:i + 1], np.ones((1, i + 1), np.int64), np.array([[i]]))[0] for i in (7, 8)]
+        logits.append(np.stack(rows))
+    np.testing.assert_allclose(logits[0], logits[1], rtol=0, atol=1e-4)
+    tok = __import__("tokenizers").Tokenizer.from_file(str(pkg / "tokenizer.json"))
+    q = "What is in the picture?"
+    outs = [Pipeline(pkg, m, be, tok).generate(images["portrait"], q, max_new_tokens=12).token_ids for be in (fused, sep)]
+    assert outs[0] == outs[1]
