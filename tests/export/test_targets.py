@@ -65,6 +65,10 @@ def test_cpu_int4_package_holds_only_its_graphs(packages):
     # the same graphs, byte for byte in size, minus the two decoders the target does not need
     for name, g in small.graphs.items():
         assert g.size_bytes == full.graphs[name].size_bytes == graph_size(packages["cpu-int4"], g)
+    # the int4 decoder written from the checkpoint a tensor at a time (--target) is the one written from
+    # the loaded model (--fast-int4), byte for byte
+    for f in ("decoder_fast_int4.onnx", "decoder_fast_int4.onnx.data"):
+        assert small.digests[f] == full.digests[f], f
     dropped = full.graphs["decoder"].size_bytes + full.graphs["decoder_fast"].size_bytes
     size = {k: sum(f.stat().st_size for f in p.iterdir()) for k, p in packages.items()}
     assert size["full"] - size["cpu-int4"] == pytest.approx(dropped, abs=16_000)  # manifests differ a little
