@@ -22,7 +22,7 @@ from ..package import (FORMAT_VERSION, TOKENIZER_NAME, Manifest, TextConfig, che
                        staged_package, write_manifest)
 from . import verify
 from .checkpoint import LoadedCheckpoint, load_checkpoint, weights_bytes
-from .lazy import reference_model
+from .lazy import DecoderWeights, LazyLlava, reference_model
 from .onnx_export import export_decoder, export_embed, export_vision
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
@@ -215,13 +215,13 @@ TWIN = "decoder_fast_int4_twin"
 
 @dataclass
 class FastChecks:
-    """The graphs a cpu target's check runs (names in manifest.graphs). float: checked against
+    """The graphs a cpu target's check runs (names in manifest.graphs). float_graph: checked against
     transformers; twin / int4 (int4 target): the int4 graph against its float twin. layers < num_layers:
     these are built from the first `layers` layers in the scratch directory, and `shipped` (the whole
     decoder) must hold their weights byte for byte and give finite logits (see _check_fast_decoders)."""
 
     shipped: str
-    float: str
+    float_graph: str
     twin: str | None
     int4: str | None
     layers: int
@@ -231,8 +231,6 @@ class FastChecks:
 def _layers_to_check(ck: LoadedCheckpoint, wanted: int | None) -> int:
     """Decoder layers the cpu targets' check holds in torch: all when the fp32 model fits (twice over:
     the transformers forward and the model), else 2; `wanted` overrides (capped at the model's)."""
-    from .lazy import DecoderWeights
-
     n = ck.model.config.text_config.num_hidden_layers
     if wanted is not None:
         return min(wanted, n)
@@ -244,7 +242,6 @@ def _build_fast_decoders(ck: LoadedCheckpoint, dtype: torch.dtype, manifest: Man
     """The target's fast decoder into the package, written from the checkpoint a tensor at a time, and
     the graphs its check needs into `scratch` (all in manifest.graphs)."""
     from .fast_decoder import INT4_DEQUANTIZED, FastDecoderConfig, build_fast_decoder
-    from .lazy import LazyLlava
 
     n = manifest.text.num_layers
     shipped = "decoder_fast_int4" if quant else "decoder_fast"
@@ -252,7 +249,7 @@ def _build_fast_decoders(ck: LoadedCheckpoint, dtype: torch.dtype, manifest: Man
     checks = FastChecks(shipped, "decoder_fast" + suffix, TWIN + suffix if quant else None,
                         shipped + suffix if quant else None, layers, n)
     head = LazyLlava(ck, dtype, layers)
-    for name, graph_quant in ((checks.float, None), (checks.twin, INT4_DEQUANTIZED), (checks.int4, quant)):
+    for name, graph_quant in ((checks.float_graph, None), (checks.twin, INT4_DEQUANTIZED), (checks.int4, quant)):
         if name is None or name == shipped:
             continue
         stage(f"export {name} (for the check)")
@@ -278,11 +275,11 @@ def _check_fast_decoders(manifest: Manifest, tmp: Path, checks: FastChecks, ref:
     names: its first layers, final norm, lm_head, rotary tables) and give finite logits on the check
     prompt; its later layers are written by the same code from other tensors, and are not compared."""
     got = {}
-    for name in (checks.float, checks.twin, checks.int4):
+    for name in (checks.float_graph, checks.twin, checks.int4):
         if name is not None:
             stage(f"verify {name} against transformers")
             got[name], want = verify.fast_decoder_logits(manifest, tmp, name, ref)
-    errors["decoder_fast_logits"] = err = float(np.abs(got[checks.float] - want).max())
+    errors["decoder_fast_logits"] = err = float(np.abs(got[checks.float_graph] - want).max())
     if not err <= bound:
         raise ExportError(f"the fast decoder differs from transformers by {err:.3g} in logits (> {bound:.0e})")
     if checks.int4:
@@ -293,7 +290,7 @@ def _check_fast_decoders(manifest: Manifest, tmp: Path, checks: FastChecks, ref:
                               f"(> {INT4_RELATIVE_TOLERANCE}); the int4 graph is broken")
     scope = {"layers_checked": checks.layers, "num_layers": checks.num_layers}
     if checks.layers < checks.num_layers:
-        head = checks.int4 or checks.float
+        head = checks.int4 or checks.float_graph
         stage(f"verify {checks.shipped} holds {head}'s weights")
         differ = verify.weights_not_in(tmp, manifest.graphs[head], manifest.graphs[checks.shipped])
         if differ:
