@@ -143,6 +143,9 @@ def export(
     lm_head: str = typer.Option("auto", help="lm_head of the fast decoders: float, int8 (8-bit MatMulNBits: "
                                 "a quarter of the bytes read per token) or auto (int8 in int4 decoders, float "
                                 "otherwise)."),
+    check_layers: Optional[int] = typer.Option(None, help="cpu targets: decoder layers the export check runs in "
+                                               "torch (default: all when the fp32 model fits in memory, else 2); "
+                                               "the decoder itself is never loaded whole."),
 ) -> None:
     """Split a checkpoint into vision / embed / decoder ONNX graphs, verified against PyTorch."""
     from .package import check_output_dir
@@ -161,13 +164,16 @@ def export(
     if target != "portable" and (fast or fast_int4):
         raise UsageError(f"--target {target} holds one decoder; --fast and --fast-int4 add to a portable package "
                          "(--target portable)")
+    if check_layers is not None and (target == "portable" or check_layers < 1):
+        raise UsageError("--check-layers N (N >= 1) is for --target cpu or cpu-int4")
     check_output_dir(output, overwrite, protect=[p for p in (checkpoint, vision_tower) if p is not None])
     from .export.exporter import export_package
 
     with Stages(console).running() as on_stage:
         result = export_package(checkpoint, output, dtype=dtype, opset=opset, overwrite=overwrite,
                                 vision_tower=vision_tower, chat_template=template, on_stage=on_stage, target=target,
-                                embed=embed, lm_head=lm_head if target != "portable" else "float")
+                                embed=embed, lm_head=lm_head if target != "portable" else "float",
+                                check_layers=check_layers)
         if fast or fast_int4:
             from .export.fast_decoder import export_fast_decoder
 

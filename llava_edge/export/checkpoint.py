@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -46,6 +46,9 @@ class LoadedCheckpoint:
     chat_template_source: str = "llava-edge default"
     max_context: int = 0  # the package's context: max_position_embeddings unless capped (context_cap)
     context_cap: str | None = None  # why max_context is below max_position_embeddings
+    # load_checkpoint(lazy_decoder=True): the decoder's tensors (layers, final norm, lm_head) by model key,
+    # left in their files; model holds them on the meta device (export/lazy.py reads them one at a time)
+    deferred: dict[str, "TensorRef | torch.Tensor"] = field(default_factory=dict)
 
 
 TEXT_FAMILIES = ("llama", "mistral", "qwen2", "phi3")
@@ -104,25 +107,59 @@ def detect_layout(path: Path) -> str:
 
 
 READ_WINDOW = 256 << 20  # bytes of a weights file read between reopenings (see _load_state_dict)
+DECODER_PREFIXES = ("model.language_model.layers.", "model.language_model.norm.", "lm_head.")
 
 
-def _load_state_dict(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def is_decoder_key(key: str) -> bool:
+    """A model key of the language model's layers, final norm or lm_head: what a lazy load leaves on disk."""
+    return key.startswith(DECODER_PREFIXES)
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """One tensor left in its safetensors file, read on demand: the file is opened for that tensor and
+    closed again, so neither the tensor nor the mapped pages stay in memory after the caller drops it."""
+
+    file: Path
+    key: str
+    shape: tuple[int, ...]
+
+    def read(self, dtype: torch.dtype | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.file), framework="pt") as st:
+            t = st.get_slice(self.key)[rows[0]:rows[1]] if rows else st.get_tensor(self.key)
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+def _load_state_dict(path: Path, dtype: torch.dtype | None = None,
+                     defer: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor | TensorRef]:
     """Single-file or sharded safetensors (preferred), else pytorch_model*.bin (weights only).
 
     Tensors are read one at a time (safetensors' mmap) and floating ones converted to ``dtype`` as they
     come: converting the whole model afterwards would hold the file's copy and the converted one at
-    once (a 7B fp16 checkpoint loaded as fp32: 14 + 28 GB instead of 28)."""
+    once (a 7B fp16 checkpoint loaded as fp32: 14 + 28 GB instead of 28). Keys for which ``defer`` is
+    true are not read: a safetensors tensor becomes a TensorRef, a .bin one stays the file's mapped
+    tensor, unconverted."""
     from safetensors import SafetensorError, safe_open
 
     def convert(t: torch.Tensor) -> torch.Tensor:
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    def deferred(k: str) -> bool:
+        return defer is not None and defer(k)
 
     def read(f: Path, state: dict[str, torch.Tensor]) -> None:
         # The file is mapped, and the pages read stay in this process's RSS until it is unmapped:
         # reopening it every READ_WINDOW bytes keeps that at one window, not the whole file.
         try:
             with safe_open(str(f), framework="pt") as st:
-                keys = list(st.keys())
+                keys = []
+                for k in st.keys():
+                    if deferred(k):
+                        state[k] = TensorRef(f, k, tuple(st.get_slice(k).get_shape()))
+                    else:
+                        keys.append(k)
             while keys:
                 with safe_open(str(f), framework="pt") as st:
                     read_bytes = 0
@@ -155,7 +192,7 @@ def _load_state_dict(path: Path, dtype: torch.dtype | None = None) -> dict[str, 
         state = {}
         for f in bins:
             for k, v in torch.load(f, map_location="cpu", weights_only=True, mmap=True).items():
-                state[k] = convert(v)
+                state[k] = v if deferred(k) else convert(v)
         return state
     raise CheckpointError(f"no weights in {path}: expected model.safetensors (or shards) or pytorch_model.bin")
 
@@ -182,7 +219,10 @@ def weights_bytes(path: str | Path) -> int:
     return sum(f.stat().st_size for pat in ("*.safetensors", "pytorch_model*.bin") for f in p.glob(pat))
 
 
-def _strict_load(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
+def _strict_load(model: torch.nn.Module, state: dict[str, torch.Tensor | TensorRef], where: Path,
+                 lazy_decoder: bool = False) -> dict[str, torch.Tensor | TensorRef]:
+    """Check names and shapes, assign the weights; with lazy_decoder the decoder's entries (is_decoder_key)
+    are not assigned but returned (their parameters stay on the meta device)."""
     expected = model.state_dict()
     # Buffers that are recomputed (rotary inv_freq, CLIP position ids) are not required on disk.
     optional = {k for k in expected if k.endswith(("inv_freq", "position_ids"))}
@@ -194,17 +234,21 @@ def _strict_load(model: torch.nn.Module, state: dict[str, torch.Tensor], where: 
         shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
         raise CheckpointError(f"checkpoint {where} is missing weights: {shown}")
     for k, v in state.items():
-        if k in expected and expected[k].shape != v.shape:
+        if k in expected and expected[k].shape != tuple(v.shape):
             raise CheckpointError(
                 f"checkpoint {where}: weight {k} has shape {tuple(v.shape)}, config implies {tuple(expected[k].shape)}"
             )
-    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False, assign=True)
-    _materialize_buffers(model)
+    deferred = {k: v for k, v in state.items() if k in expected and lazy_decoder and is_decoder_key(k)}
+    model.load_state_dict({k: v for k, v in state.items() if k in expected and k not in deferred}, strict=False,
+                          assign=True)
+    _materialize_buffers(model, keep_meta=set(deferred))
+    return deferred
 
 
-def _materialize_buffers(model: torch.nn.Module) -> None:
+def _materialize_buffers(model: torch.nn.Module, keep_meta: set[str] = frozenset()) -> None:
     """The model was built on the meta device (no memory for weights we are about to replace); its
-    computed buffers (rotary inv_freq, CLIP position ids) are rebuilt here from the module's config."""
+    computed buffers (rotary inv_freq, CLIP position ids) are rebuilt here from the module's config.
+    Parameters named in keep_meta (a lazy load's decoder) may stay on the meta device."""
     for module in model.modules():
         meta = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
         if not meta:
@@ -212,7 +256,7 @@ def _materialize_buffers(model: torch.nn.Module) -> None:
         fresh = type(module)(module.config)
         for name in meta:
             setattr(module, name, getattr(fresh, name))
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta and n not in keep_meta]
     if left:
         raise CheckpointError(f"weights left uninitialised after loading: {', '.join(left[:5])}")
 
@@ -297,17 +341,22 @@ def _special_ids(path: Path, tok, config: dict[str, Any]) -> tuple[int | None, l
 
 
 def load_checkpoint(path: str | Path, vision_tower: str | Path | None = None,
-                    dtype: torch.dtype = torch.float32) -> LoadedCheckpoint:
+                    dtype: torch.dtype = torch.float32, lazy_decoder: bool = False) -> LoadedCheckpoint:
     """Read a LLaVA checkpoint directory (either layout) into a LlavaForConditionalGeneration of `dtype`
-    (float32 by default: the reference for verification)."""
+    (float32 by default: the reference for verification).
+
+    lazy_decoder: only the vision tower, projector and embedding table are read; the decoder's layers,
+    final norm and lm_head stay in the files (LoadedCheckpoint.deferred, parameters on the meta device),
+    for export/lazy.py to read a tensor at a time. Needs safetensors for O(one tensor) memory (.bin
+    files are memory-mapped)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     path = Path(path).expanduser().resolve()
     layout = detect_layout(path)
     if layout == "llava-hf":
-        return _load_llava_hf(path, dtype)
-    return _load_original(path, vision_tower, dtype)
+        return _load_llava_hf(path, dtype, lazy_decoder)
+    return _load_original(path, vision_tower, dtype, lazy_decoder)
 
 
 def _checkpoint_chat_template(path: Path, proc: dict[str, Any]) -> str | None:
@@ -360,7 +409,7 @@ def _renders_as(jinja: str, name: str, turns, image_token: str, bos_token: str |
     return text == prompts.render(name, turns, image_token, 1)
 
 
-def _load_llava_hf(path: Path, dtype: torch.dtype) -> LoadedCheckpoint:
+def _load_llava_hf(path: Path, dtype: torch.dtype, lazy_decoder: bool = False) -> LoadedCheckpoint:
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration
 
     raw = _read_json(path / "config.json")
@@ -374,10 +423,11 @@ def _load_llava_hf(path: Path, dtype: torch.dtype) -> LoadedCheckpoint:
     config = (LlavaNextConfig if next_ else LlavaConfig).from_pretrained(path, local_files_only=True)
     if next_ and VISION_FAMILIES[vt] != "clip":
         raise CheckpointError("LLaVA-NeXT with a non-CLIP tower is not supported")
-    state = {_normalize_hf_key(k): v for k, v in _load_state_dict(path, dtype).items()}
+    defer = (lambda k: is_decoder_key(_normalize_hf_key(k))) if lazy_decoder else None
+    state = {_normalize_hf_key(k): v for k, v in _load_state_dict(path, dtype, defer).items()}
     with torch.device("meta"):  # no memory until the real weights are assigned
         model = (LlavaNextForConditionalGeneration if next_ else LlavaForConditionalGeneration)(config)
-    _strict_load(model, state, path)
+    deferred = _strict_load(model, state, path, lazy_decoder)
     model = model.to(dtype).eval()
     unfuse_projections(model)  # Phi-3: q/k/v and gate/up as separate Linears, like every other family
 
@@ -424,7 +474,7 @@ def _load_llava_hf(path: Path, dtype: torch.dtype) -> LoadedCheckpoint:
         image_token_id=config.image_token_id, vision=vision, chat_template=template,
         eos_token_ids=eos, bos_token_id=bos, pad_token_id=pad, projector="mlp2x_gelu",
         family={"model": "llava_next" if next_ else "llava", "decoder": tt, "vision": VISION_FAMILIES[vt]},
-        chat_template_source=template_source, max_context=max_context, context_cap=cap,
+        chat_template_source=template_source, max_context=max_context, context_cap=cap, deferred=deferred,
     )
 
 
@@ -440,7 +490,24 @@ def _resolve_vision_tower(path: Path, name: str, override: str | Path | None) ->
     )
 
 
-def _load_original(path: Path, vision_tower: str | Path | None, dtype: torch.dtype) -> LoadedCheckpoint:
+def _original_key(key: str, projector: str) -> str | None:
+    """LlavaForConditionalGeneration's name for a key of an original LLaVA checkpoint (None: not used)."""
+    if key.startswith("model.mm_projector."):
+        rest = key[len("model.mm_projector.") :]
+        if projector == "mlp2x_gelu":
+            rest = rest.replace("0.", "linear_1.", 1) if rest.startswith("0.") else rest.replace("2.", "linear_2.", 1)
+        return "model.multi_modal_projector." + rest
+    if key.startswith("model.vision_tower.vision_tower.vision_model."):
+        return "model.vision_tower." + key[len("model.vision_tower.vision_tower.vision_model.") :]
+    if key.startswith("model."):
+        return "model.language_model." + key[len("model.") :]
+    if key.startswith("lm_head."):
+        return key
+    return None
+
+
+def _load_original(path: Path, vision_tower: str | Path | None, dtype: torch.dtype,
+                   lazy_decoder: bool = False) -> LoadedCheckpoint:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     raw = _read_json(path / "config.json")
@@ -476,7 +543,8 @@ def _load_original(path: Path, vision_tower: str | Path | None, dtype: torch.dty
         vision_config=vcfg, text_config=tcfg, image_token_id=image_token_id, vision_feature_layer=layer,
         vision_feature_select_strategy=strategy, projector_hidden_act="gelu", tie_word_embeddings=False,
     )
-    state_in = _load_state_dict(path, dtype)
+    defer = (lambda k: is_decoder_key(_original_key(k, projector) or "")) if lazy_decoder else None
+    state_in = _load_state_dict(path, dtype, defer)
     meta = torch.device("meta")
     with meta:
         model = LlavaForConditionalGeneration(config)
@@ -487,21 +555,13 @@ def _load_original(path: Path, vision_tower: str | Path | None, dtype: torch.dty
     if projector == "linear":
         model.model.multi_modal_projector = torch.nn.Linear(vcfg.hidden_size, tcfg.hidden_size, device=meta)
 
-    state: dict[str, torch.Tensor] = {}
+    state: dict[str, torch.Tensor | TensorRef] = {}
     tower_in_ckpt = False
     for k, v in state_in.items():
-        if k.startswith("model.mm_projector."):
-            rest = k[len("model.mm_projector.") :]
-            if projector == "mlp2x_gelu":
-                rest = rest.replace("0.", "linear_1.", 1) if rest.startswith("0.") else rest.replace("2.", "linear_2.", 1)
-            state["model.multi_modal_projector." + rest] = v
-        elif k.startswith("model.vision_tower.vision_tower.vision_model."):
-            tower_in_ckpt = True
-            state["model.vision_tower." + k[len("model.vision_tower.vision_tower.vision_model.") :]] = v
-        elif k.startswith("model."):
-            state["model.language_model." + k[len("model.") :]] = v
-        elif k.startswith("lm_head."):
-            state[k] = v
+        name = _original_key(k, projector)
+        if name is not None:
+            state[name] = v
+            tower_in_ckpt |= k.startswith("model.vision_tower.vision_tower.vision_model.")
     if not tower_in_ckpt:
         for k, v in _load_state_dict(clip_dir, dtype).items():
             if k.startswith("vision_model."):  # hub CLIPModel / CLIPVisionModel files
@@ -511,7 +571,7 @@ def _load_original(path: Path, vision_tower: str | Path | None, dtype: torch.dty
     emb_key = "model.language_model.embed_tokens.weight"
     if emb_key in state and state[emb_key].shape[0] == vocab:
         state[emb_key] = torch.cat([state[emb_key], state[emb_key].new_zeros(image_token_id + 1 - vocab, tcfg.hidden_size)])
-    _strict_load(model, state, path)
+    deferred = _strict_load(model, state, path, lazy_decoder)
     model = model.to(dtype).eval()
 
     pre = {}
@@ -528,4 +588,5 @@ def _load_original(path: Path, vision_tower: str | Path | None, dtype: torch.dty
         image_token_id=image_token_id, vision=vision, chat_template="llava_v1",
         eos_token_ids=eos, bos_token_id=bos, pad_token_id=pad, projector=projector,
         chat_template_source="original LLaVA layout: conv_vicuna_v1", max_context=tcfg.max_position_embeddings,
+        deferred=deferred,
     )

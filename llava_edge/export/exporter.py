@@ -18,11 +18,12 @@ import torch
 
 from ..errors import LlavaEdgeError
 from .. import __version__
-from ..package import (FORMAT_VERSION, TOKENIZER_NAME, Manifest, TextConfig, check_output_dir, staged_package,
-                       write_manifest)
+from ..package import (FORMAT_VERSION, TOKENIZER_NAME, Manifest, TextConfig, check_output_dir, graph_size,
+                       staged_package, write_manifest)
 from . import verify
 from .checkpoint import LoadedCheckpoint, load_checkpoint, weights_bytes
 from .embed_int8 import RELATIVE_TOLERANCE, write_int8_embed
+from .lazy import DecoderWeights, LazyLlava, reference_model
 from .onnx_export import export_decoder, export_embed, export_vision
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
@@ -94,6 +95,7 @@ def export_package(
     target: str = "portable",
     embed: str = "auto",
     lm_head: str = "auto",
+    check_layers: int | None = None,
 ) -> ExportResult:
     """Load the checkpoint, export vision/embed and the target's decoder, verify each, write the package.
 
@@ -108,6 +110,11 @@ def export_package(
     embed / lm_head: "float", "int8" (embedding table as GatherBlockQuantized, lm_head as 8-bit
     MatMulNBits in the fast decoder) or "auto" (int8 for cpu-int4, whose decoder is int4 anyway; float
     otherwise). The portable decoder keeps a float lm_head (quantize owns its numerics).
+
+    The cpu targets never hold the decoder: only the vision tower, projector and embedding table are
+    loaded into torch, and the fast decoder is written from the checkpoint a tensor at a time
+    (export/lazy.py). Their check runs on the first `check_layers` decoder layers (default: all of them
+    when the fp32 model fits in memory, else 2; see _check_fast_decoders).
     """
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r}; use {', '.join(TARGETS)}")
@@ -123,6 +130,8 @@ def export_package(
         raise ExportError(f"unknown dtype {dtype!r}; use fp32 or fp16")
     if opset < 17:
         raise ExportError("opset must be >= 17 (LayerNormalization and friends)")
+    if check_layers is not None and (target == "portable" or check_layers < 1):
+        raise ExportError("check_layers is for --target cpu / cpu-int4, and at least 1")
     torch_dtype = DTYPES[dtype]
     stage = on_stage or (lambda name: None)
     inputs = [p for p in (checkpoint_dir, vision_tower) if p is not None]
@@ -130,10 +139,12 @@ def export_package(
 
     stage("load checkpoint")
     # fp16 export keeps an fp32 reference for verification when both fit in memory; otherwise (a 7B
-    # on a 24 GB machine) it loads fp16 once and verifies against transformers in fp16.
-    fp32_reference = torch_dtype == torch.float32 or _fits_in_memory(6 * weights_bytes(checkpoint_dir))
+    # on a 24 GB machine) it loads fp16 once and verifies against transformers in fp16. The cpu targets
+    # load no decoder (lazy_decoder), so their fp32 reference always fits.
+    lazy = target != "portable"
+    fp32_reference = lazy or torch_dtype == torch.float32 or _fits_in_memory(6 * weights_bytes(checkpoint_dir))
     ck = load_checkpoint(checkpoint_dir, vision_tower=vision_tower,
-                         dtype=torch.float32 if fp32_reference else torch_dtype)
+                         dtype=torch.float32 if fp32_reference else torch_dtype, lazy_decoder=lazy)
     if chat_template:
         ck.chat_template = chat_template
         ck.chat_template_source = "--template"
@@ -181,13 +192,19 @@ def export_package(
         quant = "int4-rtn" if target == "cpu-int4" else None
         scratch = Path(tempfile.mkdtemp(prefix=".verify-", dir=tmp))
         try:
-            head_bits = 8 if lm_head == "int8" else None
-            fast = (_build_fast_decoders(model, manifest, tmp, scratch, quant, head_bits, stage)
-                    if target != "portable" else [])
-            stage("verify against transformers" if target == "portable" else "transformers on the check prompt")
-            ref = verify.image_prompt_reference(ck.model, ck.tokenizer, ck.image_token_id, ck.vision.num_image_tokens,
+            checks, reference = None, ck.model
+            if lazy:
+                layers = _layers_to_check(ck, check_layers)
+                checks = _build_fast_decoders(ck, torch_dtype, manifest, tmp, scratch, quant, layers,
+                                              8 if lm_head == "int8" else None, stage)
+                stage(f"transformers on the check prompt ({layers} of {manifest.text.num_layers} layers)")
+                reference = reference_model(ck, layers)
+            else:
+                stage("verify against transformers")
+            ref = verify.image_prompt_reference(reference, ck.tokenizer, ck.image_token_id, ck.vision.num_image_tokens,
                                                 tmp, ck.vision.image_size, vision=ck.vision)
-            model = ck.model = steps = None  # torch's part is done: free the model before the graphs load
+            # torch's part is done: free the models before the graphs load
+            model = ck.model = reference = steps = None
             gc.collect()
 
             for name, spec, x, want in pending:
@@ -210,7 +227,7 @@ def export_package(
                         f"{errors['pipeline_logits']:.3g} in logits"
                     )
             else:
-                _check_fast_decoders(manifest, tmp, fast, ref, quant, TOLERANCE[torch_dtype] * 10, errors, stage)
+                _check_fast_decoders(manifest, tmp, checks, ref, TOLERANCE[torch_dtype] * 10, errors, stage)
         finally:
             for name in list(manifest.graphs):
                 if manifest.graphs[name].file.startswith(scratch.name + "/"):
@@ -229,46 +246,101 @@ def _part_format(part: str, value: str, target: str) -> str:
     return ("int8" if target == "cpu-int4" else "float") if value == "auto" else value
 
 
-def _build_fast_decoders(model, manifest: Manifest, tmp: Path, scratch: Path, quant: str | None,
-                         head_bits: int | None, stage: Callable[[str], None]) -> list[str]:
-    """The target's fast decoder into the package, and for int4 its two float twins into `scratch`
-    (see _check_fast_decoders); returns the graph names to check, all in manifest.graphs."""
+@dataclass
+class FastChecks:
+    """The graphs a cpu target's check runs (names in manifest.graphs). float_graph: checked against
+    transformers; twin / int4 (int4 target): the int4 graph against its float twin. layers < num_layers:
+    these are built from the first `layers` layers in the scratch directory, and `shipped` (the whole
+    decoder) must hold their weights byte for byte and give finite logits (see _check_fast_decoders)."""
+
+    shipped: str
+    float_graph: str
+    twin: str | None
+    int4: str | None
+    layers: int
+    num_layers: int
+
+
+def _layers_to_check(ck: LoadedCheckpoint, wanted: int | None) -> int:
+    """Decoder layers the cpu targets' check holds in torch: all when the fp32 model fits (twice over:
+    the transformers forward and the model), else 2; `wanted` overrides (capped at the model's)."""
+    n = ck.model.config.text_config.num_hidden_layers
+    if wanted is not None:
+        return min(wanted, n)
+    return n if _fits_in_memory(2 * DecoderWeights(ck, torch.float32).nbytes(4)) else min(2, n)
+
+
+def _build_fast_decoders(ck: LoadedCheckpoint, dtype: torch.dtype, manifest: Manifest, tmp: Path, scratch: Path,
+                         quant: str | None, layers: int, head_bits: int | None,
+                         stage: Callable[[str], None]) -> FastChecks:
+    """The target's fast decoder into the package, written from the checkpoint a tensor at a time, and
+    the graphs its check needs into `scratch` (all in manifest.graphs)."""
     from .fast_decoder import INT4_DEQUANTIZED, FastDecoderConfig, build_fast_decoder
 
-    twins = {"decoder_fast": None, TWIN: INT4_DEQUANTIZED} if quant else {}
-    for name, twin_quant in twins.items():
-        stage(f"export {name} (float, for the check)")
-        # the float graph checks the wiring against transformers: float lm_head; the twin mirrors the int4 graph
-        spec = build_fast_decoder(model, scratch / f"{name}.onnx", FastDecoderConfig(
-            name, manifest.dtype, twin_quant, lm_head_bits=head_bits if twin_quant else None))
+    n = manifest.text.num_layers
+    shipped = "decoder_fast_int4" if quant else "decoder_fast"
+    suffix = "" if layers == n else "_head"
+    checks = FastChecks(shipped, "decoder_fast" + suffix, TWIN + suffix if quant else None,
+                        shipped + suffix if quant else None, layers, n)
+    head = LazyLlava(ck, dtype, layers)
+    for name, graph_quant in ((checks.float_graph, None), (checks.twin, INT4_DEQUANTIZED), (checks.int4, quant)):
+        if name is None or name == shipped:
+            continue
+        stage(f"export {name} (for the check)")
+        # the float graph checks the wiring against transformers (float lm_head); twin and int4 carry the
+        # shipped graph's lm_head, so the int4 check isolates the int4 layers and its weights match byte for byte
+        spec = build_fast_decoder(head, scratch / f"{name}.onnx", FastDecoderConfig(
+            name, manifest.dtype, graph_quant, lm_head_bits=head_bits if graph_quant else None))
         spec.file = f"{scratch.name}/{spec.file}"
         manifest.graphs[name] = spec
-    cfg = FastDecoderConfig(name="decoder_fast_int4" if quant else "decoder_fast", dtype=manifest.dtype, quant=quant,
-                            lm_head_bits=head_bits)
+    cfg = FastDecoderConfig(name=shipped, dtype=manifest.dtype, quant=quant, lm_head_bits=head_bits)
     stage(f"export {cfg.name}")
-    manifest.graphs[cfg.name] = build_fast_decoder(model, tmp / f"{cfg.name}.onnx", cfg)
+    manifest.graphs[cfg.name] = build_fast_decoder(LazyLlava(ck, dtype), tmp / f"{cfg.name}.onnx", cfg)
     manifest.extra["fast_decoders"] = {cfg.name: asdict(cfg)}
-    return [*twins, cfg.name]
+    return checks
 
 
-def _check_fast_decoders(manifest: Manifest, tmp: Path, graphs: list[str], ref: verify.PromptReference,
-                         quant: str | None, bound: float, errors: dict[str, float],
-                         stage: Callable[[str], None]) -> None:
+def _check_fast_decoders(manifest: Manifest, tmp: Path, checks: FastChecks, ref: verify.PromptReference,
+                         bound: float, errors: dict[str, float], stage: Callable[[str], None]) -> None:
     """float: the fast decoder's logits against transformers', within `bound`. int4: the float fast
-    graph is held to `bound` (the wiring all three graphs share), and the shipped int4 graph must be
-    within INT4_RELATIVE_TOLERANCE of its twin whose MatMul weights are the int4 values times their
-    scales (what MatMulNBits' int8 activations cost), which a wrong packing, scale or block layout is
-    far above."""
+    graph is held to `bound` (the wiring all three graphs share), and the int4 graph must be within
+    INT4_RELATIVE_TOLERANCE of its twin whose MatMul weights are the int4 values times their scales
+    (what MatMulNBits' int8 activations cost), which a wrong packing, scale or block layout is far above.
+
+    With fewer layers checked than the model has (`ref` is then transformers truncated to those layers):
+    the shipped graph must hold every weight of the checked graph of its kind byte for byte (same
+    names: its first layers, final norm, lm_head, rotary tables) and give finite logits on the check
+    prompt; its later layers are written by the same code from other tensors, and are not compared."""
     got = {}
-    for name in graphs:
-        stage(f"verify {name} against transformers")
-        got[name], want = verify.fast_decoder_logits(manifest, tmp, name, ref)
-    errors["decoder_fast_logits"] = err = float(np.abs(got["decoder_fast"] - want).max())
+    for name in (checks.float_graph, checks.twin, checks.int4):
+        if name is not None:
+            stage(f"verify {name} against transformers")
+            got[name], want = verify.fast_decoder_logits(manifest, tmp, name, ref)
+    errors["decoder_fast_logits"] = err = float(np.abs(got[checks.float_graph] - want).max())
     if not err <= bound:
         raise ExportError(f"the fast decoder differs from transformers by {err:.3g} in logits (> {bound:.0e})")
-    if quant:
-        errors["decoder_fast_int4_vs_twin"] = rel = verify.max_relative_error(got["decoder_fast_int4"], got[TWIN])
-        errors["decoder_fast_int4_vs_transformers"] = verify.max_relative_error(got["decoder_fast_int4"], want)
+    if checks.int4:
+        errors["decoder_fast_int4_vs_twin"] = rel = verify.max_relative_error(got[checks.int4], got[checks.twin])
+        errors["decoder_fast_int4_vs_transformers"] = verify.max_relative_error(got[checks.int4], want)
         if not rel <= INT4_RELATIVE_TOLERANCE:
             raise ExportError(f"the int4 fast decoder's logits are {rel:.3g} (relative) from its float twin's "
                               f"(> {INT4_RELATIVE_TOLERANCE}); the int4 graph is broken")
+    scope = {"layers_checked": checks.layers, "num_layers": checks.num_layers}
+    if checks.layers < checks.num_layers:
+        head = checks.int4 or checks.float_graph
+        stage(f"verify {checks.shipped} holds {head}'s weights")
+        differ = verify.weights_not_in(tmp, manifest.graphs[head], manifest.graphs[checks.shipped])
+        if differ:
+            raise ExportError(f"{checks.shipped} does not hold the checked graph's weights: {', '.join(differ[:5])}")
+        size = graph_size(tmp, manifest.graphs[checks.shipped])
+        if _fits_in_memory(2 * size):
+            stage(f"run {checks.shipped} on the check prompt")
+            logits, _ = verify.fast_decoder_logits(manifest, tmp, checks.shipped, ref)
+            if not np.isfinite(logits).all():
+                raise ExportError(f"{checks.shipped} gives non-finite logits on the check prompt")
+            scope["full_graph"] = "finite logits on the check prompt (prefill + 3 decode steps)"
+        else:
+            scope["full_graph"] = f"not run: {size / 2**30:.1f} GiB does not fit in memory"
+        scope["method"] = (f"graphs of the first {checks.layers} layers (+ final norm, lm_head) checked against "
+                           f"transformers truncated to them; {checks.shipped} holds their weights byte for byte")
+    manifest.extra["verification_scope"] = scope

@@ -3,11 +3,13 @@ pipeline against transformers' LlavaForConditionalGeneration forward."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnxruntime as ort
 import torch
 
@@ -160,6 +162,47 @@ def fast_decoder_logits(manifest, package_dir: Path, graph: str, ref: PromptRefe
     for i in range(p, n):
         rows.append(backend.step(cache, emb[:, i:i + 1], np.ones((1, i + 1), np.int64), np.array([[i]], np.int64))[0])
     return np.stack(rows).astype(np.float64), ref.logits[0, p - 1:].astype(np.float64)
+
+
+def _initializer_bytes(graph_path: Path, tensor: onnx.TensorProto, chunk: int = 64 << 20):
+    """An initializer's stored bytes, in chunks (inline, or from its external data file)."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        yield onnx.numpy_helper.to_array(tensor).tobytes()
+        return
+    info = {e.key: e.value for e in tensor.external_data}
+    with open(graph_path.parent / info["location"], "rb") as f:
+        f.seek(int(info.get("offset", 0)))
+        left = int(info["length"])
+        while left:
+            data = f.read(min(chunk, left))
+            if not data:
+                raise ValueError(f"{info['location']} ends inside {tensor.name}")
+            left -= len(data)
+            yield data
+
+
+def _digest(graph_path: Path, tensor: onnx.TensorProto) -> str:
+    h = hashlib.sha256()
+    for data in _initializer_bytes(graph_path, tensor):
+        h.update(data)
+    return h.hexdigest()
+
+
+def weights_not_in(package_dir: Path, part, whole) -> list[str]:
+    """Initializers of graph `part` that graph `whole` lacks or stores differently (same name, same
+    dtype, shape and bytes required). A graph built from a model's first layers against the whole
+    model's: empty when the whole graph holds exactly the weights that were checked."""
+    part_path, whole_path = package_dir / part.file, package_dir / whole.file
+    theirs = {t.name: t for t in onnx.load(str(whole_path), load_external_data=False).graph.initializer}
+    differ = []
+    for t in onnx.load(str(part_path), load_external_data=False).graph.initializer:
+        other = theirs.get(t.name)
+        if other is None or other.data_type != t.data_type or list(other.dims) != list(t.dims):
+            differ.append(t.name)
+            continue
+        if _digest(part_path, t) != _digest(whole_path, other):
+            differ.append(t.name)
+    return differ
 
 
 def max_relative_error(got: np.ndarray, want: np.ndarray) -> float:

@@ -157,24 +157,32 @@ def test_no_decoder_graph_is_loaded_beside_the_torch_model(tiny_models, tmp_path
 
     alive = []
     real_load, real_session, real_open = exporter.load_checkpoint, verify.session, fast_backend.open_session
+    real_reference = exporter.reference_model
 
     def load(*a, **k):
         ck = real_load(*a, **k)
         alive.append(weakref.ref(ck.model))
         return ck
 
+    def reference(*a, **k):  # the cpu targets' transformers reference (the model's first layers, or all)
+        model = real_reference(*a, **k)
+        alive.append(weakref.ref(model))
+        return model
+
     opened = []
 
     def check(name):
         gc.collect()
         if name.startswith("decoder"):
-            assert alive and alive[0]() is None, f"{name} opened while the torch model is alive"
+            assert alive and all(a() is None for a in alive), f"{name} opened while a torch model is alive"
             opened.append(name)
 
     monkeypatch.setattr(exporter, "load_checkpoint", load)
+    monkeypatch.setattr(exporter, "reference_model", reference)
     monkeypatch.setattr(verify, "session", lambda path: check(path.name) or real_session(path))
     monkeypatch.setattr(fast_backend, "open_session",
                         lambda root, m, graph, *a: check(graph) or real_open(root, m, graph, *a))
     exporter.export_package(tiny_models["llava-hf-gqa"]["checkpoint"], tmp_path / "p", target=target)
+    assert len(alive) == (1 if target == "portable" else 2)
     assert opened == (["decoder.onnx"] * 2 if target == "portable" else
                       ["decoder_fast", "decoder_fast_int4_twin", "decoder_fast_int4"])
