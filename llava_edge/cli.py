@@ -138,6 +138,9 @@ def export(
     target: str = typer.Option("portable", help="Which decoder the package holds: portable (every backend, "
                                "quantize and build; --fast/--fast-int4 add fast ones), cpu (only the fast fp32 "
                                "decoder, ort-fast) or cpu-int4 (only the int4 fast decoder, ort-fast-int4)."),
+    vision: str = typer.Option("fp32", help="Vision tower: fp32, int8 (int8 MatMuls, dynamic activation scale; "
+                               "faster time to first token with an image) or int8-blocked (MatMulNBits 8-bit, "
+                               "activation scale per block of 128). int8 is checked against the fp32 tower."),
 ) -> None:
     """Split a checkpoint into vision / embed / decoder ONNX graphs, verified against PyTorch."""
     from .package import check_output_dir
@@ -145,6 +148,8 @@ def export(
 
     if target not in ("portable", "cpu", "cpu-int4"):
         raise UsageError(f"--target {target!r}: use portable, cpu or cpu-int4")
+    if vision not in ("fp32", "int8", "int8-blocked") or (vision != "fp32" and dtype != "fp32"):
+        raise UsageError(f"--vision {vision!r}: use fp32, int8 or int8-blocked (int8 needs --dtype fp32)")
     if target != "portable" and (fast or fast_int4):
         raise UsageError(f"--target {target} holds one decoder; --fast and --fast-int4 add to a portable package "
                          "(--target portable)")
@@ -153,7 +158,8 @@ def export(
 
     with Stages(console).running() as on_stage:
         result = export_package(checkpoint, output, dtype=dtype, opset=opset, overwrite=overwrite,
-                                vision_tower=vision_tower, chat_template=template, on_stage=on_stage, target=target)
+                                vision_tower=vision_tower, chat_template=template, on_stage=on_stage, target=target,
+                                vision_quant=vision)
         if fast or fast_int4:
             from .export.fast_decoder import export_fast_decoder
 
@@ -448,6 +454,10 @@ def inspect(package: Path = typer.Argument(..., help="Model package directory.")
               f"{t.head_dim}, vocab {t.vocab_size}, context {t.max_context}, template {t.chat_template}")
     out.print(f"vision: {v.image_size}px / patch {v.patch_size} -> {v.num_image_tokens} tokens per image, layer "
               f"{v.vision_feature_layer}, strategy {v.select_strategy}, pad-to-square {v.pad_to_square}")
+    vq = m.extra.get("vision_quant")
+    out.print(f"vision weights: {m.dtype}" if not vq else
+              f"vision weights: {vq['option']} ({vq['method']}, {vq['quantized']} MatMuls; relative error vs the "
+              f"fp32 tower {vq['relative_error']:.2e})")
     table = Table("graph", "file", "size", "inputs", "outputs", "max err")
     for name, g in m.graphs.items():
         fmt = lambda ts: "\n".join(f"{x.name} {x.dtype}{x.shape}" for x in ts)  # noqa: E731

@@ -20,7 +20,7 @@ from ..errors import LlavaEdgeError
 from .. import __version__
 from ..package import (FORMAT_VERSION, TOKENIZER_NAME, Manifest, TextConfig, check_output_dir, staged_package,
                        write_manifest)
-from . import verify
+from . import verify, vision_int8
 from .checkpoint import LoadedCheckpoint, load_checkpoint, weights_bytes
 from .onnx_export import export_decoder, export_embed, export_vision
 
@@ -90,6 +90,7 @@ def export_package(
     chat_template: str | None = None,
     on_stage: Callable[[str], None] | None = None,
     target: str = "portable",
+    vision_quant: str = "fp32",
 ) -> ExportResult:
     """Load the checkpoint, export vision/embed and the target's decoder, verify each, write the package.
 
@@ -97,14 +98,17 @@ def export_package(
     pipeline against transformers. "cpu" / "cpu-int4": only the fast decoder (fp32 / int4 round-to-
     nearest), checked through the runtime's fast backend against transformers on an image prompt
     (prefill and decode paths, see verify.fast_decoder_logits); for int4 two float twins are built in a
-    scratch directory (see _check_fast_decoders). Torch's side of every check runs first, then the torch
-    model is freed and onnxruntime loads the graphs, so no graph is held beside the model. The package
+    scratch directory (see _check_fast_decoders). vision_quant "int8" / "int8-blocked": the verified fp32
+    vision graph is rewritten with int8 MatMuls and held to a relative bound (export/vision_int8.py).
+    Torch's side of every check runs first, then the torch model is freed and onnxruntime loads the graphs, so no graph is held beside the model. The package
     appears at out_dir only once everything succeeded (staged directory + rename).
     """
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r}; use {', '.join(TARGETS)}")
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; use fp32 or fp16")
+    if vision_quant not in vision_int8.options() or (vision_quant != "fp32" and dtype != "fp32"):
+        raise ExportError(f"--vision {vision_quant!r} with --dtype {dtype}: use fp32, or int8 / int8-blocked with fp32")
     if opset < 17:
         raise ExportError("opset must be >= 17 (LayerNormalization and friends)")
     torch_dtype = DTYPES[dtype]
@@ -173,6 +177,11 @@ def export_package(
                 err = spec.max_abs_error = errors[name] = verify.onnx_error(tmp, spec, x, want)
                 if not err <= TOLERANCE[torch_dtype]:
                     raise ExportError(f"{name}.onnx differs from PyTorch by {err:.3g} (> {TOLERANCE[torch_dtype]:.0e})")
+            if vision_quant != "fp32":
+                stage(f"{vision_quant} vision")
+                q = vision_int8.quantize_checked(tmp, *pending[0][1:], vision_quant)
+                errors["vision_int8_relative"] = q.relative_error
+                manifest.extra["vision_quant"] = {"option": vision_quant, **q.to_dict()}
             del pending
             if target == "portable":
                 errors["pipeline_logits"] = verify.portable_logits_error(tmp, ref)

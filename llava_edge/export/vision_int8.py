@@ -1,0 +1,185 @@
+"""int8 vision tower: rewrite an exported fp32 vision.onnx so its MatMul weights are int8.
+
+The vision graph is compute bound (every image runs ~600 tokens through the tower at once), so on
+a CPU with int8 dot products (AVX-512 VNNI, AVX-VNNI, ARM dot-product) int8 weights *and* int8
+activations are what pays, not just smaller weights. Two rewrites, same contract in and out
+(`pixel_values` -> `image_features`), so the runtime loads either unchanged:
+
+* ``matmulnbits`` (the shipped one): every MatMul with a constant [K, N] weight becomes
+  ``com.microsoft.MatMulNBits`` with ``bits=8``, symmetric per output column and block of
+  ``block_size`` along K (the int8 layout of quantize/packing.py: ``q + 128``, default zero point),
+  ``accuracy_level=4``: onnxruntime quantizes the activations to int8 per block as well, so both
+  operands of the dot product are int8 with a scale per 128 values.
+* ``dynamic``: onnxruntime.quantization.quantize_dynamic (MatMulInteger / DynamicQuantizeMatMul):
+  int8 weights per tensor or per column, but one uint8 scale for the whole activation tensor, which
+  an outlier channel (CLIP has them) stretches. Kept to measure against; see docs/quantization.md.
+
+The patch Conv and everything else (LayerNorm, attention softmax, biases) stay fp32: the Conv is one
+op of 3*p*p input channels and <2% of the tower's work.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..errors import LlavaEdgeError
+from .onnx_export import save_onnx
+
+METHODS = ("matmulnbits", "dynamic")
+# ||int8 - fp32|| / ||fp32|| of the image features on the check image that export accepts. Measured:
+# ~0.01 (tiny shipped model) to ~0.02 (random edge-1b tower); weight rounding alone costs ~0.5% per
+# MatMul and the activations' int8 as much again. A wrong scale or packing is far above (a scale x2 in
+# one MatMul, swapped blocks: >= 0.3), so the bound separates both with room.
+RELATIVE_TOLERANCE = 0.05
+
+
+class VisionQuantError(LlavaEdgeError):
+    pass
+
+
+@dataclass
+class VisionQuant:
+    """What was done to vision.onnx; recorded as manifest.extra["vision_quant"]."""
+
+    method: str = "matmulnbits"
+    bits: int = 8
+    block_size: int = 128
+    accuracy_level: int = 4
+    per_channel: bool = True
+    quantized: int = 0  # MatMuls rewritten
+    skipped: list[str] | None = None  # MatMuls left fp32 (no block size divides K)
+    relative_error: float | None = None  # vs the fp32 torch tower on the check image
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def int8_blocks(w_t: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """[K, N] float weight -> MatMulNBits B uint8 [N, K/bs, bs] (``q + 128``) and scales float32 [N, K/bs].
+
+    Symmetric round-to-nearest per output column and block: scale = max|w| / 127, q in [-127, 127]."""
+    k, n = w_t.shape
+    w = w_t.T.astype(np.float32).reshape(n, k // block_size, block_size)
+    scale = np.abs(w).max(axis=-1) / 127.0
+    scale[scale == 0] = 1.0
+    q = np.clip(np.rint(w / scale[..., None]), -127, 127).astype(np.int16)
+    return (q + 128).astype(np.uint8), scale.astype(np.float32)
+
+
+def _block_size(k: int, preferred: int) -> int | None:
+    """The preferred block if it divides K, else the largest power of two >= 16 that does."""
+    bs = preferred
+    while bs >= 16:
+        if k % bs == 0:
+            return bs
+        bs //= 2
+    return None
+
+
+def rewrite_matmulnbits(model: onnx.ModelProto, cfg: VisionQuant) -> onnx.ModelProto:
+    """In place: each MatMul(x, W const fp32 [K, N]) -> MatMulNBits(x, B, scales) bits=8."""
+    inits = {t.name: t for t in model.graph.initializer}
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    skipped, dropped = [], set()
+    new_inits = []
+    for i, node in enumerate(model.graph.node):
+        if node.op_type != "MatMul" or node.input[1] not in inits:
+            continue
+        t = inits[node.input[1]]
+        if t.data_type != onnx.TensorProto.FLOAT or len(t.dims) != 2:
+            continue
+        k, n = t.dims
+        bs = _block_size(k, cfg.block_size)
+        if bs is None:
+            skipped.append(node.name)
+            continue
+        packed, scales = int8_blocks(numpy_helper.to_array(t), bs)
+        base = node.input[1].removesuffix(".weight_t") or f"matmul{i}"
+        b, s = f"{base}.qweight8", f"{base}.scales8"
+        new_inits += [numpy_helper.from_array(packed, b), numpy_helper.from_array(scales.reshape(-1), s)]
+        uses[node.input[1]] -= 1
+        if uses[node.input[1]] == 0:
+            dropped.add(node.input[1])
+        repl = helper.make_node("MatMulNBits", [node.input[0], b, s], list(node.output), name=node.name + "NBits",
+                                domain="com.microsoft", K=k, N=n, bits=8, block_size=bs,
+                                accuracy_level=cfg.accuracy_level)
+        model.graph.node[i].CopyFrom(repl)
+        cfg.quantized += 1
+    keep = [t for t in model.graph.initializer if t.name not in dropped]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep + new_inits)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    cfg.skipped = skipped
+    return model
+
+
+def quantize_vision(src: Path, dst: Path, cfg: VisionQuant | None = None) -> VisionQuant:
+    """Write the int8 rewrite of the fp32 graph `src` to `dst` (may be the same path); returns what was done."""
+    cfg = cfg or VisionQuant()
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown vision quantization {cfg.method!r}; use {', '.join(METHODS)}")
+    src, dst = Path(src), Path(dst)
+    if cfg.method == "dynamic":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        cfg.block_size, cfg.accuracy_level = 0, 0
+        tmp = dst.with_name(dst.name + ".q.onnx")
+        root = logging.getLogger()
+        level, root.level = root.level, logging.ERROR  # its "run pre-processing first" note is for static quantization
+        try:
+            quantize_dynamic(src, tmp, weight_type=QuantType.QInt8, per_channel=cfg.per_channel,
+                             op_types_to_quantize=["MatMul"])
+        finally:
+            root.setLevel(level)
+        model = onnx.load(str(tmp))
+        tmp.unlink()
+        cfg.quantized = sum(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in model.graph.node)
+        cfg.skipped = []
+    else:
+        model = rewrite_matmulnbits(onnx.load(str(src)), cfg)
+    model.ir_version = min(model.ir_version, 10)
+    external = model.ByteSize() > (1 << 30)
+    save_onnx(model, dst, external=external)
+    return cfg
+
+
+def options() -> dict[str, VisionQuant | None]:
+    """`export --vision` values: fp32 (no rewrite) and the int8 rewrites."""
+    return {"fp32": None, "int8": VisionQuant(method="dynamic", per_channel=True, block_size=0, accuracy_level=0),
+            "int8-blocked": VisionQuant(method="matmulnbits")}
+
+
+def relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    """||got - want|| / ||want|| over the whole output (all images, tokens and channels)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def quantize_checked(package_dir: Path, spec, inputs: tuple, want: list[np.ndarray], option: str) -> VisionQuant:
+    """Rewrite the package's verified fp32 vision graph in place to `option` and hold it to
+    RELATIVE_TOLERANCE of the torch tower's outputs `want` on the check `inputs`; updates `spec`
+    (external files, max_abs_error of the int8 graph). Raises VisionQuantError above the bound."""
+    from .verify import session
+
+    cfg = options()[option]
+    path = Path(package_dir) / spec.file
+    quantize_vision(path, path, cfg)
+    spec.external_data = [f.name for f in path.parent.glob(path.name + "*.data")]
+    got = session(path).run(None, {s.name: t.numpy() for s, t in zip(spec.inputs, inputs)})[0]
+    cfg.relative_error = relative_error(got, want[0])
+    spec.max_abs_error = float(np.abs(got.astype(np.float64) - want[0]).max())
+    if not cfg.relative_error <= RELATIVE_TOLERANCE:
+        hint = " (try --vision int8-blocked: int8 activations per block of 128)" if option == "int8" else ""
+        raise VisionQuantError(f"the {option} vision graph is {cfg.relative_error:.3g} (relative) from the fp32 tower "
+                               f"(> {RELATIVE_TOLERANCE}); export with --vision fp32{hint}")
+    return cfg
