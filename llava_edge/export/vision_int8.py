@@ -32,11 +32,16 @@ from ..errors import LlavaEdgeError
 from .onnx_export import save_onnx
 
 METHODS = ("matmulnbits", "dynamic")
-# ||int8 - fp32|| / ||fp32|| of the image features on the check image that export accepts. Measured:
-# ~0.01 (tiny shipped model) to ~0.02 (random edge-1b tower); weight rounding alone costs ~0.5% per
-# MatMul and the activations' int8 as much again. A wrong scale or packing is far above (a scale x2 in
-# one MatMul, swapped blocks: >= 0.3), so the bound separates both with room.
+# The export check has two bounds. End to end: ||int8 - fp32|| / ||fp32|| of the image features on the
+# check images against the fp32 torch tower, measured 0.007 (shipped tiny model) to 0.02-0.03 (random
+# edge-1b and ViT-L/14-336 towers): weight rounding and the activations' int8 each cost ~1% per MatMul.
+# A systematic fault (a wrong scale rule, packing or zero point in every MatMul) is ~1.0. A fault in a
+# single MatMul can hide end to end (a q or k scale x2 only sharpens one softmax: 0.05 on the tiny model),
+# so each stored weight, read back as its kernel reads it, must also be within WEIGHT_TOLERANCE of the
+# fp32 weight: rounding costs ~0.01 (per column of Gaussian weights; a 20-sigma outlier in a column
+# ~0.05), a scale x2 is 1.0, swapped or misordered codes >= 1.
 RELATIVE_TOLERANCE = 0.05
+WEIGHT_TOLERANCE = 0.1
 
 
 class VisionQuantError(LlavaEdgeError):
@@ -54,7 +59,8 @@ class VisionQuant:
     per_channel: bool = True
     quantized: int = 0  # MatMuls rewritten
     skipped: list[str] | None = None  # MatMuls left fp32 (no block size divides K)
-    relative_error: float | None = None  # vs the fp32 torch tower on the check image
+    relative_error: float | None = None  # image features vs the fp32 torch tower on the check images
+    weight_error: float | None = None  # the largest ||W_int8 - W|| / ||W|| of a quantized MatMul
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,8 +109,7 @@ def rewrite_matmulnbits(model: onnx.ModelProto, cfg: VisionQuant) -> onnx.ModelP
             skipped.append(node.name)
             continue
         packed, scales = int8_blocks(numpy_helper.to_array(t), bs)
-        base = node.input[1].removesuffix(".weight_t") or f"matmul{i}"
-        b, s = f"{base}.qweight8", f"{base}.scales8"
+        b, s = node.input[1] + "_quantized", node.input[1] + "_scale"  # quantize_dynamic's names
         new_inits += [numpy_helper.from_array(packed, b), numpy_helper.from_array(scales.reshape(-1), s)]
         uses[node.input[1]] -= 1
         if uses[node.input[1]] == 0:
@@ -165,21 +170,58 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
+def dequantized_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Each int8 MatMul weight of a rewritten graph, read back as its kernel reads it: {fp32 weight
+    name: [K, N] float32}. MatMulNBits: B [N, K/bs, bs] uint8 minus 128 times scales [N, K/bs];
+    MatMulInteger: (B [K, N] int8 - zero point) times the per-column (or per-tensor) scale."""
+    inits = {t.name: t for t in model.graph.initializer}
+    arr = lambda name: numpy_helper.to_array(inits[name]).astype(np.float32)  # noqa: E731
+    out = {}
+    for node in model.graph.node:
+        name = node.input[1].removesuffix("_quantized") if len(node.input) > 1 else ""
+        if node.op_type == "MatMulNBits":
+            a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+            n, k, bs = a["N"], a["K"], a["block_size"]
+            q = arr(node.input[1]).reshape(n, k // bs, bs) - 2 ** (a["bits"] - 1)
+            out[name] = (q * arr(node.input[2]).reshape(n, k // bs, 1)).reshape(n, k).T
+        elif node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul"):
+            zp = arr(name + "_zero_point") if name + "_zero_point" in inits else 0.0
+            out[name] = (arr(node.input[1]) - zp) * arr(name + "_scale")
+    return out
+
+
+def weight_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto) -> dict[str, float]:
+    """||W_int8 - W|| / ||W|| per quantized MatMul weight (see WEIGHT_TOLERANCE)."""
+    inits = {t.name: t for t in fp32.graph.initializer}
+    return {name: relative_error(w, numpy_helper.to_array(inits[name])) for name, w in dequantized_weights(int8).items()}
+
+
 def quantize_checked(package_dir: Path, spec, inputs: tuple, want: list[np.ndarray], option: str) -> VisionQuant:
-    """Rewrite the package's verified fp32 vision graph in place to `option` and hold it to
-    RELATIVE_TOLERANCE of the torch tower's outputs `want` on the check `inputs`; updates `spec`
-    (external files, max_abs_error of the int8 graph). Raises VisionQuantError above the bound."""
+    """Rewrite the package's verified fp32 vision graph in place to `option` and check it (see
+    RELATIVE_TOLERANCE, WEIGHT_TOLERANCE): every stored weight against the fp32 graph's, and the
+    image features on the check `inputs` against the torch tower's `want`. Updates `spec` (external
+    files, max_abs_error of the int8 graph). Raises VisionQuantError when a bound is exceeded."""
     from .verify import session
 
     cfg = options()[option]
     path = Path(package_dir) / spec.file
+    fp32 = onnx.load(str(path))
     quantize_vision(path, path, cfg)
+    errs = weight_errors(fp32, onnx.load(str(path)))
+    del fp32
     spec.external_data = [f.name for f in path.parent.glob(path.name + "*.data")]
+    fix = "export with --vision fp32" + (" or int8-blocked (int8 activations per block of 128)" if option == "int8" else "")
+    if not errs:
+        raise VisionQuantError(f"the {option} rewrite quantized no MatMul of the vision graph; {fix}")
+    worst = max(errs, key=errs.get)
+    if not errs[worst] <= WEIGHT_TOLERANCE:
+        raise VisionQuantError(f"the {option} vision graph's weight {worst} is {errs[worst]:.3g} (relative) from "
+                               f"the fp32 weight (> {WEIGHT_TOLERANCE}); {fix}")
     got = session(path).run(None, {s.name: t.numpy() for s, t in zip(spec.inputs, inputs)})[0]
     cfg.relative_error = relative_error(got, want[0])
+    cfg.weight_error = errs[worst]
     spec.max_abs_error = float(np.abs(got.astype(np.float64) - want[0]).max())
     if not cfg.relative_error <= RELATIVE_TOLERANCE:
-        hint = " (try --vision int8-blocked: int8 activations per block of 128)" if option == "int8" else ""
         raise VisionQuantError(f"the {option} vision graph is {cfg.relative_error:.3g} (relative) from the fp32 tower "
-                               f"(> {RELATIVE_TOLERANCE}); export with --vision fp32{hint}")
+                               f"(> {RELATIVE_TOLERANCE}); {fix}")
     return cfg
