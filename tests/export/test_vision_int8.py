@@ -57,6 +57,7 @@ def test_int8_graph_is_int8_and_within_tolerance_of_fp32(packages):
     assert ops.count("MatMulInteger") == 20 and ops.count("Conv") == 1  # patch conv stays fp32
     inits = {t.name for t in graph.graph.initializer}
     assert not any(n.op_type == "MatMul" and n.input[1] in inits for n in graph.graph.node)
+    assert m.graphs["vision"].external_data == ["vision.onnx.data"]  # mapped, not kept twice (vision_int8)
     assert m.graphs["vision"].size_bytes < 0.5 * load_manifest(packages / "fp32").graphs["vision"].size_bytes
     # independently of the export's own check: real scenes of the task, int8 vs the fp32 graph
     pixels = _scene_pixels(packages / "fp32", 4)
