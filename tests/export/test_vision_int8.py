@@ -139,8 +139,7 @@ def test_cli_run_and_inspect_int8_package(packages, tmp_path):
     assert "vision weights: float32" in r.output, r.output
 
 
-def test_cli_refuses_unknown_vision_option(tmp_path):
-    for args in (["--vision", "int4"], ["--vision", "int8", "--dtype", "fp16"]):
-        r = runner.invoke(app, ["export", str(ASSET), "-o", str(tmp_path / "p"), *args])
-        assert r.exit_code == 2 and r.output.count("error:") == 1 and "--vision" in r.output, r.output
-        assert not (tmp_path / "p").exists()
+def test_cli_refuses_int8_vision_with_fp16(tmp_path):  # an unknown --vision: tests/robust/test_errors.py
+    r = runner.invoke(app, ["export", str(ASSET), "-o", str(tmp_path / "p"), "--vision", "int8", "--dtype", "fp16"])
+    assert r.exit_code == 2 and r.output.count("error:") == 1 and "needs --dtype fp32" in r.output, r.output
+    assert not (tmp_path / "p").exists()
