@@ -143,3 +143,16 @@ def test_cli_refuses_int8_vision_with_fp16(tmp_path):  # an unknown --vision: te
     r = runner.invoke(app, ["export", str(ASSET), "-o", str(tmp_path / "p"), "--vision", "int8", "--dtype", "fp16"])
     assert r.exit_code == 2 and r.output.count("error:") == 1 and "needs --dtype fp32" in r.output, r.output
     assert not (tmp_path / "p").exists()
+
+
+def test_vision_ab_benchmark_writes_both_rewrites_and_times_them(packages, tmp_path):
+    from llava_edge.benchmarks import vision_ab
+
+    md = tmp_path / "ab.md"
+    vision_ab.main([str(packages / "fp32"), "--out", str(tmp_path / "graphs"), "--reps", "2", "--no-memory",
+                    "--md", str(md)])
+    rows = {line.split("|")[1].strip(): line.split("|") for line in md.read_text().splitlines() if line.startswith("| ")}
+    assert {"fp32", "int8", "int8-blocked"} <= set(rows)
+    for name in ("int8", "int8-blocked"):
+        assert 0.0 < float(rows[name][4]) <= vision_int8.RELATIVE_TOLERANCE  # relative error vs the fp32 graph
+        assert (tmp_path / "graphs" / name / "vision.onnx.data").is_file()
