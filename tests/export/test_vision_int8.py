@@ -156,3 +156,9 @@ def test_vision_ab_benchmark_writes_both_rewrites_and_times_them(packages, tmp_p
     for name in ("int8", "int8-blocked"):
         assert 0.0 < float(rows[name][4]) <= vision_int8.RELATIVE_TOLERANCE  # relative error vs the fp32 graph
         assert (tmp_path / "graphs" / name / "vision.onnx.data").is_file()
+
+
+def test_tensorrt_plan_refuses_int8_vision_and_says_how_to_export(packages):
+    r = runner.invoke(app, ["build", str(packages / "int8"), "--dry-run", "--trt-version", "10.3"])
+    assert r.exit_code == 2 and "MatMulInteger" in r.output, r.output
+    assert "export the package with --vision fp32 for TensorRT" in " ".join(r.output.split()), r.output
