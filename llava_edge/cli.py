@@ -455,9 +455,10 @@ def inspect(package: Path = typer.Argument(..., help="Model package directory.")
     out.print(f"vision: {v.image_size}px / patch {v.patch_size} -> {v.num_image_tokens} tokens per image, layer "
               f"{v.vision_feature_layer}, strategy {v.select_strategy}, pad-to-square {v.pad_to_square}")
     vq = m.extra.get("vision_quant")
+    rel = vq.get("relative_error") if vq else None
     out.print(f"vision weights: {m.dtype}" if not vq else
-              f"vision weights: {vq['option']} ({vq['method']}, {vq['quantized']} MatMuls; relative error vs the "
-              f"fp32 tower {vq['relative_error']:.2e})")
+              f"vision weights: {vq.get('option')} ({vq.get('method')}, {vq.get('quantized')} MatMuls; relative error "
+              f"vs the fp32 tower {'-' if rel is None else f'{rel:.2e}'})")
     table = Table("graph", "file", "size", "inputs", "outputs", "max err")
     for name, g in m.graphs.items():
         fmt = lambda ts: "\n".join(f"{x.name} {x.dtype}{x.shape}" for x in ts)  # noqa: E731

@@ -134,7 +134,9 @@ def test_cli_run_and_inspect_int8_package(packages, tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads(r.output.strip().splitlines()[-1])["token_ids"]
     r = runner.invoke(app, ["inspect", str(packages / "int8")])
-    assert r.exit_code == 0 and "vision weights: int8 (dynamic, 20 MatMuls" in " ".join(r.output.split()), r.output
+    rel = load_manifest(packages / "int8").extra["vision_quant"]["relative_error"]
+    line = f"vision weights: int8 (dynamic, 20 MatMuls; relative error vs the fp32 tower {rel:.2e})"
+    assert r.exit_code == 0 and line in " ".join(r.output.split()), r.output
     r = runner.invoke(app, ["inspect", str(packages / "fp32")])
     assert "vision weights: float32" in r.output, r.output
 
