@@ -100,8 +100,9 @@ def export_package(
     (prefill and decode paths, see verify.fast_decoder_logits); for int4 two float twins are built in a
     scratch directory (see _check_fast_decoders). vision_quant "int8" / "int8-blocked": the verified fp32
     vision graph is rewritten with int8 MatMuls and held to a relative bound (export/vision_int8.py).
-    Torch's side of every check runs first, then the torch model is freed and onnxruntime loads the graphs, so no graph is held beside the model. The package
-    appears at out_dir only once everything succeeded (staged directory + rename).
+    Torch's side of every check runs first, then the torch model is freed and onnxruntime loads the
+    graphs, so no graph is held beside the model. The package appears at out_dir only once everything
+    succeeded (staged directory + rename).
     """
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r}; use {', '.join(TARGETS)}")
