@@ -179,6 +179,9 @@ def plan_build(package_dir: str | Path, trt_version: str | tuple[int, ...], targ
         allowed = plugins != "off" and aot
         checks[name] = ops.check_model(model, name, version, fp8=preset.fp8, plugins_allowed=allowed)
     bad = [c.describe() for c in checks.values() if not c.ok]
+    if "vision" in checks and not checks["vision"].ok and manifest.extra.get("vision_quant"):
+        bad.append("the int8 vision tower (export --vision int8) is for onnxruntime on a CPU: export the package "
+                   "with --vision fp32 for TensorRT")
     if bad:
         raise EngineBuildError("the package has graphs TensorRT "
                                f"{'.'.join(map(str, version))} cannot import:\n" + "\n".join(bad))

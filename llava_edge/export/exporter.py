@@ -20,7 +20,7 @@ from ..errors import LlavaEdgeError
 from .. import __version__
 from ..package import (FORMAT_VERSION, TOKENIZER_NAME, Manifest, TextConfig, check_output_dir, graph_size,
                        staged_package, write_manifest)
-from . import verify
+from . import verify, vision_int8
 from .checkpoint import LoadedCheckpoint, load_checkpoint, weights_bytes
 from .embed_int8 import RELATIVE_TOLERANCE, write_int8_embed
 from .lazy import DecoderWeights, LazyLlava, reference_model
@@ -96,6 +96,7 @@ def export_package(
     embed: str = "auto",
     lm_head: str = "auto",
     check_layers: int | None = None,
+    vision_quant: str = "auto",
 ) -> ExportResult:
     """Load the checkpoint, export vision/embed and the target's decoder, verify each, write the package.
 
@@ -115,6 +116,9 @@ def export_package(
     loaded into torch, and the fast decoder is written from the checkpoint a tensor at a time
     (export/lazy.py). Their check runs on the first `check_layers` decoder layers (default: all of them
     when the fp32 model fits in memory, else 2; see _check_fast_decoders).
+
+    vision_quant: "fp32", "int8" / "int8-blocked" (the verified fp32 vision graph rewritten with int8
+    MatMuls and held to a relative bound, export/vision_int8.py) or "auto" (int8 for cpu-int4 in fp32).
     """
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r}; use {', '.join(TARGETS)}")
@@ -128,6 +132,10 @@ def export_package(
                           "--quantize-lm-head for the portable decoder)")
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; use fp32 or fp16")
+    if vision_quant == "auto":
+        vision_quant = "int8" if target == "cpu-int4" and dtype == "fp32" else "fp32"
+    if vision_quant not in vision_int8.options() or (vision_quant != "fp32" and dtype != "fp32"):
+        raise ExportError(f"--vision {vision_quant!r} with --dtype {dtype}: use fp32, or int8 / int8-blocked with fp32")
     if opset < 17:
         raise ExportError("opset must be >= 17 (LayerNormalization and friends)")
     if check_layers is not None and (target == "portable" or check_layers < 1):
@@ -218,6 +226,11 @@ def export_package(
                 err = spec.max_abs_error = errors[name] = verify.onnx_error(tmp, spec, x, want)
                 if not err <= TOLERANCE[torch_dtype]:
                     raise ExportError(f"{name}.onnx differs from PyTorch by {err:.3g} (> {TOLERANCE[torch_dtype]:.0e})")
+            if vision_quant != "fp32":
+                stage(f"{vision_quant} vision")
+                q = vision_int8.quantize_checked(tmp, *pending[0][1:], vision_quant)
+                errors["vision_int8_relative"] = q.relative_error
+                manifest.extra["vision_quant"] = {"option": vision_quant, **q.to_dict()}
             del pending
             if target == "portable":
                 errors["pipeline_logits"] = verify.portable_logits_error(tmp, ref)

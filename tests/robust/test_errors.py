@@ -107,6 +107,8 @@ ROWS = [
     Row("export-into-non-empty-dir", lambda c: ["export", str(c.ck), "-o", str(c.foreign_dir())],
         "exists and is not empty (use --overwrite", lambda c: c.tmp / "mine"),
     Row("export-into-read-only", lambda c: ["export", str(c.ck), "-o", str(c.readonly / "pkg")], "cannot write to"),
+    Row("export-unknown-vision", lambda c: ["export", str(c.ck), "-o", str(c.tmp / "p"), "--vision", "int4"],
+        "--vision 'int4': use fp32, int8 or int8-blocked"),
     Row("random-checkpoint-into-non-empty-dir", lambda c: ["random-checkpoint", "small-100m", str(c.foreign_dir())],
         "exists and is not empty; random-checkpoint writes only a new or empty directory", lambda c: c.tmp / "mine"),
     Row("random-checkpoint-unknown-arch", lambda c: ["random-checkpoint", "gpt-5", str(c.tmp / "x")],
