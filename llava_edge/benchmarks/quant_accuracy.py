@@ -174,11 +174,14 @@ def variants() -> list[Variant]:
 def _graph_bytes(pkg: Path, backend: str) -> tuple[int, int]:
     from llava_edge.package import load_manifest
 
+    """(bytes of the decoder graph the backend runs, bytes of the package without the decoders it does not
+    run): the scratch packages carry extra decoders (the float base, quantize's portable one)."""
     manifest = load_manifest(pkg)
-    spec = manifest.graphs["decoder_fast_int4" if backend == "ort-fast-int4" else "decoder_fast"]
-    decoder = sum((pkg / f).stat().st_size for f in [spec.file, *spec.external_data])
+    used = "decoder_fast_int4" if backend == "ort-fast-int4" else "decoder_fast"
+    size = lambda spec: sum((pkg / f).stat().st_size for f in [spec.file, *spec.external_data])  # noqa: E731
+    unused = sum(size(g) for name, g in manifest.graphs.items() if name.startswith("decoder") and name != used)
     total = sum(f.stat().st_size for f in pkg.rglob("*") if f.is_file())
-    return decoder, total
+    return size(manifest.graphs[used]), total - unused
 
 
 def score(variant: Variant, pkg: Path, n: int, threads: int | None) -> Scored:
@@ -195,8 +198,12 @@ def score(variant: Variant, pkg: Path, n: int, threads: int | None) -> Scored:
     per_type = evaluate(record, n=n, with_blind=False)
     refs = [t.answer for s in D.generate(D.HELDOUT_SEED, n) for t in s.turns]
     correct = [normalize(a) == normalize(r) for a, r in zip(answers, refs, strict=True)]
-    return Scored(variant, per_type, answers, correct, *_graph_bytes(pkg, variant.backend),
-                  seconds=time.perf_counter() - t0)
+    scored = Scored(variant, per_type, answers, correct, *_graph_bytes(pkg, variant.backend),
+                    seconds=time.perf_counter() - t0)
+    qreport = pkg / "quantization_report.json"  # quantize's teacher-forced comparison with the float package
+    if qreport.is_file():
+        scored.extra["quantize_report_logits"] = json.loads(qreport.read_text()).get("logits")
+    return scored
 
 
 def report(rows: list[Scored], n: int, checkpoint: Path) -> tuple[str, dict]:
@@ -208,7 +215,7 @@ def report(rows: list[Scored], n: int, checkpoint: Path) -> tuple[str, dict]:
              f"Binomial SE of one accuracy: +-{100 * binomial_se(ref.accuracy, qn):.1f} points; "
              "the delta column's +- is the paired SE against fp32 (same questions).", "",
              "| variant | what changes numerics (vs fp32) | graph | backend | accuracy % | delta vs fp32 (points) "
-             "| answers changed | decoder MB | package MB |",
+             "| answers changed | decoder MB | deployed MB |",
              "|---|---|---|---|---:|---:|---:|---:|---:|"]
     doc = {"checkpoint": str(checkpoint), "n_scenes": n, "n_questions": qn, "rows": []}
     for r in rows:
@@ -231,6 +238,16 @@ def report(rows: list[Scored], n: int, checkpoint: Path) -> tuple[str, dict]:
     for r in rows:
         lines.append(f"| {r.variant.name} | " + " | ".join(f"{100 * r.per_type[t]['accuracy']:.1f}" for t in types)
                      + " |")
+    teacher = [r for r in rows if r.extra.get("quantize_report_logits")]
+    if teacher:
+        lines += ["", "Teacher-forced against the float package (quantize's report: its held-out calibration "
+                  "prompts, every position, fp32 logits as reference):", "",
+                  "| variant | tokens | logits rel. RMS | mean KL (nats) | max KL | top-1 agreement |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for r in teacher:
+            t = r.extra["quantize_report_logits"]
+            lines.append(f"| {r.variant.name} | {t['n_tokens']} | {t['rel_rms_error']:.4f} | {t['mean_kl']:.4f} | "
+                         f"{t['max_kl']:.3f} | {100 * t['top1_agreement']:.1f}% |")
     return "\n".join(lines) + "\n", doc
 
 
