@@ -11,7 +11,8 @@ right) is several times smaller and says which differences are real. Rows are ei
 (MatMulNBits, as shipped) or float "twins" whose MatMul weights are the int4 values times their scales:
 a twin measures the weight rounding alone (no int8-activation error), and is the only way to score a
 per-channel (group = K) int4 weight when K is not a power of two (MatMulNBits needs power-of-two blocks).
-Writes a markdown report and, next to it, the same numbers as JSON (per-question answers included).
+Writes a markdown report and, next to it, the same numbers as JSON (per question: right or wrong for every
+row, fp32's answers, and each row's answers where they differ from fp32's).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -206,6 +209,14 @@ def score(variant: Variant, pkg: Path, n: int, threads: int | None) -> Scored:
     return scored
 
 
+def _shown(path: Path) -> str:
+    """The checkpoint as the report names it: relative to the repository for the shipped one."""
+    try:
+        return str(Path(path).resolve().relative_to(SHIPPED.parents[2]))
+    except ValueError:
+        return Path(path).name
+
+
 def report(rows: list[Scored], n: int, checkpoint: Path) -> tuple[str, dict]:
     """The markdown tables and the JSON document of a finished run (rows[0] is the fp32 reference)."""
     ref = rows[0]
@@ -213,11 +224,12 @@ def report(rows: list[Scored], n: int, checkpoint: Path) -> tuple[str, dict]:
     mb = lambda b: f"{b / 1e6:.2f}"  # noqa: E731
     lines = [f"Held-out accuracy of {checkpoint.name} ({n} scenes, {qn} questions, exact match, greedy). "
              f"Binomial SE of one accuracy: +-{100 * binomial_se(ref.accuracy, qn):.1f} points; "
-             "the delta column's +- is the paired SE against fp32 (same questions).", "",
+             "the delta column's +- is the paired SE against fp32 (same questions). Deployed MB: the package "
+             "without the decoder graphs its backend does not load.", "",
              "| variant | what changes numerics (vs fp32) | graph | backend | accuracy % | delta vs fp32 (points) "
              "| answers changed | decoder MB | deployed MB |",
              "|---|---|---|---|---:|---:|---:|---:|---:|"]
-    doc = {"checkpoint": str(checkpoint), "n_scenes": n, "n_questions": qn, "rows": []}
+    doc = {"checkpoint": _shown(checkpoint), "n_scenes": n, "n_questions": qn, "rows": []}
     for r in rows:
         d, se = paired_delta(ref.correct, r.correct)
         changed = sum(a != b for a, b in zip(ref.answers, r.answers)) / qn
@@ -230,7 +242,9 @@ def report(rows: list[Scored], n: int, checkpoint: Path) -> tuple[str, dict]:
                             "binomial_se": binomial_se(r.accuracy, qn), "delta_vs_fp32": d, "delta_paired_se": se,
                             "answers_changed_vs_fp32": changed, "decoder_bytes": r.decoder_bytes,
                             "package_bytes": r.package_bytes, "seconds": round(r.seconds, 1),
-                            "per_type": r.per_type, "answers": r.answers, **r.extra})
+                            "per_type": r.per_type, "correct": "".join("01"[c] for c in r.correct),
+                            "answers_unlike_fp32": {i: a for i, (a, f) in enumerate(zip(r.answers, ref.answers))
+                                                    if a != f} if r is not ref else r.answers, **r.extra})
     types = list(ref.per_type)
     lines += ["", "Per question type (accuracy %, n per type in the header):", "",
               "| variant | " + " | ".join(f"{t} ({int(ref.per_type[t]['n'])})" for t in types) + " |",
@@ -301,7 +315,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         a.work.mkdir(parents=True, exist_ok=True)
         md, doc = run(a.checkpoint, a.n, a.work, only, a.threads)
-    cmd = "python -m llava_edge.benchmarks.quant_accuracy " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    args = list(argv if argv is not None else sys.argv[1:])
+    if "--work" in args:  # a scratch path: not part of the result
+        del args[args.index("--work"):args.index("--work") + 2]
+    cmd = "python -m llava_edge.benchmarks.quant_accuracy " + shlex.join(args)
     md = f"`{cmd}` ({time.perf_counter() - t0:.0f} s)\n\n" + md
     out = Path(a.output)
     out.parent.mkdir(parents=True, exist_ok=True)
