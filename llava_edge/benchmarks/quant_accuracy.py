@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shlex
 import shutil
 import sys
@@ -280,8 +281,8 @@ def run(checkpoint: Path, n: int, work: Path, only: list[str] | None = None, thr
     bench = Bench(checkpoint, work)
     chosen = [v for v in variants() if only is None or v.name == "fp32" or v.name in only]
     rows = []
-    for i, v in enumerate(chosen):
-        pkg = work / f"v{i:02d}"
+    for v in chosen:
+        pkg = work / re.sub(r"[^a-z0-9]+", "-", v.name.lower()).strip("-")  # a kept --work is a cache by name
         t0 = time.perf_counter()
         if not pkg.exists():
             v.build(bench, pkg)
@@ -308,6 +309,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", default=None, help="comma list of variant names (fp32 always runs)")
     a = ap.parse_args(argv)
     only = a.only.split(",") if a.only else None
+    names = [v.name for v in variants()]
+    if only and set(only) - set(names):
+        ap.error(f"unknown variant(s) {sorted(set(only) - set(names))}; use {', '.join(names)}")
     t0 = time.perf_counter()
     if a.work is None:
         with tempfile.TemporaryDirectory(prefix="quant-accuracy-") as tmp:
