@@ -37,4 +37,5 @@ def test_fused_and_unfused_int4_graphs_give_the_same_logits(tiny_models, tmp_pat
             out.append(backend.step(cache, x, mask, positions).copy())
         logits[name] = np.stack(out)
     assert np.abs(logits["fused"]).max() > 0.1  # the graphs ran on something
-    np.testing.assert_allclose(logits["fused"], logits["unfused"], rtol=0, atol=1e-6)  # bitwise equal here; 1e-6 leaves room for other kernels
+    # bitwise equal here; 1e-6 leaves room for other kernels' thread partitioning
+    np.testing.assert_allclose(logits["fused"], logits["unfused"], rtol=0, atol=1e-6)
