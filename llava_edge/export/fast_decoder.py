@@ -44,6 +44,9 @@ from .graphs import layer_projections, rotary_inv_freq
 MAX_IR_VERSION = 10
 # quant value of the float twin of an int4-rtn graph: same rounded weights, stored as float MatMul
 INT4_DEQUANTIZED = "int4-rtn-dequantized"
+# the same with one scale per output channel over all of K (group = K): MatMulNBits cannot hold it when K is
+# not a power of two, so it exists only as a float twin (benchmarks/quant_accuracy: what groups are worth)
+INT4_PER_CHANNEL_DEQUANTIZED = "int4-rtn-per-channel-dequantized"
 _ALIGN = 4096  # external data offsets page-aligned so onnxruntime can map them
 
 
@@ -53,7 +56,7 @@ class FastDecoderConfig:
 
     name: str = "decoder_fast"
     dtype: str = "float32"  # float32 / float16 activations and unquantized weights
-    quant: str | None = None  # None, "int4-rtn", or INT4_DEQUANTIZED (export's check only)
+    quant: str | None = None  # None, "int4-rtn", INT4_DEQUANTIZED (export's check) or INT4_PER_CHANNEL_DEQUANTIZED
     block_size: int = 128  # int4 block along K
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fast path), 0 = exact to the weights
     quantize_lm_head: bool = False  # lm_head in int4 with the rest (quality: docs/quantization.md)
@@ -172,6 +175,8 @@ class _GraphBuilder:
         bs = self.cfg.block_size if w_t.shape[0] % self.cfg.block_size == 0 else 32
         if quantize and bits == 4 and self.cfg.quant == INT4_DEQUANTIZED:  # the int4 values as float weights
             w_t, quantize = dequantize_int4_rtn(w_t, bs), False
+        if quantize and bits == 4 and self.cfg.quant == INT4_PER_CHANNEL_DEQUANTIZED:
+            w_t, quantize = dequantize_int4_rtn(w_t, w_t.shape[0]), False
         if quantize:
             k, n = w_t.shape
             packed, scales = quantize_rtn(w_t, bs, bits)
@@ -207,8 +212,9 @@ def build_fast_decoder(model: Any, out_path: Path, cfg: FastDecoderConfig) -> Gr
     dtype = np.dtype(cfg.dtype)
     onnx_dtype = helper.np_dtype_to_tensor_dtype(dtype)
     quant = cfg.quant is not None
-    if cfg.quant not in (None, "int4-rtn", INT4_DEQUANTIZED):
-        raise ValueError(f"unknown quant {cfg.quant!r}; use None, 'int4-rtn' or {INT4_DEQUANTIZED!r}")
+    if cfg.quant not in (None, "int4-rtn", INT4_DEQUANTIZED, INT4_PER_CHANNEL_DEQUANTIZED):
+        raise ValueError(f"unknown quant {cfg.quant!r}; use None, 'int4-rtn', {INT4_DEQUANTIZED!r} "
+                         f"or {INT4_PER_CHANNEL_DEQUANTIZED!r}")
     if cfg.lm_head_bits not in (None, 4, 8):
         raise ValueError(f"lm_head_bits must be None, 4 or 8, not {cfg.lm_head_bits!r}")
 
