@@ -1,6 +1,6 @@
 """The side-by-side table of side_by_side.sh's OUT_DIR: llava-edge against llama.cpp, with ratios.
 
-usage: python compare.py OUT_DIR [--plot PNG]  (markdown on stdout; ratio = llava-edge / llama.cpp, so > 1 is
+usage: python compare.py OUT_DIR [OUT_DIR ...] [--plot PNG]  (markdown on stdout; ratio = llava-edge / llama.cpp, so > 1 is
 better for decode tok/s and < 1 is better for times, RSS and bytes)
 """
 import json, re, sys
@@ -83,7 +83,28 @@ def _get(d: dict, keys: tuple) -> float | None:
     return d
 
 
+def summary(sittings: list[list]) -> list:
+    """Several sittings (OUT dirs): each row's ratio per sitting and the median, as (label, median a, median b)."""
+    import statistics
+
+    print(f"\n| | {' | '.join(f'sitting {i + 1}' for i in range(len(sittings)))} | median |")
+    print("|---" * (len(sittings) + 2) + "|")
+    out = []
+    for rows in zip(*sittings):
+        ratios = [a / b for _, a, b in rows if a and b]
+        if not ratios:
+            continue
+        med = statistics.median(ratios)
+        print(f"| {rows[0][0]} | {' | '.join(f'{r:.2f}' for r in ratios)} | **{med:.2f}** |")
+        out.append((rows[0][0], med, 1.0))
+    return out
+
+
 if __name__ == "__main__":
-    result = main(Path(sys.argv[1]))
+    dirs = [Path(a) for a in sys.argv[1:] if not a.endswith(".png")]
+    if "--plot" in sys.argv:
+        dirs = [d for d in dirs if str(d) != "--plot"]
+    results = [main(d) for d in dirs]
+    result = summary(results) if len(results) > 1 else results[0]
     if "--plot" in sys.argv:
         plot(result, Path(sys.argv[sys.argv.index("--plot") + 1]))
