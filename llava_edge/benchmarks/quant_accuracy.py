@@ -112,11 +112,12 @@ class Bench:
 
 
 def export_cli(target: str, **options: str) -> Callable[[Bench, Path], None]:
-    """``llava-edge export --target TARGET [--embed ..] [--lm-head ..]``."""
+    """``llava-edge export --target TARGET [--embed ..] [--lm-head ..] [--vision ..]``; the vision tower stays
+    fp32 unless asked, so a row changes the decoder side only (the defaults row asks for auto)."""
     def build(bench: Bench, out: Path) -> None:
         from llava_edge.export.exporter import export_package
 
-        export_package(bench.checkpoint, out, target=target, **options)
+        export_package(bench.checkpoint, out, target=target, **{"vision_quant": "fp32", **options})
     return build
 
 
@@ -147,7 +148,9 @@ def variants() -> list[Variant]:
     base = "int4 RTN g128, int8 activations"
     return [
         Variant("fp32", "none (reference)", FLOAT, "ort-fast", lambda b, out: shutil.copytree(b.base("cpu"), out)),
-        Variant("cpu-int4 (defaults)", f"{base}; int8 lm_head; int8 embed", KERNEL, int4, export_cli("cpu-int4")),
+        Variant("cpu-int4 (defaults)", f"{base}; int8 lm_head; int8 embed; int8 vision", KERNEL, int4,
+                export_cli("cpu-int4", vision_quant="auto")),
+        Variant("cpu-int4 --vision fp32", f"{base}; int8 lm_head; int8 embed", KERNEL, int4, export_cli("cpu-int4")),
         Variant("cpu-int4 --embed float", f"{base}; int8 lm_head", KERNEL, int4, export_cli("cpu-int4", embed="float")),
         Variant("cpu-int4 --lm-head float", f"{base}; int8 embed", KERNEL, int4,
                 export_cli("cpu-int4", lm_head="float")),
