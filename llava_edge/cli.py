@@ -143,6 +143,9 @@ def export(
     lm_head: str = typer.Option("auto", help="lm_head of the fast decoders: float, int8 (8-bit MatMulNBits: "
                                 "a quarter of the bytes read per token) or auto (int8 in int4 decoders, float "
                                 "otherwise)."),
+    int4_block: int = typer.Option(128, help="Block of the int4 decoder's weights along K (one scale each): 32, "
+                                   "64, 128 or 256. Bigger is faster on a CPU and coarser (docs/cpu.md: 256 decodes "
+                                   "~1.3x faster than 128 on a 1B model); check accuracy on your data."),
     check_layers: Optional[int] = typer.Option(None, help="cpu targets: decoder layers the export check runs in "
                                                "torch (default: all when the fp32 model fits in memory, else 2); "
                                                "the decoder itself is never loaded whole."),
@@ -181,7 +184,7 @@ def export(
         result = export_package(checkpoint, output, dtype=dtype, opset=opset, overwrite=overwrite,
                                 vision_tower=vision_tower, chat_template=template, on_stage=on_stage, target=target,
                                 embed=embed, lm_head=lm_head if target != "portable" else "float",
-                                check_layers=check_layers, vision_quant=vision)
+                                check_layers=check_layers, vision_quant=vision, int4_block=int4_block)
         if fast or fast_int4:
             from .export.fast_decoder import export_fast_decoder
 
@@ -189,7 +192,8 @@ def export(
                 if wanted:
                     on_stage("export fast decoder" + (" (int4)" if quant else ""))
                     int8_head = lm_head == "int8" or (lm_head == "auto" and quant is not None)
-                    export_fast_decoder(checkpoint, output, quant=quant, lm_head_bits=8 if int8_head else None)
+                    export_fast_decoder(checkpoint, output, quant=quant, lm_head_bits=8 if int8_head else None,
+                                        block_size=int4_block)
     errs = ", ".join(f"{k} {v:.2e}" for k, v in result.errors.items())
     console.print(f"[green]exported[/] {output} ({result.manifest.dtype}, target {target}); checks: {errs}")
 

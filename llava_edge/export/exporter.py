@@ -39,6 +39,9 @@ TARGETS = {"portable": "decoder", "cpu": "decoder_fast", "cpu-int4": "decoder_fa
 # ||int4 - twin|| / ||twin|| on the check prompt, which is what MatMulNBits' int8 activations cost
 # (0.015-0.025 on the tiny and edge-1b shapes); a wrong packing or scale is far above (swapped nibbles: 1.37).
 INT4_RELATIVE_TOLERANCE = 0.1
+# MatMulNBits block sizes offered for the int4 fast decoder (a K that the block does not divide uses 32).
+# Bigger blocks are faster on CPU (fewer scales per weight; docs/cpu.md) and coarser.
+INT4_BLOCKS = (32, 64, 128, 256)
 INT8_EMBED_TOLERANCE = RELATIVE_TOLERANCE  # rows of the int8 table against the float table (embed_int8.py)
 
 
@@ -96,6 +99,7 @@ def export_package(
     embed: str = "auto",
     lm_head: str = "auto",
     check_layers: int | None = None,
+    int4_block: int = 128,
     vision_quant: str = "auto",
 ) -> ExportResult:
     """Load the checkpoint, export vision/embed and the target's decoder, verify each, write the package.
@@ -138,6 +142,8 @@ def export_package(
         raise ExportError(f"--vision {vision_quant!r} with --dtype {dtype}: use fp32, or int8 / int8-blocked with fp32")
     if opset < 17:
         raise ExportError("opset must be >= 17 (LayerNormalization and friends)")
+    if int4_block not in INT4_BLOCKS:
+        raise ExportError(f"int4 block {int4_block}: use one of {', '.join(map(str, INT4_BLOCKS))}")
     if check_layers is not None and (target == "portable" or check_layers < 1):
         raise ExportError("check_layers is for --target cpu / cpu-int4, and at least 1")
     torch_dtype = DTYPES[dtype]
@@ -204,7 +210,7 @@ def export_package(
             if lazy:
                 layers = _layers_to_check(ck, check_layers)
                 checks = _build_fast_decoders(ck, torch_dtype, manifest, tmp, scratch, quant, layers,
-                                              8 if lm_head == "int8" else None, stage)
+                                              8 if lm_head == "int8" else None, int4_block, stage)
                 stage(f"transformers on the check prompt ({layers} of {manifest.text.num_layers} layers)")
                 reference = reference_model(ck, layers)
             else:
@@ -284,7 +290,7 @@ def _layers_to_check(ck: LoadedCheckpoint, wanted: int | None) -> int:
 
 
 def _build_fast_decoders(ck: LoadedCheckpoint, dtype: torch.dtype, manifest: Manifest, tmp: Path, scratch: Path,
-                         quant: str | None, layers: int, head_bits: int | None,
+                         quant: str | None, layers: int, head_bits: int | None, int4_block: int,
                          stage: Callable[[str], None]) -> FastChecks:
     """The target's fast decoder into the package, written from the checkpoint a tensor at a time, and
     the graphs its check needs into `scratch` (all in manifest.graphs)."""
@@ -303,10 +309,12 @@ def _build_fast_decoders(ck: LoadedCheckpoint, dtype: torch.dtype, manifest: Man
         # the float graph checks the wiring against transformers (float lm_head); twin and int4 carry the
         # shipped graph's lm_head, so the int4 check isolates the int4 layers and its weights match byte for byte
         spec = build_fast_decoder(head, scratch / f"{name}.onnx", FastDecoderConfig(
-            name, manifest.dtype, graph_quant, lm_head_bits=head_bits if graph_quant else None))
+            name, manifest.dtype, graph_quant, lm_head_bits=head_bits if graph_quant else None,
+            block_size=int4_block))
         spec.file = f"{scratch.name}/{spec.file}"
         manifest.graphs[name] = spec
-    cfg = FastDecoderConfig(name=shipped, dtype=manifest.dtype, quant=quant, lm_head_bits=head_bits)
+    cfg = FastDecoderConfig(name=shipped, dtype=manifest.dtype, quant=quant, lm_head_bits=head_bits,
+                            block_size=int4_block)
     stage(f"export {cfg.name}")
     manifest.graphs[cfg.name] = build_fast_decoder(LazyLlava(ck, dtype), tmp / f"{cfg.name}.onnx", cfg)
     manifest.extra["fast_decoders"] = {cfg.name: asdict(cfg)}

@@ -172,3 +172,23 @@ def test_float_embedding_and_head_on_request(tiny_models, tmp_path):
     dec = onnx.load(str(tmp_path / "p" / "decoder_fast_int4.onnx"), load_external_data=False).graph.node
     head = [n for n in dec if any(i.startswith("lm_head.") for i in n.input)]
     assert [n.op_type for n in head] == ["MatMul"]
+
+
+def test_int4_block_size_on_request(tiny_models, tmp_path):
+    """--int4-block 64: every int4 MatMulNBits whose K it divides uses blocks of 64 (the rest 32), the export
+    checks pass with it, and the manifest records it; a block onnxruntime has no kernel for is refused."""
+    import onnx
+
+    ck = str(tiny_models[PRESET]["checkpoint"])
+    r = runner.invoke(app, ["export", ck, "-o", str(tmp_path / "p"), "--target", "cpu-int4", "--int4-block", "64"])
+    assert r.exit_code == 0, r.output
+    m = load_manifest(tmp_path / "p")
+    assert m.extra["fast_decoders"]["decoder_fast_int4"]["block_size"] == 64
+    assert m.extra["verification"]["decoder_fast_int4_vs_twin"] < 0.1
+    nodes = onnx.load(str(tmp_path / "p" / "decoder_fast_int4.onnx"), load_external_data=False).graph.node
+    int4 = [{a.name: a.i for a in n.attribute} for n in nodes if n.op_type == "MatMulNBits"
+            and "lm_head" not in n.input[1]]
+    assert int4 and all(a["block_size"] == (64 if a["K"] % 64 == 0 else 32) for a in int4)
+    assert any(a["block_size"] == 64 for a in int4)
+    _error(runner.invoke(app, ["export", ck, "-o", str(tmp_path / "q"), "--target", "cpu-int4", "--int4-block", "100"]),
+           "int4 block 100: use one of 32, 64, 128, 256")
