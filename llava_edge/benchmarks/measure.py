@@ -92,8 +92,8 @@ class PeakRSS:
 
     On Linux the kernel keeps the peak (VmHWM) and resets it on request (/proc/self/clear_refs "5"), so a
     phase's peak costs two reads and no thread. Elsewhere a thread samples RSS every `interval_s`: on a
-    machine with as many cores as onnxruntime threads, that thread's wake-ups preempt the spinning workers
-    and slow what is being measured, which is why it is only the fallback. ru_maxrss cannot be reset, so it
+    machine with as many cores as onnxruntime threads, that thread's wake-ups can preempt the spinning
+    workers and slow what is being measured, which is why it is only the fallback. ru_maxrss cannot be reset, so it
     cannot separate phases of one process (ours, then transformers)."""
 
     def __init__(self, interval_s: float = 0.005):
