@@ -160,31 +160,23 @@ def export(
 
     if target not in ("portable", "cpu", "cpu-int4"):
         raise UsageError(f"--target {target!r}: use portable, cpu or cpu-int4")
-    for part, value in (("--embed", embed), ("--lm-head", lm_head)):
-        if value not in ("auto", "float", "int8"):
-            raise UsageError(f"{part} {value!r}: use auto, float or int8")
-    if target == "portable" and embed == "int8":
-        raise UsageError("--embed int8 is for --target cpu or cpu-int4: the portable package table is shared by "
-                         "every backend, quantize and build, and stays float")
+    # --embed, --lm-head, --vision, --int4-block and --check-layers are checked by export_package, before any
+    # work; here only what depends on --fast/--fast-int4, which export_package does not see
     if target == "portable" and lm_head == "int8" and not (fast or fast_int4):
         raise UsageError("--lm-head int8 applies to fast decoders: add --fast/--fast-int4 or use --target cpu/cpu-int4")
-    if vision not in ("auto", "fp32", "int8", "int8-blocked") or (vision.startswith("int8") and dtype != "fp32"):
-        raise UsageError(f"--vision {vision!r}: use auto, fp32, int8 or int8-blocked (int8 needs --dtype fp32)")
-    if vision == "auto":
-        vision = "int8" if target == "cpu-int4" and dtype == "fp32" else "fp32"
     if target != "portable" and (fast or fast_int4):
         raise UsageError(f"--target {target} holds one decoder; --fast and --fast-int4 add to a portable package "
                          "(--target portable)")
-    if check_layers is not None and (target == "portable" or check_layers < 1):
-        raise UsageError("--check-layers N (N >= 1) is for --target cpu or cpu-int4")
     check_output_dir(output, overwrite, protect=[p for p in (checkpoint, vision_tower) if p is not None])
     from .export.exporter import export_package
 
+    # the portable decoder's lm_head stays float; an int8 one goes into the --fast-int4 decoder below
+    package_head = "float" if target == "portable" and lm_head in ("auto", "int8") else lm_head
     with Stages(console).running() as on_stage:
         result = export_package(checkpoint, output, dtype=dtype, opset=opset, overwrite=overwrite,
                                 vision_tower=vision_tower, chat_template=template, on_stage=on_stage, target=target,
-                                embed=embed, lm_head=lm_head if target != "portable" else "float",
-                                check_layers=check_layers, vision_quant=vision, int4_block=int4_block)
+                                embed=embed, lm_head=package_head, check_layers=check_layers, vision_quant=vision,
+                                int4_block=int4_block)
         if fast or fast_int4:
             from .export.fast_decoder import export_fast_decoder
 

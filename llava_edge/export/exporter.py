@@ -128,7 +128,8 @@ def export_package(
         raise ExportError(f"unknown target {target!r}; use {', '.join(TARGETS)}")
     embed, lm_head = (_part_format(part, value, target) for part, value in (("embed", embed), ("lm_head", lm_head)))
     if embed == "int8" and target == "portable":
-        raise ExportError("an int8 embedding table is for the cpu targets; the portable package's stays float")
+        raise ExportError("--embed int8 is for --target cpu or cpu-int4: the portable package table is shared by "
+                          "every backend, quantize and build, and stays float")
     if lm_head == "int8" and target == "cpu":
         raise ExportError("--lm-head int8 goes with the int4 decoder (--target cpu-int4); the cpu target is float")
     if lm_head == "int8" and target == "portable":
@@ -136,16 +137,16 @@ def export_package(
                           "--quantize-lm-head for the portable decoder)")
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; use fp32 or fp16")
+    if vision_quant not in ("auto", *vision_int8.options()) or (vision_quant.startswith("int8") and dtype != "fp32"):
+        raise ExportError(f"--vision {vision_quant!r}: use auto, fp32, int8 or int8-blocked (int8 needs --dtype fp32)")
     if vision_quant == "auto":
         vision_quant = "int8" if target == "cpu-int4" and dtype == "fp32" else "fp32"
-    if vision_quant not in vision_int8.options() or (vision_quant != "fp32" and dtype != "fp32"):
-        raise ExportError(f"--vision {vision_quant!r} with --dtype {dtype}: use fp32, or int8 / int8-blocked with fp32")
     if opset < 17:
         raise ExportError("opset must be >= 17 (LayerNormalization and friends)")
     if int4_block not in INT4_BLOCKS:
         raise ExportError(f"int4 block {int4_block}: use one of {', '.join(map(str, INT4_BLOCKS))}")
     if check_layers is not None and (target == "portable" or check_layers < 1):
-        raise ExportError("check_layers is for --target cpu / cpu-int4, and at least 1")
+        raise ExportError("--check-layers N (N >= 1) is for --target cpu or cpu-int4")
     torch_dtype = DTYPES[dtype]
     stage = on_stage or (lambda name: None)
     inputs = [p for p in (checkpoint_dir, vision_tower) if p is not None]
@@ -261,7 +262,7 @@ TWIN = "decoder_fast_int4_twin"
 
 def _part_format(part: str, value: str, target: str) -> str:
     if value not in ("auto", "float", "int8"):
-        raise ExportError(f"unknown {part} format {value!r}; use auto, float or int8")
+        raise ExportError(f"--{part.replace('_', '-')} {value!r}: use auto, float or int8")
     return ("int8" if target == "cpu-int4" else "float") if value == "auto" else value
 
 
