@@ -20,30 +20,19 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..quantize.packing import pack
+from .fast_decoder import MAX_IR_VERSION, rtn_codes
 
-MAX_IR_VERSION = 10
 # ||int8 rows - float rows|| / ||float rows||, worst row: rounding to 8 bits is <= 0.4% of a block's
 # largest value per element; a wrong scale or code offset is far above.
 RELATIVE_TOLERANCE = 1e-2
 
 
 def quantize_rows(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """[V,H] float -> (uint8 codes [V,H] = q + 128, scales [V, H/block_size]), symmetric per block."""
+    """[V,H] float -> (uint8 codes [V,H] = q + 128, scales [V, H/block_size]): the fast decoder's
+    symmetric round-to-nearest at 8 bits, with the table's rows as its output columns."""
     v, h = weight.shape
-    if h % block_size:
-        raise ValueError(f"hidden size {h} is not a multiple of the embedding block size {block_size}")
-    w = weight.astype(np.float32).reshape(v, h // block_size, block_size)
-    scale = np.abs(w).max(axis=-1, keepdims=True) / 127.0
-    scale[scale == 0] = 1.0
-    q = np.clip(np.rint(w / scale), -128, 127).astype(np.int8).reshape(v, h)
+    q, scale = rtn_codes(weight.T, block_size, 8)
     return pack(q, 8), scale.reshape(v, h // block_size)
-
-
-def dequantize_rows(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """What GatherBlockQuantized computes for every row: (code - 128) * scale of its block."""
-    v, h = codes.shape
-    bs = h // scales.shape[1]
-    return ((codes.astype(np.float32) - 128).reshape(v, -1, bs) * scales[:, :, None]).reshape(v, h)
 
 
 def write_int8_embed(weight: np.ndarray, path: Path, dtype: str = "float32", block_size: int = 128) -> None:

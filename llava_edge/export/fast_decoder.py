@@ -96,7 +96,7 @@ class _ExternalData:
         self.f.close()
 
 
-def _rtn(w_t: np.ndarray, block_size: int, bits: int = 4) -> tuple[np.ndarray, np.ndarray]:
+def rtn_codes(w_t: np.ndarray, block_size: int, bits: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric round-to-nearest of a [K,N] weight per output column and K block: signed values int8
     [N,K] and scales float32 [N, K/bs, 1]."""
     k, n = w_t.shape
@@ -114,7 +114,7 @@ def quantize_rtn(w_t: np.ndarray, block_size: int, bits: int = 4) -> tuple[np.nd
     point 2^(bits-1)). Symmetric round-to-nearest per output column and K block, in the one packed
     layout of quantize/packing.py (int4: element 2j in the low nibble of byte j)."""
     k, n = w_t.shape
-    q, scale = _rtn(w_t, block_size, bits)
+    q, scale = rtn_codes(w_t, block_size, bits)
     packed = pack(q, bits).reshape(n, k // block_size, block_size * bits // 8)
     return packed, scale.reshape(-1)
 
@@ -128,7 +128,7 @@ def dequantize_int4_rtn(w_t: np.ndarray, block_size: int) -> np.ndarray:
     """The [K,N] float weight quantize_int4_rtn's values and scales stand for (q * scale): the weights of
     the float twin an int4 graph is checked against at export."""
     k, n = w_t.shape
-    q, scale = _rtn(w_t, block_size)
+    q, scale = rtn_codes(w_t, block_size)
     return (q.reshape(n, k // block_size, block_size) * scale).reshape(n, k).T
 
 
