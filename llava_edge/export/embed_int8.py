@@ -50,7 +50,7 @@ def write_int8_embed(weight: np.ndarray, path: Path, dtype: str = "float32", blo
         [helper.make_tensor_value_info("inputs_embeds", out_type, ["batch", "seq", weight.shape[1]])],
         initializer=[numpy_helper.from_array(codes, "embed_tokens.qweight"),
                      numpy_helper.from_array(scales.astype(np.dtype(dtype)), "embed_tokens.scales")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
-                              producer_name="llava-edge")
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="llava-edge")
     model.ir_version = MAX_IR_VERSION
     onnx.save_model(model, str(path))

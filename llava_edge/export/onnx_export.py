@@ -19,6 +19,7 @@ import onnx
 import torch
 
 from ..package import GraphSpec, TensorSpec
+from .embed_int8 import write_int8_embed
 from .graphs import Decoder, TokenEmbedding, VisionEncoder
 
 # onnxruntime 1.31 reads IR <= 13; onnx 1.23 writes 14 by default.
@@ -162,12 +163,22 @@ def export_vision(llava, vision_cfg, out_dir: Path, dtype: torch.dtype, opset: i
     return ExportedGraph(spec, module, example)
 
 
-def export_embed(llava, out_dir: Path, opset: int) -> ExportedGraph:
+def export_embed(llava, out_dir: Path, opset: int, int8: bool = False) -> ExportedGraph:
+    """The embed graph: traced from torch, or (int8) written directly as one GatherBlockQuantized node over
+    the table's 8-bit rows (export/embed_int8.py); same inputs and outputs either way."""
     module = TokenEmbedding(llava).eval()
     example = (torch.tensor([[1, 5, 9], [1, 7, 3]], dtype=torch.int64),)
-    spec = _export(module, example, out_dir / "embed.onnx", ["input_ids"], ["inputs_embeds"],
-                   {"input_ids": {0: "batch", 1: "seq"}}, {"inputs_embeds": {0: "batch", 1: "seq"}}, opset)
-    return ExportedGraph(spec, module, example)
+    path = out_dir / "embed.onnx"
+    dyn_in, dyn_out = {"input_ids": {0: "batch", 1: "seq"}}, {"inputs_embeds": {0: "batch", 1: "seq"}}
+    if not int8:
+        spec = _export(module, example, path, ["input_ids"], ["inputs_embeds"], dyn_in, dyn_out, opset)
+        return ExportedGraph(spec, module, example)
+    weight = module.embed_tokens.weight
+    write_int8_embed(weight.detach().float().numpy(), path, _NP_DTYPES[weight.dtype])
+    with torch.no_grad():
+        out = module(*example)
+    return ExportedGraph(_spec(path, ["input_ids"], example, dyn_in, ["inputs_embeds"], (out,), dyn_out, []),
+                         module, example)
 
 
 def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
