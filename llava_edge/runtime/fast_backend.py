@@ -31,7 +31,7 @@ import onnxruntime as ort
 
 from ..package import Manifest
 from .backend import BackendError
-from .ort_backend import open_session, session_options
+from .ort_backend import EMBED_THREADS, open_session, session_options
 from .ragged import right_align
 
 
@@ -85,7 +85,7 @@ class FastOrtBackend:
         providers = ["CPUExecutionProvider"]
         self.manifest = manifest
         self.vision = open_session(root, manifest, "vision", opts, providers)
-        self.embedder = open_session(root, manifest, "embed", opts, providers)
+        self.embedder = open_session(root, manifest, "embed", session_options(EMBED_THREADS), providers)
         self.decoder = open_session(root, manifest, decoder, opts, providers)
         self.decoder_graph = decoder
         past = [i for i in self.decoder.get_inputs() if i.name.startswith("past_key_values.")]

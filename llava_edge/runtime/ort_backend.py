@@ -26,6 +26,12 @@ class PortableKVCache:
     names: list[str] = field(default_factory=list)
 
 
+# The embedding graph runs on one thread. Its work per call is a gather of a few rows, and a second
+# intra-op pool would keep waking (and spinning) beside the decoder's threads every token. On two cores
+# that cost the int4 decode 7-9% (edge-1b, 12 of 12 interleaved runs; docs/cpu.md).
+EMBED_THREADS = 1
+
+
 def session_options(threads: int | None) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -75,7 +81,7 @@ class OrtBackend:
         opts = session_options(threads)
         self.manifest = manifest
         self.vision = open_session(root, manifest, "vision", opts, providers)
-        self.embedder = open_session(root, manifest, "embed", opts, providers)
+        self.embedder = open_session(root, manifest, "embed", session_options(EMBED_THREADS), providers)
         self.decoder = open_session(root, manifest, "decoder", opts, providers)
         self.float_dtype = np.dtype(manifest.dtype)
         self.past_names = [i.name for i in self.decoder.get_inputs()[3:]]

@@ -41,6 +41,12 @@ def test_open_backend_picks_the_engine_and_decoder(tiny_models, tmp_path):
         open_backend("ort-fast-int4", pkg, m, threads=1)
     with pytest.raises(BackendError, match="unknown backend"):
         Pipeline.from_package(pkg, backend="onnx")
+    # the embed graph gets one thread whatever the decoder gets (a second spinning pool slows decode)
+    for name in ("ort", "ort-fast"):
+        be = open_backend(name, pkg, m, threads=2)
+        assert be.decoder.get_session_options().intra_op_num_threads == 2
+        assert be.vision.get_session_options().intra_op_num_threads == 2
+        assert be.embedder.get_session_options().intra_op_num_threads == 1
 
 
 def test_prefix_reuse_is_a_declared_capability():
