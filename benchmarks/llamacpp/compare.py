@@ -24,7 +24,8 @@ def rss_mb(out: Path, tag: str) -> float | None:
 
 def main(out: Path) -> None:
     lc = {q: load(out / f"llamacpp-{q}.json") for q in ("f32", "q4_0")}
-    me = {(t, k): ours(out, t, k) for t in ("int4", "fp32") for k in ("text", "image")}
+    extra = sorted({p.name.split("-")[1] for p in out.glob("ours-int4?*-*.json")})  # side_by_side.sh's EXTRA
+    me = {(t, k): ours(out, t, k) for t in ("int4", "fp32", *extra) for k in ("text", "image")}
     rows, pairs = [], []
 
     def row(label, a, b, fmt="{:.1f}"):
@@ -43,6 +44,14 @@ def main(out: Path) -> None:
         row(f"TTFT with the image, {tag} (s; vision {mine.get('vision_ms', 0) / 1e3:.2f} vs "
             f"{theirs.get('image_encode_s', 0):.2f})", a, theirs.get("ttft_s"), "{:.2f}")
         row(f"TTFT text, {tag} (s)", me[tag, "text"].get("ttft_ms", 0) / 1e3, g(lc[q], "text", "ttft_s"), "{:.2f}")
+    for tag in extra:  # more int4 packages, each against the same Q4_0 rows
+        mine = me[tag, "image"]
+        row(f"{tag} decode, text prompt (tok/s)", g(me[tag, "text"], "decode_tokens_per_s"),
+            g(lc["q4_0"], "text", "decode_tok_s"))
+        row(f"{tag} decode, image prompt (tok/s)", g(mine, "decode_tokens_per_s"), g(lc["q4_0"], "image", "decode_tok_s"))
+        row(f"TTFT with the image, {tag} (s; vision {mine.get('vision_ms', 0) / 1e3:.2f})", mine.get("ttft_ms", 0) / 1e3,
+            (lc["q4_0"].get("image") or {}).get("ttft_s"), "{:.2f}")
+        row(f"peak RSS of one {tag} run (MB)", rss_mb(out, tag), lc["q4_0"].get("peak_rss_mb"), "{:.0f}")
     row("peak RSS of one int4 run (MB)", rss_mb(out, "int4"), lc["q4_0"].get("peak_rss_mb"), "{:.0f}")
     row("peak RSS of one fp32 run (MB)", rss_mb(out, "fp32"), lc["f32"].get("peak_rss_mb"), "{:.0f}")
     mmproj = 0
@@ -90,13 +99,15 @@ def summary(sittings: list[list]) -> list:
     print(f"\n| | {' | '.join(f'sitting {i + 1}' for i in range(len(sittings)))} | median |")
     print("|---" * (len(sittings) + 2) + "|")
     out = []
-    for rows in zip(*sittings):
-        ratios = [a / b for _, a, b in rows if a and b]
-        if not ratios:
+    labels = list(dict.fromkeys(label for rows in sittings for label, _, _ in rows))  # rows by label, in order
+    for label in labels:
+        per = [next(((a, b) for lb, a, b in rows if lb == label), (None, None)) for rows in sittings]
+        ratios = [a / b if a and b else None for a, b in per]
+        if not any(ratios):
             continue
-        med = statistics.median(ratios)
-        print(f"| {rows[0][0]} | {' | '.join(f'{r:.2f}' for r in ratios)} | **{med:.2f}** |")
-        out.append((rows[0][0], med, 1.0))
+        med = statistics.median(r for r in ratios if r)
+        print(f"| {label} | {' | '.join(f'{r:.2f}' if r else '-' for r in ratios)} | **{med:.2f}** |")
+        out.append((label, med, 1.0))
     return out
 
 

@@ -6,7 +6,9 @@
 #   PKG_INT4 = llava-edge export CKPT -o PKG_INT4 --target cpu-int4
 #   PKG_FP32 = llava-edge export CKPT -o PKG_FP32 --target cpu
 # env: LE (llava-edge executable), PY (the venv of setup.sh), RUNS=3, M=128 new tokens, N=64 prompt tokens,
-#      THREADS=2, SKIP_LLAMACPP=1 to reuse OUT_DIR's llama.cpp JSON.
+#      THREADS=2, SKIP_LLAMACPP=1 to reuse OUT_DIR's llama.cpp JSON,
+#      EXTRA="TAG:PKG" more int4 packages benched in the same sitting (space-separated; TAG starts with int4),
+#      e.g. EXTRA="int4b256:/tmp/pk/int4b256" for an `--int4-block 256` export.
 set -uo pipefail
 CKPT=$1; PKG_INT4=$2; PKG_FP32=$3; OUT=$4; mkdir -p "$OUT"
 LE=${LE:-llava-edge}; PY=${PY:-${PEERS_VENV:-/tmp/peers-venv}/bin/python}
@@ -19,7 +21,9 @@ if [[ -z ${SKIP_LLAMACPP:-} ]]; then
       --threads "$THREADS" --quant $q > "$OUT/llamacpp-$q.json" 2> "$OUT/llamacpp-$q.err") || echo "llama.cpp $q failed"
   done
 fi
-for pair in "int4:$PKG_INT4:ort-fast-int4" "fp32:$PKG_FP32:ort-fast"; do
+EXTRA_BENCH=(); EXTRA_RSS=()
+for e in ${EXTRA:-}; do EXTRA_BENCH+=("$e:ort-fast-int4"); EXTRA_RSS+=("$e"); done
+for pair in "int4:$PKG_INT4:ort-fast-int4" "fp32:$PKG_FP32:ort-fast" "${EXTRA_BENCH[@]}"; do
   IFS=: read -r tag pkg backend <<< "$pair"
   "$LE" bench "$pkg" --backend "$backend" --prompt-len "$N" --new-tokens "$M" --repeat "$RUNS" --threads "$THREADS" \
     -o "$OUT/ours-$tag-image.json" > "$OUT/ours-$tag-image.txt" 2>&1 || echo "ours $tag image failed"
@@ -27,7 +31,7 @@ for pair in "int4:$PKG_INT4:ort-fast-int4" "fp32:$PKG_FP32:ort-fast"; do
     --threads "$THREADS" -o "$OUT/ours-$tag-text.json" > "$OUT/ours-$tag-text.txt" 2>&1 || echo "ours $tag text failed"
 done
 $PY -c "import numpy as np; from PIL import Image; Image.fromarray(np.random.default_rng(0).integers(0,256,(336,336,3),dtype=np.uint8)).save('$OUT/img.png')"
-for pair in "int4:$PKG_INT4" "fp32:$PKG_FP32"; do
+for pair in "int4:$PKG_INT4" "fp32:$PKG_FP32" "${EXTRA_RSS[@]}"; do
   IFS=: read -r tag pkg <<< "$pair"
   /usr/bin/time -v "$LE" run "$pkg" --image "$OUT/img.png" --prompt "Describe the image." --greedy \
     --max-new-tokens 32 --threads "$THREADS" --json > "$OUT/rss-$tag.json" 2> "$OUT/rss-$tag.err" || echo "rss $tag failed"
