@@ -80,10 +80,25 @@ def plot(pairs: list, path: Path) -> None:
     ax.barh([lb for lb, _ in pairs][::-1], [r for _, r in pairs][::-1], color=colors[::-1])
     ax.axvline(1.0, color="black", lw=1)
     ax.set_xlabel("llava-edge / llama.cpp (decode: > 1 is faster; times, RSS, bytes: < 1 is better)")
-    for i, (_, r) in enumerate(pairs[::-1]):
+    for i, (label, r) in enumerate(pairs[::-1]):
         ax.text(r, i, f" {r:.2f}", va="center")
+        goal = _goal(label)
+        if goal:
+            ax.plot([goal, goal], [i - 0.45, i + 0.45], color="black", lw=2.5, ls=":")
+    ax.plot([], [], color="black", lw=2.5, ls=":", label="issue 18 goal")
+    ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _goal(label: str) -> float | None:
+    """Issue 18's goal for a row, drawn on the plot: int4 decode >= 1.1x, time to first token with the image
+    (int4) <= 0.5x, fp32 decode and memory >= / <= parity (the parity line)."""
+    if label.startswith("int4") and "decode" in label:
+        return 1.1
+    if label.startswith("TTFT with the image, int4"):
+        return 0.5
+    return None
 
 
 def _get(d: dict, keys: tuple) -> float | None:
