@@ -13,8 +13,6 @@ the runtime does not know which one it holds.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -35,8 +33,8 @@ def quantize_rows(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, np.n
     return pack(q, 8), scale.reshape(v, h // block_size)
 
 
-def write_int8_embed(weight: np.ndarray, path: Path, dtype: str = "float32", block_size: int = 128) -> None:
-    """Write the embed graph for a [V,H] float table to `path` (one file: a 7B table is 131 MB in 8 bits)."""
+def int8_embed_model(weight: np.ndarray, dtype: str = "float32", block_size: int = 128) -> onnx.ModelProto:
+    """The embed graph for a [V,H] float table (export_embed writes it, the table in a data file when large)."""
     if weight.shape[1] % block_size:
         block_size = 32
     codes, scales = quantize_rows(weight, block_size)
@@ -53,4 +51,4 @@ def write_int8_embed(weight: np.ndarray, path: Path, dtype: str = "float32", blo
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     model = helper.make_model(graph, opset_imports=opsets, producer_name="llava-edge")
     model.ir_version = MAX_IR_VERSION
-    onnx.save_model(model, str(path))
+    return model

@@ -19,13 +19,18 @@ import onnx
 import torch
 
 from ..package import GraphSpec, TensorSpec
-from .embed_int8 import write_int8_embed
+from .embed_int8 import int8_embed_model
 from .graphs import Decoder, TokenEmbedding, VisionEncoder
 
 # onnxruntime 1.31 reads IR <= 13; onnx 1.23 writes 14 by default.
 MAX_IR_VERSION = 10
 # Above this the protobuf 2 GB limit is near: weights go to one external data file.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
+# The embedding table goes to its data file much earlier. onnxruntime keeps an inline graph's protobuf
+# resident beside its tensors, while a page-aligned data file is mapped and a gather touches only the rows
+# it reads: edge-1b's fp32 table (262 MB) added 264 MB to a process inline and 20 MB from a data file,
+# its 8-bit table 78 MB and 15 MB (docs/cpu.md). Small tables (the test models') stay in one file.
+EMBED_EXTERNAL_THRESHOLD = 16 << 20
 
 _NP_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64"}
 
@@ -37,7 +42,7 @@ class ExportedGraph:
     example: tuple
 
 
-def _finish(raw_path: Path, model_path: Path, size_hint: int) -> list[str]:
+def _finish(raw_path: Path, model_path: Path, size_hint: int, threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[str]:
     """Clamp the IR version, give the decoder's weights stable names, move big weights out of line.
 
     raw_path is torch's output in a scratch directory: above 2 GB the TorchScript exporter writes one
@@ -47,7 +52,7 @@ def _finish(raw_path: Path, model_path: Path, size_hint: int) -> list[str]:
     model = onnx.load(str(raw_path), load_external_data=False)
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     _name_matmul_weights(model)
-    external = size_hint > EXTERNAL_DATA_THRESHOLD
+    external = size_hint > threshold
     if not external and not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
         return save_onnx(model, model_path, external=False)
     return _save_streamed(model, raw_path.parent, model_path)
@@ -134,7 +139,8 @@ def _spec(path: Path, names_in, tensors_in, dyn_in, names_out, tensors_out, dyn_
     )
 
 
-def _export(module, example, path: Path, names_in, names_out, dyn_in, dyn_out, opset: int) -> GraphSpec:
+def _export(module, example, path: Path, names_in, names_out, dyn_in, dyn_out, opset: int,
+            external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> GraphSpec:
     dynamic_axes = {**dyn_in, **dyn_out}
     scratch = Path(tempfile.mkdtemp(prefix=f".{path.stem}-raw-", dir=path.parent))
     try:
@@ -148,7 +154,7 @@ def _export(module, example, path: Path, names_in, names_out, dyn_in, dyn_out, o
                 dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False, do_constant_folding=True,
             )
         size = sum(p.numel() * p.element_size() for p in module.parameters())
-        external = _finish(scratch / path.name, path, size)
+        external = _finish(scratch / path.name, path, size, external_threshold)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return _spec(path, names_in, example, dyn_in, names_out, outputs, dyn_out, external)
@@ -171,13 +177,16 @@ def export_embed(llava, out_dir: Path, opset: int, int8: bool = False) -> Export
     path = out_dir / "embed.onnx"
     dyn_in, dyn_out = {"input_ids": {0: "batch", 1: "seq"}}, {"inputs_embeds": {0: "batch", 1: "seq"}}
     if not int8:
-        spec = _export(module, example, path, ["input_ids"], ["inputs_embeds"], dyn_in, dyn_out, opset)
+        spec = _export(module, example, path, ["input_ids"], ["inputs_embeds"], dyn_in, dyn_out, opset,
+                       external_threshold=EMBED_EXTERNAL_THRESHOLD)
         return ExportedGraph(spec, module, example)
     weight = module.embed_tokens.weight
-    write_int8_embed(weight.detach().float().numpy(), path, _NP_DTYPES[weight.dtype])
+    model = int8_embed_model(weight.detach().float().numpy(), _NP_DTYPES[weight.dtype])
+    table = sum(len(t.raw_data) for t in model.graph.initializer)
+    external = _save_streamed(model, out_dir, path) if table > EMBED_EXTERNAL_THRESHOLD else save_onnx(model, path, False)
     with torch.no_grad():
         out = module(*example)
-    return ExportedGraph(_spec(path, ["input_ids"], example, dyn_in, ["inputs_embeds"], (out,), dyn_out, []),
+    return ExportedGraph(_spec(path, ["input_ids"], example, dyn_in, ["inputs_embeds"], (out,), dyn_out, external),
                          module, example)
 
 

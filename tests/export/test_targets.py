@@ -192,3 +192,26 @@ def test_int4_block_size_on_request(tiny_models, tmp_path):
     assert any(a["block_size"] == 64 for a in int4)
     _error(runner.invoke(app, ["export", ck, "-o", str(tmp_path / "q"), "--target", "cpu-int4", "--int4-block", "100"]),
            "int4 block 100: use one of 32, 64, 128, 256")
+
+
+@pytest.mark.parametrize("target,embed", [("cpu", "float"), ("cpu-int4", "int8")])
+def test_a_large_embedding_table_is_written_to_a_mapped_data_file(packages, tiny_models, tmp_path, monkeypatch, target,
+                                                                  embed):
+    """Above EMBED_EXTERNAL_THRESHOLD the embedding table goes to embed.onnx.data (onnxruntime maps it and
+    reads only the gathered rows; inline, it keeps the whole protobuf resident). The tiny table is pushed
+    over a threshold of 0: the package lists and digests the data file and runs the same greedy tokens."""
+    from llava_edge.export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "EMBED_EXTERNAL_THRESHOLD", 0)
+    ck, out = str(tiny_models[PRESET]["checkpoint"]), tmp_path / "p"
+    r = runner.invoke(app, ["export", ck, "-o", str(out), "--target", target])
+    assert r.exit_code == 0, r.output
+    m = load_manifest(out)
+    assert m.extra["embed"] == embed and m.graphs["embed"].external_data == ["embed.onnx.data"]
+    assert "embed.onnx.data" in m.digests
+    assert (out / "embed.onnx").stat().st_size < 4096 < (out / "embed.onnx.data").stat().st_size
+    assert not load_manifest(packages[target]).graphs["embed"].external_data  # the default: inline when small
+    r = runner.invoke(app, ["inspect", str(out), "--verify"])
+    assert r.exit_code == 0, r.output
+    image = _image(tmp_path)
+    assert _tokens(out, image) == _tokens(packages[target], image)
