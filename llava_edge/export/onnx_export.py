@@ -42,7 +42,7 @@ class ExportedGraph:
     example: tuple
 
 
-def _finish(raw_path: Path, model_path: Path, size_hint: int, threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[str]:
+def _finish(raw_path: Path, model_path: Path, size_hint: int, threshold: int | None = None) -> list[str]:
     """Clamp the IR version, give the decoder's weights stable names, move big weights out of line.
 
     raw_path is torch's output in a scratch directory: above 2 GB the TorchScript exporter writes one
@@ -52,7 +52,7 @@ def _finish(raw_path: Path, model_path: Path, size_hint: int, threshold: int = E
     model = onnx.load(str(raw_path), load_external_data=False)
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     _name_matmul_weights(model)
-    external = size_hint > threshold
+    external = size_hint > (EXTERNAL_DATA_THRESHOLD if threshold is None else threshold)
     if not external and not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
         return save_onnx(model, model_path, external=False)
     return _save_streamed(model, raw_path.parent, model_path)
@@ -140,7 +140,7 @@ def _spec(path: Path, names_in, tensors_in, dyn_in, names_out, tensors_out, dyn_
 
 
 def _export(module, example, path: Path, names_in, names_out, dyn_in, dyn_out, opset: int,
-            external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> GraphSpec:
+            external_threshold: int | None = None) -> GraphSpec:
     dynamic_axes = {**dyn_in, **dyn_out}
     scratch = Path(tempfile.mkdtemp(prefix=f".{path.stem}-raw-", dir=path.parent))
     try:
