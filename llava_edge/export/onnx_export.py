@@ -52,10 +52,16 @@ def _finish(raw_path: Path, model_path: Path, size_hint: int, threshold: int | N
     model = onnx.load(str(raw_path), load_external_data=False)
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     _name_matmul_weights(model)
-    external = size_hint > (EXTERNAL_DATA_THRESHOLD if threshold is None else threshold)
+    return _save_graph(model, raw_path.parent, model_path,
+                       size_hint > (EXTERNAL_DATA_THRESHOLD if threshold is None else threshold))
+
+
+def _save_graph(model: onnx.ModelProto, src_dir: Path, path: Path, external: bool) -> list[str]:
+    """Inline when not `external` and no weight already lives in a file, else every weight of >= 1 KiB in
+    a page-aligned `<name>.data` (_save_streamed). Returns the external files written."""
     if not external and not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        return save_onnx(model, model_path, external=False)
-    return _save_streamed(model, raw_path.parent, model_path)
+        return save_onnx(model, path, external=False)
+    return _save_streamed(model, src_dir, path)
 
 
 def _save_streamed(model: onnx.ModelProto, src_dir: Path, path: Path, align: int = 4096) -> list[str]:
@@ -183,7 +189,7 @@ def export_embed(llava, out_dir: Path, opset: int, int8: bool = False) -> Export
     weight = module.embed_tokens.weight
     model = int8_embed_model(weight.detach().float().numpy(), _NP_DTYPES[weight.dtype])
     table = sum(len(t.raw_data) for t in model.graph.initializer)
-    external = _save_streamed(model, out_dir, path) if table > EMBED_EXTERNAL_THRESHOLD else save_onnx(model, path, False)
+    external = _save_graph(model, out_dir, path, table > EMBED_EXTERNAL_THRESHOLD)
     with torch.no_grad():
         out = module(*example)
     return ExportedGraph(_spec(path, ["input_ids"], example, dyn_in, ["inputs_embeds"], (out,), dyn_out, external),
