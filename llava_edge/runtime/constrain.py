@@ -76,14 +76,100 @@ def load_schema(path: str | Path) -> dict[str, Any]:
     return schema
 
 
+class _Budget(Exception):
+    pass
+
+
+def _resolve(root: Any, ref: str) -> Any:
+    """A local ``$ref`` ("#", "#/$defs/a"): the schema it points at; ``_Budget`` for one we cannot follow."""
+    if ref == "#" or ref == "#/":
+        return root
+    if not ref.startswith("#/"):
+        raise _Budget  # a remote ref or an anchor: leave it to llguidance
+    node = root
+    for part in ref[2:].split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            raise _Budget
+    return node
+
+
+def admits_finite_value(schema: Any, budget: int = 20000) -> bool:
+    """False when no finite JSON value can satisfy ``schema`` because its ``$ref``s recurse without end:
+    ``{"$ref": "#"}``, a definition that refers only to itself, an object whose *required* property is
+    the object again, an array of at least one item that is the array again. llguidance compiles such a
+    schema: the first kind is an empty grammar (the answer ends at once, empty), the others never end
+    (the answer runs to max_tokens). Judges only the structure ($ref, allOf/anyOf/oneOf, required
+    properties, minItems); anything else, and a schema too large to walk within ``budget`` steps, is
+    assumed satisfiable (llguidance judges the rest)."""
+    left = [budget]
+
+    def finite(node: Any, refs: frozenset[str]) -> bool:
+        left[0] -= 1
+        if left[0] < 0:
+            raise _Budget
+        if not isinstance(node, dict):
+            return node is not False
+        ref = node.get("$ref")
+        if isinstance(ref, str):
+            if ref in refs:  # this path only comes back to where it started
+                return False
+            if not finite(_resolve(schema, ref), refs | {ref}):
+                return False
+        subs = node.get("allOf")
+        if isinstance(subs, list) and not all(finite(x, refs) for x in subs):
+            return False
+        for key in ("anyOf", "oneOf"):
+            subs = node.get(key)
+            if isinstance(subs, list) and subs and not any(finite(x, refs) for x in subs):
+                return False
+        if "const" in node or "enum" in node:
+            return True
+        types = node.get("type")
+        types = [types] if isinstance(types, str) else types if isinstance(types, list) else None
+        if types is None or any(t not in ("object", "array") for t in types):
+            return True  # an untyped schema, or a scalar type: a scalar value ends
+        if "object" in types:
+            props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+            required = node.get("required") if isinstance(node.get("required"), list) else []
+            if all(finite(props[k], refs) for k in required if isinstance(k, str) and k in props):
+                return True
+        if "array" in types:
+            n = node.get("minItems", 0)
+            prefix = node.get("prefixItems") if isinstance(node.get("prefixItems"), list) else []
+            items = node.get("items", True)
+            need = [prefix[i] if i < len(prefix) else items for i in range(min(n, len(prefix) + 1))] \
+                if isinstance(n, int) and n > 0 else []
+            if all(finite(x, refs) for x in need):
+                return True
+        return False
+
+    try:
+        return finite(schema, frozenset())
+    except (_Budget, RecursionError):
+        return True
+
+
 class Grammar:
-    """A compiled schema, checked once; ``matcher()`` makes one per sequence."""
+    """A compiled schema, checked once; ``matcher()`` makes one per sequence.
+
+    Refused (ConstraintError, the server's 400 ``unsupported_schema``): what llguidance cannot compile,
+    and a schema that admits no finite JSON value (``admits_finite_value``) or whose grammar allows no
+    first token (it would end every answer at once, empty).
+    """
 
     def __init__(self, tokenizer: Tokenizer, eos_ids: frozenset[int], schema: dict[str, Any] | None):
         llg = _llguidance()
         self.tokenizer = tokenizer
         self.lt = ll_tokenizer(tokenizer, eos_ids)
         self.eos = sorted(eos_ids)
+        if schema is not None and not admits_finite_value(schema):
+            raise ConstraintError("unsupported JSON schema: no finite JSON value satisfies it (a $ref that "
+                                  "recurses without end; make the recursion optional)")
         # json_object mode: any JSON object
         try:
             self.grammar = llg.LLMatcher.grammar_from_json_schema(schema if schema is not None else {"type": "object"},
@@ -94,6 +180,13 @@ class Grammar:
         if err and not err.startswith("WARNING"):
             raise ConstraintError(f"unsupported JSON schema: {err.splitlines()[0]}")
         self._llg = llg
+        # a grammar with no way to start (e.g. {"$ref": "#"}) compiles, and its matcher stops at once
+        probe = self.matcher()
+        first = np.unpackbits(np.frombuffer(probe.m.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        first[[t for t in self.eos if t < first.size]] = 0
+        if probe.m.is_error() or probe.m.is_stopped() or not first[: self.lt.vocab_size].any():
+            raise ConstraintError("unsupported JSON schema: it allows no answer at all (a $ref that only refers "
+                                  "to itself?)")
 
     def matcher(self) -> "Constraint":
         return Constraint(self._llg.LLMatcher(self.lt, self.grammar, log_level=0), self.lt.vocab_size, self.eos)

@@ -29,7 +29,7 @@ from .model_runner import ModelRunner
 from .prefix_cache import PrefixCache, image_digest
 from . import anyres
 from .preprocess import MAX_IMAGE_PIXELS, preprocess
-from .sampling import SamplingConfig
+from .sampling import SamplingConfig, token_logprobs
 from .scheduler import Scheduler
 from .sequence import Sequence, Status, TokenEvent
 
@@ -271,16 +271,25 @@ class Engine:
                 self._fail(seq, e, events)
 
     def _sample(self, seq: Sequence, logits: np.ndarray) -> int:
+        # logprobs are the model's own (before penalty, temperature, top-k/p, schema mask: see
+        # sampling.token_logprobs); the copy is taken only for a request that asked, and the sampler
+        # below sees the same logits either way, so asking never changes a token
+        raw = logits.reshape(-1).astype(np.float64) if seq.top_logprobs is not None else None
         if seq.constraint is not None:  # structured answers (runtime/constrain.py): mask, draw, follow
             seq.constraint.mask(logits)
         token = int(seq.sampler(logits, [seq.seen] if seq.seen is not None else None)[0])
         if seq.constraint is not None:
             seq.constraint.advance(token)
+        if raw is not None:
+            seq.logprobs.append(token_logprobs(raw, token, seq.top_logprobs))
         return token
 
     def _emit(self, seq: Sequence, token: int, events: list[TokenEvent]) -> None:
         self.tokens_generated += 1
-        events.append(seq.append(token))
+        ev = seq.append(token)
+        if seq.top_logprobs is not None:
+            ev.logprobs = seq.logprobs[-1]
+        events.append(ev)
         if seq.status is Status.FINISHED:
             self._retire(seq)
 

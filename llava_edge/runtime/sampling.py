@@ -1,4 +1,5 @@
-"""Next-token choice in numpy: greedy, temperature, top-k, top-p, repetition penalty, seeded.
+"""Next-token choice in numpy: greedy, temperature, top-k, top-p, repetition penalty, seeded; and the
+log-probabilities a request may ask for (``token_logprobs``).
 
 Works on the [B, V] logits of the last position only, in place where it can: the only full-vocabulary
 copy per step is the float64 softmax of the rows that sample (greedy rows take an argmax, no copy).
@@ -94,3 +95,39 @@ class Sampler:
             mask[keep] = probs[keep]
             probs = mask / mask.sum()
         return int(self.rng.choice(probs.size, p=probs))
+
+
+# OpenAI's stand-in for a log-probability of -inf (JSON has no infinity)
+MIN_LOGPROB = -9999.0
+MAX_TOP_LOGPROBS = 20
+
+
+def token_logprobs(raw: np.ndarray, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of ``token`` and the ``top`` most likely tokens with theirs, from ``raw``.
+
+    ``raw`` is one row of the model's own logits [V], as the model produced them: BEFORE the repetition
+    penalty, temperature, top-k/top-p and a JSON-schema mask. These are the model's log-probabilities
+    (vLLM's default, and what OpenAI reports), the same for a request whatever its sampling settings; the
+    chosen token may therefore be one the model itself found unlikely (sampling, or a schema forbade its
+    favourite). Computed in float64; a NaN logit counts as -inf, and -inf is reported as ``MIN_LOGPROB``.
+    Alternatives are sorted by log-probability, highest first, ties by token id.
+    """
+    x = np.asarray(raw, dtype=np.float64).reshape(-1)
+    x = np.where(np.isnan(x), -np.inf, x)
+    m = x.max()
+    if not np.isfinite(m):  # all -inf (or +inf somewhere): no distribution to speak of
+        lp = np.where(x == m, 0.0, -np.inf) if m > 0 else np.full_like(x, -np.inf)
+    else:
+        lp = x - (m + np.log(np.exp(x - m).sum()))
+
+    def val(i: int) -> float:
+        v = float(lp[i])
+        return v if v > MIN_LOGPROB else MIN_LOGPROB
+
+    alts: list[tuple[int, float]] = []
+    if top > 0:
+        k = min(top, lp.size)
+        part = np.argpartition(-lp, k - 1)[:k] if k < lp.size else np.arange(lp.size)
+        order = part[np.lexsort((part, -lp[part]))]
+        alts = [(int(i), val(int(i))) for i in order]
+    return val(int(token)), alts

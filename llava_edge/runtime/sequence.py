@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import enum
 import itertools
+import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence as Seq
@@ -86,6 +88,44 @@ class Detokenizer:
         return delta
 
 
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's byte -> printable character map, inverted (what a ByteLevel decoder undoes)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_BYTE_LEVEL = _byte_level_table()
+_BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+_DECODER_KIND: dict[int, tuple[Tokenizer, bool]] = {}  # id(Tokenizer) -> (Tokenizer, byte-level decoder?)
+
+
+def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
+    """The bytes one token stands for (OpenAI's logprobs ``bytes``): byte-level BPE pieces mapped back to
+    bytes, SentencePiece byte-fallback pieces (``<0xE2>``) as that byte and ``▁`` as a space, anything
+    else (word-level pieces, special tokens) as the piece's UTF-8. A piece that is part of a character
+    gives that part: joining the tokens' bytes gives the answer's bytes."""
+    hit = _DECODER_KIND.get(id(tokenizer))
+    if hit is None or hit[0] is not tokenizer:
+        dec = json.loads(tokenizer.to_str()).get("decoder") or {}
+        kinds = [d.get("type") for d in dec.get("decoders", [dec]) if isinstance(d, dict)]
+        hit = _DECODER_KIND[id(tokenizer)] = (tokenizer, "ByteLevel" in kinds)
+    piece = tokenizer.id_to_token(int(token_id))
+    if piece is None:
+        return b""
+    if hit[1] and all(ch in _BYTE_LEVEL for ch in piece):
+        return bytes(_BYTE_LEVEL[ch] for ch in piece)
+    m = _BYTE_FALLBACK.match(piece)
+    if m:
+        return bytes([int(m.group(1), 16)])
+    return piece.replace("\u2581", " ").encode("utf-8")
+
+
 @dataclass
 class TokenEvent:
     """What one step produced for one sequence. ``text`` is the newly visible text (may be "")."""
@@ -95,6 +135,7 @@ class TokenEvent:
     text: str
     finish_reason: str | None = None
     index: int = 0  # the caller's own index (Pipeline: position in the batch)
+    logprobs: Any = None  # (logprob, [(id, logprob)...]) of token_id when the request asked (Sequence.logprobs)
 
 
 _ids = itertools.count()
@@ -118,6 +159,10 @@ class Sequence:
         self.seq_id = self.seq_id or f"seq-{next(_ids)}"
         self.sampler = Sampler(self.sampling)
         self.constraint: Any = None  # a runtime.constrain.Constraint: the answer must match a JSON schema
+        # logprobs: None = not asked (nothing computed); else how many alternatives per token (0..20).
+        # self.logprobs gets one (logprob, [(id, logprob)...]) per generated token (sampling.token_logprobs)
+        self.top_logprobs: int | None = None
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         self.seen = self.ids.copy() if self.sampling.repetition_penalty != 1.0 else None
         self.detok = Detokenizer(self.tokenizer)
         self.generated: list[int] = []

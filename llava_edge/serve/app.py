@@ -32,7 +32,8 @@ from ..runtime.sampling import SamplingConfig
 from ..runtime.sequence import Sequence
 from .media import MediaLimits, load_image_url
 from .metrics import CONTENT_TYPE, Metrics
-from .protocol import ApiError, ChatRequest, chunk_body, completion_body, completion_id, parse_chat_request, usage
+from .protocol import (ApiError, ChatRequest, chunk_body, completion_body, completion_id, logprobs_body,
+                       parse_chat_request, usage)
 from .worker import EngineWorker
 
 log = logging.getLogger("llava_edge.serve")
@@ -147,6 +148,8 @@ class ServerState:
             seq.eos_ids = frozenset()
         if chat.response_format is not None and chat.response_format.type != "text":
             seq.constraint = self._grammar(chat.response_format).matcher()
+        if chat.logprobs:
+            seq.top_logprobs = chat.top_logprobs or 0
         return seq
 
     def _grammar(self, fmt: Any) -> Any:
@@ -379,8 +382,11 @@ async def _complete(state: ServerState, request: Request, seq: Sequence, queue: 
     if seq.finish_reason == "error":
         raise ApiError(500, f"generation failed: {seq.error}", "generation_error")
     r = seq.result()
+    logprobs = None
+    if seq.top_logprobs is not None:
+        logprobs = logprobs_body(state.pipe.tokenizer, r.token_ids, seq.logprobs)
     return JSONResponse(completion_body(cid, state.config.model_name, r.text, r.finish_reason, r.token_ids,
-                                        r.prompt_tokens))
+                                        r.prompt_tokens, logprobs))
 
 
 async def _stream(state: ServerState, seq: Sequence, queue: asyncio.Queue, cid: str,
@@ -402,7 +408,9 @@ async def _stream(state: ServerState, seq: Sequence, queue: asyncio.Queue, cid: 
                 break
             if ev.token_id is not None:
                 delta = {"content": ev.text} if ev.text else {}
-                yield sse(chunk_body(cid, model, created, delta, ev.finish_reason, [ev.token_id]))
+                lp = None if ev.logprobs is None else logprobs_body(state.pipe.tokenizer, [ev.token_id],
+                                                                     [ev.logprobs])
+                yield sse(chunk_body(cid, model, created, delta, ev.finish_reason, [ev.token_id], lp))
             if ev.finish_reason is not None:
                 break
             if not queue.empty():

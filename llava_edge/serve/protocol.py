@@ -2,7 +2,10 @@
 
 Why strict parsing: a field of the wrong type ("max_tokens": "ten") must be a 400 that names the
 field, never a coercion that guesses, and never a 500. Unknown fields are ignored (clients send
-vendor extras such as ``logit_bias`` or ``user``), as vLLM and llama-server do.
+vendor extras such as ``user``), as vLLM and llama-server do; ``logit_bias`` is ignored too (accepted,
+no effect). What this server cannot do and a client relies on is refused with a 400 naming the field
+instead of being ignored: ``tools``/``tool_choice``/``functions``/``function_call`` (no tool calling),
+``n`` > 1.
 """
 
 from __future__ import annotations
@@ -83,11 +86,34 @@ class ChatRequest(_Strict):
     stream_options: Optional[StreamOptions] = None
     n: int = Field(default=1, ge=1, le=1)
     response_format: Optional[ResponseFormat] = None
+    logprobs: Optional[bool] = None  # the log-probability of each answer token (runtime/sampling.token_logprobs)
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)  # and this many alternatives each
+    # declared only to be refused (check_supported): a client that sends tools expects tool calls
+    tools: Optional[list[Any]] = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    functions: Optional[list[Any]] = None
+    function_call: Union[str, dict[str, Any], None] = None
+
+
+def check_supported(chat: ChatRequest) -> None:
+    """400 naming the field for what a client relies on and this server does not do (tool calling), and
+    for top_logprobs without logprobs=true (as OpenAI answers)."""
+    for name in ("tools", "functions"):
+        if getattr(chat, name):
+            raise ApiError(400, f"{name} are not supported by this server (no tool or function calling)",
+                           "unsupported_parameter", name)
+    for name in ("tool_choice", "function_call"):
+        value = getattr(chat, name)
+        if value is not None and value != "none":
+            raise ApiError(400, f"{name} is not supported by this server (no tool or function calling); "
+                           "only 'none' is accepted", "unsupported_parameter", name)
+    if chat.top_logprobs is not None and not chat.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs=true", "invalid_value", "top_logprobs")
 
 
 def parse_chat_request(body: bytes) -> ChatRequest:
     try:
-        return ChatRequest.model_validate_json(body)
+        chat = ChatRequest.model_validate_json(body)
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("function-after",))
@@ -95,6 +121,8 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         if err.get("type") == "json_invalid":
             raise ApiError(400, f"the request body is not valid JSON: {msg}", "invalid_json") from None
         raise ApiError(400, f"invalid field '{loc}': {msg}" if loc else msg, "invalid_value", loc or None) from None
+    check_supported(chat)
+    return chat
 
 
 def completion_id() -> str:
@@ -104,18 +132,37 @@ def completion_id() -> str:
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop", "error": "stop"}
 
 
-def completion_body(cid: str, model: str, text: str, finish: str, token_ids: list[int], prompt_tokens: int
-                    ) -> dict[str, Any]:
+def logprob_entry(tokenizer: Any, token_id: int, logprob: float, alts: list[tuple[int, float]]) -> dict[str, Any]:
+    """One token of OpenAI's ``logprobs.content``: token text, logprob, UTF-8 bytes, top alternatives.
+    The text of a token that is part of a UTF-8 character has U+FFFD; its ``bytes`` are exact."""
+    from ..runtime.sequence import token_bytes
+
+    def one(i: int, lp: float) -> dict[str, Any]:
+        b = token_bytes(tokenizer, i)
+        return {"token": b.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(b)}
+
+    return {**one(token_id, logprob), "top_logprobs": [one(i, lp) for i, lp in alts]}
+
+
+def logprobs_body(tokenizer: Any, token_ids: list[int], logprobs: list[tuple[float, list[tuple[int, float]]]]
+                  ) -> dict[str, Any]:
+    """A choice's ``logprobs``: one entry per token id (a stream's chunk: that chunk's tokens)."""
+    return {"content": [logprob_entry(tokenizer, t, lp, alts) for t, (lp, alts) in zip(token_ids, logprobs)],
+            "refusal": None}
+
+
+def completion_body(cid: str, model: str, text: str, finish: str, token_ids: list[int], prompt_tokens: int,
+                    logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """A chat.completion; ``token_ids`` is our extension field on the choice (the generated ids)."""
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": FINISH.get(finish, "stop"), "logprobs": None, "token_ids": token_ids}],
+                         "finish_reason": FINISH.get(finish, "stop"), "logprobs": logprobs, "token_ids": token_ids}],
             "usage": usage(prompt_tokens, len(token_ids))}
 
 
 def chunk_body(cid: str, model: str, created: int, delta: dict[str, Any], finish: str | None = None,
-               token_ids: list[int] | None = None) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None,
+               token_ids: list[int] | None = None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": logprobs,
                               "finish_reason": FINISH.get(finish, "stop") if finish else None}
     if token_ids is not None:
         choice["token_ids"] = token_ids
