@@ -20,7 +20,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from ..errors import UsageError
-from ..package import TOKENIZER_NAME, Manifest, PackageError, load_manifest
+from ..package import Manifest, load_manifest
 from . import anyres
 from . import prompt as prompts
 from .backend import supports_prefix_reuse
@@ -34,6 +34,7 @@ from .ragged import left_pad
 from .sampling import Sampler, SamplingConfig
 from .sequence import Detokenizer as _Detokenizer
 from .sequence import GenerationResult, Timings
+from .tokenizer_check import load_tokenizer
 
 __all__ = ["Pipeline", "Request", "TokenEvent", "GenerationResult", "Timings", "PromptTooLongError", "drain"]
 
@@ -114,10 +115,7 @@ class Pipeline:
         fast decoder, a portable one its portable decoder; name one (ort, ort-fast, ...) to choose."""
         check_threads(threads)
         manifest = load_manifest(package_dir)
-        try:
-            tokenizer = Tokenizer.from_file(str(Path(package_dir) / TOKENIZER_NAME))
-        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a file it cannot parse
-            raise PackageError(f"cannot load {TOKENIZER_NAME} of {package_dir}: {e}") from None
+        tokenizer = load_tokenizer(package_dir, manifest)  # one PackageError line if broken, foreign or hostile
         engine = open_backend(backend, package_dir, manifest, device=device, threads=threads)
         return cls(package_dir, manifest, engine, tokenizer, template, prefix_cache, max_image_pixels=max_image_pixels)
 
