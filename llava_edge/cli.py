@@ -6,9 +6,14 @@ it lazily. Errors a user can cause print one line and exit 2, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import json
 import logging
+import math
+import os
+import re
 import shlex
 import sys
 import tempfile
@@ -23,6 +28,7 @@ from typer.core import TyperGroup
 
 from .contract import KV_INPLACE
 from .errors import LlavaEdgeError, Terminated, UsageError
+from .io_safe import WRITE_ERRNOS, check_regular_file, display, write_error
 from .package import sigterm_as_interrupt
 from .runtime.preprocess import MAX_IMAGE_PIXELS
 
@@ -52,19 +58,30 @@ class _Group(TyperGroup):
         logger = logging.getLogger("llava_edge")
         if not any(isinstance(h, _NoteHandler) for h in logger.handlers):
             logger.addHandler(_NoteHandler(logging.WARNING))  # notices; INFO (the server's log) is not one
+        stdout = sys.stdout
+        sys.stdout = _StdoutGuard(stdout)  # a failed write to it says so (stdout or a file? see friendly)
         try:
             with sigterm_as_interrupt():
                 code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            _flush_stdout()
+        except OSError as e:
+            if not getattr(e, "llava_edge_stdout", False):
+                raise
+            _stdout_failed(e, stdout)
         except getattr(_click_errors, "NoArgsIsHelpError", ()) as e:
             e.show()
             sys.exit(2)
         except _click_errors.ClickException as e:
             where = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) is not None else ""
-            console.print(f"[red]error:[/] {escape(e.format_message())}{where}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/] {escape(display(e.format_message()))}{where}", highlight=False,
+                          soft_wrap=True)
             sys.exit(e.exit_code)
         except typer.Abort:
             console.print("[yellow]interrupted[/]")
             sys.exit(130)
+        finally:
+            if isinstance(sys.stdout, _StdoutGuard):
+                sys.stdout = stdout
         sys.exit(code if isinstance(code, int) else 0)
 
 
@@ -84,7 +101,9 @@ def friendly(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            _flush_stdout()  # output still buffered fails here, classified below, not at interpreter exit
+            return result
         except Terminated:
             console.print("[yellow]terminated[/]")
             raise typer.Exit(143)
@@ -95,18 +114,134 @@ def friendly(fn: Callable) -> Callable:
             raise
         except Exception as e:  # noqa: BLE001 - classified below
             if isinstance(e, (LlavaEdgeError, FileNotFoundError)):
-                console.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+                _error_line(str(e))
+                raise typer.Exit(2)
+            if isinstance(e, OSError) and getattr(e, "llava_edge_stdout", False):
+                _stdout_failed(e, sys.stdout)
+            if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:  # a full or read-only disk: not a bug
+                _error_line(f"cannot write{' ' + display(e.filename) if e.filename else ''}: {e.strerror or e}")
                 raise typer.Exit(2)
             raise
 
     return wrapper
 
 
+def _error_line(message: str) -> None:
+    console.print(f"[red]error:[/] {escape(display(message))}", highlight=False, soft_wrap=True)
+
+
+def _flush_stdout() -> None:
+    if sys.stdout is not None:
+        sys.stdout.flush()
+
+
+class _StdoutGuard:
+    """sys.stdout while a command runs: the same stream, but an OSError from writing to it is marked
+    (`llava_edge_stdout`), so `run > file` on a full disk is told from a full disk under an output file."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except OSError as e:
+            e.llava_edge_stdout = True
+            raise
+
+    def flush(self):
+        if self._stream is None:
+            return None
+        try:
+            return self._stream.flush()
+        except OSError as e:
+            e.llava_edge_stdout = True
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _stdout_failed(e: OSError, stream) -> None:
+    """Standard output failed: a closed pipe (`| head`) exits quietly with 1, as rich and click do;
+    anything else (a full disk behind `> file`) is one error line and exit 2. Either way stdout is
+    pointed at /dev/null first, so the interpreter's last flush has nowhere to fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (a test runner's capture)
+        pass
+    if e.errno == errno.EPIPE:
+        sys.exit(1)
+    _error_line(f"cannot write to standard output: {e.strerror or e}")
+    sys.exit(2)
+
+
+# a library error that carries a full or read-only disk in its text, not as an OSError (safetensors,
+# torch's C++ writers): "No space left on device (os error 28)"
+_WRITE_FAILURES = re.compile("|".join(re.escape(os.strerror(n)) for n in sorted(WRITE_ERRNOS)))
+
+
+@contextlib.contextmanager
+def _writing(target: Path):
+    """Around a command's writing of `target` (a package or checkpoint directory, staged; an output
+    file): a full disk, a read-only mount or an I/O error is `cannot write TARGET: <reason>`. The staging
+    directory is already gone by then (staged_package removes it on any exception)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in WRITE_ERRNOS:
+            raise write_error(target, e) from None
+        raise
+    except LlavaEdgeError:
+        raise
+    except UnicodeEncodeError as e:  # a name or text a library could not encode (surrogates)
+        raise write_error(target, e) from None
+    except Exception as e:  # noqa: BLE001 - re-raised unless it reports a write failure in its text
+        found = _WRITE_FAILURES.search(str(e))
+        if found is None:
+            raise
+        raise write_error(target, OSError(None, found.group(0))) from None
+
+
+_INT_MAX = 2**31 - 1  # a count past this is a typo, and past int32 for the graphs' inputs
+
+
+def _in_range(value, flag: str, lo=None, hi=None, *, lo_open: bool = False) -> None:
+    """A numeric flag within [lo, hi] (or (lo, hi] with lo_open); nan and inf are refused. None passes."""
+    if value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UsageError(f"{flag} must be a finite number, not {value}")
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise UsageError(f"{flag} must be {'>' if lo_open else '>='} {lo}, not {value}")
+    if hi is not None and value > hi:
+        raise UsageError(f"{flag} must be at most {hi}, not {value}")
+
+
+def _utf8_path(path: Path, what: str) -> None:
+    """A directory the model libraries write into (tokenizers, safetensors, onnx take str paths and
+    encode them as UTF-8): a name with undecodable bytes is refused now, by name, not as their traceback."""
+    try:
+        raw = os.fsencode(path.absolute())
+        raw.decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError) as e:
+        byte = f" (byte {raw[e.start]:#04x})" if isinstance(e, UnicodeDecodeError) else ""
+        raise UsageError(f"{what} {display(path)}: the path is not valid UTF-8{byte}; the model libraries "
+                         "cannot write there: choose a UTF-8 name") from None
+
+
+def _check_output_file(path: Path | None) -> None:
+    """An output file flag, checked before any work; an existing special file (/dev/null) is taken."""
+    from .package import check_output_file
+
+    if path is not None and not (path.exists() and not path.is_file() and not path.is_dir()):
+        check_output_file(path)
+
+
 def _positive(value: int | None, flag: str) -> None:
-    if value is not None and value < 1:
-        raise UsageError(f"{flag} must be >= 1, not {value}")
-    if flag == "--threads" and value is not None and value > 4096:
-        raise UsageError(f"--threads must be at most 4096, not {value}")
+    _in_range(value, flag, 1, 4096 if flag == "--threads" else _INT_MAX)
 
 
 def _sampling(greedy: bool, temperature: float | None, top_p: float, top_k: int, repetition_penalty: float,
@@ -117,6 +252,20 @@ def _sampling(greedy: bool, temperature: float | None, top_p: float, top_k: int,
         raise UsageError("--greedy and --temperature exclude each other")
     return SamplingConfig(temperature=0.0 if greedy or temperature is None else temperature, top_p=top_p,
                           top_k=top_k, repetition_penalty=repetition_penalty, seed=seed)
+
+
+_MAX_OPSET = 20  # the TorchScript exporter's newest (export runs it: dynamo=False)
+
+
+def _load_schema(path: Path | None) -> dict | None:
+    """--json-schema FILE: a regular file of at most 1 MB (/dev/zero or a FIFO is refused by name, not read)."""
+    if path is None:
+        return None
+    from .io_safe import check_size
+    from .runtime.constrain import load_schema
+
+    check_size(path, "--json-schema")
+    return load_schema(path)
 
 
 @app.command()
@@ -168,12 +317,15 @@ def export(
     if target != "portable" and (fast or fast_int4):
         raise UsageError(f"--target {target} holds one decoder; --fast and --fast-int4 add to a portable package "
                          "(--target portable)")
+    _in_range(opset, "--opset", 17, _MAX_OPSET)
+    _positive(check_layers, "--check-layers")
+    _utf8_path(output, "--output")
     check_output_dir(output, overwrite, protect=[p for p in (checkpoint, vision_tower) if p is not None])
     from .export.exporter import export_package
 
     # the portable decoder's lm_head stays float; an int8 one goes into the --fast-int4 decoder below
     package_head = "float" if target == "portable" and lm_head in ("auto", "int8") else lm_head
-    with Stages(console).running() as on_stage:
+    with _writing(output), Stages(console).running() as on_stage:
         result = export_package(checkpoint, output, dtype=dtype, opset=opset, overwrite=overwrite,
                                 vision_tower=vision_tower, chat_template=template, on_stage=on_stage, target=target,
                                 embed=embed, lm_head=package_head, check_layers=check_layers, vision_quant=vision,
@@ -188,7 +340,8 @@ def export(
                     export_fast_decoder(checkpoint, output, quant=quant, lm_head_bits=8 if int8_head else None,
                                         block_size=int4_block)
     errs = ", ".join(f"{k} {v:.2e}" for k, v in result.errors.items())
-    console.print(f"[green]exported[/] {output} ({result.manifest.dtype}, target {target}); checks: {errs}")
+    console.print(f"[green]exported[/] {escape(display(output))} ({result.manifest.dtype}, target {target}); "
+                  f"checks: {errs}", highlight=False)
 
 
 @app.command()
@@ -222,17 +375,26 @@ def quantize(
 
     _positive(threads, "--threads")
     _positive(samples, "--samples")
+    if bits not in (4, 8):
+        raise UsageError(f"--bits must be 4 or 8, not {bits}")
+    if not 16 <= group_size <= 4096 or group_size & (group_size - 1):
+        raise UsageError(f"--group-size must be a power of two from 16 to 4096 (e.g. 32, 64, 128), not {group_size}")
+    _in_range(seed, "--seed", 0, 2**32 - 1)
+    if output is not None:
+        _utf8_path(output, "--output")
     load_manifest(package)  # a bad package is refused before torch is imported
     if output is not None:
         check_output_dir(output, overwrite, protect=[p for p in (package, checkpoint, from_gptq) if p is not None])
     from .quantize.quantize import quantize_package
 
-    with Stages(console).running() as on_stage:
+    label = "gptq-import" if from_gptq is not None else method  # quantize_package's default name
+    default_out = package.with_name(f"{package.name}-{label}-int{bits}-g{group_size}")
+    with _writing(output if output is not None else default_out), Stages(console).running() as on_stage:
         result = quantize_package(package, checkpoint, output, calib=calib, calib_images=calib_images,
                                   samples=samples, bits=bits, group_size=group_size, act_order=act_order, method=method,
                                   format=format, from_gptq=from_gptq, quantize_lm_head=quantize_lm_head, seed=seed,
                                   threads=threads, overwrite=overwrite, on_stage=on_stage)
-    console.print(f"[green]quantized[/] -> {result.package_dir}")
+    console.print(f"[green]quantized[/] -> {escape(display(result.package_dir))}", highlight=False)
 
 
 @app.command()
@@ -309,11 +471,9 @@ def run(
     _positive(threads, "--threads")
     _positive(max_image_pixels, "--max-image-pixels")
     sampling = _sampling(greedy, temperature, top_p, top_k, repetition_penalty, seed)
-    schema = None
-    if json_schema is not None:
-        from .runtime.constrain import load_schema
-
-        schema = load_schema(json_schema)
+    schema = _load_schema(json_schema)
+    if image is not None:
+        check_regular_file(image, "--image")
     picture = load_image(image, max_image_pixels) if image is not None else None  # a bad image fails in ms
     pipe = Pipeline.from_package(package, backend=backend, device=device, threads=threads, template=template,
                                  max_image_pixels=max_image_pixels)
@@ -362,6 +522,8 @@ def chat(
     _positive(max_image_pixels, "--max-image-pixels")
     pipe = Pipeline.from_package(package, backend=backend, device=device, threads=threads,
                                  max_image_pixels=max_image_pixels)
+    if image:
+        check_regular_file(image, "--image")
     current = load_image(image, max_image_pixels) if image else None
     history: list[tuple[str, str]] = []
     context = pipe.manifest.text.max_context
@@ -399,12 +561,13 @@ def chat(
                     say_error("usage: /image PATH")
                     continue
                 try:
+                    check_regular_file(arg.strip(), "image")
                     current = load_image(arg.strip(), pipe.max_image_pixels)
                 except UsageError as e:
                     say_error(str(e))
                     continue
                 history.clear()
-                console.print(f"[dim]image {escape(arg.strip())} ({current.width}x{current.height}); "
+                console.print(f"[dim]image {escape(display(arg.strip()))} ({current.width}x{current.height}); "
                               "conversation reset[/]", highlight=False)
             else:
                 say_error(f"unknown command {cmd}; commands: {commands}")
@@ -513,13 +676,12 @@ def bench(
     md: Optional[Path] = typer.Option(None, help="Also write a markdown note with the command."),
 ) -> None:
     """Latency (vision, time to first token, per token), throughput and memory, vs transformers."""
-    from .package import check_output_file
+    from .io_safe import atomic_output, write_atomic
 
     _positive(threads, "--threads")
     _positive(new_tokens, "--new-tokens")
-    for path in (output, plot):
-        if path is not None:
-            check_output_file(path)
+    for path in (output, plot, md):
+        _check_output_file(path)
     try:
         batches, prompt_lens = [int(x) for x in batch.split(",")], [int(x) for x in prompt_len.split(",")]
     except ValueError:
@@ -527,20 +689,25 @@ def bench(
     for v in batches + prompt_lens:
         _positive(v, "--batch/--prompt-len")
     _positive(repeat, "--repeat")
-    if warmup < 0:
-        raise UsageError(f"--warmup must be >= 0, not {warmup}")
+    _in_range(warmup, "--warmup", 0, _INT_MAX)
     from .benchmarks.harness import run_benchmark
 
     report = run_benchmark(package, backend=backend, batch=batches,
                            prompt_len=prompt_lens, new_tokens=new_tokens,
                            baseline=baseline, checkpoint=checkpoint, repeat=repeat, warmup=warmup, threads=threads,
-                           device=device, with_image=not no_image, out_json=output, plot=plot,
+                           device=device, with_image=not no_image, out_json=None, plot=None,
                            on_progress=lambda s: console.print(f"[dim]{escape(s)}[/]"))
+    if output:  # each file whole or not at all: a full disk leaves none half-written
+        write_atomic(output, report.to_json())
+    if plot:
+        from .benchmarks.report import plot_report
+
+        with atomic_output(plot) as tmp:
+            plot_report(report, tmp)
     if md:
         from .benchmarks.report import markdown
 
-        md.parent.mkdir(parents=True, exist_ok=True)
-        md.write_text(markdown(report, "llava-edge bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])))
+        write_atomic(md, markdown(report, "llava-edge bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])))
 
 
 @app.command("random-checkpoint")
@@ -553,15 +720,16 @@ def random_checkpoint(
     from .package import check_output_dir, staged_package
 
     if output.is_dir() and any(output.iterdir()):
-        raise UsageError(f"output directory {output} exists and is not empty; random-checkpoint writes only a new or "
-                         "empty directory")
+        raise UsageError(f"output directory {display(output)} exists and is not empty; random-checkpoint writes "
+                         "only a new or empty directory")
+    _utf8_path(output, "OUTPUT")
     check_output_dir(output)
     from .benchmarks.arch import build_random_checkpoint, get_arch
 
     spec = get_arch(arch)
-    with staged_package(output) as tmp:
+    with _writing(output), staged_package(output) as tmp:
         build_random_checkpoint(spec, tmp)
-    console.print(f"[green]wrote[/] {output}")
+    console.print(f"[green]wrote[/] {escape(display(output))}", highlight=False)
 
 
 @app.command("eval")
@@ -575,15 +743,15 @@ def evaluate_cmd(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write per-type results JSON here."),
 ) -> None:
     """Exact-match accuracy per question type on the synthetic held-out set (the trained tiny LLaVA's task)."""
-    from .package import MANIFEST_NAME, check_output_file
+    from .io_safe import write_atomic
+    from .package import MANIFEST_NAME
     from .synthetic.evaluate import evaluate, format_table, overall, package_answerer, torch_answerer
 
     _positive(n, "--n")
     _positive(threads, "--threads")
     if not target.exists():
         raise FileNotFoundError(f"{target} not found")
-    if output:
-        check_output_file(output)  # now, not after minutes of answering
+    _check_output_file(output)  # now, not after minutes of answering
     if (target / MANIFEST_NAME).is_file():
         answer = package_answerer(target, backend=backend, threads=threads)
     else:
@@ -592,8 +760,7 @@ def evaluate_cmd(
     out.print(format_table(results), markup=False, soft_wrap=True)
     out.print(f"overall: {100 * overall(results):.2f}%", markup=False)
     if output:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(results, indent=2))
+        write_atomic(output, json.dumps(results, indent=2))  # whole or not at all: never an empty file
 
 
 @app.command()
@@ -608,11 +775,13 @@ def demo(
 
     _positive(max_new_tokens, "--max-new-tokens")
     if workdir is not None:
+        _utf8_path(workdir, "--workdir")
         check_writable(workdir / "package")
         check_output_dir(workdir / "package", overwrite=True)  # replaced only if it is a package of ours
     from .demo import run_demo
 
-    with tempfile.TemporaryDirectory(prefix="llava-edge-demo-") as tmp:
+    with _writing(workdir or Path(tempfile.gettempdir())), \
+            tempfile.TemporaryDirectory(prefix="llava-edge-demo-") as tmp:
         run_demo(Path(workdir) if workdir else Path(tmp), max_new_tokens=max_new_tokens, console=out)
 
 
@@ -754,13 +923,12 @@ def watch(
     from .watch.loop import WatchConfig, watch as watch_loop
     from .watch.sources import open_frames
 
-    if threshold < 0:
-        raise UsageError("--threshold must be >= 0")
-    schema = None
-    if json_schema is not None:
-        from .runtime.constrain import load_schema
-
-        schema = load_schema(json_schema)
+    _in_range(every, "--every", 0, lo_open=True)
+    _in_range(threshold, "--threshold", 0, 255)
+    _positive(max_new_tokens, "--max-new-tokens")
+    _positive(max_frames, "--max-frames")
+    _positive(threads, "--threads")
+    schema = _load_schema(json_schema)
     frames = open_frames(source, every)  # a missing source fails before the model loads
     pipe = Pipeline.from_package(package, backend=backend, device=device, threads=threads)
     cfg = WatchConfig(prompt, threshold, max_new_tokens, schema, max_frames)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -26,7 +27,15 @@ MAX_IMAGE_PIXELS = 40_000_000
 
 
 def _name(source) -> str:
-    return "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+    """The image as messages name it: its path, or "data" for bytes (never a repr: "image data is ...")."""
+    return "data" if isinstance(source, (bytes, bytearray)) else str(source)
+
+
+def _reason(e: Exception) -> str:
+    """An exception's text without object reprs (PIL says "cannot identify image file <_io.BytesIO object
+    at 0x7f...>" about bytes)."""
+    text = re.sub(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>", "", str(e)).strip()
+    return text or type(e).__name__
 
 
 def _pixels(n: int) -> str:
@@ -66,7 +75,8 @@ def load_image(source: str | os.PathLike | bytes | Image.Image | np.ndarray,
                 if path.is_dir():
                     raise ImageError(f"{path} is a directory, not an image file")
                 if not path.is_file():
-                    raise ImageError(f"image not found: {path}")
+                    raise ImageError(f"image {path} is not a regular file" if path.exists() else
+                                     f"image not found: {path}")
                 img = Image.open(path)
             _check_pixels(img.size, source, max_pixels)
             img.load()  # decode now: a truncated file must fail here, not inside preprocessing
@@ -79,7 +89,7 @@ def load_image(source: str | os.PathLike | bytes | Image.Image | np.ndarray,
     except MemoryError:
         raise
     except Exception as e:  # noqa: BLE001 - PIL parsing untrusted bytes: whatever it raises, the file is bad
-        raise ImageError(f"cannot decode image {_name(source)}: {type(e).__name__ if not str(e) else e}") from None
+        raise ImageError(f"cannot decode image {_name(source)}: {_reason(e)}") from None
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
