@@ -6,7 +6,8 @@ route exactly as ``llava-edge serve`` does. A replica loads its model before it 
 Ray's health check asks the same ``ServerState.health`` as ``/health``.
 
 Several packages (say an fp16 and an int4 build) get one deployment each, plus a thin router that
-reads the request's ``model`` and forwards the HTTP request to that package's replicas. Not Ray's
+reads the request's ``model`` (after checking the API key, the content type and the body size) and
+forwards the HTTP request to that package's replicas. Not Ray's
 model multiplexing: it picks the replica from a header before the body is read, and it loads and
 evicts models inside a replica on demand; our engines pre-allocate their KV slots and keep continuous
 batches running, so each package keeps its own replicas, resources and autoscaling instead.
@@ -18,6 +19,7 @@ batches running, so each package keeps its own replicas, resources and autoscali
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import os
@@ -33,11 +35,15 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import UsageError
 from .app import ServeConfig, ServerState, create_app
+from .protocol import ApiError
 from .server import parse_size
 
 REPLICA_HEADER = "x-llava-edge-replica"
 APP_IMPORT_PATH = "llava_edge.serve.ray_app:app"
 API_KEY_ENV = "LLAVA_EDGE_API_KEY"
+NO_RESOURCE_CHECK_ENV = "LLAVA_EDGE_RAY_NO_RESOURCE_CHECK"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -127,6 +133,84 @@ def parse_args(args: dict[str, Any]) -> tuple[list[ServeConfig], RayOptions]:
     if len(set(names)) != len(names):
         raise UsageError(f"two packages have the same model name (their directory names): {names}")
     return configs, options
+
+
+ROUTER_CPUS = 0.25  # the router of several packages: one replica, mostly waiting on I/O
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+def _plural(n: float, word: str) -> str:
+    return f"{_num(n)} {word}" + ("" if n == 1 else "s")
+
+
+def check_resources(configs: list[ServeConfig], options: RayOptions, total: dict[str, float] | None = None,
+                    nodes: list[dict[str, float]] | None = None) -> None:
+    """Refuse a deployment the Ray cluster can never place (Ray would keep its replicas pending forever,
+    and the endpoint would wait on them without an answer). ``total`` is ``ray.cluster_resources()``,
+    ``nodes`` each alive node's resources (``ray.nodes()``); read from the connected cluster when not given.
+    Counts the replicas Ray starts first: ``--replicas``, or the autoscaler's initial ``max(MIN, 1)``."""
+    if total is None or nodes is None:
+        import ray
+
+        total = ray.cluster_resources() if total is None else total
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive", True)] if nodes is None else nodes
+    n = max(options.autoscale[0], 1) if options.autoscale else options.replicas
+    count = len(configs) * n
+    what = (f"{len(configs)} packages x {_plural(n, 'replica')}" if len(configs) > 1 else _plural(n, "replica"))
+    for key, unit, flag, per in (("CPU", "CPU", "--cpus-per-replica", options.cpus_per_replica),
+                                 ("GPU", "GPU", "--gpus-per-replica", options.gpus_per_replica)):
+        if per <= 0:
+            continue
+        router = ROUTER_CPUS if key == "CPU" and len(configs) > 1 else 0.0
+        need, have = count * per + router, float(total.get(key, 0.0))
+        fix = f"lower {flag}" + (" or --replicas" if not options.autoscale and n > 1 else
+                                 " or the autoscale MIN" if options.autoscale and options.autoscale[0] > 1 else "")
+        if need > have + 1e-9:
+            extra = f" + the router's {_num(router)}" if router else ""
+            raise UsageError(f"{what} x {_plural(per, unit)}{extra} needs {_plural(need, unit)}; the Ray cluster "
+                             f"has {_num(have)} ({fix} or add nodes)")
+        largest = max((float(r.get(key, 0.0)) for r in nodes), default=have)
+        if per > largest + 1e-9:
+            raise UsageError(f"one replica needs {_plural(per, unit)} on one node; the Ray cluster's largest node "
+                             f"has {_num(largest)} ({fix} or add a larger node)")
+
+
+def _needs(options: RayOptions) -> dict[str, float]:
+    return {k: v for k, v in (("CPU", options.cpus_per_replica), ("GPU", options.gpus_per_replica)) if v > 0}
+
+
+async def pending_health(app_name: str, deployment: str, needs: dict[str, float]) -> dict[str, Any] | None:
+    """``None`` when ``deployment`` has a running replica (its own ``/health`` answers); otherwise the
+    body of a 503 that says why not: replicas waiting for resources or loading their model, a failed
+    deployment, or none (autoscaled to zero: ``{"status": "idle"}``, not an error)."""
+    import ray
+
+    def look():
+        st = serve.status().applications.get(app_name)
+        dep = st.deployments.get(deployment) if st else None
+        return dep, ray.available_resources()
+
+    dep, free = await asyncio.to_thread(look)
+    if dep is None:
+        return {"status": "pending", "error": f"{deployment}: not deployed yet (app {app_name} is deploying)"}
+    states = {str(getattr(k, "value", k)): v for k, v in dep.replica_states.items()}
+    if states.get("RUNNING"):
+        return None
+    status = str(getattr(dep.status, "value", dep.status))
+    if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+        return {"status": "error", "error": f"{deployment}: {status.lower()}: {dep.message}"}
+    starting = sum(states.values())
+    if not starting:
+        return {"status": "idle", "replicas": 0}
+    short = [f"{_num(v)} {k}" for k, v in needs.items() if v > float(free.get(k, 0.0)) + 1e-9]
+    why = (f"waiting for resources: each replica needs {', '.join(f'{_num(v)} {k}' for k, v in needs.items())}, "
+           f"the cluster has {', '.join(f'{_num(float(free.get(k, 0.0)))} {k}' for k in needs)} free" if short
+           else "loading the model (or waiting for a place)")
+    msg = f"{deployment}: no replica running yet ({_plural(starting, 'replica')} starting: {why})"
+    return {"status": "pending", "error": msg + (f"; Ray: {dep.message}" if dep.message else "")}
 
 
 class _ReplicaHeader:
@@ -224,21 +308,75 @@ PackageReplica = serve.deployment(EngineReplica)
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection"}  # of the response: it is re-chunked
 
 
+def body_limit(config: ServeConfig) -> int:
+    """The largest request body ``config``'s chat route reads (the same bound as app.py's): base64 images
+    plus text."""
+    return config.max_images_per_request * (config.max_image_bytes * 4 // 3 + 1024) + 2**20
+
+
+def _error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(ApiError(status, message, code, param).body(), status_code=status)
+
+
 @serve.deployment
 class ModelRouter:
     """One endpoint for several packages: a chat request goes to the deployment named by its ``model``;
     ``/v1/models`` and ``/health`` gather every package's answer; any other route goes to the first
-    package. Auth, limits and errors stay the replicas' own: the router forwards headers and body
-    untouched. A plain deployment rather than a second FastAPI ingress (Ray allows one per application,
-    and the package replicas have it)."""
+    package. Before it reads a body the router checks what the replicas would check first: the API key
+    (on POST and ``/v1/models``), a JSON content type on a POST, and the body size (the
+    declared Content-Length, then the bytes as they stream in). The rest (limits, errors) stays the
+    replicas' own: the router forwards headers and body untouched. ``/health`` answers 503 with the
+    reason while a package has no running replica (pending placement, loading) instead of waiting on
+    it. A plain deployment rather than a second FastAPI ingress (Ray allows one per application, and
+    the package replicas have it)."""
 
-    def __init__(self, models: dict[str, DeploymentHandle]):
+    HEALTH_TIMEOUT_S = 10.0
+
+    def __init__(self, models: dict[str, DeploymentHandle], api_key: str | None = None,
+                 max_body: int | None = None, needs: dict[str, float] | None = None):
         self.models = models
         self.default = next(iter(models))
+        self.api_key = api_key or os.environ.get(API_KEY_ENV)  # set by `ray start` on this node
+        self.max_body = max_body if max_body is not None else body_limit(ServeConfig(Path(".")))
+        self.needs = needs or {}
+
+    def _authorized(self, request: Request) -> bool:
+        if not self.api_key:
+            return True
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+
+    async def _read_body(self, request: Request) -> bytes | Response:
+        """The body, or the error answered without reading it: 401, 415, 400/413 on the declared length,
+        413 once the streamed bytes pass the limit."""
+        post = request.method == "POST"
+        if post and not self._authorized(request):
+            return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
+        try:
+            declared = int(request.headers.get("content-length") or 0)
+        except ValueError:
+            return _error(400, "invalid Content-Length header", "invalid_request")
+        has_body = declared > 0 or "transfer-encoding" in request.headers
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if post and media != "application/json":  # as the replicas' guard (serve/guard.py) answers
+            return _error(415, f"POST bodies must be sent with 'Content-Type: application/json', not "
+                          f"{media or 'none'!r}", "unsupported_media_type")
+        if declared > self.max_body:
+            return _error(413, f"request body over {self.max_body} bytes", "request_too_large")
+        if not has_body:
+            return b""
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > self.max_body:
+                return _error(413, f"request body over {self.max_body} bytes", "request_too_large")
+        return bytes(body)
 
     async def __call__(self, request: Request) -> Response:
         path = self._path(request)
         if request.method == "GET" and path == "/v1/models":
+            if not self._authorized(request):
+                return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
             data = []
             for name in self.models:
                 status, headers, body = await self._call(name, request, b"")
@@ -247,13 +385,12 @@ class ModelRouter:
                 data += json.loads(body)["data"]
             return JSONResponse({"object": "list", "data": data})
         if request.method == "GET" and path == "/health":
-            out = {}
-            for name in self.models:
-                status, _, body = await self._call(name, request, b"")
-                out[name] = json.loads(body) if status in (200, 503) else {"status": "error", "code": status}
-            ok = all(v.get("status") == "ok" for v in out.values())
+            out = {name: await self._health(name, request) for name in self.models}
+            ok = all(v.get("status") in ("ok", "idle") for v in out.values())
             return JSONResponse({"status": "ok" if ok else "error", "models": out}, status_code=200 if ok else 503)
-        body = await request.body()
+        body = await self._read_body(request)
+        if isinstance(body, Response):
+            return body
         name = self.default
         if request.method == "POST" and body:
             try:
@@ -281,6 +418,23 @@ class ModelRouter:
         return StreamingResponse(rest(), status_code=status,
                                  headers={k: v for k, v in headers if k.lower() not in _HOP_HEADERS})
 
+    async def _health(self, name: str, request: Request) -> dict[str, Any]:
+        """One package's ``/health``: its replica's answer, or why there is none (never a wait on
+        replicas that are not running)."""
+        try:
+            ctx = serve.get_replica_context()
+            pending = await pending_health(ctx.app_name, f"llava-edge-{name}", self.needs)
+        except Exception as e:  # noqa: BLE001 - outside a replica (unit tests) or the controller is away
+            log.debug("no deployment status for %s: %s", name, e)
+            pending = None
+        if pending is not None:
+            return pending
+        try:
+            status, _, body = await asyncio.wait_for(self._call(name, request, b""), self.HEALTH_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            return {"status": "error", "error": f"no answer from llava-edge-{name} within {self.HEALTH_TIMEOUT_S:g} s"}
+        return json.loads(body) if status in (200, 503) else {"status": "error", "code": status}
+
     @staticmethod
     def _path(request: Request) -> str:
         path, root = request.scope["path"], request.scope.get("root_path", "")
@@ -295,9 +449,29 @@ class ModelRouter:
 
     async def _call(self, name: str, request: Request, body: bytes) -> tuple[int, dict[str, str], bytes]:
         gen = self._open(name, request, body)
-        status, headers = await gen.__anext__()
-        data = b"".join([chunk async for chunk in gen])
+        try:
+            status, headers = await gen.__anext__()
+            data = b"".join([chunk async for chunk in gen])
+        finally:
+            gen.cancel()
         return status, {k: v for k, v in headers if k.lower() not in _HOP_HEADERS}, data
+
+
+@serve.deployment
+class StartingHealth:
+    """``/health`` of a one-package app while its replicas are pending: Ray's proxy would hold the request
+    until a replica runs (forever, when none can be placed). ``run`` deploys this at ``/health`` (a longer
+    route prefix than the app's ``/``, so Ray's proxy sends ``/health`` here) until the app is running,
+    then deletes it and ``/health`` is the replicas' own again."""
+
+    def __init__(self, app_name: str, deployment: str, needs: dict[str, float]):
+        self.app_name, self.deployment, self.needs = app_name, deployment, needs
+
+    async def __call__(self, request: Request) -> Response:
+        body = await pending_health(self.app_name, self.deployment, self.needs)
+        if body is None:  # a replica runs; the app is finishing its update (this route goes away next)
+            return JSONResponse({"status": "ok", "deployment": self.deployment, "note": "the app is still updating"})
+        return JSONResponse(body, status_code=200 if body["status"] == "idle" else 503)
 
 
 def build(configs: list[ServeConfig], options: RayOptions):
@@ -305,11 +479,15 @@ def build(configs: list[ServeConfig], options: RayOptions):
     if len(configs) == 1:
         c = configs[0]
         return LlavaEdgeReplica.options(name=f"llava-edge-{c.model_name}", **options.deployment_options(c)).bind(c)
+    keys = {c.api_key for c in configs}
+    if len(keys) > 1:
+        raise UsageError("packages behind one router share one API key")
     bound = {c.model_name: PackageReplica.options(name=f"llava-edge-{c.model_name}",
                                                   **options.deployment_options(c)).bind(c)
              for c in configs}
     return ModelRouter.options(name="llava-edge-router", max_ongoing_requests=1000,
-                               ray_actor_options={"num_cpus": 0.25}).bind(bound)
+                               ray_actor_options={"num_cpus": ROUTER_CPUS}).bind(
+        bound, api_key=keys.pop(), max_body=max(body_limit(c) for c in configs), needs=_needs(options))
 
 
 def app(args: dict[str, Any]):
@@ -332,7 +510,8 @@ def config_yaml(args: dict[str, Any], host: str = "0.0.0.0", port: int = 8000, n
 
 
 def run(args: dict[str, Any], address: str | None, host: str, port: int, name: str = "llava-edge") -> None:
-    """``llava-edge serve --ray``: connect to (or start) a Ray cluster, deploy, serve until Ctrl-C."""
+    """``llava-edge serve --ray``: connect to (or start) a Ray cluster, refuse what it cannot place,
+    deploy, serve until Ctrl-C."""
     import ray
 
     configs, options = parse_args(args)
@@ -342,8 +521,20 @@ def run(args: dict[str, Any], address: str | None, host: str, port: int, name: s
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ray.init(address=address)
     try:
+        if os.environ.get(NO_RESOURCE_CHECK_ENV) != "1":  # a cluster whose autoscaler adds nodes on demand
+            check_resources(configs, options)
+    except BaseException:
+        ray.shutdown()
+        raise
+    starting = f"{name}-starting"
+    try:
         serve.start(http_options={"host": host, "port": port})
+        if len(configs) == 1:  # /health answers 503 with the reason until a replica runs (the router does it itself)
+            serve.run(StartingHealth.options(name="llava-edge-starting", ray_actor_options={"num_cpus": 0}).bind(
+                name, f"llava-edge-{configs[0].model_name}", _needs(options)), name=starting, route_prefix="/health")
         serve.run(build(configs, options), name=name, route_prefix="/")
+        if len(configs) == 1:
+            serve.delete(starting)
         print(f"serving {', '.join(c.model_name for c in configs)} on http://{host}:{port}/v1 through Ray "
               f"(Ctrl-C stops)", flush=True)
         while True:
@@ -354,5 +545,9 @@ def run(args: dict[str, Any], address: str | None, host: str, port: int, name: s
         if address is None:
             serve.shutdown()
         else:
-            serve.delete(name)
+            for app_name in (starting, name):
+                try:
+                    serve.delete(app_name)
+                except Exception:  # noqa: BLE001 - not deployed (yet)
+                    pass
         ray.shutdown()

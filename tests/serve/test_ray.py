@@ -119,7 +119,7 @@ def test_same_routes_and_errors_as_plain_serve(cluster):
     r = httpx.post(cluster + "/v1/chat/completions", json={"messages": []}, timeout=10)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     r = httpx.post(cluster + "/v1/chat/completions", content=b"{not json", timeout=10,
-                   headers={"Authorization": f"Bearer {KEY}"})
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
 
 
@@ -248,7 +248,8 @@ def test_several_packages_behind_one_endpoint_chosen_by_model(cluster, served_pa
                               if ln.startswith("llava_edge_cancelled_requests_total")))
 
         before = cancelled()
-        assert httpx.post(cluster + "/multi/debug/pause", timeout=10).status_code == 200  # no token until resumed
+        auth = {"Authorization": f"Bearer {KEY}"}  # the router checks the key on every POST
+        assert httpx.post(cluster + "/multi/debug/pause", json={}, headers=auth, timeout=10).status_code == 200
         stream = client.chat.completions.create(model="tiny-llava", messages=user(PROMPTS[0], img), max_tokens=20,
                                                 temperature=0, stream=True)
         next(iter(stream))  # the role chunk: the request is in the replica's engine
@@ -257,9 +258,57 @@ def test_several_packages_behind_one_endpoint_chosen_by_model(cluster, served_pa
         while cancelled() == before and time.monotonic() < deadline:
             time.sleep(0.1)
         assert cancelled() == before + 1
-        httpx.post(cluster + "/multi/debug/resume", timeout=10)
+        httpx.post(cluster + "/multi/debug/resume", json={}, headers=auth, timeout=10)
     finally:
         serve.delete("multi")
+
+
+def test_impossible_resources_are_refused_and_pending_replicas_answer_503(cluster, served_package, tmp_path):
+    """A replica the cluster can never place: the CLI's check refuses it at once (from the live
+    ``cluster_resources``); deployed anyway, ``/health`` answers 503 with the reason instead of waiting
+    on the pending replica, through the router (two packages) and through the placeholder ``run`` puts
+    in front of one package."""
+    import shutil
+
+    import httpx
+
+    from llava_edge.errors import UsageError
+    from llava_edge.serve.ray_app import StartingHealth, check_resources, parse_args
+    from llava_edge.serve.ray_app import app as build_app
+
+    t0 = time.monotonic()
+    with pytest.raises(UsageError, match=r"^1 replica x 4 CPUs needs 4 CPUs; the Ray cluster has 2 \(lower"):
+        check_resources(*parse_args({"package": str(served_package), "cpus_per_replica": "4"}))
+    assert time.monotonic() - t0 < 2
+
+    other = tmp_path / "tiny-llava-b"
+    shutil.copytree(served_package, other)
+    deploy = serve.api._run  # serve.run waits for running replicas, which never come here
+    deploy(build_app({"package": f"{served_package},{other}", "cpus_per_replica": "4", "api_key": KEY}),
+           name="pending", route_prefix="/pending", _blocking=False)
+    deploy(build_app({"package": str(served_package), "cpus_per_replica": "4", "api_key": KEY}),
+           name="pending1", route_prefix="/pending1", _blocking=False)
+    deploy(StartingHealth.options(ray_actor_options={"num_cpus": 0}).bind(
+        "pending1", "llava-edge-tiny-llava", {"CPU": 4.0}), name="pending1-starting", route_prefix="/pending1/health",
+        _blocking=False)
+    try:
+        for url in (cluster + "/pending/health", cluster + "/pending1/health"):
+            deadline, r = time.monotonic() + 30, None
+            while time.monotonic() < deadline:  # the router / placeholder itself starts in a second or two
+                try:
+                    r = httpx.get(url, timeout=3)
+                    if r.status_code == 503:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.2)
+            assert r is not None and r.status_code == 503, (url, r and r.text)
+            text = r.text
+            assert "pending" in text and "waiting for resources" in text and "4 CPU" in text, text
+        print(f"refused, then 503 from both, in {time.monotonic() - t0:.1f} s")
+    finally:
+        for name in ("pending", "pending1-starting", "pending1"):
+            serve.delete(name, _blocking=False)
 
 
 def _stream_in_thread(client, max_tokens: int):
@@ -308,7 +357,7 @@ def test_shutdown_lets_streams_finish_within_the_grace_and_cuts_them_after(clust
               .bind(ServeConfig(reference.package_dir, threads=1, api_key=KEY)), name="drain", route_prefix="/drain")
     first, t, result = _stream_in_thread(_client(cluster + "/drain"), 200)
     assert first.wait(60)
-    assert httpx.post(cluster + "/drain/debug/pause", timeout=10).status_code == 200
+    assert httpx.post(cluster + "/drain/debug/pause", json={}, timeout=10).status_code == 200
     t0 = time.monotonic()
     serve.delete("drain")
     t.join(30)
