@@ -817,15 +817,37 @@ def serve(
     image_cache_mb: float = typer.Option(64.0, help="Image features kept by content digest, in MB (0: off)."),
     ui: bool = typer.Option(True, "--ui/--no-ui", help="Serve the kiosk page (camera, upload, streamed answers) "
                             "at /."),
+    allowed_host: list[str] = typer.Option([], help="A Host name clients may use besides loopback names, IP "
+                                           "addresses and this machine's name (repeatable; '.lan' for a suffix, "
+                                           "'*' for any): protects against DNS rebinding."),
+    allow_origin: list[str] = typer.Option([], help="A web page origin (http://kiosk.lan:8000) allowed to call "
+                                           "the API besides the server's own page (repeatable; '*' for any)."),
+    max_prompt_bytes: str = typer.Option("256KB", help="Largest prompt text of one request (images not "
+                                         "counted); refused before it is parsed."),
+    header_timeout: float = typer.Option(10.0, help="Seconds a client may take to send its request headers."),
+    body_timeout: float = typer.Option(30.0, help="Seconds a client may take to send its request body."),
+    max_connections: int = typer.Option(256, help="Open connections; more are closed at once."),
+    shutdown_timeout: float = typer.Option(10.0, help="Seconds SIGTERM waits for running requests before "
+                                           "cancelling them."),
 ) -> None:
-    """Serve the package over an OpenAI-compatible HTTP API (continuous batching) and a kiosk page at /."""
+    """Serve the package over an OpenAI-compatible HTTP API (continuous batching) and a kiosk page at /.
+
+    On by default: requests must name this server in Host (DNS rebinding), come from its own page or no
+    page (Origin), and POST JSON; slow or oversized requests are cut off before they cost the model time.
+    docs/serving.md lists every limit."""
+    from .serve.settings import API_KEY_ENV, check_api_key
+
+    if api_key is None and API_KEY_ENV in os.environ:  # click treats an empty variable as unset
+        check_api_key(os.environ[API_KEY_ENV], API_KEY_ENV)
     if ray or write_config is not None:
         return _serve_ray(package, host, port, ray_address, write_config, {
             "package": str(package), "backend": backend, "max_slots": max_slots, "api_key": api_key,
             "max_image_bytes": max_image_bytes, "max_image_pixels": max_image_pixels,
             "max_images_per_request": max_images_per_request, "max_tokens": max_tokens, "queue_size": queue_size,
             "media_dir": media_dir, "threads": threads, "prefill_chunk": prefill_chunk,
-            "image_cache_mb": image_cache_mb, "ui": ui, "replicas": replicas,
+            "image_cache_mb": image_cache_mb, "ui": ui, "allowed_hosts": tuple(allowed_host) or None,
+            "allow_origins": tuple(allow_origin) or None, "max_prompt_bytes": max_prompt_bytes,
+            "body_timeout": body_timeout, "replicas": replicas,
             "autoscale": autoscale, "gpus_per_replica": gpus_per_replica, "cpus_per_replica": cpus_per_replica})
     if replicas is not None or autoscale is not None or ray_address is not None:
         raise UsageError("--replicas, --autoscale and --ray-address need --ray")
@@ -840,7 +862,12 @@ def serve(
                            max_image_pixels=parse_size(max_image_pixels, "--max-image-pixels"),
                            max_images_per_request=max_images_per_request, max_tokens=max_tokens,
                            queue_size=queue_size, media_dir=media_dir, threads=threads, prefill_chunk=prefill_chunk,
-                           image_cache_mb=image_cache_mb, ui=ui))
+                           image_cache_mb=image_cache_mb, ui=ui,
+                           allowed_hosts=tuple(allowed_host),
+                           allow_origins=tuple(allow_origin),
+                           max_prompt_bytes=parse_size(max_prompt_bytes, "--max-prompt-bytes"),
+                           header_timeout=header_timeout, body_timeout=body_timeout,
+                           max_connections=max_connections, shutdown_timeout=shutdown_timeout))
 
 
 

@@ -9,10 +9,10 @@ running batch. The model loads in the background after the socket is open: ``/he
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import os
+import re
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -32,6 +32,7 @@ from ..runtime.sampling import SamplingConfig
 from ..runtime.sequence import Sequence
 from .media import MediaLimits, load_image_url
 from .metrics import CONTENT_TYPE, Metrics
+from .guard import Guard, GuardMiddleware, bearer_ok
 from .protocol import (ApiError, ChatRequest, chunk_body, completion_body, completion_id, logprobs_body,
                        parse_chat_request, usage)
 from .worker import EngineWorker
@@ -60,13 +61,28 @@ class ServeConfig:
     image_cache_mb: float = 64.0  # image features kept by content digest (0: off)
     ui: bool = True  # the kiosk page at / (serve/ui.py, serve/static/)
     model_name: str = ""
+    # what a hostile or careless client may cost (serve/guard.py, docs/serving.md "Hardening")
+    allowed_hosts: tuple[str, ...] = ()  # Host names besides loopback, IP literals and this machine's name
+    allow_origins: tuple[str, ...] = ()  # page origins besides the server's own that may call the API
+    max_prompt_bytes: int = 256 * 1024  # the text of one request's messages (images not counted)
+    header_timeout: float = 10.0  # seconds a client may take to send its request headers
+    body_timeout: float = 30.0  # seconds a client may take to send its request body
+    max_connections: int = 256  # open connections; more are closed at once
+    shutdown_timeout: float = 10.0  # seconds SIGTERM waits for running requests
     limits: MediaLimits = field(init=False)
 
     def __post_init__(self) -> None:
         self.package = Path(self.package)
         self.model_name = self.model_name or self.package.resolve().name
+        self.allowed_hosts, self.allow_origins = tuple(self.allowed_hosts), tuple(self.allow_origins)
         self.limits = MediaLimits(self.max_image_bytes, self.max_image_pixels, self.max_images_per_request,
                                   Path(self.media_dir) if self.media_dir else None)
+
+    def validate(self) -> None:
+        """Every setting checked once, for the CLI and the Ray path alike: a bad one is a UsageError."""
+        from .settings import validate_serve_config
+
+        validate_serve_config(self)
 
 
 def resolve_backend(package: Path, name: str) -> str:
@@ -98,6 +114,7 @@ class ServerState:
                                       image_cache_mb=c.image_cache_mb)
             worker = EngineWorker(engine, loop)
             worker.start()
+            c.limits.vision = pipe.manifest.vision  # media.py checks elongation by the runtime's own rule
             self.pipe, self.worker = pipe, worker
             log.info("model %s ready (backend %s, %d slot(s))", c.model_name, self.backend, engine.runner.slots)
         except Exception as e:  # noqa: BLE001 - reported by /health
@@ -176,6 +193,7 @@ class ServerState:
         turns: list[tuple[str, str | None]] = []
         user: str | None = None
         images: list[Any] = []
+        budget = self.config.limits.new_budget()  # decoded image bytes, summed over this request's images
         for i, m in enumerate(chat.messages):
             if isinstance(m.content, list):
                 pieces = []
@@ -191,7 +209,7 @@ class ServerState:
                         if m.role != "user":
                             raise ApiError(400, "images are accepted in user messages only", "invalid_value",
                                            f"messages.{i}.content")
-                        images.append(load_image_url(p.image_url.url, self.config.limits))
+                        images.append(load_image_url(p.image_url.url, self.config.limits, budget))
                         pieces.append(image_token + "\n")
                 text = "".join(pieces)
             else:
@@ -229,8 +247,12 @@ def create_app(config: ServeConfig, state: ServerState | None = None) -> FastAPI
         if state.worker is not None:
             state.worker.stop()
 
-    app = FastAPI(title="llava-edge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # redirect_slashes off: a redirect would be built from the client's Host header
+    app = FastAPI(title="llava-edge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)
     app.state.serve = state
+    app.add_middleware(GuardMiddleware, guard=Guard(config.host.lower(), config.allowed_hosts,
+                                                    tuple(o.rstrip("/") for o in config.allow_origins)))
 
     def error_response(e: ApiError, path: str) -> JSONResponse:
         if path == CHAT_PATH:
@@ -259,11 +281,9 @@ def create_app(config: ServeConfig, state: ServerState | None = None) -> FastAPI
 
     def authorize(request: Request) -> None:
         key = config.api_key
-        if not key:
+        if key is None:  # an empty key never gets here: settings.check_api_key refuses it at start
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        if not bearer_ok(request.headers.get("authorization", ""), key):
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
 
     @app.get("/health")
@@ -306,16 +326,10 @@ def create_app(config: ServeConfig, state: ServerState | None = None) -> FastAPI
     async def chat_completions(request: Request) -> Response:
         authorize(request)
         ready()
-        # base64 images plus text: anything much larger is refused before it is held in memory
-        limit = config.max_images_per_request * (config.max_image_bytes * 4 // 3 + 1024) + 2**20
-        if int(request.headers.get("content-length") or 0) > limit:
-            raise ApiError(413, f"request body over {limit} bytes", "request_too_large")
-        body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > limit:
-                raise ApiError(413, f"request body over {limit} bytes", "request_too_large")
-        chat = parse_chat_request(bytes(body))
+        body = await read_body(request, config)
+        if body is None:  # the client left mid-upload: nobody to answer
+            return Response(status_code=499)
+        chat = await asyncio.to_thread(parse_request_body, body, config.max_prompt_bytes)
         worker = state.worker
         if worker.engine.queued >= config.queue_size:
             raise ApiError(429, f"the request queue is full ({config.queue_size} waiting); retry later",
@@ -339,6 +353,71 @@ def create_app(config: ServeConfig, state: ServerState | None = None) -> FastAPI
 
         mount_ui(app)
     return app
+
+
+def body_limit(config: ServeConfig) -> int:
+    """Base64 images plus the prompt text plus JSON: anything larger is refused before it is held."""
+    return config.max_images_per_request * (config.max_image_bytes * 4 // 3 + 1024) + config.max_prompt_bytes + 2**16
+
+
+async def read_body(request: Request, config: ServeConfig) -> bytes | None:
+    """The request body within the size limit and ``body_timeout``; None when the client went away.
+
+    Why a deadline for the whole body and not per read: a client trickling a byte a second never
+    trips a per-read timeout, and it holds a connection and a buffer for as long as it likes."""
+    from starlette.requests import ClientDisconnect
+
+    limit = body_limit(config)
+    try:
+        declared = int(request.headers.get("content-length") or 0)
+    except ValueError:
+        raise ApiError(400, "Content-Length is not a number", "invalid_request") from None
+    if declared > limit:
+        raise ApiError(413, f"request body over {limit} bytes", "request_too_large")
+    body = bytearray()
+
+    async def collect() -> None:
+        async for part in request.stream():
+            body.extend(part)
+            if len(body) > limit:
+                raise ApiError(413, f"request body over {limit} bytes", "request_too_large")
+
+    try:
+        await asyncio.wait_for(collect(), config.body_timeout)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body took over {config.body_timeout:g} s to arrive",
+                       "request_timeout") from None
+    except ClientDisconnect:
+        log.info("a client left while sending its request (%d bytes received)", len(body))
+        return None
+    return bytes(body)
+
+
+_DATA_URL = re.compile(rb'"\s*data:[^"]*"', re.IGNORECASE)
+
+
+def parse_request_body(body: bytes, max_prompt_bytes: int) -> ChatRequest:
+    """Parse a chat request, refusing an oversized prompt before parsing (run on a thread).
+
+    Why before: parsing and tokenizing a 50 MB prompt holds the process for a minute and gigabytes,
+    and the body limit alone must admit several images. The bytes outside ``data:`` URLs bound the
+    text from above (JSON escapes only make it longer), so that is checked first; the exact UTF-8
+    length of the messages' text is checked after parsing."""
+    outside = len(body) - sum(m.end() - m.start() for m in _DATA_URL.finditer(body))
+    if outside > max_prompt_bytes + 2**16:
+        raise ApiError(413, f"the prompt text is over the server's limit of {max_prompt_bytes} bytes "
+                       "(--max-prompt-bytes)", "prompt_too_large", "messages")
+    chat = parse_chat_request(body)
+    text = 0
+    for m in chat.messages:
+        if isinstance(m.content, str):
+            text += len(m.content.encode("utf-8", "surrogatepass"))
+        elif m.content:
+            text += sum(len((p.text or "").encode("utf-8", "surrogatepass")) for p in m.content)
+    if text > max_prompt_bytes:
+        raise ApiError(413, f"the prompt text is {text} bytes, over the server's limit of {max_prompt_bytes} "
+                       "bytes (--max-prompt-bytes)", "prompt_too_large", "messages")
+    return chat
 
 
 class _Clock:

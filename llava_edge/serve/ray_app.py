@@ -19,7 +19,6 @@ batches running, so each package keeps its own replicas, resources and autoscali
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import os
@@ -34,7 +33,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import UsageError
-from .app import ServeConfig, ServerState, create_app
+from .app import ServeConfig, ServerState, body_limit, create_app
+from .guard import bearer_ok
 from .protocol import ApiError
 from .server import parse_size
 
@@ -90,7 +90,8 @@ def parse_autoscale(text: str) -> tuple[int, int]:
 # builder args (strings from `serve run k=v`, typed from a YAML) -> ServeConfig and RayOptions fields
 _SERVE_ARGS = {"backend": str, "max_slots": int, "api_key": str, "max_image_bytes": "size", "max_image_pixels": "size",
                "max_images_per_request": int, "max_tokens": int, "queue_size": int, "media_dir": Path, "threads": int,
-               "prefill_chunk": int, "image_cache_mb": float, "ui": "bool"}
+               "prefill_chunk": int, "image_cache_mb": float, "ui": "bool", "allowed_hosts": "list",
+               "allow_origins": "list", "max_prompt_bytes": "size", "body_timeout": float}
 _RAY_ARGS = {"replicas": int, "autoscale": parse_autoscale, "cpus_per_replica": float, "gpus_per_replica": float,
              "target_ongoing_requests": float, "max_ongoing_requests": int, "graceful_shutdown_timeout_s": float,
              "health_check_period_s": float}
@@ -114,6 +115,9 @@ def parse_args(args: dict[str, Any]) -> tuple[list[ServeConfig], RayOptions]:
             raise UsageError(f"ray_app arg {name}={value!r}: expected true or false")
         if kind == "size":
             return value if isinstance(value, int) else parse_size(str(value), name)
+        if kind == "list":  # a YAML list, a CLI list, or `serve run ... allowed_hosts=a,b`
+            items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+            return tuple(str(v).strip() for v in items if str(v).strip())
         if not isinstance(kind, type):
             return kind(value)  # a parser with its own error message
         try:
@@ -129,6 +133,8 @@ def parse_args(args: dict[str, Any]) -> tuple[list[ServeConfig], RayOptions]:
         serve_kw["threads"] = max(1, int(options.cpus_per_replica))  # onnxruntime gets the CPUs Ray reserved
     packages = [Path(p.strip()) for p in str(args["package"]).split(",") if p.strip()]
     configs = [ServeConfig(p, **serve_kw) for p in packages]
+    for c in configs:
+        c.validate()  # the same checks as `serve` (serve/settings.py), before any replica starts
     names = [c.model_name for c in configs]
     if len(set(names)) != len(names):
         raise UsageError(f"two packages have the same model name (their directory names): {names}")
@@ -308,12 +314,6 @@ PackageReplica = serve.deployment(EngineReplica)
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection"}  # of the response: it is re-chunked
 
 
-def body_limit(config: ServeConfig) -> int:
-    """The largest request body ``config``'s chat route reads (the same bound as app.py's): base64 images
-    plus text."""
-    return config.max_images_per_request * (config.max_image_bytes * 4 // 3 + 1024) + 2**20
-
-
 def _error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
     return JSONResponse(ApiError(status, message, code, param).body(), status_code=status)
 
@@ -343,8 +343,7 @@ class ModelRouter:
     def _authorized(self, request: Request) -> bool:
         if not self.api_key:
             return True
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+        return bearer_ok(request.headers.get("authorization", ""), self.api_key)
 
     async def _read_body(self, request: Request) -> bytes | Response:
         """The body, or the error answered without reading it: 401, 415, 400/413 on the declared length,
@@ -500,7 +499,8 @@ def config_yaml(args: dict[str, Any], host: str = "0.0.0.0", port: int = 8000, n
     import yaml
 
     parse_args(args)  # refuse a config that would not build
-    plain = {k: str(v) if isinstance(v, Path) else v for k, v in args.items() if v is not None and k != "api_key"}
+    plain = {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+             for k, v in args.items() if v is not None and k != "api_key"}
     doc = {"proxy_location": "EveryNode", "http_options": {"host": host, "port": port},
            "applications": [{"name": name, "route_prefix": "/", "import_path": APP_IMPORT_PATH, "args": plain}]}
     note = (f"# Written by `llava-edge serve --ray --write-config`; deploy with `serve deploy FILE`.\n"

@@ -23,15 +23,25 @@ def serve(config: ServeConfig, log_level: str = "info") -> None:
     import uvicorn
 
     from ..package import load_manifest
+    from .guard import guarded_protocol
 
     load_manifest(config.package)  # a missing or broken package is a one-line error, before the socket opens
-    if min(config.max_slots, config.queue_size, config.max_tokens, config.prefill_chunk) < 1:
-        raise UsageError("--max-slots, --queue-size, --max-tokens and --prefill-chunk must be >= 1")
-    if config.max_images_per_request < 0:
-        raise UsageError("--max-images-per-request must be >= 0")
-    if config.media_dir is not None and not config.media_dir.is_dir():
-        raise UsageError(f"--media-dir {config.media_dir} is not a directory")
-    if config.backend not in ("auto", "ort", "ort-fast", "ort-fast-int4", "tensorrt"):
-        raise UsageError(f"unknown backend {config.backend!r}; use auto, ort, ort-fast, ort-fast-int4 or tensorrt")
+    config.validate()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=log_level, access_log=True)
+    _raise_fd_limit(config.max_connections + 64)
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=log_level, access_log=True,
+                http=guarded_protocol(config.header_timeout, config.max_connections),
+                timeout_graceful_shutdown=config.shutdown_timeout)  # type: ignore[arg-type]
+
+
+def _raise_fd_limit(wanted: int) -> None:
+    """Room for --max-connections sockets plus the model's files, within the hard limit."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard) if hard != resource.RLIM_INFINITY
+                                                        else wanted, hard))
+    except (ImportError, ValueError, OSError):
+        pass

@@ -174,8 +174,8 @@ def test_every_bad_request_is_a_4xx_and_the_server_keeps_serving(server, client)
     bad = _bad_requests(server)
     for name, body, status, code in bad:
         kw = {"content": body} if isinstance(body, bytes) else {"json": {"model": "m", **body}}
-        r = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
-                       timeout=30, **kw)
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=30, **kw,
+                       headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
         assert r.status_code == status, (name, r.status_code, r.text)
         err = r.json()["error"]
         assert err["code"] == code and err["message"] and err["type"], name
