@@ -95,14 +95,14 @@ def load_image(source: str | os.PathLike | bytes | Image.Image | np.ndarray,
 def _to_8bit(img: Image.Image) -> Image.Image:
     """16/32-bit integer and float greyscale -> 8-bit "L", scaled (PIL's own convert clips to 255)."""
     a = np.asarray(img)
-    if img.mode.startswith("I;16"):
-        scaled = a.astype(np.float64) / 257.0  # 65535 -> 255
-    elif img.mode == "F" and a.size and np.nanmin(a) >= 0 and np.nanmax(a) <= 1:
+    if img.mode.startswith("I;16") or (img.mode == "I" and a.size and a.min() >= 0 and a.max() <= 65535
+                                       and a.max() > 255):  # 16-bit PNGs open as "I"
+        # rint(x / 257) in integers: (2x + 257) // 514 (no ties), a quarter of float64's memory and time
+        return Image.fromarray(((a.astype(np.uint32) * 2 + 257) // 514).astype(np.uint8), "L")
+    if img.mode == "I" and a.size and a.min() >= 0 and a.max() <= 255:
+        return Image.fromarray(a.astype(np.uint8), "L")
+    if img.mode == "F" and a.size and np.nanmin(a) >= 0 and np.nanmax(a) <= 1:
         scaled = a.astype(np.float64) * 255.0
-    elif img.mode == "I" and a.size and a.min() >= 0 and a.max() <= 255:
-        scaled = a.astype(np.float64)
-    elif img.mode == "I" and a.size and a.min() >= 0 and a.max() <= 65535:  # 16-bit PNGs open as "I"
-        scaled = a.astype(np.float64) / 257.0
     else:  # anything else: stretch its own range
         a = np.nan_to_num(a.astype(np.float64))
         lo, hi = (a.min(), a.max()) if a.size else (0.0, 0.0)
