@@ -12,11 +12,11 @@ import re
 from typing import TYPE_CHECKING
 
 from ..errors import UsageError
+from ..runtime.backends import BACKENDS
 
 if TYPE_CHECKING:
     from .app import ServeConfig
 
-BACKENDS = ("auto", "ort", "ort-fast", "ort-fast-int4", "tensorrt")
 API_KEY_ENV = "LLAVA_EDGE_API_KEY"
 _KEY_CHARS = re.compile(r"[\x21-\x7e]+")  # what survives the header's strip and latin-1 decoding unchanged
 _HOST = re.compile(r"\*|\.?[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?|\[[0-9A-Fa-f:.]+\]")
@@ -61,8 +61,9 @@ def validate_serve_config(c: "ServeConfig") -> None:
     _at_least(c.body_timeout, "--body-timeout", 0.1, 3600)
     _at_least(c.shutdown_timeout, "--shutdown-timeout", 0, 3600)
     check_api_key(c.api_key)
-    if c.backend not in BACKENDS:
-        raise UsageError(f"unknown backend {c.backend!r}; use {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
+    names = ("auto", *BACKENDS)  # the one backend table (runtime/backends.py)
+    if c.backend not in names:
+        raise UsageError(f"unknown backend {c.backend!r}; use {', '.join(names[:-1])} or {names[-1]}")
     if c.media_dir is not None and not c.media_dir.is_dir():
         raise UsageError(f"--media-dir {c.media_dir} is not a directory")
     for h in c.allowed_hosts:
