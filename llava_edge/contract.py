@@ -13,9 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import UsageError
+from .errors import BackendError, UsageError
 from .package import Manifest
-from .runtime.backend import BackendError
 
 # -- engine files ------------------------------------------------------------------------------------
 ENGINES_DIR = "engines"

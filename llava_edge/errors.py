@@ -10,7 +10,7 @@ that catch ``ValueError`` keep working. docs/errors.md lists every case and the 
 from __future__ import annotations
 
 __all__ = ["LlavaEdgeError", "UsageError", "OutputError", "ImageError", "ImageTooLargeError", "TextInputError",
-           "Terminated"]
+           "BackendError", "Terminated"]
 
 
 class LlavaEdgeError(ValueError):
@@ -36,6 +36,13 @@ class ImageTooLargeError(ImageError):
 
 class TextInputError(UsageError):
     """A prompt or chat line that is not text: invalid UTF-8, bytes instead of str, empty."""
+
+
+class BackendError(LlavaEdgeError):
+    """A backend cannot run this package or request (missing engine, cache full, no GPU, ...).
+
+    Here, not in the runtime, because the engine contract and trt_env (shared by the TensorRT builder
+    and the runtime) subclass it; ``runtime/backend.py`` re-exports it."""
 
 
 class Terminated(KeyboardInterrupt):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .runtime.backend import BackendError
+from .errors import BackendError
 
 __all__ = ["TensorRTUnavailable", "GpuInfo", "import_tensorrt", "import_cudart", "gpu_info"]
 

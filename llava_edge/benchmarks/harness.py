@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import LlavaEdgeError
 from ..package import TOKENIZER_NAME, Manifest, load_manifest
-from ..runtime.backend import BackendError
+from ..errors import BackendError
 from ..runtime.backends import resolve, resolve_auto
 from ..runtime.ragged import left_pad
 from .measure import PeakRSS, TimedBackend, machine_info, median, percentiles, versions

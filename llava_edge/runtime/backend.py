@@ -12,13 +12,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from ..errors import LlavaEdgeError
+from ..errors import BackendError
 
 __all__ = ["Backend", "BackendError", "SupportsPrefixReuse", "supports_prefix_reuse"]
-
-
-class BackendError(LlavaEdgeError):
-    """A backend cannot run this package or request (missing engine, cache full, no GPU, ...)."""
 
 
 class Backend(Protocol):
