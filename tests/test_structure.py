@@ -56,7 +56,7 @@ def test_contract_names_and_the_int4_packer_are_defined_once():
                                                      for line in s.splitlines())]
         assert owners == ["llava_edge.contract"], (value, owners)
     nibble_packers = [m for m, s in src.items() if "<< 4)" in s]
-    assert nibble_packers == ["llava_edge.quantize.packing"]
+    assert nibble_packers == ["llava_edge.packing"]
     tables = [m for m, s in src.items() if "BACKENDS" in s and ("BACKENDS =" in s or "BACKENDS: " in s)]
     assert tables == ["llava_edge.runtime.backends"]
 

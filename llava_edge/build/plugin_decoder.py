@@ -18,13 +18,13 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..contract import ONNX_DOMAIN
+from ..onnx_io import MAX_IR_VERSION
 from .plugins import plugin_node
 from .static_decoder import write_derived_decoder
 
 __all__ = ["PluginDecoderConfig", "PluginDecoderError", "plugin_decoder_io_names", "make_plugin_decoder",
            "write_plugin_decoder", "SCRATCH"]
 
-MAX_IR_VERSION = 10
 SCRATCH = ("decode.partial_o", "decode.partial_ml", "decode.counters")
 Kind = Literal["prefill", "decode"]
 

@@ -14,11 +14,12 @@ from typing import Callable
 import onnx
 from onnx import helper
 
+from ..onnx_io import MAX_IR_VERSION
+
 __all__ = ["STATIC_OUTPUT_PREFIX", "StaticDecoderError", "static_decoder_io_names", "make_static_decoder",
            "write_static_decoder", "write_derived_decoder"]
 
 STATIC_OUTPUT_PREFIX = "new"
-MAX_IR_VERSION = 10
 
 
 class StaticDecoderError(Exception):

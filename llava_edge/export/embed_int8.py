@@ -3,7 +3,7 @@
 Why: in an int4 CPU package the fp32 embedding table is as large as all the int4 decoder layers of a
 1B model together (32000 x 2048 x 4 bytes = 262 MB), yet each step reads only the rows of the new
 tokens. Stored as symmetric 8-bit codes per block of `block_size` hidden channels (one fp scale per
-block, zero point 128: the same code layout as quantize/packing.py's int8) it is a quarter of that,
+block, zero point 128: the same code layout as packing.py's int8) it is a quarter of that,
 and onnxruntime's GatherBlockQuantized (com.microsoft) dequantizes only the gathered rows. The
 rounding error is at most half a step, max|block| / 254, far below what the int4 layers add.
 
@@ -17,8 +17,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..quantize.packing import pack
-from .fast_decoder import MAX_IR_VERSION, rtn_codes
+from ..onnx_io import MAX_IR_VERSION
+from ..packing import pack
+from .fast_decoder import rtn_codes
 
 # ||int8 rows - float rows|| / ||float rows||, worst row: rounding to 8 bits is <= 0.4% of a block's
 # largest value per element; a wrong scale or code offset is far above.

@@ -37,11 +37,11 @@ import onnx
 import onnx.numpy_helper
 from onnx import TensorProto, helper
 
+from ..onnx_io import MAX_IR_VERSION
 from ..package import GraphSpec, TensorSpec, load_manifest, write_manifest
-from ..quantize.packing import pack, qrange
+from ..packing import pack, qrange
 from .graphs import layer_projections, rotary_inv_freq
 
-MAX_IR_VERSION = 10
 # quant value of the float twin of an int4-rtn graph: same rounded weights, stored as float MatMul
 INT4_DEQUANTIZED = "int4-rtn-dequantized"
 # the same with one scale per output channel over all of K (group = K): MatMulNBits cannot hold it when K is

@@ -18,14 +18,12 @@ from pathlib import Path
 import onnx
 import torch
 
+# The IR version clamp, the >1 GiB external-data threshold and the writer are defined once, in onnx_io.
+from ..onnx_io import EXTERNAL_DATA_THRESHOLD, MAX_IR_VERSION, save_onnx  # noqa: F401 (re-exported)
 from ..package import GraphSpec, TensorSpec
 from .embed_int8 import int8_embed_model
 from .graphs import Decoder, TokenEmbedding, VisionEncoder
 
-# onnxruntime 1.31 reads IR <= 13; onnx 1.23 writes 14 by default.
-MAX_IR_VERSION = 10
-# Above this the protobuf 2 GB limit is near: weights go to one external data file.
-EXTERNAL_DATA_THRESHOLD = 1 << 30
 # The embedding table goes to its data file much earlier. onnxruntime keeps an inline graph's protobuf
 # resident beside its tensors, while a page-aligned data file is mapped and a gather touches only the rows
 # it reads: edge-1b's fp32 table (262 MB) added 264 MB to a process inline and 20 MB from a data file,
@@ -95,21 +93,6 @@ def _save_streamed(model: onnx.ModelProto, src_dir: Path, path: Path, align: int
             offset += len(data)
             del data
     onnx.save_model(model, str(path))
-    return [location]
-
-
-def save_onnx(model: onnx.ModelProto, path: Path, external: bool) -> list[str]:
-    """Write a graph, its weights inline or in one `<name>.data` file beside it (protobuf stops at
-    2 GB); stale data files of an earlier write are removed. Returns the external files written."""
-    path = Path(path)
-    for f in path.parent.glob(path.name + "*.data"):
-        f.unlink()
-    if not external:
-        onnx.save_model(model, str(path))
-        return []
-    location = path.name + ".data"
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=location, size_threshold=1024)
     return [location]
 
 

@@ -9,7 +9,7 @@ in and out (`pixel_values` -> `image_features`), so the runtime loads either unc
   load into DynamicQuantizeMatMul): int8 weights per output column, activations uint8 with one scale
   per tensor computed at run time. The faster one (x2.3-2.6 over fp32 on ViT-L/14-336 and ViT-B/16).
 * ``int8-blocked`` = method ``matmulnbits``: each MatMul becomes ``com.microsoft.MatMulNBits`` with
-  ``bits=8``, symmetric per output column and block along K (the int8 layout of quantize/packing.py:
+  ``bits=8``, symmetric per output column and block along K (the int8 layout of packing.py:
   ``q + 128``, default zero point) and ``accuracy_level=4``: activations int8 with a scale per block
   too, which an outlier activation channel cannot stretch across the whole tensor. x1.6 over fp32.
 
@@ -28,7 +28,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import LlavaEdgeError
-from .onnx_export import MAX_IR_VERSION, _save_streamed
+from ..onnx_io import MAX_IR_VERSION
+from .onnx_export import _save_streamed
 
 METHODS = ("matmulnbits", "dynamic")
 # The export check has two bounds. End to end: ||int8 - fp32|| / ||fp32|| of the image features on the

@@ -21,7 +21,7 @@ import math
 import numpy as np
 import torch
 
-from ..quantize.packing import pack, unpack
+from ..packing import pack, unpack
 
 __all__ = [
     "rope_cos_sin",
@@ -140,7 +140,7 @@ def prefill_attention_ref(
 
 # ------------------------------------------------------------------------------------------- int4
 def pack_int4(w: np.ndarray | torch.Tensor, group_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Quantize ``W [N, K]`` (round to nearest) and pack it with ``quantize.packing.pack``: the
+    """Quantize ``W [N, K]`` (round to nearest) and pack it with ``packing.pack``: the
     onnxruntime ``MatMulNBits`` layout (symmetric).
 
     ``scale = max|W_group| / 7`` (so the largest weight maps to +-7 and ``-8`` is only reached by

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .packing import QuantizedLinear, qrange
+from ..packing import QuantizedLinear, qrange
 from .rtn import check_group_size, group_scales
 
 

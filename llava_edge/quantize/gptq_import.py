@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..errors import LlavaEdgeError
-from .packing import QuantizedLinear, qrange
+from ..packing import QuantizedLinear, qrange
 from .rtn import check_group_size
 
 _LINEAR_RE = re.compile(

@@ -27,8 +27,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..export.onnx_export import EXTERNAL_DATA_THRESHOLD, MAX_IR_VERSION, save_onnx
-from .packing import QuantizedLinear, concat_outputs, pack_int4_onnx
+from ..onnx_io import EXTERNAL_DATA_THRESHOLD, MAX_IR_VERSION, save_onnx
+from ..packing import QuantizedLinear, concat_outputs, pack_int4_onnx
 
 FORMATS = ("matmulnbits", "qdq")
 # Fused weights of the fast decoder (export/fast_decoder.py): name suffix -> the Linears stacked in it.

@@ -25,7 +25,7 @@ from .capture import capture_layer_inputs, encode_samples, find_decoder
 from .data import load_calibration
 from .gptq import GPTQConfig
 from .onnx_writer import FORMATS, write_quantized_decoder
-from .packing import SUPPORTED_BITS, QuantizedLinear
+from ..packing import SUPPORTED_BITS, QuantizedLinear
 from .report import REPORT_NAME, QualityReport, compare_packages
 from .sequential import QuantizeLayersConfig, quantize_layers
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UsageError
-from .packing import QuantizedLinear, qrange
+from ..packing import QuantizedLinear, qrange
 
 # Smallest positive fp16 subnormal: scales are floored here so that an all-zero group still
 # divides cleanly and survives a round trip through fp16 unchanged.

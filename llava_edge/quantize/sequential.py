@@ -27,7 +27,7 @@ from torch import nn
 
 from .capture import LayerInput, _to, find_decoder
 from .gptq import GPTQConfig, HessianAccumulator, gptq_quantize
-from .packing import QuantizedLinear
+from ..packing import QuantizedLinear
 from ..progress import progress_iter
 from .rtn import rtn_quantize
 

@@ -6,7 +6,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from llava_edge.quantize.gptq import GPTQConfig, HessianAccumulator, gptq_quantize
-from llava_edge.quantize.packing import (QuantizedLinear, dequantize_packed, pack, pack_int4_onnx, qrange,
+from llava_edge.packing import (QuantizedLinear, dequantize_packed, pack, pack_int4_onnx, qrange,
                                             unpack)
 from llava_edge.quantize.rtn import rtn_quantize
 
@@ -77,7 +77,7 @@ def test_rtn_is_nearest_grid_point_and_uses_the_full_code_range():
 def test_concat_outputs_stacks_rows_and_refuses_mismatched_parts():
     import torch
 
-    from llava_edge.quantize.packing import QuantizedLinear, concat_outputs
+    from llava_edge.packing import QuantizedLinear, concat_outputs
 
     g = torch.Generator().manual_seed(0)
     q = lambda n: QuantizedLinear(torch.randint(-8, 8, (n, 64), generator=g, dtype=torch.int8),  # noqa: E731

@@ -16,7 +16,7 @@ from llava_edge.quantize.capture import encode_samples
 from llava_edge.quantize.data import load_calibration
 from llava_edge.quantize.gptq_import import to_autogptq
 from llava_edge.quantize.onnx_writer import write_quantized_decoder
-from llava_edge.quantize.packing import dequantize_packed
+from llava_edge.packing import dequantize_packed
 from llava_edge.quantize.quantize import QuantizeError, quantize_package
 from llava_edge.quantize.report import PackageRunner
 from llava_edge.package import PackageError, load_manifest, write_manifest

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import UsageError
+from .errors import UsageError
 
 SUPPORTED_BITS = (4, 8)
 
