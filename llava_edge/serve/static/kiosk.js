@@ -6,8 +6,12 @@
 const $ = (id) => document.getElementById(id);
 const MAX_TOKENS = 128;
 const UPLOAD_AS_IS = 4 * 1024 * 1024; // larger files are scaled down in the page before sending
+// tokens/s is shown only over a span that can measure it: 2 tokens 1 ms apart would read "1000 tok/s"
+const RATE_MIN_TOKENS = 4;
+const RATE_MIN_SPAN_MS = 200;
 
-const state = { frame: null, turns: [], stream: null, busy: false, controller: null,
+// held: the question a 401 stopped ({ question, bubble, frame }); sent again once a key is saved
+const state = { frame: null, turns: [], stream: null, busy: false, controller: null, held: null,
                 key: localStorage.getItem("llava-edge-key") || "" };
 
 function setStats(text, kind) { const s = $("stats"); s.textContent = text; s.dataset.state = kind; }
@@ -36,6 +40,7 @@ function plainWords(status, body) {
 function showFrame(dataUrl) {
   state.frame = dataUrl;
   state.turns = [];
+  state.held = null;
   $("log").replaceChildren();
   const img = $("frame");
   img.src = dataUrl;
@@ -97,6 +102,7 @@ async function toggleCamera() {
 function liveView() {
   state.frame = null;
   state.turns = [];
+  state.held = null;
   $("log").replaceChildren();
   $("frame").hidden = true;
   $("video").hidden = false;
@@ -147,7 +153,8 @@ function bubble(cls, text) {
   return div;
 }
 
-async function ask(question) {
+// held: the bubble of a question a 401 stopped, sent again as it is (no second bubble)
+async function ask(question, held) {
   question = (question || "").trim();
   if (state.busy) return;
   if (!question) { showError("Type a question, or tap one of the suggestions."); return; }
@@ -155,9 +162,12 @@ async function ask(question) {
   if (!state.frame) { showError("Start the camera or upload an image first."); return; }
   showError("");
   $("question").value = "";
+  if (state.held && state.held.bubble !== held) state.held.bubble.remove(); // a new question replaces it
+  state.held = null;
   const body = { messages: messages(question), stream: true, temperature: 0, max_tokens: MAX_TOKENS,
                  stream_options: { include_usage: true } };
-  bubble("q", question);
+  const asked = held || bubble("q", question);
+  asked.classList.remove("held");
   const answer = bubble("a", "");
   answer.id = "answer";
   document.querySelectorAll(".a").forEach((a) => { if (a !== answer) a.removeAttribute("id"); });
@@ -174,7 +184,9 @@ async function ask(question) {
     if (!res.ok) {
       let err = null;
       try { err = await res.json(); } catch (_) { /* not JSON */ }
-      throw new Error(plainWords(res.status, err));
+      const refused = new Error(plainWords(res.status, err));
+      refused.status = res.status;
+      throw refused;
     }
     const reader = res.body.getReader();
     const decoder = new TextDecoder();
@@ -215,6 +227,16 @@ async function ask(question) {
     setStats(first === null ? "No answer" : statsLine(t0, first, last, tokens), "done");
   } catch (err) {
     answer.remove();
+    if (err.status === 401) {
+      // kept, dimmed, and sent by itself once the key is saved
+      asked.classList.add("held");
+      state.held = { question, bubble: asked, frame: state.frame };
+      $("key").focus();
+    } else {
+      // not left in the log unanswered: the question goes back into the box, one tap to send it again
+      asked.remove();
+      if (!$("question").value) $("question").value = question;
+    }
     const msg = err.name === "AbortError" ? "" :
       (err instanceof TypeError ? "Cannot reach the server. Check that it is running." : err.message);
     if (msg) showError(msg); else setStats("Ready", "idle");
@@ -225,9 +247,13 @@ async function ask(question) {
 }
 
 function statsLine(t0, first, last, tokens) {
-  const ttft = first - t0;
-  const rate = tokens > 1 && last > first ? (tokens - 1) / ((last - first) / 1000) : 0;
-  return `First token ${Math.round(ttft)} ms · ${rate.toFixed(1)} tok/s · ${tokens} tokens`;
+  const parts = [`First token ${Math.round(first - t0)} ms`];
+  const span = last - first; // the rate is over the tokens after the first: the first one's wait is the TTFT
+  if (tokens >= RATE_MIN_TOKENS && span >= RATE_MIN_SPAN_MS) {
+    parts.push(`${((tokens - 1) / (span / 1000)).toFixed(1)} tok/s`);
+  }
+  parts.push(tokens === 1 ? "1 token" : `${tokens} tokens`);
+  return parts.join(" · ");
 }
 
 function setBusy(busy) {
@@ -240,6 +266,7 @@ function reset() {
   if (state.controller) state.controller.abort();
   $("question").value = "";
   $("key-form").hidden = true;
+  state.held = null;
   if (state.stream) { liveView(); return; }
   state.frame = null;
   state.turns = [];
@@ -265,6 +292,8 @@ $("key-form").addEventListener("submit", (e) => {
   localStorage.setItem("llava-edge-key", state.key);
   $("key-form").hidden = true;
   showError("");
+  const held = state.held;
+  if (held && held.frame === state.frame && held.bubble.isConnected) ask(held.question, held.bubble);
 });
 const stage = $("stage");
 stage.addEventListener("dragover", (e) => { e.preventDefault(); stage.classList.add("drop"); });
