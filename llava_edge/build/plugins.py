@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..contract import AOT_MIN, ONNX_DOMAIN, PLUGIN_IO, PLUGIN_NAMESPACE, parse_trt_version
+from ..kernels.aot import AotKernel
 
 __all__ = [
     "plugin_node",
@@ -51,17 +51,6 @@ def plugin_node(
 
 
 # ---------------------------------------------------------------------------------- AOT compilation
-@dataclass(frozen=True)
-class AotKernel:
-    """A kernel compiled for one GPU target (``cc``, e.g. 87): what ``aot_impl`` hands to TensorRT."""
-
-    name: str
-    ptx: str
-    num_warps: int
-    shared_mem: int
-    cc: int = 0
-
-
 _TL = {"float16": "fp16", "float32": "fp32", "bfloat16": "bf16"}
 
 

@@ -29,9 +29,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from ..anyres_grid import max_image_tokens, max_tiles
 from ..contract import KV_INPLACE, KV_LAYOUTS, KV_PINGPONG
 from ..errors import UsageError
-from ..runtime import anyres
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -145,7 +145,7 @@ class ModelDims:
             num_layers=t.num_layers, hidden_size=t.hidden_size, num_heads=t.num_heads,
             num_kv_heads=t.num_kv_heads, head_dim=t.head_dim,
             intermediate_size=intermediate_size or 4 * t.hidden_size, vocab_size=t.vocab_size,
-            num_image_tokens=anyres.max_image_tokens(v), vision_params=0,
+            num_image_tokens=max_image_tokens(v), vision_params=0,
         )
 
 
@@ -415,7 +415,7 @@ def profile_shapes(manifest: Any, limits: BuildLimits, kv_layout: str = KV_INPLA
         d_opt = max(0, min(c - 1, c // 2))
         decode = _decoder_profile("decode", (1, 1, b), (1, 1, 1), (0, d_opt, c - 1), (1, d_opt + 1, c), *dims)
     s = v.image_size
-    n_img = max(1, b * limits.max_images * anyres.max_tiles(v))  # LLaVA-NeXT: every tile is an input
+    n_img = max(1, b * limits.max_images * max_tiles(v))  # LLaVA-NeXT: every tile is an input
     vision = Profile("vision", {"pixel_values": ((1, 3, s, s), (1, 3, s, s), (n_img, 3, s, s))})
     e_opt = max(1, min(limits.max_prompt, v.num_image_tokens * min(1, limits.max_images) + 64))
     embed = Profile("embed", {"input_ids": ((1, 1), (1, e_opt), (b, limits.max_prompt))})  # whole prompts

@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
-from ..build.plugins import AotKernel
+from .aot import AotKernel
 
 __all__ = ["KernelResources", "resource_usage", "REGISTERS_PER_SM", "MAX_SHARED_PER_BLOCK"]
 

@@ -22,24 +22,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from ..anyres_grid import grid as _grid
+from ..anyres_grid import max_image_tokens, max_tiles, num_image_tokens, select_best_resolution
+from ..anyres_grid import settings as _anyres
+from ..anyres_grid import unpadded as _unpadded
 from ..package import VisionConfig
 from .preprocess import ImageError, center_crop, load_image, normalize, resize_short_side, to_rgb
 
 __all__ = ["select_best_resolution", "image_tiles", "num_image_tokens", "pack_image_features", "encode", "max_tiles",
            "max_image_tokens"]
-
-
-def select_best_resolution(original_size: tuple[int, int], pinpoints: Sequence[Sequence[int]]) -> tuple[int, int]:
-    """(height, width) of the pinpoint that keeps the most image pixels, then wastes the fewest."""
-    oh, ow = original_size
-    best, best_eff, best_waste = None, 0, float("inf")
-    for h, w in pinpoints:
-        scale = min(w / ow, h / oh)
-        eff = min(int(ow * scale) * int(oh * scale), ow * oh)
-        waste = w * h - eff
-        if eff > best_eff or (eff == best_eff and waste < best_waste):
-            best, best_eff, best_waste = (int(h), int(w)), eff, waste
-    return best
 
 
 def _fit_size(h: int, w: int, target: tuple[int, int]) -> tuple[int, int]:
@@ -49,12 +40,6 @@ def _fit_size(h: int, w: int, target: tuple[int, int]) -> tuple[int, int]:
     if sw < sh:
         return min(math.ceil(h * sw), th), tw
     return th, min(math.ceil(w * sh), tw)
-
-
-def _anyres(cfg: VisionConfig) -> dict[str, Any]:
-    if not cfg.anyres:
-        raise ValueError("this package's vision config has no anyres settings (not a LLaVA-NeXT package)")
-    return cfg.anyres
 
 
 def _tile(rgb: np.ndarray, cfg: VisionConfig) -> np.ndarray:
@@ -81,32 +66,6 @@ def image_tiles(image: Any, cfg: VisionConfig) -> tuple[np.ndarray, tuple[int, i
     overview = np.array(Image.fromarray(rgb).resize((cfg.shortest_edge, cfg.shortest_edge), resample=cfg.resample))
     tiles = [overview] + [canvas[i : i + s, j : j + s] for i in range(0, best[0], s) for j in range(0, best[1], s)]
     return np.stack([_tile(t, cfg) for t in tiles]), (h, w)
-
-
-def _grid(size: tuple[int, int], cfg: VisionConfig) -> tuple[int, int]:
-    bh, bw = select_best_resolution(size, _anyres(cfg)["grid_pinpoints"])
-    return bh // cfg.image_size, bw // cfg.image_size
-
-
-def _unpadded(size: tuple[int, int], height: int, width: int) -> tuple[slice, slice]:
-    """Rows and columns of a [height, width] feature map that cover the image, not the padding."""
-    oh, ow = size
-    if ow / oh > width / height:
-        new_h = int(round(oh * (width / ow), 7))
-        pad = (height - new_h) // 2
-        return slice(pad, height - pad), slice(0, width)
-    new_w = int(round(ow * (height / oh), 7))
-    pad = (width - new_w) // 2
-    return slice(0, height), slice(pad, width - pad)
-
-
-def num_image_tokens(size: tuple[int, int], cfg: VisionConfig) -> int:
-    """Image tokens of an image of (height, width): overview + unpadded grid + one newline per row."""
-    side = cfg.image_size // cfg.patch_size
-    gh, gw = _grid(size, cfg)
-    rows, cols = _unpadded(size, gh * side, gw * side)
-    n_rows, n_cols = rows.stop - rows.start, cols.stop - cols.start
-    return cfg.num_image_tokens + n_rows * (n_cols + 1)
 
 
 def pack_image_features(features: np.ndarray, size: tuple[int, int], cfg: VisionConfig) -> np.ndarray:
@@ -136,19 +95,3 @@ def encode(images: Sequence[Any], cfg: VisionConfig,
         out.append(pack_image_features(feats[start : start + len(tiles)], size, cfg))
         start += len(tiles)
     return out
-
-
-def max_tiles(cfg: VisionConfig) -> int:
-    """Most vision-encoder inputs one image can take (1 without anyres): engine profiles are sized by it."""
-    if not cfg.anyres:
-        return 1
-    s = cfg.image_size
-    return 1 + max((h // s) * (w // s) for h, w in cfg.anyres["grid_pinpoints"])
-
-
-def max_image_tokens(cfg: VisionConfig) -> int:
-    """Most image tokens one image can take: an image of a pinpoint's exact shape (nothing unpadded);
-    2,928 for LLaVA-1.6's 336 px grid."""
-    if not cfg.anyres:
-        return cfg.num_image_tokens
-    return max(num_image_tokens((h, w), cfg) for h, w in cfg.anyres["grid_pinpoints"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from llava_edge.runtime import anyres
+from llava_edge import anyres_grid as anyres
 
 from .conftest import FAMILIES
 
