@@ -421,7 +421,7 @@ def build(
         _positive(value, flag)
     if workspace_gb is not None and not 0 < workspace_gb < float("inf"):
         raise UsageError(f"--workspace-gb must be a positive number, not {workspace_gb}")
-    from .build.builder import build_engines, result_summary
+    from .trt.builder import build_engines, result_summary
 
     result = build_engines(package, target=target, max_batch=max_batch, max_context=max_context,
                            max_images=max_images, workspace_gb=workspace_gb, timing_cache=timing_cache,

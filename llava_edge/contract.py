@@ -1,7 +1,7 @@
 """The engine contract: the one place that names what the builder writes and the runtime binds.
 
 Binding names, KV-layout names, optimization-profile indices, the engine record
-(``engines/engines.json``) and the TensorRT version policy. ``build/`` and ``runtime/`` both import it;
+(``engines/engines.json``) and the TensorRT version policy. ``trt/`` and ``runtime/`` both import it;
 it imports neither TensorRT nor CUDA, so the CPU tests check every refusal. See docs/architecture.md.
 """
 

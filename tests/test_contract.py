@@ -96,7 +96,7 @@ def test_missing_gpu_is_a_clear_error(monkeypatch):
 
 
 def test_importing_the_backend_imports_neither_tensorrt_nor_cuda():
-    code = ("import sys, llava_edge.runtime.trt_backend, llava_edge.build.builder, llava_edge.build.presets; "
+    code = ("import sys, llava_edge.runtime.trt_backend, llava_edge.trt.builder, llava_edge.trt.presets; "
             "bad=[m for m in sys.modules if m.split('.')[0] in ('tensorrt','cuda','torch','transformers')]; "
             "print(bad); assert not [m for m in bad if not m.startswith(('torch','transformers'))] ; "
             "import llava_edge.runtime.trt_backend as t; assert 'torch' not in sys.modules or True")

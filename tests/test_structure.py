@@ -20,7 +20,7 @@ USER_ERRORS = [
     "llava_edge.contract:EngineMismatchError", "llava_edge.export.checkpoint:CheckpointError",
     "llava_edge.export.exporter:ExportError", "llava_edge.quantize.quantize:QuantizeError",
     "llava_edge.quantize.data:CalibrationDataError", "llava_edge.quantize.gptq_import:GPTQImportError",
-    "llava_edge.build.plan:EngineBuildError", "llava_edge.benchmarks.harness:BenchmarkError",
+    "llava_edge.trt.plan:EngineBuildError", "llava_edge.benchmarks.harness:BenchmarkError",
     "llava_edge.runtime.pipeline:PromptTooLongError",
 ]
 
@@ -97,7 +97,7 @@ def test_no_import_circles_and_build_stays_off_the_runtime_cuda_code():
             visit(n, [n])
     cuda = ("trt_backend", "trt_memory", "trt_cuda_graph", "trt_kv", "kv_inplace", "kv_pingpong", "kv_plugin")
     for name, text in src.items():  # lazy imports included
-        if name.startswith("llava_edge.build"):
+        if name.startswith("llava_edge.trt"):
             assert not any(f"runtime.{c}" in text or f"runtime import {c}" in text for c in cuda), name
         if name.startswith("llava_edge.runtime"):
-            assert "llava_edge.build" not in text and "..build" not in text, name
+            assert "llava_edge.trt" not in text and "..trt" not in text, name

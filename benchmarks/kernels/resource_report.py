@@ -35,7 +35,7 @@ CONFIGS = [
 def main() -> None:
     import triton
 
-    from llava_edge.build import plugins as tp
+    from llava_edge.trt import plugins as tp
     from llava_edge.kernels.resources import resource_usage
 
     lines = ["# kernel_resources", "",

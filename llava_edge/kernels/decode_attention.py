@@ -19,7 +19,7 @@ program is writing (no intra-launch race).
 
 Parameter order is: input pointers, int32 scalars, output pointers, constexprs: the order in which a
 TensorRT AOT plugin passes arguments (inputs, extra scalar args, outputs), so the very same kernel is
-what ``build/plugins.py`` compiles. State updated in place (caches, split-K scratch) appears twice, as an
+what ``trt/plugins.py`` compiles. State updated in place (caches, split-K scratch) appears twice, as an
 input and as the aliased output, the way TensorRT plugins express in-place updates.
 """
 

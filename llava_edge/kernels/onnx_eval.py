@@ -2,7 +2,7 @@
 implemented by the Triton kernels (``impl="triton"``; under ``TRITON_INTERPRET=1`` without a GPU) or by
 their torch references (``impl="reference"``).
 
-Why: no TensorRT is available to execute the plugin-attention decoder (build/plugin_decoder.py), and
+Why: no TensorRT is available to execute the plugin-attention decoder (trt/plugin_decoder.py), and
 onnxruntime cannot run ``trt.plugins`` nodes; this checks that the graph around the plugins (reshapes,
 I/O order, attributes, aliasing) computes the same logits as the portable graph.
 

@@ -12,6 +12,7 @@ at once and free their slot for the next step. ``add``/``cancel`` may be called 
 from __future__ import annotations
 
 import queue
+from dataclasses import dataclass
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 import threading
@@ -24,18 +25,39 @@ from tokenizers import Tokenizer
 
 from ..errors import UsageError
 from ..package import Manifest
-from .inputs import check_count, check_stop
 from .model_runner import ModelRunner
 from .prefix_cache import PrefixCache, image_digest
 from . import anyres
 from .preprocess import MAX_IMAGE_PIXELS, preprocess
-from .sampling import SamplingConfig, token_logprobs
+from .sampling import token_logprobs
 from .scheduler import Scheduler
-from .sequence import Sequence, Status, TokenEvent
+from .sequence import FinishReason, GenerationParams, PendingVision, Sequence, Status, TokenEvent
 
 
 class PromptTooLongError(UsageError):
     """The prompt plus max_new_tokens does not fit the package's context."""
+
+
+def check_context(prompt_len: int, max_tokens: int, context: int) -> None:
+    """The one context check a request goes through: prompt + answer must fit ``context`` positions."""
+    if prompt_len + max_tokens > context:
+        raise PromptTooLongError(
+            f"prompt of {prompt_len} tokens (image tokens included) plus max_new_tokens={max_tokens} "
+            f"exceeds the model's context of {context}")
+
+
+@dataclass(frozen=True)
+class AddRequest:
+    """Inbox message: a new sequence to schedule."""
+
+    seq: Sequence
+
+
+@dataclass(frozen=True)
+class CancelRequest:
+    """Inbox message: end this sequence (a no-op once it has finished)."""
+
+    seq_id: str
 
 
 class ImageCache:
@@ -88,29 +110,29 @@ class Engine:
         self.max_image_pixels: int | None = MAX_IMAGE_PIXELS  # the same limit load_image applies
 
     # -- requests (any thread) ----------------------------------------------------------------------
-    def make_sequence(self, ids: np.ndarray, images: Seq[Any] = (), max_tokens: int = 64,
-                      sampling: SamplingConfig | None = None, stop: Seq[str] = (), index: int = 0) -> Sequence:
-        """A Sequence for prompt ids (image tokens expanded); refuses what cannot fit the context."""
-        max_tokens = check_count(max_tokens, "max_new_tokens")
-        stop = check_stop(stop)
-        t = self.manifest.text
-        if len(ids) + max_tokens > min(t.max_context, self.runner.max_len):
-            raise PromptTooLongError(
-                f"prompt of {len(ids)} tokens (image tokens included) plus max_new_tokens={max_tokens} "
-                f"exceeds the model's context of {min(t.max_context, self.runner.max_len)}")
-        return Sequence(np.asarray(ids, np.int64), list(images), self.tokenizer, max_tokens,
-                        sampling or SamplingConfig(), tuple(s for s in stop if s), frozenset(t.eos_token_ids),
-                        index=index)
+    @property
+    def context(self) -> int:
+        """Positions one sequence may use (prompt + answer): the model's context, capped by the runner's."""
+        return min(self.manifest.text.max_context, self.runner.max_len)
+
+    def make_sequence(self, ids: np.ndarray, images: Seq[Any] = (), params: GenerationParams | None = None, *,
+                      index: int = 0) -> Sequence:
+        """A Sequence for prompt ids (image tokens expanded) and what the request asks for (``params``,
+        frozen); refuses what cannot fit the context."""
+        params = params or GenerationParams()
+        check_context(len(ids), params.max_tokens, self.context)
+        return Sequence(np.asarray(ids, np.int64), list(images), self.tokenizer, params,
+                        frozenset(self.manifest.text.eos_token_ids), index=index)
 
     def add(self, seq: Sequence) -> str:
         with self._lock:
             self._queued += 1
-        self._inbox.put(("add", seq))
+        self._inbox.put(AddRequest(seq))
         self.wakeup.set()
         return seq.seq_id
 
     def cancel(self, seq_id: str) -> None:
-        self._inbox.put(("cancel", seq_id))
+        self._inbox.put(CancelRequest(seq_id))
         self.wakeup.set()
 
     @property
@@ -184,22 +206,22 @@ class Engine:
     def _drain_inbox(self, events: list[TokenEvent]) -> None:
         while True:
             try:
-                kind, item = self._inbox.get_nowait()
+                msg = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if kind == "add":
-                self._live[item.seq_id] = item
-                self.scheduler.add(item)
+            if isinstance(msg, AddRequest):
+                self._live[msg.seq.seq_id] = msg.seq
+                self.scheduler.add(msg.seq)
                 continue
-            seq = self._live.get(item)
+            seq = self._live.get(msg.seq_id)
             if seq is None or seq.status is Status.FINISHED:
                 continue
             if seq.status is Status.WAITING:
                 with self._lock:
                     self._queued -= 1
-            seq.finish("cancelled")
+            seq.finish(FinishReason.CANCELLED)
             self._retire(seq)
-            events.append(TokenEvent(seq.seq_id, None, "", "cancelled", seq.index))
+            events.append(TokenEvent(seq.seq_id, None, "", FinishReason.CANCELLED, seq.index))
 
     def _prepare(self, seq: Sequence) -> None:
         """Admission work: prefix lookup, image features (cache, else the vision encoder on its own
@@ -217,7 +239,7 @@ class Engine:
         todo = [i for i, f in enumerate(feats) if f is None]
         if todo:
             # the running streams keep decoding while the vision encoder works (onnxruntime releases the GIL)
-            seq.vision = (self._vision_pool().submit(self._encode, seq, todo), feats, todo, hit)
+            seq.vision = PendingVision(self._vision_pool().submit(self._encode, seq, todo), feats, todo, hit)
             return
         self._finish_prepare(seq, feats, todo, None, hit)
 
@@ -259,14 +281,14 @@ class Engine:
         """Finish admission of sequences whose image features are ready (waiting for one if asked)."""
         pending = [s for s in self.scheduler.running if s.vision is not None]
         if wait and pending:
-            futures_wait([s.vision[0] for s in pending], timeout=0.05, return_when=FIRST_COMPLETED)
+            futures_wait([s.vision.future for s in pending], timeout=0.05, return_when=FIRST_COMPLETED)
         for seq in pending:
-            future, feats, todo, hit = seq.vision
-            if not future.done():
+            v = seq.vision
+            if not v.future.done():
                 continue
             seq.vision = None
             try:
-                self._finish_prepare(seq, feats, todo, future.result(), hit)
+                self._finish_prepare(seq, v.feats, v.todo, v.future.result(), v.hit)
             except Exception as e:  # noqa: BLE001
                 self._fail(seq, e, events)
 
@@ -296,9 +318,9 @@ class Engine:
     def _fail(self, seq: Sequence, error: Exception, events: list[TokenEvent]) -> None:
         seq.error = f"{type(error).__name__}: {error}"
         seq.exception = error
-        seq.finish("error")
+        seq.finish(FinishReason.ERROR)
         self._retire(seq)
-        events.append(TokenEvent(seq.seq_id, None, "", "error", seq.index))
+        events.append(TokenEvent(seq.seq_id, None, "", FinishReason.ERROR, seq.index))
 
     def _retire(self, seq: Sequence) -> None:
         if seq.slot is not None:

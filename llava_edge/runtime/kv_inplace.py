@@ -1,4 +1,4 @@
-"""The in-place KV layout (static-cache decoder graph, ``build/static_decoder.py``).
+"""The in-place KV layout (static-cache decoder graph, ``trt/static_decoder.py``).
 
 Past is the whole cache buffer [B,kvH,max_ctx,D] of each layer (allocated once, zeroed once); the engine
 returns only this step's k/v ``new.{i}.*`` [B,kvH,T,D], and one ``cudaMemcpy2DAsync`` per layer k/v puts

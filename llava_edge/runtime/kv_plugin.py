@@ -1,4 +1,4 @@
-"""The plugin KV layout: engines built from the plugin-attention decoder graph (``build/plugin_decoder.py``;
+"""The plugin KV layout: engines built from the plugin-attention decoder graph (``trt/plugin_decoder.py``;
 record ``attention == "plugin"``). One buffer per layer k/v is bound as both the past input and its aliased
 present output (the plugin writes new k/v itself: no scatter); inputs are ``prompt_lens``/``start_pos``
 instead of mask/positions, so :class:`RaggedRows` moves left-padded prompts to slot 0 at prefill and the

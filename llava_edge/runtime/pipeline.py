@@ -26,17 +26,18 @@ from . import prompt as prompts
 from .backend import supports_prefix_reuse
 from .backends import open_backend
 from .inputs import check_count, check_stop, check_text, check_threads
-from .engine import Engine, PromptTooLongError
+from .engine import Engine, PromptTooLongError, check_context
 from .model_runner import make_runner
 from .prefix_cache import PrefixCache, image_digest
 from .preprocess import MAX_IMAGE_PIXELS, load_image, preprocess
 from .ragged import left_pad
 from .sampling import Sampler, SamplingConfig
 from .sequence import Detokenizer as _Detokenizer
-from .sequence import GenerationResult, Timings
+from .sequence import FinishReason, GenerationParams, GenerationResult, Timings
 from .tokenizer_check import load_tokenizer
 
-__all__ = ["Pipeline", "Request", "TokenEvent", "GenerationResult", "Timings", "PromptTooLongError", "drain"]
+__all__ = ["Pipeline", "Request", "TokenEvent", "GenerationParams", "GenerationResult", "FinishReason", "Timings",
+           "PromptTooLongError", "drain"]
 
 
 @dataclass
@@ -165,11 +166,7 @@ class Pipeline:
         encoded = [self.encode_request(r) for r in requests]
         lengths = [len(e) for e in encoded]
         longest = max(lengths)
-        if longest + max_new_tokens > t.max_context:
-            raise PromptTooLongError(
-                f"prompt of {longest} tokens (image tokens included) plus max_new_tokens={max_new_tokens} "
-                f"exceeds the model's context of {t.max_context}"
-            )
+        check_context(longest, max_new_tokens, t.max_context)
         b = len(requests)
         timings = Timings()
         images = [im for r in requests for im in r.images]
@@ -209,7 +206,7 @@ class Pipeline:
         seen = [e.copy() for e in encoded] if sampling.repetition_penalty != 1.0 else None
         generated: list[list[int]] = [[] for _ in range(b)]
         detok = [_Detokenizer(self.tokenizer) for _ in range(b)]
-        finish: list[str | None] = [None] * b
+        finish: list[FinishReason | None] = [None] * b
         eos = set(t.eos_token_ids)
         next_pos = positions[:, -1] + 1
         t_decode = time.perf_counter()
@@ -223,12 +220,12 @@ class Pipeline:
                 if seen is not None:
                     seen[i] = np.append(seen[i], tok)
                 if tok in eos:
-                    finish[i] = "eos"
+                    finish[i] = FinishReason.EOS
                     continue
                 delta = detok[i].push(tok)
                 # a stop string not seen before must end inside this delta: look at the tail only
                 if stop and any(s in detok[i].text[-(len(delta) + len(s)):] for s in stop):
-                    finish[i] = "stop"
+                    finish[i] = FinishReason.STOP
                 if delta:
                     yield TokenEvent(i, tok, delta)
             if all(f is not None for f in finish) or step == max_new_tokens - 1:
@@ -244,8 +241,8 @@ class Pipeline:
         results = []
         for i in range(b):
             text = detok[i].tokenizer.decode(generated[i], skip_special_tokens=True)
-            reason = finish[i] or "length"
-            if reason == "stop":
+            reason = finish[i] or FinishReason.LENGTH
+            if reason is FinishReason.STOP:
                 cut = min(text.find(s) for s in stop if s in text)
                 text = text[:cut]
             results.append(GenerationResult(text.strip(), generated[i], reason, lengths[i], timings))
@@ -254,9 +251,10 @@ class Pipeline:
 
     def sequences(self, requests: Sequence[Request], max_new_tokens: int = 64,
                   sampling: SamplingConfig | None = None, stop: Sequence[str] = (), engine: Engine | None = None,
-                  json_schema: dict | None = None) -> list:
+                  json_schema: dict | None = None, *, top_logprobs: int | None = None,
+                  ignore_eos: bool = False) -> list:
         """Engine sequences for requests (prompt checked against the context, images decoded now); without
-        an engine, the pipeline's own, sized for them."""
+        an engine, the pipeline's own, sized for them. All of them share one frozen GenerationParams."""
         max_new_tokens = check_count(max_new_tokens, "max_new_tokens")
         stop = check_stop(stop)
         if not requests:
@@ -265,15 +263,14 @@ class Pipeline:
         encoded = [self.encode_request(r) for r in requests]
         if engine is None:
             engine = self.engine_for(len(requests), max(len(e) for e in encoded) + max_new_tokens)
-        seqs = [engine.make_sequence(e, r.images, max_new_tokens, sampling, stop, index=i)
-                for i, (e, r) in enumerate(zip(encoded, requests))]
+        grammar = None
         if json_schema is not None:  # the answers must parse and validate (runtime/constrain.py)
             from .constrain import cached_grammar
 
             grammar = cached_grammar(self.tokenizer, frozenset(self.manifest.text.eos_token_ids), json_schema)
-            for s in seqs:
-                s.constraint = grammar.matcher()
-        return seqs
+        params = GenerationParams(max_new_tokens, sampling or SamplingConfig(), tuple(stop), ignore_eos, grammar,
+                                  top_logprobs)
+        return [engine.make_sequence(e, r.images, params, index=i) for i, (e, r) in enumerate(zip(encoded, requests))]
 
     def run_engine(self, requests: Sequence[Request], max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
                    stop: Sequence[str] = (), json_schema: dict | None = None) -> Iterator[TokenEvent]:

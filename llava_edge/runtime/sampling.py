@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import UsageError
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplingConfig:
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off

@@ -1,6 +1,9 @@
-"""One request's state inside the engine: prompt ids, images, sampling, generated ids, text, timings.
+"""One request's state inside the engine: prompt ids, images, generated ids, text, timings.
 
-Why each sequence carries its own Sampler (and so its own seeded rng), repetition history, detokenizer
+What a request asks for is one frozen ``GenerationParams`` (max tokens, sampling, stop strings, eos
+handling, a grammar, logprobs), given when the sequence is made and never changed; the sequence keeps
+the state that changes (sampler rng, grammar matcher, generated ids, detokenizer, slot) and ends with a
+``FinishReason``. Why each sequence carries its own Sampler (and so its own seeded rng), repetition history, detokenizer
 and stop strings: requests with different settings share one decode batch, and a seeded request must
 draw the same numbers whether it runs alone or next to seven others.
 """
@@ -13,12 +16,37 @@ import json
 import re
 import time
 from dataclasses import dataclass, field
+from concurrent.futures import Future
 from typing import Any, Sequence as Seq
 
 import numpy as np
 from tokenizers import Tokenizer
 
+from .finish import FinishReason
+from .inputs import check_count, check_stop
 from .sampling import Sampler, SamplingConfig
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """What one request asks for; frozen, handed to ``Engine.make_sequence`` and never changed.
+
+    ``grammar`` is a compiled ``runtime.constrain.Grammar`` (shared, immutable): each sequence draws its
+    own matcher from it. ``top_logprobs``: None = no logprobs computed; else alternatives per token (0..20).
+    ``ignore_eos``: generate through eos tokens (benchmarks; the server's ``ignore_eos``)."""
+
+    max_tokens: int = 64
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    grammar: Any = None
+    top_logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "max_tokens", check_count(self.max_tokens, "max_new_tokens"))
+        object.__setattr__(self, "stop", tuple(check_stop(self.stop)))
+        if self.sampling is None:
+            object.__setattr__(self, "sampling", SamplingConfig())
 
 
 class Status(enum.Enum):
@@ -48,12 +76,12 @@ class Timings:
 class GenerationResult:
     text: str
     token_ids: list[int]  # generated ids, eos included when generation stopped on it
-    finish_reason: str  # "eos", "stop" (a stop string), "length"; in the engine also "cancelled", "error"
+    finish_reason: FinishReason
     prompt_tokens: int
     timings: Timings
 
     def as_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
+        return {"text": self.text, "token_ids": self.token_ids, "finish_reason": str(self.finish_reason),
                 "prompt_tokens": self.prompt_tokens, "timings": self.timings.as_dict()}
 
 
@@ -133,7 +161,7 @@ class TokenEvent:
     seq_id: str
     token_id: int | None  # None for an event that only reports an end (cancelled, error)
     text: str
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     index: int = 0  # the caller's own index (Pipeline: position in the batch)
     logprobs: Any = None  # (logprob, [(id, logprob)...]) of token_id when the request asked (Sequence.logprobs)
 
@@ -141,46 +169,74 @@ class TokenEvent:
 _ids = itertools.count()
 
 
+@dataclass
+class PendingVision:
+    """A sequence's admission while the vision encoder runs on its own thread."""
+
+    future: Future  # -> the features of the images ``todo``, in that order
+    feats: list[np.ndarray | None]  # per image of the prompt: features from the image cache, else None
+    todo: list[int]  # indices of the images being encoded
+    hit: Any  # the prefix-cache entry the prompt resumes from, or None
+
+
 @dataclass(eq=False)  # identity: two requests with the same prompt are still two sequences
 class Sequence:
-    """A request as the engine sees it. ``ids`` are prompt ids with image tokens expanded."""
+    """A request as the engine sees it. ``ids`` are prompt ids with image tokens expanded; ``params`` is
+    what the request asked for (frozen); everything else is state the engine advances."""
 
     ids: np.ndarray
     images: list[Any]  # PIL images, in prompt order
     tokenizer: Tokenizer
-    max_tokens: int
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    stop: Seq[str] = ()
-    eos_ids: frozenset[int] = frozenset()
+    params: GenerationParams = field(default_factory=GenerationParams)
+    eos_ids: frozenset[int] = frozenset()  # the model's; empty when params.ignore_eos
     seq_id: str = ""
     index: int = 0
 
     def __post_init__(self) -> None:
+        p = self.params
         self.seq_id = self.seq_id or f"seq-{next(_ids)}"
-        self.sampler = Sampler(self.sampling)
-        self.constraint: Any = None  # a runtime.constrain.Constraint: the answer must match a JSON schema
-        # logprobs: None = not asked (nothing computed); else how many alternatives per token (0..20).
-        # self.logprobs gets one (logprob, [(id, logprob)...]) per generated token (sampling.token_logprobs)
-        self.top_logprobs: int | None = None
+        if p.ignore_eos:
+            self.eos_ids = frozenset()
+        self.sampler = Sampler(p.sampling)
+        # a runtime.constrain.Constraint (this sequence's matcher of params.grammar): the answer must match
+        self.constraint: Any = p.grammar.matcher() if p.grammar is not None else None
+        # one (logprob, [(id, logprob)...]) per generated token when params.top_logprobs is not None
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
-        self.seen = self.ids.copy() if self.sampling.repetition_penalty != 1.0 else None
+        self.seen = self.ids.copy() if p.sampling.repetition_penalty != 1.0 else None
         self.detok = Detokenizer(self.tokenizer)
         self.generated: list[int] = []
         self.status = Status.WAITING
-        self.finish_reason: str | None = None
+        self.finish_reason: FinishReason | None = None
         self.error: str | None = None
         self.exception: Exception | None = None
         self.slot: int | None = None
         self.computed = 0  # prompt tokens already in the KV cache
         self.prefill_start = 0  # first prompt token this sequence prefills itself (after a prefix hit)
         self.embeds: np.ndarray | None = None  # prompt embeddings from prefill_start on: set once ready
-        self.vision: Any = None  # (future, features, missing indices, prefix hit) while the vision encoder runs
+        self.vision: PendingVision | None = None  # while the vision encoder runs
         self.digests: tuple[str, ...] = ()
         self.sent = 0  # characters of visible text already handed out in events
         self.timings = Timings()
         self.arrival = time.perf_counter()
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
+
+    # the request's own settings, read through params
+    @property
+    def max_tokens(self) -> int:
+        return self.params.max_tokens
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return self.params.sampling
+
+    @property
+    def stop(self) -> tuple[str, ...]:
+        return self.params.stop
+
+    @property
+    def top_logprobs(self) -> int | None:
+        return self.params.top_logprobs
 
     @property
     def prompt_len(self) -> int:
@@ -199,30 +255,31 @@ class Sequence:
         self.generated.append(token_id)
         if self.seen is not None:
             self.seen = np.append(self.seen, token_id)
+        stop = self.stop
         if token_id in self.eos_ids:
-            self.finish("eos")
+            self.finish(FinishReason.EOS)
         else:
             delta = self.detok.push(token_id)
             # a stop string not seen before must end inside this delta: look at the tail only
-            tail = self.detok.text[-(len(delta) + max((len(s) for s in self.stop), default=0)):]
-            if self.stop and delta and any(s in tail for s in self.stop):
-                self.finish("stop")
+            tail = self.detok.text[-(len(delta) + max((len(s) for s in stop), default=0)):]
+            if stop and delta and any(s in tail for s in stop):
+                self.finish(FinishReason.STOP)
             elif len(self.generated) >= self.max_tokens:
-                self.finish("length")
+                self.finish(FinishReason.LENGTH)
         visible = self.visible_text()
         text, self.sent = visible[self.sent :], max(self.sent, len(visible))
         return TokenEvent(self.seq_id, token_id, text, self.finish_reason, self.index)
 
     def visible_text(self) -> str:
-        """The answer so far as a client may see it: cut before the first stop string."""
+        """The answer so far as a client may see it (the concatenation of the events' text): cut before
+        the first stop string."""
         text = self.detok.text
-        if self.finish_reason == "stop":
-            cut = min(text.find(s) for s in self.stop if s in text)
-            return text[:cut]
+        if self.finish_reason is FinishReason.STOP:
+            return _cut(text, self.stop)
         return text
 
-    def finish(self, reason: str) -> None:
-        self.finish_reason = reason
+    def finish(self, reason: FinishReason) -> None:
+        self.finish_reason = FinishReason(reason)
         self.status = Status.FINISHED
         self.finished_at = time.perf_counter()
         if self.first_token_at is not None:
@@ -231,8 +288,12 @@ class Sequence:
 
     def result(self) -> GenerationResult:
         text = self.tokenizer.decode(self.generated, skip_special_tokens=True)
-        if self.finish_reason == "stop":
-            cut = min(text.find(s) for s in self.stop if s in text)
-            text = text[:cut]
-        return GenerationResult(text.strip(), list(self.generated), self.finish_reason or "length",
+        if self.finish_reason is FinishReason.STOP:
+            text = _cut(text, self.stop)
+        return GenerationResult(text.strip(), list(self.generated), self.finish_reason or FinishReason.LENGTH,
                                 self.prompt_len, self.timings)
+
+
+def _cut(text: str, stop: Seq[str]) -> str:
+    """``text`` before the first stop string in it."""
+    return text[: min(text.find(s) for s in stop if s in text)]

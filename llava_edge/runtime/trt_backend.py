@@ -116,7 +116,7 @@ class TrtBackend:
             cuda_graphs = os.environ.get(CUDA_GRAPHS_ENV, "1") != "0"
         self.float_dtype = np.dtype(manifest.dtype)
         self._logger = trt.Logger(trt.Logger.WARNING)
-        # AOT plugin engines carry their kernels' PTX: nothing to register at run time (build/plugins.py).
+        # AOT plugin engines carry their kernels' PTX: nothing to register at run time (trt/plugins.py).
         self._runtime = trt.Runtime(self._logger)
         self._buffers: list[Any] = []
         self.stream = int(_ck(cudart.cudaStreamCreate()))

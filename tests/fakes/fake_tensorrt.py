@@ -25,9 +25,9 @@ import onnxruntime as ort
 from PIL import Image
 
 from llava_edge import trt_env
-from llava_edge.build.plan import plan_build, plugin_config
-from llava_edge.build.plugin_decoder import write_plugin_decoder
-from llava_edge.build.static_decoder import write_static_decoder
+from llava_edge.trt.plan import plan_build, plugin_config
+from llava_edge.trt.plugin_decoder import write_plugin_decoder
+from llava_edge.trt.static_decoder import write_static_decoder
 from llava_edge.contract import KV_INPLACE, RECORD_FORMAT, RECORD_NAME, EngineFile, EngineRecord
 from llava_edge.package import load_manifest
 from llava_edge.runtime.trt_backend import TrtBackend

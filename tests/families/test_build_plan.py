@@ -13,7 +13,7 @@ from .conftest import FAMILIES
 
 @pytest.mark.parametrize("preset", [*FAMILIES, "next-mistral"])
 def test_plan_per_family(family_models, preset):
-    from llava_edge.build.plan import plan_build
+    from llava_edge.trt.plan import plan_build
     from llava_edge.package import load_manifest
 
     pkg = family_models[preset]["package"]

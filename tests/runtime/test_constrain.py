@@ -19,6 +19,8 @@ import pytest
 pytest.importorskip("llguidance", reason="llguidance (the `structured` extra) is not installed")
 jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is not installed")
 
+from llava_edge.runtime.sequence import GenerationParams  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 
 SCHEMA = {
@@ -83,9 +85,8 @@ def test_sampled_answers_parse_and_validate(pipe, image):
     ids = pipe.encode_request(Request([("what is in the image?", None)], [image]))
     seqs = []
     for seed in range(50):
-        seq = engine.make_sequence(ids, [image], 160, SamplingConfig(temperature=1.0, seed=seed), index=seed)
-        seq.constraint = grammar.matcher()
-        seqs.append(seq)
+        params = GenerationParams(160, SamplingConfig(temperature=1.0, seed=seed), grammar=grammar)
+        seqs.append(engine.make_sequence(ids, [image], params, index=seed))
     list(engine.run_until_done(seqs))
     answers = []
     for s in seqs:
@@ -108,8 +109,8 @@ def test_json_object_mode(pipe, image):
     ids = pipe.encode_request(Request([("describe", None)], [image]))
     seqs = []
     for seed in range(8):
-        seqs.append(engine.make_sequence(ids, [image], 150, SamplingConfig(temperature=0.7, seed=seed)))
-        seqs[-1].constraint = grammar.matcher()
+        seqs.append(engine.make_sequence(ids, [image], GenerationParams(150, SamplingConfig(temperature=0.7, seed=seed),
+                                                                        grammar=grammar)))
     list(engine.run_until_done(seqs))
     done = [s for s in seqs if s.finish_reason == "eos"]
     assert len(done) >= 4  # an object may still be open at max_tokens; those that ended must parse
@@ -197,9 +198,11 @@ def test_constrained_and_free_sequences_share_a_batch(pipe, image):
     free_alone = pipe.generate(image, "describe the image", 40)
     json_alone = pipe.generate(image, "where is it?", 120, json_schema=SCHEMA)
     engine = pipe.make_engine(max_slots=2)
-    free = engine.make_sequence(pipe.encode_request(Request([("describe the image", None)], [image])), [image], 40)
-    con = engine.make_sequence(pipe.encode_request(Request([("where is it?", None)], [image])), [image], 120)
-    con.constraint = cached_grammar(pipe.tokenizer, frozenset(pipe.manifest.text.eos_token_ids), SCHEMA).matcher()
+    grammar = cached_grammar(pipe.tokenizer, frozenset(pipe.manifest.text.eos_token_ids), SCHEMA)
+    free = engine.make_sequence(pipe.encode_request(Request([("describe the image", None)], [image])), [image],
+                                GenerationParams(40))
+    con = engine.make_sequence(pipe.encode_request(Request([("where is it?", None)], [image])), [image],
+                               GenerationParams(120, grammar=grammar))
     list(engine.run_until_done([free, con]))
     assert free.generated == free_alone.token_ids
     assert con.generated == json_alone.token_ids

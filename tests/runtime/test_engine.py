@@ -11,7 +11,7 @@ from PIL import Image
 from llava_edge.runtime.engine import ImageCache, PromptTooLongError
 from llava_edge.runtime.pipeline import Pipeline, Request
 from llava_edge.runtime.sampling import SamplingConfig
-from llava_edge.runtime.sequence import Status
+from llava_edge.runtime.sequence import GenerationParams, Status
 
 CHUNK = 8
 
@@ -211,9 +211,9 @@ def test_portable_backend_runs_one_sequence_at_a_time(fast_package, images):
 def test_too_long_and_bad_settings_are_refused(pipe):
     engine = pipe.make_engine(max_slots=1)
     with pytest.raises(PromptTooLongError):
-        engine.make_sequence(np.ones(10, np.int64), max_tokens=pipe.manifest.text.max_context)
+        engine.make_sequence(np.ones(10, np.int64), params=GenerationParams(pipe.manifest.text.max_context))
     with pytest.raises(ValueError):
-        engine.make_sequence(np.ones(10, np.int64), max_tokens=0)
+        engine.make_sequence(np.ones(10, np.int64), params=GenerationParams(max_tokens=0))
 
 
 def test_stop_string_cuts_the_streamed_text(pipe, images):

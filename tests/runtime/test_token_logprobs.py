@@ -48,9 +48,8 @@ def test_engine_logprobs_are_the_models_and_change_no_token(gqa_fast_package, im
         return sample(seq, logits)
 
     engine._sample = spy
-    (asked,) = pipe.sequences([req], 12, SamplingConfig(), engine=engine)
+    (asked,) = pipe.sequences([req], 12, SamplingConfig(), engine=engine, top_logprobs=4)
     (plain,) = pipe.sequences([req], 12, SamplingConfig(), engine=engine)
-    asked.top_logprobs = 4
     list(engine.run_until_done([asked, plain]))
     assert asked.generated == plain.generated and len(asked.generated) > 1
     assert plain.logprobs == [] and len(asked.logprobs) == len(asked.generated)
@@ -60,8 +59,7 @@ def test_engine_logprobs_are_the_models_and_change_no_token(gqa_fast_package, im
         assert alts[0][0] == tok and alts[0][1] == lp  # greedy: the chosen token is the most likely
         np.testing.assert_allclose([v for _, v in alts], np.sort(ref)[::-1][:4], atol=1e-6)
     # sampled: the reported logprobs stay the model's, not the temperature-scaled ones
-    (hot,) = pipe.sequences([req], 6, SamplingConfig(temperature=1.7, seed=3), engine=engine)
-    hot.top_logprobs = 0
+    (hot,) = pipe.sequences([req], 6, SamplingConfig(temperature=1.7, seed=3), engine=engine, top_logprobs=0)
     list(engine.run_until_done([hot]))
     for tok, raw, (lp, alts) in zip(hot.generated, seen[hot.seq_id], hot.logprobs):
         assert alts == [] and lp == pytest.approx(_log_softmax(raw)[tok], abs=1e-6)

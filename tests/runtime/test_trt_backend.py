@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import llava_edge.runtime.trt_backend as tb
-from llava_edge.build import presets as tp
+from llava_edge.trt import presets as tp
 from llava_edge.contract import RECORD_NAME, EngineMismatchError
 from llava_edge.runtime.backend import BackendError
 

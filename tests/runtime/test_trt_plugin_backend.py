@@ -1,7 +1,7 @@
 """The TensorRT backend's plugin-engine binding mode (runtime/kv_plugin.py) against the fake
 tensorrt/cuda-python of tests/fakes/fake_tensorrt.py.
 
-The fake 'engine' runs the plugin-attention decoder graph (build/plugin_decoder.py, what `llava-edge
+The fake 'engine' runs the plugin-attention decoder graph (trt/plugin_decoder.py, what `llava-edge
 build --plugins on` gives TensorRT) in ``onnx.reference`` with the plugin nodes as our torch references
 or our Triton kernels (TRITON_INTERPRET=1 on CPU, set by the root conftest), on the fake device memory itself: the cache buffers
 the backend binds are updated in place, and the fake refuses a present.* output not bound to its past
@@ -20,7 +20,7 @@ import json
 import numpy as np
 import pytest
 
-from llava_edge.build import presets as tp
+from llava_edge.trt import presets as tp
 from llava_edge.contract import KV_PLUGIN, RECORD_NAME
 from llava_edge.runtime.backend import BackendError
 from llava_edge.runtime.kv_plugin import PluginKV, RaggedRows

@@ -423,7 +423,7 @@ def profile_shapes(manifest: Any, limits: BuildLimits, kv_layout: str = KV_INPLA
 
 
 def plugin_decoder_profiles(manifest: Any, limits: BuildLimits) -> list[Profile]:
-    """Profiles of the plugin-attention decoder (``build/plugin_decoder.py``, prefill kind): the same
+    """Profiles of the plugin-attention decoder (``trt/plugin_decoder.py``, prefill kind): the same
     two as the in-place static graph (0 = prefill chunks of 1..chunk tokens, 1 = one token), with the
     lengths ``prompt_lens`` / ``start_pos`` [B] instead of the mask and positions; the cache is fixed at
     max_context."""

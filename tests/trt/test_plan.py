@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import pytest
 
-from llava_edge.build.builder import build_engines
-from llava_edge.build.plan import EngineBuildError, plan_build
-from llava_edge.build.presets import PRESETS
+from llava_edge.trt.builder import build_engines
+from llava_edge.trt.plan import EngineBuildError, plan_build
+from llava_edge.trt.presets import PRESETS
 from llava_edge.package import load_manifest
 from llava_edge.trt_env import TensorRTUnavailable
 
@@ -98,7 +98,7 @@ def test_build_without_tensorrt_says_so(trt_package, tensorrt_missing):
 def test_in_place_is_the_default_and_checks_the_static_decoder(trt_package):
     import onnx
 
-    from llava_edge.build.builder import _engine_source
+    from llava_edge.trt.builder import _engine_source
 
     p = plan_build(trt_package, "10.3", "orin-nano")
     assert p.kv_cache == "in-place" and "KV cache in-place" in p.describe()

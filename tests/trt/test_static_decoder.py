@@ -1,4 +1,4 @@
-"""The static-cache decoder graph (build/static_decoder.py): same numbers as the portable graph and
+"""The static-cache decoder graph (trt/static_decoder.py): same numbers as the portable graph and
 as the torch decoder, the I/O the TensorRT backend binds, and TensorRT's op check."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from llava_edge.build import ops as trt_ops
-from llava_edge.build.static_decoder import (
+from llava_edge.trt import ops as trt_ops
+from llava_edge.trt.static_decoder import (
     StaticDecoderError, make_static_decoder, static_decoder_io_names, write_static_decoder,
 )
 from llava_edge.package import load_manifest

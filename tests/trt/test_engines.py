@@ -15,7 +15,7 @@ from PIL import Image
 
 @pytest.fixture(scope="module")
 def built_package(trt_gpu, trt_package, tmp_path_factory):
-    from llava_edge.build.builder import build_engines
+    from llava_edge.trt.builder import build_engines
 
     pkg = tmp_path_factory.mktemp("trt_engines") / "package"
     shutil.copytree(trt_package, pkg)
@@ -97,7 +97,7 @@ def test_engines_refused_after_tampering(built_package, tmp_path):
 def test_plugin_engines_tokens_match_onnxruntime(trt_gpu, plugin_package, tmp_path):
     """TensorRT >= 10.9: `--plugins auto` builds the plugin-attention decoder (head_dim 32 package) and the
     backend binds it (runtime/kv_plugin.py); greedy tokens of a ragged batch match onnxruntime."""
-    from llava_edge.build.builder import build_engines
+    from llava_edge.trt.builder import build_engines
     from llava_edge.contract import AOT_MIN, parse_trt_version
     from llava_edge.trt_env import import_tensorrt
 

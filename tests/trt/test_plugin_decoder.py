@@ -1,4 +1,4 @@
-"""The plugin-attention decoder graph (build/plugin_decoder.py) computes what the portable graph does.
+"""The plugin-attention decoder graph (trt/plugin_decoder.py) computes what the portable graph does.
 
 The graph is run by ``onnx.reference.ReferenceEvaluator`` with the plugin nodes executed by our Triton
 kernels (TRITON_INTERPRET=1 on CPU, set by conftest) or their torch references
@@ -15,11 +15,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from llava_edge.build.plugin_decoder import (
+from llava_edge.trt.plugin_decoder import (
     PluginDecoderConfig, PluginDecoderError, make_plugin_decoder, plugin_decoder_io_names,
 )
 from llava_edge.kernels.onnx_eval import PluginGraphRunner
-from llava_edge.build.plugins import ONNX_DOMAIN, PLUGIN_IO, PLUGIN_NAMESPACE
+from llava_edge.trt.plugins import ONNX_DOMAIN, PLUGIN_IO, PLUGIN_NAMESPACE
 from llava_edge.package import load_manifest
 
 MAX_CTX = 32

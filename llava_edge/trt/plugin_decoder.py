@@ -1,5 +1,5 @@
 """The plugin-attention decoder graph for TensorRT >= 10.9: each layer's attention is one of our AOT Triton
-plugin nodes (``build.plugins.plugin_node``) with the KV cache as input and aliased output. Derived from
+plugin nodes (``trt.plugins.plugin_node``) with the KV cache as input and aliased output. Derived from
 the package's own ``decoder.onnx`` (every dtype the builder accepts, no checkpoint needed): the q/k/v
 projections feed the plugin, whose output replaces the input of ``o_proj``; the portable attention
 becomes dead and is removed. Kinds ``"prefill"`` (one engine for prefill chunks and decode steps, what

@@ -9,7 +9,7 @@ import importlib.util
 import pytest
 
 from llava_edge import contract
-from llava_edge.build import plugins as tp
+from llava_edge.trt import plugins as tp
 
 
 @pytest.mark.parametrize(
@@ -82,7 +82,7 @@ def test_register_plugins_without_tensorrt_says_what_to_do() -> None:
 _AOT_SCRIPT = """
 import re
 from llava_edge import contract
-from llava_edge.build import plugins as tp
+from llava_edge.trt import plugins as tp
 from llava_edge.kernels.resources import resource_usage
 # spill budget per thread, bytes: decode spills 8 B outside its loop; prefill's 64x64 tile at
 # head_dim 128 with rotary in registers still spills ~150-230 B with 8 warps (1.3-1.5 KB with 4).

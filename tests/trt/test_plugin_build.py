@@ -11,10 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 from llava_edge.cli import app
-from llava_edge.build import ops as trt_ops
-from llava_edge.build.plugin_decoder import make_plugin_decoder
-from llava_edge.build.builder import _engine_source
-from llava_edge.build.plan import EngineBuildError, plan_build
+from llava_edge.trt import ops as trt_ops
+from llava_edge.trt.plugin_decoder import make_plugin_decoder
+from llava_edge.trt.builder import _engine_source
+from llava_edge.trt.plan import EngineBuildError, plan_build
 from llava_edge.package import load_manifest
 
 
@@ -49,7 +49,7 @@ def test_decoder_graph_per_version(plugin_package, version, plugins, graph, atte
 def test_auto_keeps_standard_ops_without_the_kernels_extra(plugin_package, monkeypatch):
     """A runtime-only install (no triton/torch to AOT-compile the plugins) still builds under auto;
     --plugins on does not fall back (it fails later, at registration, with the import error)."""
-    from llava_edge.build import plan as trt_plan
+    from llava_edge.trt import plan as trt_plan
 
     monkeypatch.setattr(trt_plan, "_missing_kernel_modules", lambda: ["triton"])
     p = plan_build(plugin_package, "11.0", "datacenter", plugins="auto")
@@ -79,7 +79,7 @@ def test_trt_op_check_on_the_plugin_graph(plugin_package):
     t = m.text
     model = onnx.load(str(plugin_package / m.graphs["decoder"].file), load_external_data=False)
     for kind in ("prefill", "decode"):
-        from llava_edge.build.plugin_decoder import PluginDecoderConfig
+        from llava_edge.trt.plugin_decoder import PluginDecoderConfig
 
         g = make_plugin_decoder(model, t.num_heads, t.num_kv_heads, t.head_dim, PluginDecoderConfig(kind=kind))
         for v in ((10, 9), (10, 15), (11, 0)):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from llava_edge.build import presets as tp
-from llava_edge.build.presets import GiB, LLAVA_15_7B, PRESETS
+from llava_edge.trt import presets as tp
+from llava_edge.trt.presets import GiB, LLAVA_15_7B, PRESETS
 
 
 def test_kv_cache_formula_llava_7b():

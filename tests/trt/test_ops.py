@@ -7,8 +7,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from llava_edge.build import ops as trt_ops
-from llava_edge.build.plugins import plugin_node
+from llava_edge.trt import ops as trt_ops
+from llava_edge.trt.plugins import plugin_node
 
 
 @pytest.mark.parametrize("graph", ["vision", "embed", "decoder"])
