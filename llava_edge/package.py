@@ -551,7 +551,7 @@ def verify_package(package_dir: str | os.PathLike) -> tuple[Manifest, list[str]]
     manifest = load_manifest(root, verify=False)
     bad = [rel for rel, digest in manifest.digests.items() if file_sha256(root / rel) != digest]
     if not bad:
-        from .runtime.tokenizer_check import load_tokenizer  # the runtime imports this module
+        from .tokenizer_check import load_tokenizer  # it imports this module
 
         load_tokenizer(root, manifest)
     return manifest, bad

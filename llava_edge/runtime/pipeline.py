@@ -34,7 +34,7 @@ from .ragged import left_pad
 from .sampling import Sampler, SamplingConfig
 from .sequence import Detokenizer as _Detokenizer
 from .sequence import FinishReason, GenerationParams, GenerationResult, Timings
-from .tokenizer_check import load_tokenizer
+from ..tokenizer_check import load_tokenizer
 
 __all__ = ["Pipeline", "Request", "TokenEvent", "GenerationParams", "GenerationResult", "FinishReason", "Timings",
            "PromptTooLongError", "drain"]

@@ -22,8 +22,8 @@ import pytest
 import llava_edge.package as package
 from llava_edge.cli import app
 from llava_edge.package import Manifest, PackageError, load_manifest, verify_package
-from llava_edge.runtime import tokenizer_check
-from llava_edge.runtime.tokenizer_check import load_tokenizer
+from llava_edge import tokenizer_check
+from llava_edge.tokenizer_check import load_tokenizer
 
 from .test_errors import one_error_line
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from ..package import TOKENIZER_NAME, Manifest, PackageError
+from .package import TOKENIZER_NAME, Manifest, PackageError
 
 __all__ = ["load_tokenizer", "MAX_TOKENIZER_BYTES", "PROBE_TIMEOUT_S"]
 
