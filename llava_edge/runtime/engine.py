@@ -12,7 +12,7 @@ at once and free their slot for the next step. ``add``/``cancel`` may be called 
 from __future__ import annotations
 
 import queue
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 import threading
@@ -30,7 +30,7 @@ from .prefix_cache import PrefixCache, image_digest
 from . import anyres
 from .preprocess import MAX_IMAGE_PIXELS, preprocess
 from .sampling import token_logprobs
-from .scheduler import Scheduler
+from .scheduler import PrefillChunk, Scheduler
 from .sequence import FinishReason, GenerationParams, PendingVision, Sequence, Status, TokenEvent
 
 
@@ -44,6 +44,14 @@ def check_context(prompt_len: int, max_tokens: int, context: int) -> None:
         raise PromptTooLongError(
             f"prompt of {prompt_len} tokens (image tokens included) plus max_new_tokens={max_tokens} "
             f"exceeds the model's context of {context}")
+
+
+@dataclass
+class StepPlan:
+    """What one backend round runs: prefill chunks (each into its sequence's slot) or one decode batch."""
+
+    prefill: list[PrefillChunk] = field(default_factory=list)
+    decode: list[Sequence] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -144,50 +152,12 @@ class Engine:
 
     # -- one round (the engine's thread) ------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
+        """schedule -> run -> postprocess, for the prefill chunks (a prompt's last chunk gives its first
+        token), then for one decode call over every running sequence (those just prefilled included)."""
         events: list[TokenEvent] = []
-        self._drain_inbox(events)
-        sched = self.scheduler
-        for seq in sched.admit():
-            with self._lock:
-                self._queued -= 1
-            try:
-                self._prepare(seq)
-            except Exception as e:  # noqa: BLE001 - one bad request must not take the engine down
-                self._fail(seq, e, events)
-        self._collect_vision(events, wait=False)
-        plan = sched.prefill_plan()
-        if not plan and not sched.decode_batch():
-            self._collect_vision(events, wait=True)  # nothing else to do: wait for the vision encoder
-            plan = sched.prefill_plan()
-
-        for chunk in plan:
-            seq = chunk.seq
-            t0 = time.perf_counter()
-            try:
-                off = seq.prefill_start
-                logits = self.runner.prefill(seq.slot, seq.embeds[chunk.start - off : chunk.end - off])
-            except Exception as e:  # noqa: BLE001
-                self._fail(seq, e, events)
-                continue
-            seq.computed = chunk.end
-            seq.timings.prefill_ms += (time.perf_counter() - t0) * 1000
-            if chunk.last:
-                seq.embeds = None
-                if self.prefix_cache is not None and self.runner.supports_prefix:
-                    self.prefix_cache.store(seq.digests, seq.ids, self.runner.snapshot(seq.slot))
-                seq.status = Status.RUNNING
-                self._emit(seq, self._sample(seq, logits[None]), events)
-
-        batch = sched.decode_batch()
-        if batch:
-            try:
-                logits = self.runner.decode([s.slot for s in batch], [s.generated[-1] for s in batch])
-            except Exception as e:  # noqa: BLE001
-                for seq in batch:
-                    self._fail(seq, e, events)
-                batch = []
-            for i, seq in enumerate(batch):
-                self._emit(seq, self._sample(seq, logits[i : i + 1]), events)
+        plan = self._schedule(events)
+        self._postprocess(self._run(plan, events), events)
+        self._postprocess(self._run(StepPlan(decode=self.scheduler.decode_batch()), events), events)
         self.steps += 1
         return events
 
@@ -203,6 +173,61 @@ class Engine:
                 yield ev
 
     # -- internals ------------------------------------------------------------------------------------
+    def _schedule(self, events: list[TokenEvent]) -> StepPlan:
+        """Inbox, admission (prefix lookup, vision, embeddings), and this step's prefill chunks."""
+        self._drain_inbox(events)
+        sched = self.scheduler
+        for seq in sched.admit():
+            with self._lock:
+                self._queued -= 1
+            try:
+                self._prepare(seq)
+            except Exception as e:  # noqa: BLE001 - one bad request must not take the engine down
+                self._fail(seq, e, events)
+        self._collect_vision(events, wait=False)
+        plan = sched.prefill_plan()
+        if not plan and not sched.decode_batch():
+            self._collect_vision(events, wait=True)  # nothing else to do: wait for the vision encoder
+            plan = sched.prefill_plan()
+        return StepPlan(prefill=plan)
+
+    def _run(self, plan: StepPlan, events: list[TokenEvent]) -> list[tuple[Sequence, np.ndarray]]:
+        """The backend calls of a plan: each prefill chunk into its slot, or one decode call for the batch.
+        Returns (sequence, [1, V] logits) for each sequence with a token to sample; failures become events."""
+        out: list[tuple[Sequence, np.ndarray]] = []
+        for chunk in plan.prefill:
+            seq = chunk.seq
+            t0 = time.perf_counter()
+            try:
+                off = seq.prefill_start
+                logits = self.runner.prefill(seq.slot, seq.embeds[chunk.start - off : chunk.end - off])
+            except Exception as e:  # noqa: BLE001
+                self._fail(seq, e, events)
+                continue
+            seq.computed = chunk.end
+            seq.timings.prefill_ms += (time.perf_counter() - t0) * 1000
+            if chunk.last:
+                seq.embeds = None
+                if self.prefix_cache is not None and self.runner.supports_prefix:
+                    self.prefix_cache.store(seq.digests, seq.ids, self.runner.snapshot(seq.slot))
+                seq.status = Status.RUNNING
+                out.append((seq, logits[None]))
+        if plan.decode:
+            batch = plan.decode
+            try:
+                logits = self.runner.decode([s.slot for s in batch], [s.generated[-1] for s in batch])
+            except Exception as e:  # noqa: BLE001
+                for seq in batch:
+                    self._fail(seq, e, events)
+                return out
+            out += [(seq, logits[i : i + 1]) for i, seq in enumerate(batch)]
+        return out
+
+    def _postprocess(self, outputs: list[tuple[Sequence, np.ndarray]], events: list[TokenEvent]) -> None:
+        """Sample each sequence's next token, append it (stop checks, text), retire the finished."""
+        for seq, logits in outputs:
+            self._emit(seq, self._sample(seq, logits), events)
+
     def _drain_inbox(self, events: list[TokenEvent]) -> None:
         while True:
             try:
