@@ -452,7 +452,8 @@ def run(
     stop: list[str] = typer.Option([], help="Stop when this text is generated (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token_ids, timings)."),
     threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads."),
-    device: str = typer.Option("cpu", help="cpu or cuda (onnxruntime-gpu)."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (ort: both, with onnxruntime-gpu for cuda; ort-fast*: "
+                                         "cpu; tensorrt: cuda); default: the backend's first."),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
     template: Optional[str] = typer.Option(None, help="Override the package's chat template."),
     max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, help="Refuse images with more pixels (width x height), "
@@ -503,7 +504,7 @@ def chat(
     top_p: float = typer.Option(1.0),
     seed: Optional[int] = typer.Option(None),
     threads: Optional[int] = typer.Option(None),
-    device: str = typer.Option("cpu"),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda; default: the backend's first."),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
     max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, help="Refuse images with more pixels (width x height), "
                                          "read from the header before decoding."),
@@ -943,7 +944,8 @@ def watch(
     max_frames: Optional[int] = typer.Option(None, help="Stop after this many sampled frames."),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
     threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads."),
-    device: str = typer.Option("cpu", help="cpu or cuda (onnxruntime-gpu)."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (ort: both, with onnxruntime-gpu for cuda; ort-fast*: "
+                                         "cpu; tensorrt: cuda); default: the backend's first."),
 ) -> None:
     """Ask one question about a video, camera or stream: one JSON line per sampled frame (greedy answers)."""
     from .runtime.pipeline import Pipeline

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import BackendError
 
-__all__ = ["Backend", "BackendError", "SupportsPrefixReuse", "supports_prefix_reuse"]
+__all__ = ["Backend", "BackendError", "SlotBackend", "SupportsPrefixReuse", "supports_prefix_reuse"]
 
 
 class Backend(Protocol):
@@ -46,6 +46,27 @@ class SupportsPrefixReuse(Protocol):
 
     def resume(self, state: Any, prefix_len: int, max_len: int) -> Any:
         """A new cache holding the first ``prefix_len`` tokens of ``state``, room for ``max_len``."""
+
+
+@runtime_checkable
+class SlotBackend(Protocol):
+    """A backend whose one long-lived cache holds ``slots`` independent rows: the engine's continuous
+    batching (``model_runner.SlotRunner``). ``isinstance(backend, SlotBackend)`` picks the runner."""
+
+    def new_slot_cache(self, slots: int, max_len: int | None = None) -> Any:
+        """A cache of ``slots`` rows of up to ``max_len`` positions (default: the model's context)."""
+
+    def prefill_slot(self, kv: Any, slot: int, inputs_embeds: np.ndarray) -> np.ndarray:
+        """Append [1, T, H] embeddings to ``slot``'s row; logits of the last one [V]."""
+
+    def decode_slots(self, kv: Any, inputs_embeds: np.ndarray, active: np.ndarray) -> np.ndarray:
+        """One token for rows [0, n) (``inputs_embeds`` [n, 1, H]); only ``active`` rows keep theirs. [n, V]."""
+
+    def snapshot_slot(self, kv: Any, slot: int) -> Any:
+        """A host-side copy of ``slot``'s filled positions (the prefix cache)."""
+
+    def resume_slot(self, kv: Any, slot: int, state: Any, prefix_len: int) -> None:
+        """Put the first ``prefix_len`` positions of ``state`` into ``slot``'s row."""
 
 
 def supports_prefix_reuse(backend: Any) -> bool:

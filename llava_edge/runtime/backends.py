@@ -1,7 +1,8 @@
 """The one table of backend names and the one opener that run, chat, bench and eval go through.
 
 A backend name says which graphs run on which engine; where they run (``cpu``/``cuda``) is the separate
-``device`` option. See docs/architecture.md for what each backend needs.
+``device`` option, one of the backend's ``devices`` (None: its first). See docs/architecture.md for what
+each backend needs.
 """
 
 from __future__ import annotations
@@ -9,36 +10,50 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ..errors import UsageError
 from ..package import Manifest
 from .backend import Backend, BackendError
 
-__all__ = ["BackendSpec", "BACKENDS", "ALIASES", "DECODER_GRAPHS", "resolve", "resolve_auto", "require_graphs",
+__all__ = ["BackendSpec", "DeviceError", "BACKENDS", "ALIASES", "DECODER_GRAPHS", "resolve", "resolve_auto", "require_graphs",
            "open_backend"]
+
+
+class DeviceError(BackendError, UsageError):
+    """A backend asked to run on a device it does not run on (``BackendSpec.devices``)."""
 
 
 @dataclass(frozen=True)
 class BackendSpec:
     name: str
-    devices: tuple[str, ...]
+    devices: tuple[str, ...]  # where it runs, the default first; any other device is refused (resolve)
     about: str
 
 
 BACKENDS: dict[str, BackendSpec] = {s.name: s for s in (
     BackendSpec("ort", ("cpu", "cuda"), "onnxruntime, the portable decoder graph (past in, present out)"),
-    BackendSpec("ort-fast", ("cpu", "cuda"), "onnxruntime, GroupQueryAttention decoder, in-place KV cache"),
-    BackendSpec("ort-fast-int4", ("cpu", "cuda"), "ort-fast with the int4 (MatMulNBits) fast decoder"),
-    BackendSpec("tensorrt", ("cuda",), "TensorRT engines from `llava-edge build`"),
+    # GroupQueryAttention's shared past/present buffer is bound as CPU memory (fast_backend.py)
+    BackendSpec("ort-fast", ("cpu",), "onnxruntime, GroupQueryAttention decoder, in-place KV cache"),
+    BackendSpec("ort-fast-int4", ("cpu",), "ort-fast with the int4 (MatMulNBits) fast decoder"),
+    BackendSpec("tensorrt", ("cuda",), "TensorRT engines from `llava-edge build` (the GPU they were built for)"),
 )}
 # earlier bench names: a name that carries its device
 ALIASES: dict[str, tuple[str, str]] = {"ort-cpu": ("ort", "cpu"), "ort-cuda": ("ort", "cuda")}
 
 
-def resolve(name: str, device: str = "cpu") -> tuple[str, str]:
-    """``(backend, device)`` for a table name or alias; unknown names are a :class:`BackendError`."""
+def resolve(name: str, device: str | None = None) -> tuple[str, str]:
+    """``(backend, device)`` for a table name or alias (device None: the backend's first); unknown names
+    are a :class:`BackendError`, a device the backend does not list a :class:`DeviceError`."""
     if name in ALIASES:
         return ALIASES[name]
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; use {', '.join(BACKENDS)}")
+    devices = BACKENDS[name].devices
+    if device is None:
+        return name, devices[0]
+    if device not in devices:
+        others = [n for n, s in BACKENDS.items() if device in s.devices]
+        raise DeviceError(f"backend {name} runs on {' or '.join(devices)}, not {device!r}"
+                          + (f" (on {device}: {', '.join(others)})" if others else ""))
     return name, device
 
 
@@ -48,13 +63,13 @@ DECODER_GRAPHS: dict[str, tuple[str, str]] = {
 }
 
 
-def resolve_auto(package_dir: str | os.PathLike, manifest: Manifest, device: str = "cpu") -> str:
+def resolve_auto(package_dir: str | os.PathLike, manifest: Manifest, device: str | None = None) -> str:
     """What ``auto`` means for a package: TensorRT engines when the package has them and TensorRT
     imports, else the fastest onnxruntime decoder the package carries (int4 fast, fast, portable; the
     fast ones run on CPU only, so on cuda the portable one comes first)."""
     from pathlib import Path
 
-    if (Path(package_dir) / "engines").is_dir():
+    if (Path(package_dir) / "engines").is_dir() and device in (None, "cuda"):
         try:
             import tensorrt  # noqa: F401
 
@@ -62,7 +77,7 @@ def resolve_auto(package_dir: str | os.PathLike, manifest: Manifest, device: str
         except ImportError:
             pass
     order = ["ort-fast-int4", "ort-fast", "ort"]
-    if device != "cpu":
+    if device not in (None, "cpu"):
         order = ["ort", "ort-fast-int4", "ort-fast"]
     for backend in order:
         if DECODER_GRAPHS[backend][0] in manifest.graphs:
@@ -86,7 +101,7 @@ def require_graphs(name: str, package_dir: str | os.PathLike, manifest: Manifest
                        f"`llava-edge export {source} -o {package_dir}{flag} --overwrite`")
 
 
-def open_backend(name: str, package_dir: str | os.PathLike, manifest: Manifest, device: str = "cpu",
+def open_backend(name: str, package_dir: str | os.PathLike, manifest: Manifest, device: str | None = None,
                  threads: int | None = None) -> Backend:
     """Open ``package_dir``'s graphs (or engines) on the named backend (``auto``: see resolve_auto)."""
     if name == "auto":

@@ -37,34 +37,27 @@ from .ragged import right_align
 
 @dataclass
 class FastKVCache:
-    """Preallocated in-place cache. lengths[b] = tokens of row b in the cache."""
+    """Preallocated in-place cache of ``rows`` rows; lengths[r] = tokens of row r in the cache. One class
+    for both uses: a per-request batch (``new_cache``: rows = the batch) and the engine's long-lived
+    slot cache (``new_slot_cache``: rows = slots, each row a sequence of its own)."""
 
-    batch: int
+    rows: int
     max_len: int
     keys: list[np.ndarray]
     values: list[np.ndarray]
-    lengths: np.ndarray  # int32 [B]
-    logits: np.ndarray  # float32 [B, V], bound as the graph's output
-    binding: Any = None  # IOBinding over keys/values (past and present) and logits, made on first use
-    held: list[Any] = field(default_factory=list)  # the binding's OrtValues, kept alive with the buffers
+    lengths: np.ndarray  # int32 [rows]
+    logits: np.ndarray  # float32 [rows, V], bound as the graph's output
+    bindings: dict[tuple[int, int], Any] = field(default_factory=dict)  # (lo, hi) row range -> IOBinding
+    held: list[Any] = field(default_factory=list)  # the bindings' OrtValues, kept alive with the buffers
+
+    @property
+    def batch(self) -> int:
+        return self.rows
 
     @property
     def length(self) -> int:
-        return int(self.lengths.max()) if self.batch else 0
+        return int(self.lengths.max()) if self.rows else 0
 
-
-@dataclass
-class SlotKVCache:
-    """Long-lived cache of ``slots`` independent rows; lengths[s] = tokens of slot s in the cache."""
-
-    slots: int
-    max_len: int
-    keys: list[np.ndarray]
-    values: list[np.ndarray]
-    lengths: np.ndarray  # int32 [slots]
-    logits: np.ndarray  # float32 [slots, V]
-    bindings: dict[tuple[int, int], Any] = field(default_factory=dict)  # (lo, hi) row range -> IOBinding
-    held: list[Any] = field(default_factory=list)  # the bindings' OrtValues, kept alive with the buffers
 
 
 class FastOrtBackend:
@@ -155,14 +148,10 @@ class FastOrtBackend:
         return cache
 
     # -- slot-addressed cache (continuous batching) --------------------------------------------------
-    def new_slot_cache(self, slots: int, max_len: int | None = None) -> SlotKVCache:
-        max_len = max_len or self.max_context
-        if max_len > self.max_context:
-            raise BackendError(f"max_len {max_len} exceeds the model's context {self.max_context} (rotary table)")
-        return SlotKVCache(slots, max_len, *self._kv_buffers(slots, max_len), np.zeros(slots, np.int32),
-                           np.zeros((slots, self.vocab), np.float32))
+    def new_slot_cache(self, slots: int, max_len: int | None = None) -> FastKVCache:
+        return self.new_cache(slots, max_len or self.max_context)
 
-    def prefill_slot(self, kv: SlotKVCache, slot: int, inputs_embeds: np.ndarray) -> np.ndarray:
+    def prefill_slot(self, kv: FastKVCache, slot: int, inputs_embeds: np.ndarray) -> np.ndarray:
         """Append [1, T, H] prompt embeddings to slot's row; logits of the last one [V]."""
         t = inputs_embeds.shape[1]
         new_len = int(kv.lengths[slot]) + t
@@ -174,7 +163,7 @@ class FastOrtBackend:
         kv.lengths[slot] = new_len
         return kv.logits[slot].copy()
 
-    def decode_slots(self, kv: SlotKVCache, inputs_embeds: np.ndarray, active: np.ndarray) -> np.ndarray:
+    def decode_slots(self, kv: FastKVCache, inputs_embeds: np.ndarray, active: np.ndarray) -> np.ndarray:
         """One token for rows [0, n) (inputs_embeds [n, 1, H]); only ``active`` rows keep theirs.
         Returns logits [n, V] (rows that are not active hold garbage)."""
         n = inputs_embeds.shape[0]
@@ -187,12 +176,12 @@ class FastOrtBackend:
         kv.lengths[:n] = np.where(active, grown, kv.lengths[:n])
         return kv.logits[:n].copy()
 
-    def snapshot_slot(self, kv: SlotKVCache, slot: int) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+    def snapshot_slot(self, kv: FastKVCache, slot: int) -> tuple[list[np.ndarray], list[np.ndarray], int]:
         n = int(kv.lengths[slot])
         return ([k[slot : slot + 1, :, :n].copy() for k in kv.keys], [v[slot : slot + 1, :, :n].copy() for v in kv.values],
                 n)
 
-    def resume_slot(self, kv: SlotKVCache, slot: int, state: tuple[list[np.ndarray], list[np.ndarray], int],
+    def resume_slot(self, kv: FastKVCache, slot: int, state: tuple[list[np.ndarray], list[np.ndarray], int],
                     prefix_len: int) -> None:
         keys, values, n = state
         if prefix_len > n:
@@ -201,7 +190,7 @@ class FastOrtBackend:
             dst[slot, :, :prefix_len] = src[0, :, :prefix_len]
         kv.lengths[slot] = prefix_len
 
-    def _slot_binding(self, kv: SlotKVCache, lo: int, hi: int) -> Any:
+    def _slot_binding(self, kv: FastKVCache, lo: int, hi: int) -> Any:
         binding = kv.bindings.get((lo, hi))
         if binding is None:
             binding = kv.bindings[(lo, hi)] = self._bind(kv.keys, kv.values, kv.logits, lo, hi, kv.held)
@@ -230,9 +219,7 @@ class FastOrtBackend:
         return binding
 
     def _run(self, cache: FastKVCache, embeds: np.ndarray, new_lengths: np.ndarray, index: np.ndarray) -> None:
-        if cache.binding is None:
-            cache.binding = self._bind(cache.keys, cache.values, cache.logits, 0, cache.batch, cache.held)
-        self._execute(cache.binding, embeds, new_lengths, index)
+        self._execute(self._slot_binding(cache, 0, cache.rows), embeds, new_lengths, index)
 
     def _execute(self, binding: Any, embeds: np.ndarray, new_lengths: np.ndarray, index: np.ndarray) -> None:
         seqlens = (new_lengths - 1).astype(np.int32)

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .backend import BackendError, supports_prefix_reuse
+from .backend import BackendError, SlotBackend, supports_prefix_reuse
 
 
 class ModelRunner(Protocol):
@@ -130,6 +130,6 @@ class SingleRunner:
 
 def make_runner(backend: Any, slots: int, chunk: int | None = 256, max_len: int | None = None) -> ModelRunner:
     """A SlotRunner where the backend can address cache rows, else a SingleRunner (one slot)."""
-    if hasattr(backend, "new_slot_cache"):
+    if isinstance(backend, SlotBackend):
         return SlotRunner(backend, slots, chunk, max_len)
     return SingleRunner(backend)

@@ -23,7 +23,7 @@ from ..errors import UsageError
 from ..package import Manifest, load_manifest
 from . import anyres
 from . import prompt as prompts
-from .backend import supports_prefix_reuse
+from .backend import SlotBackend, supports_prefix_reuse
 from .backends import open_backend
 from .inputs import check_count, check_stop, check_text, check_threads
 from .engine import Engine, PromptTooLongError, check_context
@@ -108,7 +108,7 @@ class Pipeline:
         return e
 
     @classmethod
-    def from_package(cls, package_dir: str | os.PathLike, backend: str = "auto", device: str = "cpu",
+    def from_package(cls, package_dir: str | os.PathLike, backend: str = "auto", device: str | None = None,
                      threads: int | None = None, template: str | None = None,
                      prefix_cache: int = 2, max_image_pixels: int | None = MAX_IMAGE_PIXELS) -> "Pipeline":
         """Open a package for generation. backend "auto" (the default, as on the command line) runs the
@@ -308,7 +308,7 @@ class Pipeline:
         if len(images) != len(prompts_):
             raise UsageError("generate_batch needs one image (or None) per prompt")
         reqs = [Request([(p, None)], [im] if im is not None else []) for im, p in zip(images, prompts_)]
-        if hasattr(self.backend, "new_slot_cache"):
+        if isinstance(self.backend, SlotBackend):
             return drain(self.run_engine(reqs, max_new_tokens, sampling, stop))
         return drain(self.run(reqs, max_new_tokens, sampling, stop))
 

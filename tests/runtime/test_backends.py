@@ -10,8 +10,9 @@ from PIL import Image
 
 from llava_edge.errors import LlavaEdgeError
 from llava_edge.package import load_manifest
-from llava_edge.runtime.backend import BackendError, SupportsPrefixReuse, supports_prefix_reuse
-from llava_edge.runtime.backends import ALIASES, BACKENDS, open_backend, resolve
+from llava_edge.errors import UsageError
+from llava_edge.runtime.backend import BackendError, SlotBackend, SupportsPrefixReuse, supports_prefix_reuse
+from llava_edge.runtime.backends import ALIASES, BACKENDS, DeviceError, open_backend, resolve
 from llava_edge.runtime.fast_backend import FastOrtBackend
 from llava_edge.runtime.ort_backend import OrtBackend
 from llava_edge.runtime.pipeline import Pipeline
@@ -24,6 +25,20 @@ def test_table_names_and_aliases():
     assert all(resolve(alias) == target for alias, target in ALIASES.items())
     with pytest.raises(BackendError, match="unknown backend 'ort-magic'; use ort, ort-fast, ort-fast-int4, tensorrt"):
         resolve("ort-magic")
+
+
+def test_devices_in_the_table_are_enforced():
+    assert resolve("ort-fast") == ("ort-fast", "cpu") and resolve("tensorrt") == ("tensorrt", "cuda")
+    assert [n for n, s in BACKENDS.items() if "cuda" in s.devices] == ["ort", "tensorrt"]
+    with pytest.raises(DeviceError, match=r"^backend ort-fast runs on cpu, not 'cuda' \(on cuda: ort, tensorrt\)$"):
+        resolve("ort-fast", "cuda")
+    with pytest.raises(UsageError, match="backend tensorrt runs on cuda, not 'cpu'"):
+        resolve("tensorrt", "cpu")
+
+
+def test_slot_capability_is_a_runtime_checkable_protocol():
+    assert issubclass(FastOrtBackend, SlotBackend)
+    assert not issubclass(OrtBackend, SlotBackend) and not issubclass(TrtBackend, SlotBackend)
 
 
 def test_open_backend_picks_the_engine_and_decoder(tiny_models, tmp_path):
