@@ -151,6 +151,7 @@ def test_demo_completes(tmp_path):
     r = runner.invoke(app, ["demo", "--workdir", str(tmp_path / "demo"), "--max-new-tokens", "4"])
     assert r.exit_code == 0, r.output
     assert "demo done" in r.output
+    assert r.output.rstrip().splitlines()[-1] == "serve it: llava-edge serve   then open http://127.0.0.1:8000/"
 
 
 def test_quantize_then_run_and_inspect(tiny_models, tmp_path):
