@@ -789,7 +789,9 @@ def demo(
 @app.command()
 @friendly
 def serve(
-    package: Path = typer.Argument(..., help="Model package directory."),
+    package: Optional[Path] = typer.Argument(None, help="Model package directory (default: the built-in tiny "
+                                             "LLaVA, exported once into a cache directory; needs the export "
+                                             "extra)."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (127.0.0.1: this machine only)."),
     port: int = typer.Option(8000, help="TCP port."),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
@@ -818,6 +820,8 @@ def serve(
     image_cache_mb: float = typer.Option(64.0, help="Image features kept by content digest, in MB (0: off)."),
     ui: bool = typer.Option(True, "--ui/--no-ui", help="Serve the kiosk page (camera, upload, streamed answers) "
                             "at /."),
+    suggest: list[str] = typer.Option([], help="A suggested question on the kiosk page (repeatable; default: "
+                                      "questions about the demo model's shapes)."),
     allowed_host: list[str] = typer.Option([], help="A Host name clients may use besides loopback names, IP "
                                            "addresses and this machine's name (repeatable; '.lan' for a suffix, "
                                            "'*' for any): protects against DNS rebinding."),
@@ -840,6 +844,8 @@ def serve(
 
     if api_key is None and API_KEY_ENV in os.environ:  # click treats an empty variable as unset
         check_api_key(os.environ[API_KEY_ENV], API_KEY_ENV)
+    if (ray or write_config is not None) and package is None:
+        package = _builtin_package()
     if ray or write_config is not None:
         return _serve_ray(package, host, port, ray_address, write_config, {
             "package": str(package), "backend": backend, "max_slots": max_slots, "api_key": api_key,
@@ -858,17 +864,35 @@ def serve(
     except ImportError as e:
         raise UsageError(f"serving needs the serve extra: pip install 'llava-edge[serve]' ({e})") from None
 
-    run_server(ServeConfig(package, host=host, port=port, backend=backend, max_slots=max_slots, api_key=api_key,
-                           max_image_bytes=parse_size(max_image_bytes, "--max-image-bytes"),
-                           max_image_pixels=parse_size(max_image_pixels, "--max-image-pixels"),
-                           max_images_per_request=max_images_per_request, max_tokens=max_tokens,
-                           queue_size=queue_size, media_dir=media_dir, threads=threads, prefill_chunk=prefill_chunk,
-                           image_cache_mb=image_cache_mb, ui=ui,
-                           allowed_hosts=tuple(allowed_host),
-                           allow_origins=tuple(allow_origin),
-                           max_prompt_bytes=parse_size(max_prompt_bytes, "--max-prompt-bytes"),
-                           header_timeout=header_timeout, body_timeout=body_timeout,
-                           max_connections=max_connections, shutdown_timeout=shutdown_timeout))
+    config = ServeConfig(package or Path("tiny-llava"), model_name="" if package else "tiny-llava",
+                         host=host, port=port, backend=backend, max_slots=max_slots, api_key=api_key,
+                         max_image_bytes=parse_size(max_image_bytes, "--max-image-bytes"),
+                         max_image_pixels=parse_size(max_image_pixels, "--max-image-pixels"),
+                         max_images_per_request=max_images_per_request, max_tokens=max_tokens,
+                         queue_size=queue_size, media_dir=media_dir, threads=threads, prefill_chunk=prefill_chunk,
+                         image_cache_mb=image_cache_mb, ui=ui, suggest=tuple(suggest),
+                         allowed_hosts=tuple(allowed_host),
+                         allow_origins=tuple(allow_origin),
+                         max_prompt_bytes=parse_size(max_prompt_bytes, "--max-prompt-bytes"),
+                         header_timeout=header_timeout, body_timeout=body_timeout,
+                         max_connections=max_connections, shutdown_timeout=shutdown_timeout)
+    if package is None:
+        config.validate()  # a bad flag is refused before the first start's export
+        config.package = _builtin_package()
+    from .serve.hints import slots_hint
+
+    hint = slots_hint(config.package, backend)
+    if hint:
+        console.print(f"[yellow]note:[/] {escape(hint)}", highlight=False, soft_wrap=True)
+    run_server(config)
+
+
+def _builtin_package() -> Path:
+    """`serve` with no PACKAGE: the built-in model's cached package (exported on first use)."""
+    from .demo import builtin_package, cache_root
+
+    with _writing(cache_root()):
+        return builtin_package(say=lambda line: console.print(escape(line), highlight=False, soft_wrap=True))
 
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -29,7 +29,7 @@ from ..runtime.pipeline import Pipeline
 from ..runtime.pipeline import Request as ChatTurns
 from ..runtime.preprocess import MAX_IMAGE_PIXELS
 from ..runtime.sampling import SamplingConfig
-from ..runtime.sequence import Sequence
+from ..runtime.sequence import FinishReason, GenerationParams, Sequence
 from .media import MediaLimits, load_image_url
 from .metrics import CONTENT_TYPE, Metrics
 from .guard import Guard, GuardMiddleware, bearer_ok
@@ -60,6 +60,7 @@ class ServeConfig:
     prefill_chunk: int = 256  # prompt tokens per engine step: bounds how long a new prompt stalls the streams
     image_cache_mb: float = 64.0  # image features kept by content digest (0: off)
     ui: bool = True  # the kiosk page at / (serve/ui.py, serve/static/)
+    suggest: tuple[str, ...] = ()  # the kiosk page's suggested questions (empty: serve/ui.py's defaults)
     model_name: str = ""
     # what a hostile or careless client may cost (serve/guard.py, docs/serving.md "Hardening")
     allowed_hosts: tuple[str, ...] = ()  # Host names besides loopback, IP literals and this machine's name
@@ -121,6 +122,23 @@ class ServerState:
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("loading the model failed: %s", self.load_error)
 
+    def require_ready(self) -> None:
+        if self.worker is None:
+            msg = f"the model failed to load: {self.load_error}" if self.load_error else "the model is loading"
+            raise ApiError(503, msg, "model_not_ready")
+
+    def authorize(self, request: Request) -> None:
+        key = self.config.api_key
+        if key is None:  # an empty key never gets here: settings.check_api_key refuses it at start
+            return
+        if not bearer_ok(request.headers.get("authorization", ""), key):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
+
+    def check_queue(self) -> None:
+        size = self.config.queue_size
+        if self.worker.engine.queued >= size:
+            raise ApiError(429, f"the request queue is full ({size} waiting); retry later", "queue_full")
+
     def health(self) -> tuple[int, dict[str, Any]]:
         """HTTP status and body of ``/health``; a Ray Serve replica's health check asks the same."""
         if self.worker is None:
@@ -154,20 +172,18 @@ class ServerState:
         stop = [chat.stop] if isinstance(chat.stop, str) else list(chat.stop or [])
         if len(stop) > 4:
             raise ApiError(400, "at most 4 stop strings", "invalid_value", "stop")
+        grammar = None
+        if chat.response_format is not None and chat.response_format.type != "text":
+            grammar = self._grammar(chat.response_format)
         try:
             sampling = SamplingConfig(temperature=1.0 if chat.temperature is None else chat.temperature,
                                       top_p=1.0 if chat.top_p is None else chat.top_p, top_k=chat.top_k or 0,
                                       repetition_penalty=chat.repetition_penalty or 1.0, seed=chat.seed)
-            seq = engine.make_sequence(ids, images, max_tokens, sampling, stop)
+            params = GenerationParams(max_tokens, sampling, tuple(stop), ignore_eos=bool(chat.ignore_eos),
+                                      grammar=grammar, top_logprobs=(chat.top_logprobs or 0) if chat.logprobs else None)
+            return engine.make_sequence(ids, images, params)
         except UsageError as e:
             raise ApiError(400, str(e), "invalid_value") from None
-        if chat.ignore_eos:
-            seq.eos_ids = frozenset()
-        if chat.response_format is not None and chat.response_format.type != "text":
-            seq.constraint = self._grammar(chat.response_format).matcher()
-        if chat.logprobs:
-            seq.top_logprobs = chat.top_logprobs or 0
-        return seq
 
     def _grammar(self, fmt: Any) -> Any:
         """The compiled grammar of a response_format (cached by schema text); a bad schema is a 400."""
@@ -253,106 +269,115 @@ def create_app(config: ServeConfig, state: ServerState | None = None) -> FastAPI
     app.state.serve = state
     app.add_middleware(GuardMiddleware, guard=Guard(config.host.lower(), config.allowed_hosts,
                                                     tuple(o.rstrip("/") for o in config.allow_origins)))
-
-    def error_response(e: ApiError, path: str) -> JSONResponse:
-        if path == CHAT_PATH:
-            state.metrics.requests.labels(str(e.status)).inc()
-        return JSONResponse(e.body(), status_code=e.status)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, e: ApiError) -> JSONResponse:
-        return error_response(e, request.url.path)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        return error_response(ApiError(e.status_code, str(e.detail), code), request.url.path)
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, e: Exception) -> JSONResponse:
-        log.exception("internal error on %s", request.url.path)
-        return error_response(ApiError(500, f"internal error: {type(e).__name__}", "internal_error"),
-                              request.url.path)
-
-    def ready() -> None:
-        if state.worker is None:
-            msg = f"the model failed to load: {state.load_error}" if state.load_error else "the model is loading"
-            raise ApiError(503, msg, "model_not_ready")
-
-    def authorize(request: Request) -> None:
-        key = config.api_key
-        if key is None:  # an empty key never gets here: settings.check_api_key refuses it at start
-            return
-        if not bearer_ok(request.headers.get("authorization", ""), key):
-            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
-
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        code, body = state.health()
-        return JSONResponse(body, status_code=code)
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
-
-    @app.get("/v1/models")
-    async def models(request: Request) -> JSONResponse:
-        authorize(request)
-        ready()
-        return JSONResponse({"object": "list", "data": [
-            {"id": config.model_name, "object": "model", "created": int(time.time()), "owned_by": "llava-edge"}]})
-
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal)
+    app.include_router(router)
     if os.environ.get(DEBUG_ENV) == "1":
-        # test hooks, off unless LLAVA_EDGE_SERVE_DEBUG=1: hold the engine still to stage queue/slot states
-        @app.post("/debug/pause")
-        async def pause() -> JSONResponse:
-            ready()
-            state.worker.pause()
-            return JSONResponse({"paused": True})
-
-        @app.post("/debug/resume")
-        async def resume() -> JSONResponse:
-            ready()
-            state.worker.resume()
-            return JSONResponse({"paused": False})
-
-        @app.post("/debug/step")
-        async def step(n: int = 1) -> JSONResponse:
-            ready()
-            state.worker.allow_steps(n)
-            return JSONResponse({"steps": n})
-
-    @app.post(CHAT_PATH)
-    async def chat_completions(request: Request) -> Response:
-        authorize(request)
-        ready()
-        body = await read_body(request, config)
-        if body is None:  # the client left mid-upload: nobody to answer
-            return Response(status_code=499)
-        chat = await asyncio.to_thread(parse_request_body, body, config.max_prompt_bytes)
-        worker = state.worker
-        if worker.engine.queued >= config.queue_size:
-            raise ApiError(429, f"the request queue is full ({config.queue_size} waiting); retry later",
-                           "queue_full")
-        seq = await asyncio.to_thread(state.build_sequence, chat)
-        if worker.engine.queued >= config.queue_size:  # re-checked: others may have queued meanwhile
-            raise ApiError(429, f"the request queue is full ({config.queue_size} waiting); retry later",
-                           "queue_full")
-        queue = worker.submit(seq)
-        state.metrics.prompt_tokens.inc(seq.prompt_len)
-        state.metrics.requests.labels("200").inc()
-        cid = completion_id()
-        if chat.stream:
-            include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-            return StreamingResponse(_stream(state, seq, queue, cid, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _complete(state, request, seq, queue, cid)
-
+        app.include_router(debug_router)
     if config.ui:
         from .ui import mount_ui
 
-        mount_ui(app)
+        mount_ui(app, suggest=config.suggest)
     return app
+
+
+# -- errors: OpenAI's JSON, counted for the chat route --------------------------------------------------
+def _error_response(request: Request, e: ApiError) -> JSONResponse:
+    if request.url.path == CHAT_PATH:
+        _state(request).metrics.requests.labels(str(e.status)).inc()
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+async def _api_error(request: Request, e: ApiError) -> JSONResponse:
+    return _error_response(request, e)
+
+
+async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+    return _error_response(request, ApiError(e.status_code, str(e.detail), code))
+
+
+async def _internal(request: Request, e: Exception) -> JSONResponse:
+    log.exception("internal error on %s", request.url.path)
+    return _error_response(request, ApiError(500, f"internal error: {type(e).__name__}", "internal_error"))
+
+
+# -- routes -----------------------------------------------------------------------------------------
+router = APIRouter()
+debug_router = APIRouter()  # test hooks, mounted only with LLAVA_EDGE_SERVE_DEBUG=1
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.serve
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    code, body = _state(request).health()
+    return JSONResponse(body, status_code=code)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE)
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> JSONResponse:
+    state = _state(request)
+    state.authorize(request)
+    state.require_ready()
+    return JSONResponse({"object": "list", "data": [{"id": state.config.model_name, "object": "model",
+                                                     "created": int(time.time()), "owned_by": "llava-edge"}]})
+
+
+@router.post(CHAT_PATH)
+async def chat_completions(request: Request) -> Response:
+    state = _state(request)
+    config = state.config
+    state.authorize(request)
+    state.require_ready()
+    body = await read_body(request, config)
+    if body is None:  # the client left mid-upload: nobody to answer
+        return Response(status_code=499)
+    chat = await asyncio.to_thread(parse_request_body, body, config.max_prompt_bytes)
+    state.check_queue()
+    seq = await asyncio.to_thread(state.build_sequence, chat)
+    state.check_queue()  # again: others may have queued while this one was prepared
+    state.metrics.prompt_tokens.inc(seq.prompt_len)
+    state.metrics.requests.labels("200").inc()
+    reader = ResponseReader(state, seq)
+    cid = completion_id()
+    if chat.stream:
+        include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+        return StreamingResponse(_stream(reader, cid, include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await _complete(reader, request, cid)
+
+
+@debug_router.post("/debug/pause")
+async def pause(request: Request) -> JSONResponse:
+    _ready_worker(request).pause()
+    return JSONResponse({"paused": True})
+
+
+@debug_router.post("/debug/resume")
+async def resume(request: Request) -> JSONResponse:
+    _ready_worker(request).resume()
+    return JSONResponse({"paused": False})
+
+
+@debug_router.post("/debug/step")
+async def step(request: Request, n: int = 1) -> JSONResponse:
+    _ready_worker(request).allow_steps(n)
+    return JSONResponse({"steps": n})
+
+
+def _ready_worker(request: Request) -> EngineWorker:
+    state = _state(request)
+    state.require_ready()
+    return state.worker
 
 
 def body_limit(config: ServeConfig) -> int:
@@ -438,27 +463,51 @@ class _Clock:
         self.metrics.completion_tokens.inc()
 
 
-async def _complete(state: ServerState, request: Request, seq: Sequence, queue: asyncio.Queue, cid: str) -> Response:
-    clock = _Clock(state, seq)
-    done = False
-    try:
+class ResponseReader:
+    """The events of one submitted sequence, as llama.cpp's server_response_reader: leaving its ``async
+    with`` block before the last event (the client went away, the server stops, an exception) cancels the
+    sequence, so its slot is free for the next engine step. The sequence is submitted on entering."""
+
+    def __init__(self, state: ServerState, seq: Sequence):
+        self.state, self.seq, self.done = state, seq, False
+        self.clock = _Clock(state, seq)
+        self.queue: asyncio.Queue | None = None
+
+    async def __aenter__(self) -> "ResponseReader":
+        self.queue = self.state.worker.submit(self.seq)
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if not self.done:
+            self.state.worker.cancel(self.seq.seq_id)
+            self.state.metrics.cancelled.inc()
+
+    async def next(self, timeout: float | None = None) -> Any:
+        """The next event, or None when ``timeout`` passes first."""
+        try:
+            ev = await asyncio.wait_for(self.queue.get(), timeout)
+        except asyncio.TimeoutError:
+            return None
+        self.clock.see(ev)
+        self.done = ev.finish_reason is not None
+        return ev
+
+    @property
+    def buffered(self) -> bool:
+        return not self.queue.empty()
+
+
+async def _complete(reader: ResponseReader, request: Request, cid: str) -> Response:
+    state, seq = reader.state, reader.seq
+    async with reader:
         checked = time.monotonic()
-        while not done:
-            try:
-                ev = await asyncio.wait_for(queue.get(), timeout=0.25)
-                clock.see(ev)
-                done = ev.finish_reason is not None
-            except asyncio.TimeoutError:
-                pass
-            if not done and time.monotonic() - checked >= 0.25:  # also while tokens keep coming
+        while not reader.done:
+            await reader.next(timeout=0.25)
+            if not reader.done and time.monotonic() - checked >= 0.25:  # also while tokens keep coming
                 checked = time.monotonic()
                 if await request.is_disconnected():
-                    state.metrics.cancelled.inc()
                     return Response(status_code=499)
-    finally:
-        if not done:
-            state.worker.cancel(seq.seq_id)
-    if seq.finish_reason == "error":
+    if seq.finish_reason == FinishReason.ERROR:
         raise ApiError(500, f"generation failed: {seq.error}", "generation_error")
     r = seq.result()
     logprobs = None
@@ -468,40 +517,31 @@ async def _complete(state: ServerState, request: Request, seq: Sequence, queue: 
                                         r.prompt_tokens, logprobs))
 
 
-async def _stream(state: ServerState, seq: Sequence, queue: asyncio.Queue, cid: str,
-                  include_usage: bool) -> AsyncIterator[bytes]:
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _stream(reader: ResponseReader, cid: str, include_usage: bool) -> AsyncIterator[bytes]:
+    state, seq = reader.state, reader.seq
     model, created = state.config.model_name, int(time.time())
-
-    def sse(obj: dict[str, Any]) -> bytes:
-        return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
-
-    done = False
-    try:
-        yield sse(chunk_body(cid, model, created, {"role": "assistant", "content": ""}))
-        clock = _Clock(state, seq)
-        while True:
-            ev = await queue.get()
-            clock.see(ev)
-            if ev.finish_reason == "error":
-                yield sse({"error": ApiError(500, f"generation failed: {seq.error}", "generation_error").body()["error"]})
+    async with reader:
+        yield _sse(chunk_body(cid, model, created, {"role": "assistant", "content": ""}))
+        while not reader.done:
+            ev = await reader.next()
+            if ev.finish_reason == FinishReason.ERROR:
+                yield _sse({"error": ApiError(500, f"generation failed: {seq.error}",
+                                              "generation_error").body()["error"]})
                 break
             if ev.token_id is not None:
                 delta = {"content": ev.text} if ev.text else {}
                 lp = None if ev.logprobs is None else logprobs_body(state.pipe.tokenizer, [ev.token_id],
                                                                      [ev.logprobs])
-                yield sse(chunk_body(cid, model, created, delta, ev.finish_reason, [ev.token_id], lp))
-            if ev.finish_reason is not None:
-                break
-            if not queue.empty():
+                yield _sse(chunk_body(cid, model, created, delta, ev.finish_reason, [ev.token_id], lp))
+            if not reader.done and reader.buffered:
                 await asyncio.sleep(0)  # let the loop see a disconnect between buffered chunks
         if include_usage:
             body = chunk_body(cid, model, created, {})
             body["choices"] = []
             body["usage"] = usage(seq.prompt_len, len(seq.generated))
-            yield sse(body)
+            yield _sse(body)
         yield b"data: [DONE]\n\n"
-        done = True
-    finally:
-        if not done:  # the client went away (or the server is stopping): free the slot now
-            state.worker.cancel(seq.seq_id)
-            state.metrics.cancelled.inc()

@@ -16,6 +16,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..runtime.finish import FinishReason
+
 
 class ApiError(Exception):
     """An error answered as OpenAI's JSON: {"error": {"message", "type", "param", "code"}}."""
@@ -129,7 +131,8 @@ def completion_id() -> str:
     return "chatcmpl-" + uuid.uuid4().hex[:24]
 
 
-FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop", "error": "stop"}
+FINISH = {FinishReason.EOS: "stop", FinishReason.STOP: "stop", FinishReason.LENGTH: "length",
+          FinishReason.CANCELLED: "stop", FinishReason.ERROR: "stop"}  # ours -> OpenAI's
 
 
 def logprob_entry(tokenizer: Any, token_id: int, logprob: float, alts: list[tuple[int, float]]) -> dict[str, Any]:
