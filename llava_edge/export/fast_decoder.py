@@ -2,7 +2,9 @@
 
 Why a second decoder graph: the portable graph (past in, present = concat out) allocates and copies
 the whole cache every token and spends most of a small model's step in mask/rotary glue ops. This
-graph is written node by node with onnxruntime's contrib ops:
+graph is written node by node with onnxruntime's contrib ops, one method per block (`DecoderBuilder`:
+make_embedding / make_layer / make_layernorm / make_attention / make_mlp / make_norm / make_lm_head; a
+family overrides a small hook, e.g. Phi-3 where its fused projections are, Qwen2 its q/k/v bias):
 
 - GroupQueryAttention (com.microsoft) with do_rotary=1 (rotary fused, cos/sin tables as initializers)
   and past/present bound to ONE max-length buffer per layer (shared-buffer mode): k/v of the new
@@ -40,7 +42,7 @@ from onnx import TensorProto, helper
 from ..onnx_io import MAX_IR_VERSION
 from ..package import GraphSpec, TensorSpec, load_manifest, write_manifest
 from ..packing import pack, qrange
-from .graphs import layer_projections, rotary_inv_freq
+from .graphs import rotary_inv_freq, split_linear
 
 # quant value of the float twin of an int4-rtn graph: same rounded weights, stored as float MatMul
 INT4_DEQUANTIZED = "int4-rtn-dequantized"
@@ -142,12 +144,213 @@ def _llava_model(checkpoint_or_loaded: Any):
     return checkpoint_or_loaded.model  # a LoadedCheckpoint
 
 
-class _GraphBuilder:
-    def __init__(self, data: _ExternalData, dtype: np.dtype, cfg: FastDecoderConfig):
-        self.data, self.dtype, self.cfg = data, dtype, cfg
+class DecoderBuilder:
+    """Writes the fast decoder graph of a LLaMA-family decoder block by block, as onnxruntime-genai's model
+    builders do: `make_embedding` (the graph's input), `make_layer` per decoder layer (`make_layernorm`,
+    `make_attention`, `make_mlp`), `make_norm` over the rows' last positions and `make_lm_head`.
+
+    The base class is LLaMA (and Mistral: the same blocks). A family whose checkpoint differs overrides a
+    small hook: where its projections are (`attention_projections`, `mlp_projections`: Phi-3's fused
+    qkv_proj / gate_up_proj), its q/k/v bias (`qkv_bias`: Qwen2), its activation (`make_activation`).
+    `builder_for` picks the class from the text config's model_type.
+
+    Below the blocks: `init` (an initializer, streamed to the .data file from 1 KiB), `node` and `linear`
+    (one MatMul or MatMulNBits for one or several projections that read the same input). Node and value
+    names are numbered in creation order, so the blocks are called in one fixed order: a graph is written
+    byte for byte the same way every time (tests/export/test_decoder_builder.py pins them)."""
+
+    def __init__(self, model: Any, cfg: FastDecoderConfig):
+        tc = model.config.text_config
+        self.model, self.cfg, self.tc = model, cfg, tc
+        self.lm = model.model.language_model
+        self.heads, self.kv_heads = tc.num_attention_heads, tc.num_key_value_heads
+        self.head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // self.heads
+        self.hidden, self.vocab, self.max_pos = tc.hidden_size, model.lm_head.out_features, tc.max_position_embeddings
+        self.eps = float(tc.rms_norm_eps)
+        self.dtype = np.dtype(cfg.dtype)
+        self.quant = cfg.quant is not None
+        self.check()
+        self.data: _ExternalData | None = None
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
         self._n = 0
+        self.past_in: list[str] = []
+        self.present_out: list[str] = []
+        self.residual = ""  # the residual stream: the sum every layer's skip norms add to
+        self.rotary: tuple[str, str] = ("", "")
+
+    def check(self) -> None:
+        """Refuse what the graph cannot express, before any file is written."""
+        tc, cfg = self.tc, self.cfg
+        if getattr(tc, "hidden_act", "silu") != "silu":
+            raise ValueError(f"the fast decoder has SiLU MLPs only (config hidden_act={tc.hidden_act!r})")
+        if (getattr(tc, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError("the fast decoder rotates whole heads; partial_rotary_factor < 1 is not supported")
+        if cfg.quant not in (None, "int4-rtn", INT4_DEQUANTIZED, INT4_PER_CHANNEL_DEQUANTIZED):
+            raise ValueError(f"unknown quant {cfg.quant!r}; use None, 'int4-rtn', {INT4_DEQUANTIZED!r} "
+                             f"or {INT4_PER_CHANNEL_DEQUANTIZED!r}")
+        if cfg.lm_head_bits not in (None, 4, 8):
+            raise ValueError(f"lm_head_bits must be None, 4 or 8, not {cfg.lm_head_bits!r}")
+
+    # --- the graph, block by block -------------------------------------------------------------------
+
+    def build(self, out_path: Path) -> GraphSpec:
+        """Write the graph and its .data file; returns its GraphSpec."""
+        data_path = out_path.with_name(out_path.name + ".data")
+        self.data = _ExternalData(data_path)
+        try:
+            self.make_rotary()
+            self.residual = self.make_embedding()
+            skip = None
+            for i, layer in enumerate(self.lm.layers):
+                skip = self.make_layer(i, layer, skip)
+            self.make_lm_head(self.make_norm(skip))
+        finally:
+            self.data.close()
+        return self.save(out_path, data_path)
+
+    def make_rotary(self) -> None:
+        """cos/sin tables [max_pos, head_dim/2] exactly as transformers computes them (fp32 outer product,
+        attention scaling), for GroupQueryAttention's fused rotary."""
+        import torch
+
+        inv_freq, scaling = rotary_inv_freq(self.lm.rotary_emb)
+        with torch.no_grad():
+            pos = torch.arange(self.max_pos, dtype=torch.float32)
+            freqs = torch.outer(pos, inv_freq)
+            cos = self.init("rotary.cos_cache", (freqs.cos() * scaling).numpy().astype(self.dtype))
+            sin = self.init("rotary.sin_cache", (freqs.sin() * scaling).numpy().astype(self.dtype))
+        self.rotary = (cos, sin)
+
+    def make_embedding(self) -> str:
+        """The decoder's input, the embedded tokens `inputs_embeds [B,S,H]`: the table is embed.onnx's
+        (image features are spliced in between), so the graph starts from its input."""
+        return "inputs_embeds"
+
+    def make_layer(self, i: int, layer: Any, skip: str | None) -> str:
+        """One pre-norm decoder layer; `skip` is the previous layer's MLP output, not yet added to the
+        residual stream (each add is fused into the next norm). Returns this layer's MLP output."""
+        h = self.make_layernorm(f"layers.{i}.input_layernorm", layer.input_layernorm, skip)
+        attn = self.make_attention(i, layer, h)
+        h = self.make_layernorm(f"layers.{i}.post_attention_layernorm", layer.post_attention_layernorm, attn)
+        return self.make_mlp(i, layer, h)
+
+    def make_layernorm(self, name: str, norm: Any, skip: str | None) -> str:
+        """RMSNorm of residual + skip (SkipSimplifiedLayerNormalization, whose 4th output, the sum, becomes
+        the residual stream), or of the residual alone when there is nothing to add (the first layer)."""
+        w = self.init(f"{name}.weight", self.weight(norm.weight))
+        if skip is None:
+            return self.node("SimplifiedLayerNormalization", [self.residual, w], axis=-1, epsilon=self.eps)[0]
+        h, _, _, self.residual = self.node("SkipSimplifiedLayerNormalization", [skip, self.residual, w], n_out=4,
+                                           domain="com.microsoft", epsilon=self.eps)
+        return h
+
+    def make_attention(self, i: int, layer: Any, h: str) -> str:
+        """q/k/v projections, GroupQueryAttention over this layer's in-place cache (rotary fused), o_proj."""
+        q_proj, k_proj, v_proj, o_proj = self.attention_projections(layer)
+        q, k, v = self.make_qkv(i, h, (q_proj, k_proj, v_proj), self.qkv_bias(q_proj, k_proj, v_proj))
+        pk, pv = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+        ok, ov = f"present.{i}.key", f"present.{i}.value"
+        self.past_in += [pk, pv]
+        self.present_out += [ok, ov]
+        cos, sin = self.rotary
+        attn = self.node("GroupQueryAttention", [q, k, v, pk, pv, "seqlens_k", "total_sequence_length", cos, sin],
+                         domain="com.microsoft", outputs=[self.name("attn"), ok, ov], num_heads=self.heads,
+                         kv_num_heads=self.kv_heads, do_rotary=1, rotary_interleaved=0,
+                         scale=float(self.head_dim**-0.5))[0]
+        return self.linear(attn, o_proj.weight, f"layers.{i}.o_proj", self.quant, o_proj.bias)
+
+    def make_qkv(self, i: int, h: str, projs: tuple, biases: list) -> tuple[str, str, str]:
+        """fuse: one packed q|k|v MatMul that GroupQueryAttention splits itself (key and value inputs
+        empty); else three."""
+        if self.cfg.fuse:
+            return self.linear(h, [p.weight for p in projs], f"layers.{i}.qkv_proj", self.quant, biases), "", ""
+        q, k, v = (self.linear(h, p.weight, f"layers.{i}.{n}_proj", self.quant, b)
+                   for p, n, b in zip(projs, "qkv", biases))
+        return q, k, v
+
+    def make_mlp(self, i: int, layer: Any, h: str) -> str:
+        """down(act(gate(h)) * up(h)); fuse: gate|up as one MatMul, split after it."""
+        gate_proj, up_proj, down_proj = self.mlp_projections(layer)
+        if self.cfg.fuse:
+            gate_up = self.linear(h, [gate_proj.weight, up_proj.weight], f"layers.{i}.mlp.gate_up_proj", self.quant)
+            gate, up = self.node("Split", [gate_up], n_out=2, axis=-1)
+        else:
+            gate = self.linear(h, gate_proj.weight, f"layers.{i}.mlp.gate_proj", self.quant)
+            up = self.linear(h, up_proj.weight, f"layers.{i}.mlp.up_proj", self.quant)
+        act = self.make_activation(gate, up)
+        return self.linear(act, down_proj.weight, f"layers.{i}.mlp.down_proj", self.quant)
+
+    def make_activation(self, gate: str, up: str) -> str:
+        """SiLU(gate) * up; QuickGelu with alpha 1 is x * sigmoid(x): SiLU in one kernel."""
+        return self.node("Mul", [self.node("QuickGelu", [gate], domain="com.microsoft", alpha=1.0)[0], up])[0]
+
+    def make_norm(self, skip: str) -> str:
+        """The last layer's add, then only the rows' last positions ([B,S,H] -> [B*S,H] -> gather
+        logits_index) through the final norm: logits are [B,V], not [B,S,V]."""
+        last = self.node("Add", [skip, self.residual])[0]
+        shape = self.init("const.flat_shape", np.array([-1, self.hidden], dtype=np.int64))
+        flat = self.node("Reshape", [last, shape])[0]
+        rows = self.node("Gather", [flat, "logits_index"], axis=0)[0]
+        norm_w = self.init("norm.weight", self.weight(self.lm.norm.weight))
+        return self.node("SimplifiedLayerNormalization", [rows, norm_w], axis=-1, epsilon=self.eps)[0]
+
+    def make_lm_head(self, x: str) -> str:
+        """lm_head (float, or MatMulNBits at lm_head_bits / with the int4 layers), logits in fp32."""
+        cfg = self.cfg
+        head_quant = cfg.lm_head_bits is not None or (self.quant and cfg.quantize_lm_head)
+        logits = self.linear(x, self.model.lm_head.weight, "lm_head", head_quant, bits=cfg.lm_head_bits or 4)
+        if self.dtype != np.float32:
+            return self.node("Cast", [logits], outputs=["logits"], to=TensorProto.FLOAT)[0]
+        return self.node("Identity", [logits], outputs=["logits"])[0]
+
+    def save(self, out_path: Path, data_path: Path) -> GraphSpec:
+        """The graph's inputs and outputs (the contract in the module docstring), the model file."""
+        onnx_dtype = helper.np_dtype_to_tensor_dtype(self.dtype)
+        kv_shape: list[int | str] = ["batch", self.kv_heads, "max_len", self.head_dim]
+        inputs = [
+            helper.make_tensor_value_info("inputs_embeds", onnx_dtype, ["batch", "seq", self.hidden]),
+            helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+            helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+            helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["batch"]),
+            *[helper.make_tensor_value_info(n, onnx_dtype, kv_shape) for n in self.past_in],
+        ]
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", self.vocab]),
+                   *[helper.make_tensor_value_info(n, onnx_dtype, kv_shape) for n in self.present_out]]
+        graph = helper.make_graph(self.nodes, "llava_edge_fast_decoder", inputs, outputs, initializer=self.inits)
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                        helper.make_opsetid("com.microsoft", 1)],
+                                  producer_name="llava-edge")
+        proto.ir_version = MAX_IR_VERSION
+        onnx.save_model(proto, str(out_path))
+
+        def spec(vi: onnx.ValueInfoProto) -> TensorSpec:
+            dims = [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+            return TensorSpec(vi.name, helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name, dims)
+
+        return GraphSpec(file=out_path.name, inputs=[spec(v) for v in inputs], outputs=[spec(v) for v in outputs],
+                         external_data=[data_path.name])
+
+    # --- family hooks --------------------------------------------------------------------------------
+
+    def attention_projections(self, layer: Any) -> tuple[Any, Any, Any, Any]:
+        """(q, k, v, o) projections of a layer, each with `.weight` [out, in] and `.bias` (or None)."""
+        a = layer.self_attn
+        return a.q_proj, a.k_proj, a.v_proj, a.o_proj
+
+    def mlp_projections(self, layer: Any) -> tuple[Any, Any, Any]:
+        """(gate, up, down) projections of a layer's MLP."""
+        m = layer.mlp
+        return m.gate_proj, m.up_proj, m.down_proj
+
+    def qkv_bias(self, q: Any, k: Any, v: Any) -> list:
+        """The q/k/v biases, None where a projection has none (LLaMA's attention_bias holds them)."""
+        return [q.bias, k.bias, v.bias]
+
+    # --- graph primitives ----------------------------------------------------------------------------
+
+    def weight(self, t: Any) -> np.ndarray:
+        return t.detach().float().numpy().astype(self.dtype)
 
     def name(self, base: str) -> str:
         self._n += 1
@@ -170,12 +373,13 @@ class _GraphBuilder:
         """x @ concat(weights).T (+ biases): one MatMul (or MatMulNBits) for one or several torch [out, in]
         weights that read the same input (fused q/k/v, gate/up), so the matrix is walked by one kernel
         call; each part is quantized on its own rows, so fusing does not change a single value."""
+        cfg = self.cfg
         weights = weights if isinstance(weights, (list, tuple)) else [weights]
         w_t = np.concatenate([w.detach().float().numpy().T for w in weights], axis=1)  # [in, out]
-        bs = self.cfg.block_size if w_t.shape[0] % self.cfg.block_size == 0 else 32
-        if quantize and bits == 4 and self.cfg.quant == INT4_DEQUANTIZED:  # the int4 values as float weights
+        bs = cfg.block_size if w_t.shape[0] % cfg.block_size == 0 else 32
+        if quantize and bits == 4 and cfg.quant == INT4_DEQUANTIZED:  # the int4 values as float weights
             w_t, quantize = dequantize_int4_rtn(w_t, bs), False
-        if quantize and bits == 4 and self.cfg.quant == INT4_PER_CHANNEL_DEQUANTIZED:
+        if quantize and bits == 4 and cfg.quant == INT4_PER_CHANNEL_DEQUANTIZED:
             w_t, quantize = dequantize_int4_rtn(w_t, w_t.shape[0]), False
         if quantize:
             k, n = w_t.shape
@@ -183,7 +387,7 @@ class _GraphBuilder:
             b = self.init(name + ".qweight", packed)
             s = self.init(name + ".scales", scales.astype(self.dtype))
             y = self.node("MatMulNBits", [x, b, s], domain="com.microsoft", K=k, N=n, bits=bits, block_size=bs,
-                          accuracy_level=self.cfg.accuracy_level)[0]
+                          accuracy_level=cfg.accuracy_level)[0]
         else:
             w = self.init(name + ".weight_t", np.ascontiguousarray(w_t.astype(self.dtype)))
             y = self.node("MatMul", [x, w])[0]
@@ -195,122 +399,52 @@ class _GraphBuilder:
         return self.node("Add", [y, self.init(name + ".bias", bias.astype(self.dtype))])[0]
 
 
+class Qwen2Builder(DecoderBuilder):
+    """Qwen2 (LLaVA-Interleave, LLaVA-OneVision): LLaMA's blocks with a bias on q, k and v (not o)."""
+
+    def qkv_bias(self, q: Any, k: Any, v: Any) -> list:
+        biases = super().qkv_bias(q, k, v)
+        if any(b is None for b in biases):  # every Qwen2 checkpoint has them: a missing one is a wrong mapping
+            raise ValueError("a Qwen2 decoder layer without its q/k/v bias")
+        return biases
+
+
+class Phi3Builder(DecoderBuilder):
+    """Phi-3: q/k/v stored as one qkv_proj and gate/up as one gate_up_proj; split into row slices here
+    (a loaded checkpoint or LazyLlava has them split already), so every later stage sees one layout."""
+
+    def attention_projections(self, layer: Any) -> tuple[Any, Any, Any, Any]:
+        a = layer.self_attn
+        if hasattr(a, "q_proj"):
+            return super().attention_projections(layer)
+        kv = self.kv_heads * self.head_dim
+        q, k, v = split_linear(a.qkv_proj, [self.heads * self.head_dim, kv, kv])
+        return q, k, v, a.o_proj
+
+    def mlp_projections(self, layer: Any) -> tuple[Any, Any, Any]:
+        m = layer.mlp
+        if hasattr(m, "gate_proj"):
+            return super().mlp_projections(layer)
+        inter = m.gate_up_proj.out_features // 2
+        gate, up = split_linear(m.gate_up_proj, [inter, inter])
+        return gate, up, m.down_proj
+
+
+# text_config.model_type -> builder. Mistral is LLaMA's blocks: its sliding window is not in the graph, the
+# context is capped to it instead (checkpoint.context_limit). Other model types get the base class; the export
+# check holds every graph to transformers.
+BUILDERS: dict[str, type[DecoderBuilder]] = {"llama": DecoderBuilder, "mistral": DecoderBuilder,
+                                             "qwen2": Qwen2Builder, "phi3": Phi3Builder}
+
+
+def builder_for(model: Any) -> type[DecoderBuilder]:
+    return BUILDERS.get(getattr(model.config.text_config, "model_type", "llama"), DecoderBuilder)
+
+
 def build_fast_decoder(model: Any, out_path: Path, cfg: FastDecoderConfig) -> GraphSpec:
-    """Write the graph (and its .data) for a LlavaForConditionalGeneration; returns its GraphSpec."""
-    import torch
-
-    lm = model.model.language_model
-    tc = model.config.text_config
-    n_layers, heads, kv_heads = tc.num_hidden_layers, tc.num_attention_heads, tc.num_key_value_heads
-    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
-    hidden, vocab, max_pos = tc.hidden_size, model.lm_head.out_features, tc.max_position_embeddings
-    eps = float(tc.rms_norm_eps)
-    if getattr(tc, "hidden_act", "silu") != "silu":
-        raise ValueError(f"the fast decoder has SiLU MLPs only (config hidden_act={tc.hidden_act!r})")
-    if (getattr(tc, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError("the fast decoder rotates whole heads; partial_rotary_factor < 1 is not supported")
-    dtype = np.dtype(cfg.dtype)
-    onnx_dtype = helper.np_dtype_to_tensor_dtype(dtype)
-    quant = cfg.quant is not None
-    if cfg.quant not in (None, "int4-rtn", INT4_DEQUANTIZED, INT4_PER_CHANNEL_DEQUANTIZED):
-        raise ValueError(f"unknown quant {cfg.quant!r}; use None, 'int4-rtn', {INT4_DEQUANTIZED!r} "
-                         f"or {INT4_PER_CHANNEL_DEQUANTIZED!r}")
-    if cfg.lm_head_bits not in (None, 4, 8):
-        raise ValueError(f"lm_head_bits must be None, 4 or 8, not {cfg.lm_head_bits!r}")
-
-    data_path = out_path.with_name(out_path.name + ".data")
-    data = _ExternalData(data_path)
-    g = _GraphBuilder(data, dtype, cfg)
-    try:
-        # rotary tables exactly as transformers computes them (fp32 outer product, attention scaling)
-        inv_freq, scaling = rotary_inv_freq(lm.rotary_emb)
-        with torch.no_grad():
-            pos = torch.arange(max_pos, dtype=torch.float32)
-            freqs = torch.outer(pos, inv_freq)
-            cos = g.init("rotary.cos_cache", (freqs.cos() * scaling).numpy().astype(dtype))
-            sin = g.init("rotary.sin_cache", (freqs.sin() * scaling).numpy().astype(dtype))
-
-        past_in, present_out = [], []
-        x = "inputs_embeds"
-        residual = None
-        down = None
-        for i, layer in enumerate(lm.layers):
-            q_proj, k_proj, v_proj, o_proj, mlp = layer_projections(layer, heads, kv_heads, head_dim)
-            ln_w = g.init(f"layers.{i}.input_layernorm.weight",
-                          layer.input_layernorm.weight.detach().float().numpy().astype(dtype))
-            if residual is None:
-                h = g.node("SimplifiedLayerNormalization", [x, ln_w], axis=-1, epsilon=eps)[0]
-                residual = x
-            else:
-                h, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [down, residual, ln_w], n_out=4,
-                                           domain="com.microsoft", epsilon=eps)
-            projs = (q_proj, k_proj, v_proj)
-            if cfg.fuse:  # packed q|k|v: GroupQueryAttention splits it itself (key and value inputs empty)
-                q = g.linear(h, [p.weight for p in projs], f"layers.{i}.qkv_proj", quant, [p.bias for p in projs])
-                k = v = ""
-            else:
-                q, k, v = (g.linear(h, p.weight, f"layers.{i}.{n}_proj", quant, p.bias) for p, n in zip(projs, "qkv"))
-            pk, pv = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
-            ok, ov = f"present.{i}.key", f"present.{i}.value"
-            past_in += [pk, pv]
-            present_out += [ok, ov]
-            attn = g.node("GroupQueryAttention", [q, k, v, pk, pv, "seqlens_k", "total_sequence_length", cos, sin],
-                          domain="com.microsoft", outputs=[g.name("attn"), ok, ov], num_heads=heads,
-                          kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0,
-                          scale=float(head_dim**-0.5))[0]
-            o = g.linear(attn, o_proj.weight, f"layers.{i}.o_proj", quant, o_proj.bias)
-            post_w = g.init(f"layers.{i}.post_attention_layernorm.weight",
-                            layer.post_attention_layernorm.weight.detach().float().numpy().astype(dtype))
-            h2, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [o, residual, post_w], n_out=4,
-                                        domain="com.microsoft", epsilon=eps)
-            if cfg.fuse:
-                gate_up = g.linear(h2, [mlp.gate_proj.weight, mlp.up_proj.weight], f"layers.{i}.mlp.gate_up_proj", quant)
-                gate, up = g.node("Split", [gate_up], n_out=2, axis=-1)
-            else:
-                gate = g.linear(h2, mlp.gate_proj.weight, f"layers.{i}.mlp.gate_proj", quant)
-                up = g.linear(h2, mlp.up_proj.weight, f"layers.{i}.mlp.up_proj", quant)
-            # QuickGelu with alpha 1 is x * sigmoid(x): SiLU in one kernel
-            act = g.node("Mul", [g.node("QuickGelu", [gate], domain="com.microsoft", alpha=1.0)[0], up])[0]
-            down = g.linear(act, mlp.down_proj.weight, f"layers.{i}.mlp.down_proj", quant)
-
-        # last positions only: [B,S,H] -> [B*S,H] -> gather rows -> norm -> lm_head
-        last = g.node("Add", [down, residual])[0]
-        shape = g.init("const.flat_shape", np.array([-1, hidden], dtype=np.int64))
-        flat = g.node("Reshape", [last, shape])[0]
-        rows = g.node("Gather", [flat, "logits_index"], axis=0)[0]
-        norm_w = g.init("norm.weight", lm.norm.weight.detach().float().numpy().astype(dtype))
-        normed = g.node("SimplifiedLayerNormalization", [rows, norm_w], axis=-1, epsilon=eps)[0]
-        head_quant = cfg.lm_head_bits is not None or (quant and cfg.quantize_lm_head)
-        logits = g.linear(normed, model.lm_head.weight, "lm_head", head_quant, bits=cfg.lm_head_bits or 4)
-        if dtype != np.float32:
-            g.node("Cast", [logits], outputs=["logits"], to=TensorProto.FLOAT)
-        else:
-            g.node("Identity", [logits], outputs=["logits"])
-    finally:
-        data.close()
-
-    kv_shape: list[int | str] = ["batch", kv_heads, "max_len", head_dim]
-    inputs = [
-        helper.make_tensor_value_info("inputs_embeds", onnx_dtype, ["batch", "seq", hidden]),
-        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
-        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
-        helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["batch"]),
-        *[helper.make_tensor_value_info(n, onnx_dtype, kv_shape) for n in past_in],
-    ]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", vocab]),
-               *[helper.make_tensor_value_info(n, onnx_dtype, kv_shape) for n in present_out]]
-    graph = helper.make_graph(g.nodes, "llava_edge_fast_decoder", inputs, outputs, initializer=g.inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
-                              producer_name="llava-edge")
-    proto.ir_version = MAX_IR_VERSION
-    onnx.save_model(proto, str(out_path))
-
-    def spec(vi: onnx.ValueInfoProto) -> TensorSpec:
-        dims = [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
-        return TensorSpec(vi.name, helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name, dims)
-
-    return GraphSpec(file=out_path.name, inputs=[spec(v) for v in inputs], outputs=[spec(v) for v in outputs],
-                     external_data=[data_path.name])
+    """Write the graph (and its .data) for a LlavaForConditionalGeneration (or lazy.LazyLlava); returns its
+    GraphSpec."""
+    return builder_for(model)(model, cfg).build(out_path)
 
 
 def export_fast_decoder(checkpoint_or_loaded: Any, package_dir: str | os.PathLike, dtype: str | None = None,
