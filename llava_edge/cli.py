@@ -323,22 +323,12 @@ def export(
     check_output_dir(output, overwrite, protect=[p for p in (checkpoint, vision_tower) if p is not None])
     from .export.exporter import export_package
 
-    # the portable decoder's lm_head stays float; an int8 one goes into the --fast-int4 decoder below
-    package_head = "float" if target == "portable" and lm_head in ("auto", "int8") else lm_head
+    # every graph (--fast/--fast-int4 too) from one load, staged and verified before the package appears
     with _writing(output), Stages(console).running() as on_stage:
         result = export_package(checkpoint, output, dtype=dtype, opset=opset, overwrite=overwrite,
                                 vision_tower=vision_tower, chat_template=template, on_stage=on_stage, target=target,
-                                embed=embed, lm_head=package_head, check_layers=check_layers, vision_quant=vision,
-                                int4_block=int4_block)
-        if fast or fast_int4:
-            from .export.fast_decoder import export_fast_decoder
-
-            for quant, wanted in ((None, fast), ("int4-rtn", fast_int4)):
-                if wanted:
-                    on_stage("export fast decoder" + (" (int4)" if quant else ""))
-                    int8_head = lm_head == "int8" or (lm_head == "auto" and quant is not None)
-                    export_fast_decoder(checkpoint, output, quant=quant, lm_head_bits=8 if int8_head else None,
-                                        block_size=int4_block)
+                                embed=embed, lm_head=lm_head, check_layers=check_layers, vision_quant=vision,
+                                int4_block=int4_block, fast=fast, fast_int4=fast_int4)
     errs = ", ".join(f"{k} {v:.2e}" for k, v in result.errors.items())
     console.print(f"[green]exported[/] {escape(display(output))} ({result.manifest.dtype}, target {target}); "
                   f"checks: {errs}", highlight=False)

@@ -18,9 +18,9 @@ import torch
 
 from ..errors import LlavaEdgeError
 from .. import __version__
-from ..package import (FORMAT_VERSION, TOKENIZER_NAME, Manifest, TextConfig, check_output_dir, graph_size,
-                       staged_package, write_manifest)
-from . import verify, vision_int8
+from ..package import (FORMAT_VERSION, TOKENIZER_NAME, GraphSpec, Manifest, TextConfig, check_output_dir,
+                       graph_size, staged_package, write_manifest)
+from . import fast_decoder, verify, vision_int8
 from .checkpoint import LoadedCheckpoint, load_checkpoint, weights_bytes
 from .embed_int8 import RELATIVE_TOLERANCE
 from .lazy import DecoderWeights, LazyLlava, reference_model
@@ -86,6 +86,30 @@ def _text_config(ck: LoadedCheckpoint) -> TextConfig:
     )
 
 
+@dataclass
+class ExportOptions:
+    """export_package's arguments, checked and resolved ("auto" decided) before any work."""
+
+    dtype: torch.dtype
+    opset: int
+    target: str
+    embed: str  # "float" / "int8": the package's embedding table
+    lm_head: str  # "float" / "int8": recorded as extra.lm_head (the portable decoder's is always float)
+    vision_quant: str  # "fp32", "int8", "int8-blocked"
+    int4_block: int
+    check_layers: int | None
+    fast: list[fast_decoder.FastDecoderConfig]  # the fast decoders the package ships
+
+    @property
+    def lazy(self) -> bool:
+        """The cpu targets never hold the decoder (export/lazy.py)."""
+        return self.target != "portable"
+
+    @property
+    def tolerance(self) -> float:
+        return TOLERANCE[self.dtype]
+
+
 def export_package(
     checkpoint_dir: str | Path,
     out_dir: str | Path,
@@ -101,16 +125,20 @@ def export_package(
     check_layers: int | None = None,
     int4_block: int = 128,
     vision_quant: str = "auto",
+    fast: bool = False,
+    fast_int4: bool = False,
 ) -> ExportResult:
-    """Load the checkpoint, export vision/embed and the target's decoder, verify each, write the package.
+    """Load the checkpoint once, export vision/embed and the target's decoders, verify each, write the package.
 
     target "portable": the portable decoder, each graph checked against its torch module and the split
-    pipeline against transformers. "cpu" / "cpu-int4": only the fast decoder (fp32 / int4 round-to-
-    nearest), checked through the runtime's fast backend against transformers on an image prompt
-    (prefill and decode paths, see verify.fast_decoder_logits); for int4 two float twins are built in a
-    scratch directory (see _check_fast_decoders). Torch's side of every check runs first, then the torch
-    model is freed and onnxruntime loads the graphs, so no graph is held beside the model. The package
-    appears at out_dir only once everything succeeded (staged directory + rename).
+    pipeline against transformers; `fast` / `fast_int4` add decoder_fast / decoder_fast_int4 (lm_head
+    "int8" puts an 8-bit lm_head in both, "auto" in the int4 one), written from the same loaded model and
+    checked like the cpu targets' (see _check_fast_decoders). "cpu" / "cpu-int4": only the fast decoder
+    (fp32 / int4 round-to-nearest), checked through the runtime's fast backend against transformers on an
+    image prompt (prefill and decode paths, see verify.fast_decoder_logits); for int4 two float twins are
+    built in a scratch directory. Torch's side of every check runs first, then the torch model is freed
+    and onnxruntime loads the graphs, so no graph is held beside the model. Every graph is written in the
+    staging directory and the package appears at out_dir only once all of them passed (rename).
 
     embed / lm_head: "float", "int8" (embedding table as GatherBlockQuantized, lm_head as 8-bit
     MatMulNBits in the fast decoder) or "auto" (int8 for cpu-int4, whose decoder is int4 anyway; float
@@ -124,17 +152,38 @@ def export_package(
     vision_quant: "fp32", "int8" / "int8-blocked" (the verified fp32 vision graph rewritten with int8
     MatMuls and held to a relative bound, export/vision_int8.py) or "auto" (int8 for cpu-int4 in fp32).
     """
+    opts = resolve_options(dtype, opset, target, embed, lm_head, check_layers, int4_block, vision_quant,
+                           fast, fast_int4)
+    stage = on_stage or (lambda name: None)
+    inputs = [p for p in (checkpoint_dir, vision_tower) if p is not None]
+    check_output_dir(out_dir, overwrite, protect=inputs)  # before minutes of work, not after
+    ck = _load(checkpoint_dir, vision_tower, chat_template, opts, stage)
+    errors: dict[str, float] = {}
+    with staged_package(out_dir, overwrite=overwrite, protect=inputs) as tmp:
+        ck.tokenizer.save(str(tmp / TOKENIZER_NAME))
+        manifest = _export_and_verify(ck, opts, tmp, errors, stage)
+        write_manifest(tmp, manifest)
+    return ExportResult(Path(out_dir), manifest, errors)
+
+
+def resolve_options(dtype: str, opset: int, target: str, embed: str, lm_head: str, check_layers: int | None,
+                    int4_block: int, vision_quant: str, fast: bool = False, fast_int4: bool = False) -> ExportOptions:
+    """Every option checked (ExportError) and every "auto" decided, before any work."""
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r}; use {', '.join(TARGETS)}")
+    if target != "portable" and (fast or fast_int4):
+        raise ExportError(f"--target {target} holds one decoder; --fast and --fast-int4 add to a portable package "
+                          "(--target portable)")
+    fast_head = lm_head  # the portable target's fast decoders: "auto" is int8 in the int4 one only
     embed, lm_head = (_part_format(part, value, target) for part, value in (("embed", embed), ("lm_head", lm_head)))
     if embed == "int8" and target == "portable":
         raise ExportError("--embed int8 is for --target cpu or cpu-int4: the portable package table is shared by "
                           "every backend, quantize and build, and stays float")
     if lm_head == "int8" and target == "cpu":
         raise ExportError("--lm-head int8 goes with the int4 decoder (--target cpu-int4); the cpu target is float")
-    if lm_head == "int8" and target == "portable":
-        raise ExportError("an int8 lm_head lives in the fast decoder: use --target cpu or cpu-int4 (or quantize "
-                          "--quantize-lm-head for the portable decoder)")
+    if lm_head == "int8" and target == "portable" and not (fast or fast_int4):
+        raise ExportError("an int8 lm_head lives in the fast decoder: use --target cpu or cpu-int4, add --fast/"
+                          "--fast-int4 (or quantize --quantize-lm-head for the portable decoder)")
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; use fp32 or fp16")
     if vision_quant not in ("auto", *vision_int8.options()) or (vision_quant.startswith("int8") and dtype != "fp32"):
@@ -147,114 +196,173 @@ def export_package(
         raise ExportError(f"int4 block {int4_block}: use one of {', '.join(map(str, INT4_BLOCKS))}")
     if check_layers is not None and (target == "portable" or check_layers < 1):
         raise ExportError("--check-layers N (N >= 1) is for --target cpu or cpu-int4")
-    torch_dtype = DTYPES[dtype]
-    stage = on_stage or (lambda name: None)
-    inputs = [p for p in (checkpoint_dir, vision_tower) if p is not None]
-    check_output_dir(out_dir, overwrite, protect=inputs)  # before minutes of work, not after
+    graph_dtype = "float32" if DTYPES[dtype] == torch.float32 else "float16"
 
+    def cfg(name: str, quant: str | None, int8_head: bool) -> fast_decoder.FastDecoderConfig:
+        return fast_decoder.FastDecoderConfig(name=name, dtype=graph_dtype, quant=quant,
+                                              lm_head_bits=8 if int8_head else None, block_size=int4_block)
+
+    if target == "portable":
+        shipped = ([cfg("decoder_fast", None, fast_head == "int8")] if fast else []) + \
+                  ([cfg("decoder_fast_int4", "int4-rtn", fast_head in ("int8", "auto"))] if fast_int4 else [])
+        lm_head = "float"
+    else:
+        shipped = [cfg(TARGETS[target], "int4-rtn" if target == "cpu-int4" else None, lm_head == "int8")]
+    return ExportOptions(DTYPES[dtype], opset, target, embed, lm_head, vision_quant, int4_block, check_layers, shipped)
+
+
+def _load(checkpoint_dir: str | Path, vision_tower: str | Path | None, chat_template: str | None,
+          opts: ExportOptions, stage: Callable[[str], None]) -> LoadedCheckpoint:
+    """The checkpoint, loaded once for every graph. fp16 export keeps an fp32 reference for verification
+    when both fit in memory; otherwise (a 7B on a 24 GB machine) it loads fp16 once and verifies against
+    transformers in fp16. The cpu targets load no decoder (lazy_decoder), so their fp32 reference always fits."""
     stage("load checkpoint")
-    # fp16 export keeps an fp32 reference for verification when both fit in memory; otherwise (a 7B
-    # on a 24 GB machine) it loads fp16 once and verifies against transformers in fp16. The cpu targets
-    # load no decoder (lazy_decoder), so their fp32 reference always fits.
-    lazy = target != "portable"
-    fp32_reference = lazy or torch_dtype == torch.float32 or _fits_in_memory(6 * weights_bytes(checkpoint_dir))
+    fp32_reference = (opts.lazy or opts.dtype == torch.float32
+                      or _fits_in_memory(6 * weights_bytes(checkpoint_dir)))
     ck = load_checkpoint(checkpoint_dir, vision_tower=vision_tower,
-                         dtype=torch.float32 if fp32_reference else torch_dtype, lazy_decoder=lazy)
+                         dtype=torch.float32 if fp32_reference else opts.dtype, lazy_decoder=opts.lazy)
     if chat_template:
         ck.chat_template = chat_template
         ck.chat_template_source = "--template"
-    model = ck.model if ck.model.dtype == torch_dtype else copy.deepcopy(ck.model).to(torch_dtype)
+    return ck
 
-    errors: dict[str, float] = {}
-    with staged_package(out_dir, overwrite=overwrite, protect=inputs) as tmp:
-        ck.tokenizer.save(str(tmp / TOKENIZER_NAME))
-        # Phase 1, torch: export every graph and compute torch's outputs for each check. Phase 2,
-        # onnxruntime: the torch model is freed first, so no graph is ever loaded beside it.
-        graphs = {}
-        pending = []  # (graph name, spec, inputs, torch's outputs)
-        steps = [("vision", lambda: export_vision(model, ck.vision, tmp, torch_dtype, opset)),
-                 ("embed", lambda: export_embed(model, tmp, opset, int8=embed == "int8"))]
-        if target == "portable":
-            steps.append(("decoder", lambda: export_decoder(model, tmp, torch_dtype, opset)))
-        for name, fn in steps:
-            stage(f"export {name}")
-            exported = fn()
-            if not (name == "embed" and embed == "int8"):  # the checker does not know onnxruntime's contrib ops
-                onnx.checker.check_model(str(tmp / exported.spec.file))
-            x = verify.random_inputs(name, exported)
-            pending.append((name, exported.spec, x, verify.torch_outputs(exported, x)))
-            graphs[name] = exported.spec
-            del exported
 
-        manifest = Manifest(
-            format_version=FORMAT_VERSION,
-            source={"path": str(ck.path), "layout": ck.layout, "projector": ck.projector,
-                    "architecture": type(ck.model).__name__ if ck.layout == "llava-hf" else "LlavaLlamaForCausalLM"},
-            dtype="float32" if torch_dtype == torch.float32 else "float16",
-            text=_text_config(ck),
-            vision=ck.vision,
-            graphs=graphs,
-            versions=_versions(),
-            extra={"opset": opset, "target": target, "verification": errors, "embed": embed, "lm_head": lm_head,
-                   "reference_dtype": str(ck.model.dtype).replace("torch.", ""),
-                   "chat_template_source": ck.chat_template_source,
-                   **({"context_cap": ck.context_cap} if ck.context_cap else {})},
-            family=dict(ck.family),
+@dataclass
+class _Pending:
+    """A traced graph awaiting its onnxruntime check: torch's outputs on `inputs`, computed while torch held
+    the model."""
+
+    name: str
+    spec: GraphSpec
+    inputs: tuple
+    want: tuple
+
+
+def _export_and_verify(ck: LoadedCheckpoint, opts: ExportOptions, tmp: Path, errors: dict[str, float],
+                       stage: Callable[[str], None]) -> Manifest:
+    """Phase 1, torch: export every graph and compute torch's outputs for each check. Phase 2,
+    onnxruntime: the torch model is freed first, so no graph is ever loaded beside it. Check graphs live
+    in a scratch directory inside `tmp`, removed (and dropped from the manifest) before it is written."""
+    model = ck.model if ck.model.dtype == opts.dtype else copy.deepcopy(ck.model).to(opts.dtype)
+    pending = _export_traced(model, ck, opts, tmp, stage)
+    manifest = _new_manifest(ck, opts, {p.name: p.spec for p in pending}, errors)
+    del model
+    scratch = Path(tempfile.mkdtemp(prefix=".verify-", dir=tmp))
+    try:
+        checks = _build_fast_decoders(ck, opts, manifest, tmp, scratch, stage) if opts.fast else None
+        ref = _reference(ck, checks, manifest, tmp, stage)
+        ck.model = None  # torch's part is done: free the models before the graphs load
+        gc.collect()
+        _verify_traced(tmp, pending, opts, errors, stage)
+        if opts.vision_quant != "fp32":
+            _quantize_vision(tmp, pending[0], opts, manifest, errors, stage)
+        del pending
+        if opts.target == "portable":
+            _check_portable(tmp, ref, opts, errors)
+        if checks:
+            _check_fast_decoders(manifest, tmp, checks, ref, opts.tolerance * 10, errors, stage)
+    finally:
+        for name in list(manifest.graphs):
+            if manifest.graphs[name].file.startswith(scratch.name + "/"):
+                del manifest.graphs[name]
+        shutil.rmtree(scratch, ignore_errors=True)
+    return manifest
+
+
+def _export_traced(model: torch.nn.Module, ck: LoadedCheckpoint, opts: ExportOptions, tmp: Path,
+                   stage: Callable[[str], None]) -> list[_Pending]:
+    """vision, embed and (portable) the portable decoder, each with torch's outputs on random inputs."""
+    int8_embed = opts.embed == "int8"
+    steps = [("vision", lambda: export_vision(model, ck.vision, tmp, opts.dtype, opts.opset)),
+             ("embed", lambda: export_embed(model, tmp, opts.opset, int8=int8_embed))]
+    if opts.target == "portable":
+        steps.append(("decoder", lambda: export_decoder(model, tmp, opts.dtype, opts.opset)))
+    pending = []
+    for name, fn in steps:
+        stage(f"export {name}")
+        exported = fn()
+        if not (name == "embed" and int8_embed):  # the checker does not know onnxruntime's contrib ops
+            onnx.checker.check_model(str(tmp / exported.spec.file))
+        x = verify.random_inputs(name, exported)
+        pending.append(_Pending(name, exported.spec, x, verify.torch_outputs(exported, x)))
+        del exported
+    return pending
+
+
+def _new_manifest(ck: LoadedCheckpoint, opts: ExportOptions, graphs: dict[str, GraphSpec],
+                  errors: dict[str, float]) -> Manifest:
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        source={"path": str(ck.path), "layout": ck.layout, "projector": ck.projector,
+                "architecture": type(ck.model).__name__ if ck.layout == "llava-hf" else "LlavaLlamaForCausalLM"},
+        dtype="float32" if opts.dtype == torch.float32 else "float16",
+        text=_text_config(ck),
+        vision=ck.vision,
+        graphs=graphs,
+        versions=_versions(),
+        extra={"opset": opts.opset, "target": opts.target, "verification": errors, "embed": opts.embed,
+               "lm_head": opts.lm_head, "reference_dtype": str(ck.model.dtype).replace("torch.", ""),
+               "chat_template_source": ck.chat_template_source,
+               **({"context_cap": ck.context_cap} if ck.context_cap else {})},
+        family=dict(ck.family),
+    )
+
+
+def _reference(ck: LoadedCheckpoint, checks: FastChecks | None, manifest: Manifest, tmp: Path,
+               stage: Callable[[str], None]) -> verify.PromptReference:
+    """transformers on the check prompt: the loaded model, or (cpu targets) transformers truncated to the
+    checked layers, read from the files."""
+    reference = ck.model
+    if ck.deferred:
+        stage(f"transformers on the check prompt ({checks.layers} of {manifest.text.num_layers} layers)")
+        reference = reference_model(ck, checks.layers)
+    else:
+        stage("verify against transformers")
+    return verify.image_prompt_reference(reference, ck.tokenizer, ck.image_token_id, ck.vision.num_image_tokens,
+                                         tmp, ck.vision.image_size, vision=ck.vision)
+
+
+def _verify_traced(tmp: Path, pending: list[_Pending], opts: ExportOptions, errors: dict[str, float],
+                   stage: Callable[[str], None]) -> None:
+    """Each traced graph in onnxruntime against torch's outputs; the int8 embed graph's rows relative to
+    the float table's."""
+    for p in pending:
+        stage(f"verify {p.name}")
+        if p.name == "embed" and opts.embed == "int8":
+            errors["embed_int8_relative"] = err = verify.onnx_error(tmp, p.spec, p.inputs, p.want, relative=True)
+            if not err <= INT8_EMBED_TOLERANCE:
+                raise ExportError(f"the int8 embedding rows are {err:.3g} (relative) from the float table's "
+                                  f"(> {INT8_EMBED_TOLERANCE}); the int8 embed graph is broken")
+            continue
+        err = p.spec.max_abs_error = errors[p.name] = verify.onnx_error(tmp, p.spec, p.inputs, p.want)
+        if not err <= opts.tolerance:
+            raise ExportError(f"{p.name}.onnx differs from PyTorch by {err:.3g} (> {opts.tolerance:.0e})")
+
+
+def _quantize_vision(tmp: Path, vision: _Pending, opts: ExportOptions, manifest: Manifest,
+                     errors: dict[str, float], stage: Callable[[str], None]) -> None:
+    """The verified fp32 vision graph rewritten with int8 MatMuls, held to its bound (vision_int8.py)."""
+    stage(f"{opts.vision_quant} vision")
+    q = vision_int8.quantize_checked(tmp, vision.spec, vision.inputs, vision.want, opts.vision_quant)
+    errors["vision_int8_relative"] = q.relative_error
+    manifest.extra["vision_quant"] = {"option": opts.vision_quant, **q.to_dict()}
+
+
+def _check_portable(tmp: Path, ref: verify.PromptReference, opts: ExportOptions, errors: dict[str, float]) -> None:
+    """The split pipeline (vision -> splice -> portable decoder) against transformers' logits."""
+    errors["pipeline_logits"] = verify.portable_logits_error(tmp, ref)
+    if not errors["pipeline_logits"] <= opts.tolerance * 10:
+        raise ExportError(
+            f"split graphs differ from transformers' LlavaForConditionalGeneration by "
+            f"{errors['pipeline_logits']:.3g} in logits"
         )
-        quant = "int4-rtn" if target == "cpu-int4" else None
-        scratch = Path(tempfile.mkdtemp(prefix=".verify-", dir=tmp))
-        try:
-            checks, reference = None, ck.model
-            if lazy:
-                layers = _layers_to_check(ck, check_layers)
-                checks = _build_fast_decoders(ck, torch_dtype, manifest, tmp, scratch, quant, layers,
-                                              8 if lm_head == "int8" else None, int4_block, stage)
-                stage(f"transformers on the check prompt ({layers} of {manifest.text.num_layers} layers)")
-                reference = reference_model(ck, layers)
-            else:
-                stage("verify against transformers")
-            ref = verify.image_prompt_reference(reference, ck.tokenizer, ck.image_token_id, ck.vision.num_image_tokens,
-                                                tmp, ck.vision.image_size, vision=ck.vision)
-            # torch's part is done: free the models before the graphs load
-            model = ck.model = reference = steps = None
-            gc.collect()
-
-            for name, spec, x, want in pending:
-                stage(f"verify {name}")
-                if name == "embed" and embed == "int8":
-                    errors["embed_int8_relative"] = err = verify.onnx_error(tmp, spec, x, want, relative=True)
-                    if not err <= INT8_EMBED_TOLERANCE:
-                        raise ExportError(f"the int8 embedding rows are {err:.3g} (relative) from the float table's "
-                                          f"(> {INT8_EMBED_TOLERANCE}); the int8 embed graph is broken")
-                    continue
-                err = spec.max_abs_error = errors[name] = verify.onnx_error(tmp, spec, x, want)
-                if not err <= TOLERANCE[torch_dtype]:
-                    raise ExportError(f"{name}.onnx differs from PyTorch by {err:.3g} (> {TOLERANCE[torch_dtype]:.0e})")
-            if vision_quant != "fp32":
-                stage(f"{vision_quant} vision")
-                q = vision_int8.quantize_checked(tmp, *pending[0][1:], vision_quant)
-                errors["vision_int8_relative"] = q.relative_error
-                manifest.extra["vision_quant"] = {"option": vision_quant, **q.to_dict()}
-            del pending
-            if target == "portable":
-                errors["pipeline_logits"] = verify.portable_logits_error(tmp, ref)
-                if not errors["pipeline_logits"] <= TOLERANCE[torch_dtype] * 10:
-                    raise ExportError(
-                        f"split graphs differ from transformers' LlavaForConditionalGeneration by "
-                        f"{errors['pipeline_logits']:.3g} in logits"
-                    )
-            else:
-                _check_fast_decoders(manifest, tmp, checks, ref, TOLERANCE[torch_dtype] * 10, errors, stage)
-        finally:
-            for name in list(manifest.graphs):
-                if manifest.graphs[name].file.startswith(scratch.name + "/"):
-                    del manifest.graphs[name]
-            shutil.rmtree(scratch, ignore_errors=True)
-        write_manifest(tmp, manifest)
-    return ExportResult(Path(out_dir), manifest, errors)
 
 
 TWIN = "decoder_fast_int4_twin"
+# A shipped float fast decoder with an 8-bit lm_head (portable --fast --lm-head int8): max over positions of
+# ||logits - float lm_head's|| / ||float lm_head's|| on the check prompt. MatMulNBits' 8-bit rows and int8
+# activations cost about 1% (0.9% on the tiny GQA model in fp16); a wrong packing or scale is far above.
+LM_HEAD_INT8_RELATIVE_TOLERANCE = 0.05
 
 
 def _part_format(part: str, value: str, target: str) -> str:
@@ -265,13 +373,16 @@ def _part_format(part: str, value: str, target: str) -> str:
 
 @dataclass
 class FastChecks:
-    """The graphs a cpu target's check runs (names in manifest.graphs). float_graph: checked against
-    transformers; twin / int4 (int4 target): the int4 graph against its float twin. layers < num_layers:
-    these are built from the first `layers` layers in the scratch directory, and `shipped` (the whole
-    decoder) must hold their weights byte for byte and give finite logits (see _check_fast_decoders)."""
+    """The graphs the fast decoders' check runs (names in manifest.graphs). float_graph: float layers and
+    lm_head, checked against transformers; head8: a shipped float graph with an 8-bit lm_head, held to
+    float_graph; twin / int4 (an int4 graph shipped): the int4 graph against its float twin. layers <
+    num_layers (cpu targets): these are built from the first `layers` layers in the scratch directory, and
+    each `shipped` graph (the whole decoder) must hold their weights byte for byte and give finite logits
+    (see _check_fast_decoders)."""
 
-    shipped: str
+    shipped: list[str]
     float_graph: str
+    head8: str | None
     twin: str | None
     int4: str | None
     layers: int
@@ -280,64 +391,87 @@ class FastChecks:
 
 def _layers_to_check(ck: LoadedCheckpoint, wanted: int | None) -> int:
     """Decoder layers the cpu targets' check holds in torch: all when the fp32 model fits (twice over:
-    the transformers forward and the model), else 2; `wanted` overrides (capped at the model's)."""
+    the transformers forward and the model), else 2; `wanted` overrides (capped at the model's). A
+    loaded model (portable target): all of them."""
     n = ck.model.config.text_config.num_hidden_layers
+    if not ck.deferred:
+        return n
     if wanted is not None:
         return min(wanted, n)
     return n if _fits_in_memory(2 * DecoderWeights(ck, torch.float32).nbytes(4)) else min(2, n)
 
 
-def _build_fast_decoders(ck: LoadedCheckpoint, dtype: torch.dtype, manifest: Manifest, tmp: Path, scratch: Path,
-                         quant: str | None, layers: int, head_bits: int | None, int4_block: int,
-                         stage: Callable[[str], None]) -> FastChecks:
-    """The target's fast decoder into the package, written from the checkpoint a tensor at a time, and
-    the graphs its check needs into `scratch` (all in manifest.graphs)."""
-    from .fast_decoder import INT4_DEQUANTIZED, FastDecoderConfig, build_fast_decoder
-
-    n = manifest.text.num_layers
-    shipped = "decoder_fast_int4" if quant else "decoder_fast"
+def _fast_plan(opts: ExportOptions, layers: int, n: int) -> tuple[FastChecks, list[fast_decoder.FastDecoderConfig]]:
+    """Which graphs the check runs, and those of them that are not shipped (built in the scratch directory)."""
     suffix = "" if layers == n else "_head"
-    checks = FastChecks(shipped, "decoder_fast" + suffix, TWIN + suffix if quant else None,
-                        shipped + suffix if quant else None, layers, n)
-    head = LazyLlava(ck, dtype, layers)
-    for name, graph_quant in ((checks.float_graph, None), (checks.twin, INT4_DEQUANTIZED), (checks.int4, quant)):
-        if name is None or name == shipped:
-            continue
-        stage(f"export {name} (for the check)")
-        # the float graph checks the wiring against transformers (float lm_head); twin and int4 carry the
-        # shipped graph's lm_head, so the int4 check isolates the int4 layers and its weights match byte for byte
-        spec = build_fast_decoder(head, scratch / f"{name}.onnx", FastDecoderConfig(
-            name, manifest.dtype, graph_quant, lm_head_bits=head_bits if graph_quant else None,
-            block_size=int4_block))
+    float_cfg = next((c for c in opts.fast if c.quant is None), None)
+    int4_cfg = next((c for c in opts.fast if c.quant is not None), None)
+    head8 = float_cfg.name if float_cfg is not None and float_cfg.lm_head_bits else None
+    if head8 and suffix:
+        raise ExportError("an 8-bit lm_head on the float fast decoder is checked on the whole model only")
+    checks = FastChecks([c.name for c in opts.fast], ("decoder_fast_float_head" if head8 else "decoder_fast") + suffix,
+                        head8, TWIN + suffix if int4_cfg else None, int4_cfg.name + suffix if int4_cfg else None,
+                        layers, n)
+    dtype = opts.fast[0].dtype
+    # the float graph checks the wiring against transformers (float lm_head); twin and int4 carry the
+    # shipped graph's lm_head, so the int4 check isolates the int4 layers and its weights match byte for byte
+    wanted = [(checks.float_graph, None, None)]
+    if int4_cfg is not None:
+        wanted += [(checks.twin, fast_decoder.INT4_DEQUANTIZED, int4_cfg.lm_head_bits),
+                   (checks.int4, int4_cfg.quant, int4_cfg.lm_head_bits)]
+    scratch = [fast_decoder.FastDecoderConfig(name, dtype, quant, lm_head_bits=bits, block_size=opts.int4_block)
+               for name, quant, bits in wanted if name not in checks.shipped]
+    return checks, scratch
+
+
+def _build_fast_decoders(ck: LoadedCheckpoint, opts: ExportOptions, manifest: Manifest, tmp: Path, scratch: Path,
+                         stage: Callable[[str], None]) -> FastChecks:
+    """The package's fast decoders into `tmp` and the graphs their check needs into `scratch` (all in
+    manifest.graphs), from the loaded model, or (cpu targets) from the checkpoint a tensor at a time."""
+    n = manifest.text.num_layers
+    checks, check_graphs = _fast_plan(opts, _layers_to_check(ck, opts.check_layers), n)
+    if ck.deferred:
+        head, whole = LazyLlava(ck, opts.dtype, checks.layers), (lambda: LazyLlava(ck, opts.dtype))
+    else:
+        head, whole = ck.model, (lambda: ck.model)
+    for cfg in check_graphs:
+        stage(f"export {cfg.name} (for the check)")
+        spec = fast_decoder.build_fast_decoder(head, scratch / f"{cfg.name}.onnx", cfg)
         spec.file = f"{scratch.name}/{spec.file}"
-        manifest.graphs[name] = spec
-    cfg = FastDecoderConfig(name=shipped, dtype=manifest.dtype, quant=quant, lm_head_bits=head_bits,
-                            block_size=int4_block)
-    stage(f"export {cfg.name}")
-    manifest.graphs[cfg.name] = build_fast_decoder(LazyLlava(ck, dtype), tmp / f"{cfg.name}.onnx", cfg)
-    manifest.extra["fast_decoders"] = {cfg.name: asdict(cfg)}
+        manifest.graphs[cfg.name] = spec
+    for cfg in opts.fast:
+        stage(f"export {cfg.name}")
+        manifest.graphs[cfg.name] = fast_decoder.build_fast_decoder(whole(), tmp / f"{cfg.name}.onnx", cfg)
+        manifest.extra.setdefault("fast_decoders", {})[cfg.name] = asdict(cfg)
     return checks
 
 
 def _check_fast_decoders(manifest: Manifest, tmp: Path, checks: FastChecks, ref: verify.PromptReference,
                          bound: float, errors: dict[str, float], stage: Callable[[str], None]) -> None:
-    """float: the fast decoder's logits against transformers', within `bound`. int4: the float fast
-    graph is held to `bound` (the wiring all three graphs share), and the int4 graph must be within
-    INT4_RELATIVE_TOLERANCE of its twin whose MatMul weights are the int4 values times their scales
-    (what MatMulNBits' int8 activations cost), which a wrong packing, scale or block layout is far above.
+    """The float fast graph's logits against transformers', within `bound` (the wiring every fast graph
+    shares). An 8-bit lm_head on float layers: within LM_HEAD_INT8_RELATIVE_TOLERANCE of the float graph.
+    int4: the int4 graph must be within INT4_RELATIVE_TOLERANCE of its twin whose MatMul weights are the
+    int4 values times their scales (what MatMulNBits' int8 activations cost), which a wrong packing, scale
+    or block layout is far above.
 
     With fewer layers checked than the model has (`ref` is then transformers truncated to those layers):
     the shipped graph must hold every weight of the checked graph of its kind byte for byte (same
     names: its first layers, final norm, lm_head, rotary tables) and give finite logits on the check
     prompt; its later layers are written by the same code from other tensors, and are not compared."""
     got = {}
-    for name in (checks.float_graph, checks.twin, checks.int4):
+    for name in (checks.float_graph, checks.head8, checks.twin, checks.int4):
         if name is not None:
             stage(f"verify {name} against transformers")
             got[name], want = verify.fast_decoder_logits(manifest, tmp, name, ref)
     errors["decoder_fast_logits"] = err = float(np.abs(got[checks.float_graph] - want).max())
     if not err <= bound:
         raise ExportError(f"the fast decoder differs from transformers by {err:.3g} in logits (> {bound:.0e})")
+    if checks.head8:
+        errors["decoder_fast_lm_head_int8_vs_float"] = rel = verify.max_relative_error(got[checks.head8],
+                                                                                      got[checks.float_graph])
+        if not rel <= LM_HEAD_INT8_RELATIVE_TOLERANCE:
+            raise ExportError(f"the fast decoder with an 8-bit lm_head is {rel:.3g} (relative) from the float "
+                              f"lm_head's logits (> {LM_HEAD_INT8_RELATIVE_TOLERANCE}); its lm_head is broken")
     if checks.int4:
         errors["decoder_fast_int4_vs_twin"] = rel = verify.max_relative_error(got[checks.int4], got[checks.twin])
         errors["decoder_fast_int4_vs_transformers"] = verify.max_relative_error(got[checks.int4], want)
@@ -346,20 +480,28 @@ def _check_fast_decoders(manifest: Manifest, tmp: Path, checks: FastChecks, ref:
                               f"(> {INT4_RELATIVE_TOLERANCE}); the int4 graph is broken")
     scope = {"layers_checked": checks.layers, "num_layers": checks.num_layers}
     if checks.layers < checks.num_layers:
-        head = checks.int4 or checks.float_graph
-        stage(f"verify {checks.shipped} holds {head}'s weights")
-        differ = verify.weights_not_in(tmp, manifest.graphs[head], manifest.graphs[checks.shipped])
-        if differ:
-            raise ExportError(f"{checks.shipped} does not hold the checked graph's weights: {', '.join(differ[:5])}")
-        size = graph_size(tmp, manifest.graphs[checks.shipped])
-        if _fits_in_memory(2 * size):
-            stage(f"run {checks.shipped} on the check prompt")
-            logits, _ = verify.fast_decoder_logits(manifest, tmp, checks.shipped, ref)
-            if not np.isfinite(logits).all():
-                raise ExportError(f"{checks.shipped} gives non-finite logits on the check prompt")
-            scope["full_graph"] = "finite logits on the check prompt (prefill + 3 decode steps)"
-        else:
-            scope["full_graph"] = f"not run: {size / 2**30:.1f} GiB does not fit in memory"
-        scope["method"] = (f"graphs of the first {checks.layers} layers (+ final norm, lm_head) checked against "
-                           f"transformers truncated to them; {checks.shipped} holds their weights byte for byte")
+        for shipped in checks.shipped:
+            _check_shipped_holds(manifest, tmp, checks, shipped, ref, scope, stage)
     manifest.extra["verification_scope"] = scope
+
+
+def _check_shipped_holds(manifest: Manifest, tmp: Path, checks: FastChecks, shipped: str,
+                         ref: verify.PromptReference, scope: dict, stage: Callable[[str], None]) -> None:
+    """A shipped graph larger than the checked one: it holds the checked graph's weights byte for byte
+    and gives finite logits on the check prompt (when it fits in memory)."""
+    head = checks.int4 if manifest.extra["fast_decoders"][shipped]["quant"] else checks.float_graph
+    stage(f"verify {shipped} holds {head}'s weights")
+    differ = verify.weights_not_in(tmp, manifest.graphs[head], manifest.graphs[shipped])
+    if differ:
+        raise ExportError(f"{shipped} does not hold the checked graph's weights: {', '.join(differ[:5])}")
+    size = graph_size(tmp, manifest.graphs[shipped])
+    if _fits_in_memory(2 * size):
+        stage(f"run {shipped} on the check prompt")
+        logits, _ = verify.fast_decoder_logits(manifest, tmp, shipped, ref)
+        if not np.isfinite(logits).all():
+            raise ExportError(f"{shipped} gives non-finite logits on the check prompt")
+        scope["full_graph"] = "finite logits on the check prompt (prefill + 3 decode steps)"
+    else:
+        scope["full_graph"] = f"not run: {size / 2**30:.1f} GiB does not fit in memory"
+    scope["method"] = (f"graphs of the first {checks.layers} layers (+ final norm, lm_head) checked against "
+                       f"transformers truncated to them; {shipped} holds their weights byte for byte")
