@@ -470,11 +470,7 @@ def run(
                                  max_image_pixels=max_image_pixels)
     req = Request([(prompt, None)], [picture] if picture is not None else [])
     stream = None if as_json else (lambda e: out.print(e.text, end="", highlight=False, soft_wrap=True, markup=False))
-    if schema is not None:  # constrained decoding runs in the engine (a per-sequence grammar)
-        gen = pipe.run_engine([req], max_new_tokens, sampling, stop, json_schema=schema)
-    else:
-        gen = pipe.run([req], max_new_tokens=max_new_tokens, sampling=sampling, stop=stop)
-    result = drain(gen, stream)[0]
+    result = drain(pipe.run_engine([req], max_new_tokens, sampling, stop, json_schema=schema), stream)[0]
     if as_json:
         print(json.dumps(result.as_dict()))
     else:

@@ -266,12 +266,12 @@ def test_bad_flag_is_a_user_error_but_an_internal_valueerror_is_not(tiny_models,
     args = ["run", pkg, "--image", str(_image(tmp_path)), "--prompt", "hi", "--max-new-tokens", "2"]
     _assert_user_error(runner.invoke(app, [*args, "--top-p", "1.5"]), "top_p")
 
-    import llava_edge.runtime.pipeline as pipeline
+    import llava_edge.runtime.engine as engine  # `run` goes through the engine: it preprocesses the image
 
     def broken(*a, **k):
         raise ValueError("operands could not be broadcast together")  # what a numpy bug looks like
 
-    monkeypatch.setattr(pipeline, "preprocess", broken)
+    monkeypatch.setattr(engine, "preprocess", broken)
     result = runner.invoke(app, [*args, "--greedy"])
     assert result.exit_code not in (0, 2)
     assert isinstance(result.exception, ValueError) and "broadcast" in str(result.exception)

@@ -1,11 +1,14 @@
 """The Python API: Pipeline.from_package(dir).generate(image, prompt, ...).
 
-``generate``, ``stream`` and ``generate_batch`` are thin wrappers over the continuous-batching
-``Engine`` (runtime/engine.py): each request becomes a Sequence, and the engine steps until they end,
-so a request gets exactly the tokens it would get from the server. ``run`` is the static-batch loop:
-one left-padded batch in one cache, rows finishing independently; it serves backends that cannot
-address cache slots (``generate_batch`` on portable onnxruntime and TensorRT) and the benchmark
-harness's static-batch baseline.
+``generate``, ``stream``, ``generate_batch`` and ``run`` (the `run` and `chat` verbs; `watch` and
+`eval` call ``generate``) are thin clients of the continuous-batching ``Engine`` (runtime/engine.py):
+each request becomes a Sequence, and the engine steps until they end, so a request gets exactly the
+tokens, stop handling and text it would get from the server (one stop/detokenize path:
+``Sequence.append``). On backends without KV slots (portable onnxruntime, TensorRT) the engine has one
+slot (``model_runner.SingleRunner``). One exception, ``run`` with several requests on such a backend:
+one left-padded batch in one cache (``_run_static``), rows finishing independently, since a one-slot
+engine would serialize them; it is also the benchmark harness's static-batch baseline (see
+docs/serving.md, "The engine").
 """
 
 from __future__ import annotations
@@ -155,7 +158,15 @@ class Pipeline:
     # -- generation ---------------------------------------------------------------------------
     def run(self, requests: Sequence[Request], max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
             stop: Sequence[str] = ()) -> Iterator[TokenEvent]:
-        """Generate for a batch; yields TokenEvents, returns list[GenerationResult] (StopIteration.value)."""
+        """Generate for a batch; yields TokenEvents, returns list[GenerationResult] (StopIteration.value).
+        Through the engine, but for several requests on a backend without KV slots (one static batch)."""
+        if len(requests) > 1 and not isinstance(self.backend, SlotBackend):
+            return (yield from self._run_static(requests, max_new_tokens, sampling, stop))
+        return (yield from self.run_engine(requests, max_new_tokens, sampling, stop))
+
+    def _run_static(self, requests: Sequence[Request], max_new_tokens: int = 64,
+                    sampling: SamplingConfig | None = None, stop: Sequence[str] = ()) -> Iterator[TokenEvent]:
+        """One left-padded batch in one backend cache, rows finishing independently."""
         max_new_tokens = check_count(max_new_tokens, "max_new_tokens")
         if not requests:
             raise UsageError("no requests")
@@ -308,8 +319,6 @@ class Pipeline:
         if len(images) != len(prompts_):
             raise UsageError("generate_batch needs one image (or None) per prompt")
         reqs = [Request([(p, None)], [im] if im is not None else []) for im, p in zip(images, prompts_)]
-        if isinstance(self.backend, SlotBackend):
-            return drain(self.run_engine(reqs, max_new_tokens, sampling, stop))
         return drain(self.run(reqs, max_new_tokens, sampling, stop))
 
     def stream(self, image: Any, prompt: str, max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
