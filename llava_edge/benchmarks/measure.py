@@ -54,7 +54,7 @@ class TimedBackend:
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
-        if self.log._steps > 0:  # a decode-step embed: the previous token is known now
+        if self.log._steps > 0 and input_ids.shape[-1] == 1:  # a decode-step embed: the previous token is known
             self._mark(t0)
         out = self.inner.embed(input_ids)
         self.log._busy += time.perf_counter() - t0
@@ -73,6 +73,23 @@ class TimedBackend:
             self.log._busy = 0.0
         else:
             self.log._busy += t1 - t0
+        self.log._steps += 1
+        return out
+
+    # the engine's slot path (runtime/backend.SlotBackend): prefill per slot, then decode steps
+    def prefill_slot(self, kv: Any, slot: int, inputs_embeds: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        out = self.inner.prefill_slot(kv, slot, inputs_embeds)
+        t1 = time.perf_counter()
+        self.log.prefill_end = t1  # the last prefill before the first decode step wins
+        self.log._busy += t1 - t0
+        self.log._steps += 1
+        return out
+
+    def decode_slots(self, kv: Any, inputs_embeds: np.ndarray, active: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        out = self.inner.decode_slots(kv, inputs_embeds, active)
+        self.log._busy += time.perf_counter() - t0
         self.log._steps += 1
         return out
 

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import UsageError
+from ..runtime.engine import PromptTooLongError, check_context
 from ..runtime.pipeline import Pipeline
 from ..runtime.pipeline import Request as ChatTurns
 from ..runtime.preprocess import MAX_IMAGE_PIXELS
@@ -159,16 +160,18 @@ class ServerState:
             ids = pipe.encode_request(ChatTurns(turns, images))
         except UsageError as e:
             raise ApiError(400, str(e), "invalid_prompt") from None
-        room = pipe.manifest.text.max_context - len(ids)
+        context = pipe.manifest.text.max_context
         requested = chat.max_completion_tokens or chat.max_tokens
         if requested is not None and requested > c.max_tokens:
             raise ApiError(400, f"max_tokens={requested} is over the server's limit of {c.max_tokens}",
                            "invalid_value", "max_tokens")
-        max_tokens = requested or min(c.max_tokens, room)
-        if room < 1 or max_tokens > room:
+        max_tokens = requested or max(1, min(c.max_tokens, context - len(ids)))
+        try:
+            check_context(len(ids), max_tokens, context)  # the runtime's one check, its answer in API words
+        except PromptTooLongError:
             raise ApiError(400, f"the prompt has {len(ids)} tokens (image tokens included); with max_tokens="
-                           f"{max_tokens} it does not fit the model's context of {pipe.manifest.text.max_context}",
-                           "context_length_exceeded", "messages")
+                           f"{max_tokens} it does not fit the model's context of {context}",
+                           "context_length_exceeded", "messages") from None
         stop = [chat.stop] if isinstance(chat.stop, str) else list(chat.stop or [])
         if len(stop) > 4:
             raise ApiError(400, "at most 4 stop strings", "invalid_value", "stop")
@@ -513,7 +516,8 @@ async def _complete(reader: ResponseReader, request: Request, cid: str) -> Respo
     logprobs = None
     if seq.top_logprobs is not None:
         logprobs = logprobs_body(state.pipe.tokenizer, r.token_ids, seq.logprobs)
-    return JSONResponse(completion_body(cid, state.config.model_name, r.text, r.finish_reason, r.token_ids,
+    # the text the stream would have sent, delta for delta (not re-decoded from all ids and stripped)
+    return JSONResponse(completion_body(cid, state.config.model_name, seq.visible_text(), r.finish_reason, r.token_ids,
                                         r.prompt_tokens, logprobs))
 
 

@@ -12,6 +12,7 @@ import logging
 import threading
 
 from ..runtime.engine import Engine
+from ..runtime.finish import FinishReason
 from ..runtime.sequence import Sequence, TokenEvent
 
 log = logging.getLogger("llava_edge.serve")
@@ -84,7 +85,7 @@ class EngineWorker:
                 events = engine.step()
             except Exception:  # noqa: BLE001 - a bug in a step must not kill the server: fail what is live
                 log.exception("engine step failed; failing the running requests")
-                events = [TokenEvent(sid, None, "", "error") for sid in list(engine._live)]
+                events = [TokenEvent(sid, None, "", FinishReason.ERROR) for sid in list(engine._live)]
                 for sid in list(engine._live):
                     engine.cancel(sid)
             if events:

@@ -221,11 +221,13 @@ def test_verify_passes_on_an_intact_package_and_names_the_file(runner, pkg, corr
 
 
 def test_internal_error_keeps_its_traceback(runner, pkg, image_file, monkeypatch):
+    import llava_edge.runtime.engine as engine
     import llava_edge.runtime.pipeline as pipeline
 
     def broken(*a, **k):
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(pipeline, "preprocess", broken)
+    monkeypatch.setattr(engine, "preprocess", broken)  # `run` goes through the engine
     r = runner.invoke(app, ["run", str(pkg), "-i", str(image_file), "-p", "hi"])
     assert r.exit_code == 1 and isinstance(r.exception, RuntimeError)

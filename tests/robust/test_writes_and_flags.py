@@ -317,10 +317,11 @@ class Result:
     def as_dict(self):
         return {"text": self.text}
 class Fake:
-    def run(self, reqs, **kw):
+    def run(self, reqs, *args, **kw):
         for _ in range(N):
             yield types.SimpleNamespace(text="word ")
         return [Result()]
+    run_engine = run
 P.Pipeline.from_package = staticmethod(lambda *a, **k: Fake())
 from llava_edge.cli import app
 sys.argv[0] = "llava-edge"
