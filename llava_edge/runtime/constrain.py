@@ -16,6 +16,7 @@ the schema room.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -25,6 +26,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from ..errors import UsageError
+
+log = logging.getLogger("llava_edge.constrain")
 
 _LL_TOKENIZERS: dict[int, Any] = {}  # id(Tokenizer) -> (Tokenizer, LLTokenizer): building one costs ~ms..1s
 
@@ -56,8 +59,11 @@ def ll_tokenizer(tokenizer: Tokenizer, eos_ids: frozenset[int] | set[int] | list
     try:
         lt = llg.LLTokenizer(tokenizer.to_str(), eos_token=eos or None)
     except ValueError as e:
-        raise ConstraintError(f"this model's tokenizer cannot be used for JSON-schema answers ({e}): constrained "
-                              "decoding needs a byte-level BPE or byte-fallback tokenizer") from None
+        log.debug("llguidance refused the tokenizer: %s", e)  # its words name its internals, not the fix
+        kind = type(tokenizer.model).__name__ if hasattr(tokenizer, "model") else "this"
+        raise ConstraintError(f"this model's tokenizer ({kind}) cannot spell arbitrary JSON, so JSON-schema answers "
+                              "are not available for it: they need a byte-level BPE or byte-fallback tokenizer, as "
+                              "LLaVA checkpoints have") from None
     _LL_TOKENIZERS[id(tokenizer)] = (tokenizer, lt)
     return lt
 

@@ -146,8 +146,9 @@ def test_unsupported_schema_and_tokenizer_are_one_line_errors(pipe, bpe_package,
     from llava_edge.demo import ASSET
     from tokenizers import Tokenizer
 
-    with pytest.raises(ConstraintError, match="byte-level"):
+    with pytest.raises(ConstraintError, match="byte-level") as refused:
         Grammar(Tokenizer.from_file(str(ASSET / "tokenizer.json")), frozenset([3]), SCHEMA)
+    assert "decoder type" not in str(refused.value) and "WordLevel" in str(refused.value)  # the fix, not internals
 
 
 def test_run_cli_json_schema(bpe_package, tmp_path):
