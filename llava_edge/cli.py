@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import inspect as _inspect
 import json
 import logging
 import math
@@ -18,7 +19,7 @@ import shlex
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -31,13 +32,29 @@ from .errors import LlavaEdgeError, Terminated, UsageError
 from .io_safe import WRITE_ERRNOS, check_regular_file, display, write_error
 from .package import sigterm_as_interrupt
 from .runtime.preprocess import MAX_IMAGE_PIXELS
+from .runtime.sizes import format_size, parse_size
+from .serve.settings import API_KEY_ENV, BACKEND_HELP, Setting, serve_settings
 
 console = Console(stderr=True)
 out = Console()
 # click's exception classes, wherever this typer keeps them (its own vendored copy since 0.22, click before)
 _click_errors = sys.modules[typer.BadParameter.__module__]
-BACKEND_HELP = ("auto (the fastest graph the package has: TensorRT engines, int4 fast, fast, portable decoder), ort, "
-                "ort-fast, ort-fast-int4 or tensorrt.")
+# One name, type and meaning per flag across verbs (tests/test_cli.py checks it). "Tokens to generate" is
+# --max-new-tokens everywhere; serve's --max-tokens is another thing (the server's cap on the API's max_tokens).
+# An old name stays as a second name of its option, listed after the canonical one.
+MAX_NEW_TOKENS = "--max-new-tokens"
+IMAGE_PIXELS_HELP = ("Refuse images with more pixels (width x height), read from the header before decoding: 40M "
+                     "or a plain count, as in serve.")
+
+
+_ARGS: list[str] = []  # this run's command line, for _typed
+
+
+def _typed(*names: str) -> str:
+    """Of an option's names (canonical first, then old ones), the one this command line used: an error
+    names the flag the user typed."""
+    used = [a.split("=", 1)[0] for a in _ARGS if a.split("=", 1)[0] in names]
+    return used[-1] if used else names[0]
 
 
 class _NoteHandler(logging.Handler):
@@ -53,6 +70,7 @@ class _Group(TyperGroup):
     unwinds like Ctrl-C (staging directories removed)."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        _ARGS[:] = list(sys.argv[1:] if args is None else args)
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         logger = logging.getLogger("llava_edge")
@@ -268,6 +286,71 @@ def _load_schema(path: Path | None) -> dict | None:
     return load_schema(path)
 
 
+def _size(flag: str) -> Callable[[Any], int]:
+    """The parser of a size option (10MB, 40M, 512KiB or a plain count), the same in every verb; a bad value
+    is click's one `Invalid value for '--flag'` line, like any other unreadable number."""
+
+    def size(text: Any) -> int:
+        try:
+            return parse_size(text, flag)
+        except UsageError:
+            raise typer.BadParameter(f"cannot read {text!r} as a size (e.g. 10MB, 40M, 2000000)") from None
+
+    return size
+
+
+def _size_option(default: int, flag: str, help: str, unit: str = "", **kw: Any) -> Any:
+    return typer.Option(format_size(default, unit), flag, parser=_size(flag), metavar="SIZE", help=help, **kw)
+
+
+def _setting_option(s: Setting) -> tuple[Any, Any]:
+    """A ServeConfig option field (serve/settings.py) as a typer option: (annotation, typer.Option)."""
+    kw = {"help": s.help, "envvar": s.envvar}
+    if s.kind == "bool":
+        return bool, typer.Option(s.default, f"{s.flag}/--no-{s.flag[2:]}", **kw)
+    if s.kind == "size":
+        return int, _size_option(s.default, s.flag, unit=s.unit, **kw)
+    if s.kind == "list":
+        return list[str], typer.Option(list(s.default), s.flag, **kw)
+    base = {"str": str, "int": int, "float": float, "path": Path}[s.kind]
+    return (Optional[base] if s.optional else base), typer.Option(s.default, s.flag, **kw)
+
+
+def _with_settings(settings: tuple[Setting, ...], after: str):
+    """Give a command one option per setting, declared where the settings are (no flag written twice): they
+    come after its parameter `after` in --help, and reach the command as one dict, `settings` (lists as
+    tuples). typer reads the signature, so the wrapper's is the command's with `settings` replaced by them."""
+
+    def decorate(fn: Callable) -> Callable:
+        import typing
+
+        hints = typing.get_type_hints(fn)
+        own = [p.replace(kind=_inspect.Parameter.KEYWORD_ONLY, annotation=hints[p.name])
+               for p in _inspect.signature(fn).parameters.values() if p.name != "settings"]
+        added = []
+        for s in settings:
+            annotation, default = _setting_option(s)
+            added.append(_inspect.Parameter(s.name, _inspect.Parameter.KEYWORD_ONLY, default=default,
+                                            annotation=annotation))
+        cut = [p.name for p in own].index(after) + 1
+
+        @functools.wraps(fn)
+        def wrapper(**kwargs):
+            values = {s.name: kwargs.pop(s.name) for s in settings}
+            values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+            return fn(settings=values, **kwargs)
+
+        params = own[:cut] + added + own[cut:]
+        wrapper.__signature__ = _inspect.Signature(params)
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        return wrapper
+
+    return decorate
+
+
+SERVE_SETTINGS = serve_settings()
+
+
 @app.command()
 @friendly
 def export(
@@ -355,9 +438,9 @@ def quantize(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="New package directory "
                                           "(default PKG-METHOD-intBITS-gGROUP)."),
     quantize_lm_head: bool = typer.Option(False, help="Quantize lm_head too (kept fp by default)."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Random seed of the calibration set (which samples, the synthetic images)."),
     threads: Optional[int] = typer.Option(None, help="torch threads for GPTQ."),
-    overwrite: bool = typer.Option(False),
+    overwrite: bool = typer.Option(False, help="Replace an existing output package directory."),
 ) -> None:
     """GPTQ (or RTN) the decoder to 4 bits, calibrated on image+text conversations; writes a new package."""
     from .package import check_output_dir, load_manifest
@@ -398,7 +481,9 @@ def build(
     max_images: Optional[int] = typer.Option(None, help="Images per prompt."),
     workspace_gb: Optional[float] = typer.Option(None, help="TensorRT builder workspace."),
     timing_cache: Optional[Path] = typer.Option(None, help="Reuse/refresh this timing cache file."),
-    plugins: str = typer.Option("auto", help="auto|on|off: on = decoder with our Triton attention plugin (TensorRT >= 10.9); auto = the plugin decoder on TensorRT >= 10.9 when the model allows it, standard ops otherwise (10.3); off = standard ops."),
+    plugins: str = typer.Option("auto", help="auto|on|off: on = decoder with our Triton attention plugin (TensorRT "
+                                ">= 10.9); auto = the plugin decoder on TensorRT >= 10.9 when the model allows it, "
+                                "standard ops otherwise (10.3); off = standard ops."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan only (profiles, memory, op support); "
                                  "needs no TensorRT."),
     trt_version: Optional[str] = typer.Option(None, help="With --dry-run: plan for this TensorRT version."),
@@ -431,7 +516,7 @@ def run(
     package: Path = typer.Argument(..., help="Model package directory (from export/quantize)."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="The question or instruction."),
     image: Optional[Path] = typer.Option(None, "--image", "-i", help="Image file (jpg, png, ...)."),
-    max_new_tokens: int = typer.Option(64, help="Generate at most this many tokens."),
+    max_new_tokens: int = typer.Option(64, MAX_NEW_TOKENS, help="Generate at most this many tokens."),
     greedy: bool = typer.Option(False, "--greedy", help="Deterministic argmax decoding (the default without "
                                 "--temperature)."),
     temperature: Optional[float] = typer.Option(None, help="Sample with this temperature (> 0)."),
@@ -446,8 +531,7 @@ def run(
                                          "cpu; tensorrt: cuda); default: the backend's first."),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
     template: Optional[str] = typer.Option(None, help="Override the package's chat template."),
-    max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, help="Refuse images with more pixels (width x height), "
-                                         "read from the header before decoding."),
+    max_image_pixels: int = _size_option(MAX_IMAGE_PIXELS, "--max-image-pixels", IMAGE_PIXELS_HELP),
     json_schema: Optional[Path] = typer.Option(None, "--json-schema", help="Answer with JSON that validates "
                                                "against this JSON-schema file (constrained decoding)."),
 ) -> None:
@@ -476,8 +560,8 @@ def run(
     else:
         out.print()
         t = result.timings
-        console.print(f"[dim]{len(result.token_ids)} tokens, vision {t.vision_ms:.1f} ms, prefill {t.prefill_ms:.1f} ms, "
-                      f"{t.tokens_per_s:.1f} tok/s ({result.finish_reason})[/]")
+        console.print(f"[dim]{len(result.token_ids)} tokens, vision {t.vision_ms:.1f} ms, prefill "
+                      f"{t.prefill_ms:.1f} ms, {t.tokens_per_s:.1f} tok/s ({result.finish_reason})[/]")
 
 
 @app.command()
@@ -485,15 +569,14 @@ def run(
 def chat(
     package: Path = typer.Argument(..., help="Model package directory."),
     image: Optional[Path] = typer.Option(None, "--image", "-i", help="Image the conversation is about."),
-    max_new_tokens: int = typer.Option(128, help="Per answer."),
+    max_new_tokens: int = typer.Option(128, MAX_NEW_TOKENS, help="Generate at most this many tokens per answer."),
     temperature: Optional[float] = typer.Option(None, help="Sample with this temperature (default greedy)."),
-    top_p: float = typer.Option(1.0),
-    seed: Optional[int] = typer.Option(None),
-    threads: Optional[int] = typer.Option(None),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
+    seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
+    threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda; default: the backend's first."),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
-    max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, help="Refuse images with more pixels (width x height), "
-                                         "read from the header before decoding."),
+    max_image_pixels: int = _size_option(MAX_IMAGE_PIXELS, "--max-image-pixels", IMAGE_PIXELS_HELP),
 ) -> None:
     """Multi-turn chat in the terminal. /image PATH switches image, /reset forgets, /quit (or Ctrl-D) exits.
 
@@ -636,7 +719,8 @@ def inspect(package: Path = typer.Argument(..., help="Model package directory.")
     for name, g in m.graphs.items():
         fmt = lambda ts: "\n".join(f"{x.name} {x.dtype}{x.shape}" for x in ts)  # noqa: E731
         err = "-" if g.max_abs_error is None else f"{g.max_abs_error:.1e}"
-        table.add_row(name, g.file, f"{g.size_bytes / 1e6:.2f} MB", fmt(g.inputs[:3]) + ("\n..." if len(g.inputs) > 3 else ""),
+        table.add_row(name, g.file, f"{g.size_bytes / 1e6:.2f} MB",
+                      fmt(g.inputs[:3]) + ("\n..." if len(g.inputs) > 3 else ""),
                       fmt(g.outputs[:2]) + ("\n..." if len(g.outputs) > 2 else ""), err)
     out.print(table)
     out.print(f"quantization: {json.dumps(m.quantization) if m.quantization else 'none'}")
@@ -651,7 +735,8 @@ def bench(
     device: str = typer.Option("cpu", help="cpu or cuda (onnxruntime backends)."),
     batch: str = typer.Option("1", help="Comma list of batch sizes."),
     prompt_len: str = typer.Option("64", help="Comma list of text prompt lengths (image tokens come on top)."),
-    new_tokens: int = typer.Option(128, help="Tokens generated per request (eos ignored)."),
+    max_new_tokens: int = typer.Option(128, MAX_NEW_TOKENS, "--new-tokens", help="Tokens generated per request "
+                                       "(eos ignored, so exactly this many; --new-tokens: its old name)."),
     baseline: Optional[str] = typer.Option(None, help="'transformers' to run HF generate in the same run."),
     checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint for the transformers baseline."),
     repeat: int = typer.Option(3, help="Measured repeats (medians reported)."),
@@ -666,7 +751,7 @@ def bench(
     from .io_safe import atomic_output, write_atomic
 
     _positive(threads, "--threads")
-    _positive(new_tokens, "--new-tokens")
+    _positive(max_new_tokens, _typed(MAX_NEW_TOKENS, "--new-tokens"))
     for path in (output, plot, md):
         _check_output_file(path)
     try:
@@ -680,7 +765,7 @@ def bench(
     from .benchmarks.harness import run_benchmark
 
     report = run_benchmark(package, backend=backend, batch=batches,
-                           prompt_len=prompt_lens, new_tokens=new_tokens,
+                           prompt_len=prompt_lens, new_tokens=max_new_tokens,
                            baseline=baseline, checkpoint=checkpoint, repeat=repeat, warmup=warmup, threads=threads,
                            device=device, with_image=not no_image, out_json=None, plot=None,
                            on_progress=lambda s: console.print(f"[dim]{escape(s)}[/]"))
@@ -726,7 +811,10 @@ def evaluate_cmd(
                                   "checkpoint (scored with transformers)."),
     n: int = typer.Option(300, help="Held-out scenes (5-9 questions each)."),
     backend: str = typer.Option("auto", help="Runtime backend for packages: " + BACKEND_HELP),
-    threads: Optional[int] = typer.Option(None),
+    threads: Optional[int] = typer.Option(None, help="onnxruntime threads (a package) or torch threads (a "
+                                          "checkpoint)."),
+    max_new_tokens: int = typer.Option(8, MAX_NEW_TOKENS, help="Generate at most this many tokens per answer "
+                                       "(the answers are a word or two)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write per-type results JSON here."),
 ) -> None:
     """Exact-match accuracy per question type on the synthetic held-out set (the trained tiny LLaVA's task)."""
@@ -735,14 +823,15 @@ def evaluate_cmd(
     from .synthetic.evaluate import evaluate, format_table, overall, package_answerer, torch_answerer
 
     _positive(n, "--n")
+    _positive(max_new_tokens, MAX_NEW_TOKENS)
     _positive(threads, "--threads")
     if not target.exists():
         raise FileNotFoundError(f"{target} not found")
     _check_output_file(output)  # now, not after minutes of answering
     if (target / MANIFEST_NAME).is_file():
-        answer = package_answerer(target, backend=backend, threads=threads)
+        answer = package_answerer(target, backend=backend, max_new_tokens=max_new_tokens, threads=threads)
     else:
-        answer = torch_answerer(target, threads=threads)
+        answer = torch_answerer(target, max_new_tokens=max_new_tokens, threads=threads)
     results = evaluate(answer, n=n, progress=True)
     out.print(format_table(results), markup=False, soft_wrap=True)
     out.print(f"overall: {100 * overall(results):.2f}%", markup=False)
@@ -755,7 +844,7 @@ def evaluate_cmd(
 def demo(
     workdir: Optional[Path] = typer.Option(None, help="Keep the demo's checkpoint and package here "
                                            "(default: a temporary directory)."),
-    max_new_tokens: int = typer.Option(16),
+    max_new_tokens: int = typer.Option(16, MAX_NEW_TOKENS, help="Generate at most this many tokens in the answer."),
 ) -> None:
     """The whole path on a built-in model, no files needed: checkpoint -> export -> verify -> answer."""
     from .package import check_output_dir, check_writable
@@ -774,23 +863,12 @@ def demo(
 
 @app.command()
 @friendly
+@_with_settings(SERVE_SETTINGS, after="package")
 def serve(
     package: Optional[Path] = typer.Argument(None, help="Model package directory (default: the built-in tiny "
                                              "LLaVA, exported once into a cache directory; needs the export "
                                              "extra)."),
-    host: str = typer.Option("127.0.0.1", help="Address to bind (127.0.0.1: this machine only)."),
-    port: int = typer.Option(8000, help="TCP port."),
-    backend: str = typer.Option("auto", help=BACKEND_HELP),
-    max_slots: int = typer.Option(4, help="Sequences decoded together (KV-cache slots)."),
-    api_key: Optional[str] = typer.Option(None, envvar="LLAVA_EDGE_API_KEY",
-                                          help="Require 'Authorization: Bearer KEY' on /v1 routes."),
-    max_image_bytes: str = typer.Option("10MB", help="Largest accepted image file."),
-    max_image_pixels: str = typer.Option("40M", help="Largest accepted image, in pixels."),
-    max_images_per_request: int = typer.Option(4, help="Images in one request."),
-    max_tokens: int = typer.Option(512, help="Most tokens one request may generate (and the default)."),
-    queue_size: int = typer.Option(64, help="Requests waiting for a slot before new ones get 429."),
-    media_dir: Optional[Path] = typer.Option(None, help="Directory whose files requests may name as images."),
-    threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads."),
+    settings: dict = None,  # every ServeConfig option (serve/settings.py): --host ... --shutdown-timeout
     ray: bool = typer.Option(False, "--ray", help="Serve through Ray Serve: replicas over one or many machines "
                              "(PACKAGE may be several directories separated by commas, chosen by `model`)."),
     replicas: Optional[int] = typer.Option(None, help="With --ray: fixed number of replicas (default 1)."),
@@ -801,73 +879,39 @@ def serve(
     cpus_per_replica: float = typer.Option(1.0, help="With --ray: CPUs each replica reserves (also its threads)."),
     write_config: Optional[Path] = typer.Option(None, help="With --ray: write a serve config YAML for "
                                                 "`serve deploy FILE` and exit."),
-    prefill_chunk: int = typer.Option(256, help="Prompt tokens per engine step (smaller: running streams stall "
-                                      "less while a new prompt is prefilled; larger: faster first tokens)."),
-    image_cache_mb: float = typer.Option(64.0, help="Image features kept by content digest, in MB (0: off)."),
-    ui: bool = typer.Option(True, "--ui/--no-ui", help="Serve the kiosk page (camera, upload, streamed answers) "
-                            "at /."),
-    suggest: list[str] = typer.Option([], help="A suggested question on the kiosk page (repeatable; default: "
-                                      "questions about the demo model's shapes)."),
-    allowed_host: list[str] = typer.Option([], help="A Host name clients may use besides loopback names, IP "
-                                           "addresses and this machine's name (repeatable; '.lan' for a suffix, "
-                                           "'*' for any): protects against DNS rebinding."),
-    allow_origin: list[str] = typer.Option([], help="A web page origin (http://kiosk.lan:8000) allowed to call "
-                                           "the API besides the server's own page (repeatable; '*' for any)."),
-    max_prompt_bytes: str = typer.Option("256KB", help="Largest prompt text of one request (images not "
-                                         "counted); refused before it is parsed."),
-    header_timeout: float = typer.Option(10.0, help="Seconds a client may take to send its request headers."),
-    body_timeout: float = typer.Option(30.0, help="Seconds a client may take to send its request body."),
-    max_connections: int = typer.Option(256, help="Open connections; more are closed at once."),
-    shutdown_timeout: float = typer.Option(10.0, help="Seconds SIGTERM waits for running requests before "
-                                           "cancelling them."),
 ) -> None:
     """Serve the package over an OpenAI-compatible HTTP API (continuous batching) and a kiosk page at /.
 
     On by default: requests must name this server in Host (DNS rebinding), come from its own page or no
     page (Origin), and POST JSON; slow or oversized requests are cut off before they cost the model time.
     docs/serving.md lists every limit."""
-    from .serve.settings import API_KEY_ENV, check_api_key
+    from .serve.settings import check_api_key
 
-    if api_key is None and API_KEY_ENV in os.environ:  # click treats an empty variable as unset
+    if settings["api_key"] is None and API_KEY_ENV in os.environ:  # click treats an empty variable as unset
         check_api_key(os.environ[API_KEY_ENV], API_KEY_ENV)
-    if (ray or write_config is not None) and package is None:
-        package = _builtin_package()
+    host, port = settings["host"], settings["port"]
     if ray or write_config is not None:
+        if package is None:
+            package = _builtin_package()
+        forwarded = {s.name: settings[s.name] for s in SERVE_SETTINGS if s.ray and settings[s.name] != ()}
         return _serve_ray(package, host, port, ray_address, write_config, {
-            "package": str(package), "backend": backend, "max_slots": max_slots, "api_key": api_key,
-            "max_image_bytes": max_image_bytes, "max_image_pixels": max_image_pixels,
-            "max_images_per_request": max_images_per_request, "max_tokens": max_tokens, "queue_size": queue_size,
-            "media_dir": media_dir, "threads": threads, "prefill_chunk": prefill_chunk,
-            "image_cache_mb": image_cache_mb, "ui": ui, "allowed_hosts": tuple(allowed_host) or None,
-            "allow_origins": tuple(allow_origin) or None, "max_prompt_bytes": max_prompt_bytes,
-            "body_timeout": body_timeout, "replicas": replicas,
-            "autoscale": autoscale, "gpus_per_replica": gpus_per_replica, "cpus_per_replica": cpus_per_replica})
+            "package": str(package), **forwarded, "replicas": replicas, "autoscale": autoscale,
+            "gpus_per_replica": gpus_per_replica, "cpus_per_replica": cpus_per_replica})
     if replicas is not None or autoscale is not None or ray_address is not None:
         raise UsageError("--replicas, --autoscale and --ray-address need --ray")
     try:
-        from .serve.app import ServeConfig
-        from .serve.server import parse_size, serve as run_server
+        from .serve.server import serve as run_server
+        from .serve.settings import ServeConfig
     except ImportError as e:
         raise UsageError(f"serving needs the serve extra: pip install 'llava-edge[serve]' ({e})") from None
 
-    config = ServeConfig(package or Path("tiny-llava"), model_name="" if package else "tiny-llava",
-                         host=host, port=port, backend=backend, max_slots=max_slots, api_key=api_key,
-                         max_image_bytes=parse_size(max_image_bytes, "--max-image-bytes"),
-                         max_image_pixels=parse_size(max_image_pixels, "--max-image-pixels"),
-                         max_images_per_request=max_images_per_request, max_tokens=max_tokens,
-                         queue_size=queue_size, media_dir=media_dir, threads=threads, prefill_chunk=prefill_chunk,
-                         image_cache_mb=image_cache_mb, ui=ui, suggest=tuple(suggest),
-                         allowed_hosts=tuple(allowed_host),
-                         allow_origins=tuple(allow_origin),
-                         max_prompt_bytes=parse_size(max_prompt_bytes, "--max-prompt-bytes"),
-                         header_timeout=header_timeout, body_timeout=body_timeout,
-                         max_connections=max_connections, shutdown_timeout=shutdown_timeout)
+    config = ServeConfig(package or Path("tiny-llava"), model_name="" if package else "tiny-llava", **settings)
     if package is None:
         config.validate()  # a bad flag is refused before the first start's export
         config.package = _builtin_package()
     from .serve.hints import slots_hint
 
-    hint = slots_hint(config.package, backend)
+    hint = slots_hint(config.package, config.backend)
     if hint:
         console.print(f"[yellow]note:[/] {escape(hint)}", highlight=False, soft_wrap=True)
     run_server(config)
@@ -911,7 +955,9 @@ def bench_serve_cmd(
     server_pid: Optional[int] = typer.Option(None, help="With --url: the server's pid, for RSS."),
     clients: str = typer.Option("1,2,4,8", help="Comma list of concurrent client counts."),
     requests: int = typer.Option(4, help="Streaming requests per client per level."),
-    max_tokens: int = typer.Option(32, help="Tokens per request (eos ignored)."),
+    max_new_tokens: int = typer.Option(32, MAX_NEW_TOKENS, "--max-tokens", help="Tokens generated per request, "
+                                       "sent as its max_tokens (eos ignored, so exactly this many; --max-tokens: "
+                                       "its old name)."),
     max_slots: int = typer.Option(8, help="The started server's --max-slots."),
     backend: str = typer.Option("auto", help="The started server's --backend."),
     threads: Optional[int] = typer.Option(2, help="The started server's --threads."),
@@ -931,7 +977,8 @@ def bench_serve_cmd(
 
     if (package is None) == (url is None):
         raise UsageError("give a PACKAGE to serve or --url of a running server (one of them)")
-    bench_serve(package, url, [int(x) for x in clients.split(",")], requests, max_tokens, max_slots, threads,
+    _positive(max_new_tokens, _typed(MAX_NEW_TOKENS, "--max-tokens"))
+    bench_serve(package, url, [int(x) for x in clients.split(",")], requests, max_new_tokens, max_slots, threads,
                 backend, arrival, soak, server_pid, name, out_dir, prefill_chunk=prefill_chunk, scaling=scaling,
                 server_args=server_arg,
                 progress=lambda s: console.print(f"[dim]{escape(s)}[/]"))
@@ -950,7 +997,7 @@ def watch(
                                                "this JSON-schema file."),
     threshold: float = typer.Option(1.0, help="A frame whose mean absolute RGB difference (0-255) from the last "
                                     "answered frame is below this reuses that answer (0: identical frames only)."),
-    max_new_tokens: int = typer.Option(64, help="Generate at most this many tokens per answer."),
+    max_new_tokens: int = typer.Option(64, MAX_NEW_TOKENS, help="Generate at most this many tokens per answer."),
     max_frames: Optional[int] = typer.Option(None, help="Stop after this many sampled frames."),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
     threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads."),

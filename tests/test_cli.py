@@ -275,3 +275,122 @@ def test_bad_flag_is_a_user_error_but_an_internal_valueerror_is_not(tiny_models,
     result = runner.invoke(app, [*args, "--greedy"])
     assert result.exit_code not in (0, 2)
     assert isinstance(result.exception, ValueError) and "broadcast" in str(result.exception)
+
+
+# -- options: defined once, one name and type per flag, help everywhere (issue 23) ---------------------------
+def _commands():
+    import typer.main
+
+    return typer.main.get_command(app).commands
+
+
+def _options(cmd):
+    return [p for p in cmd.params if getattr(p, "opts", None) and p.param_type_name == "option"]
+
+
+def _type(p) -> str:
+    """An option's value type as the user meets it: Optional[int] is int; a size parser is "size"."""
+    import typing
+
+    info = p.type_descriptor
+    parser = getattr(info.parameter_info, "parser", None)
+    if parser is not None:
+        return parser.__name__
+    args = [a for a in typing.get_args(info.annotation) if a is not type(None)]
+    annotation = args[0] if typing.get_origin(info.annotation) is typing.Union and len(args) == 1 else info.annotation
+    return f"{annotation}{' flag' if p.is_flag else ''}"
+
+
+def test_every_option_and_argument_of_every_command_has_help():
+    missing = [f"{name} {p.name}" for name, cmd in _commands().items() for p in cmd.params
+               if not (getattr(p, "help", None) or "").strip()]
+    assert not missing, f"without help text: {missing}"
+    assert all((cmd.help or "").strip() for cmd in _commands().values())
+
+
+def test_a_flag_has_one_type_and_a_short_flag_one_long_name_in_every_verb():
+    types: dict[str, dict[tuple, list[str]]] = {}
+    shorts: dict[str, dict[str, list[str]]] = {}
+    for name, cmd in _commands().items():
+        for p in _options(cmd):
+            kind = _type(p)
+            longs = [o for o in p.opts if o.startswith("--")]
+            for flag in [*p.opts, *p.secondary_opts]:
+                types.setdefault(flag, {}).setdefault(kind, []).append(name)
+            for flag in (o for o in p.opts if not o.startswith("--")):
+                shorts.setdefault(flag, {}).setdefault(longs[0], []).append(name)
+    assert not {f: k for f, k in types.items() if len(k) > 1}, "a flag with different types in different verbs"
+    assert not {f: k for f, k in shorts.items() if len(k) > 1}, "a short flag standing for different options"
+    assert set(shorts) == {"-o", "-p", "-i", "-s"}  # --output, --prompt, --image, watch's --source
+
+
+def test_tokens_to_generate_is_max_new_tokens_and_old_names_come_second():
+    for name in ("run", "chat", "watch", "eval", "bench", "bench-serve", "demo"):
+        (p,) = [p for p in _commands()[name].params if "--max-new-tokens" in p.opts]
+        assert p.opts[0] == "--max-new-tokens" and p.name == "max_new_tokens", (name, p.opts)
+    old = {name: [o for p in _options(cmd) for o in [o for o in p.opts if o.startswith("--")][1:]]
+           for name, cmd in _commands().items()}
+    assert {k: v for k, v in old.items() if v} == {"bench": ["--new-tokens"], "bench-serve": ["--max-tokens"]}
+    # serve's --max-tokens is the server's cap on the API's max_tokens, its own setting (serve/settings.py)
+    (cap,) = [p for p in _commands()["serve"].params if "--max-tokens" in p.opts]
+    assert cap.opts == ["--max-tokens"] and "--max-new-tokens" in cap.help
+
+
+def _parse(verb, *args):
+    return _commands()[verb].make_context(verb, list(args)).params
+
+
+@pytest.mark.parametrize("value, pixels", [("40M", 40_000_000), ("2000000", 2_000_000), ("1Mi", 2**20),
+                                           (" 3k ", 3000)])
+def test_max_image_pixels_reads_the_same_sizes_in_every_verb(value, pixels):
+    for verb, args in (("run", ["pkg", "-p", "x"]), ("chat", ["pkg"]), ("serve", [])):
+        assert _parse(verb, *args, "--max-image-pixels", value)["max_image_pixels"] == pixels, verb
+    r = runner.invoke(app, ["run", "pkg", "-p", "x", "--max-image-pixels", "lots"])
+    _assert_user_error(r, "Invalid value for '--max-image-pixels'", "cannot read 'lots' as a size")
+
+
+def test_serve_flags_ray_args_and_defaults_come_from_the_serve_config_fields():
+    import dataclasses
+
+    from llava_edge.serve.settings import ServeConfig, serve_settings
+
+    settings = serve_settings()
+    names = {f.name for f in dataclasses.fields(ServeConfig) if f.init} - {"package", "model_name"}
+    assert {s.name for s in settings} == names  # every setting is an option
+    flags = {o for p in _options(_commands()["serve"]) for o in [*p.opts, *p.secondary_opts]}
+    assert {s.flag for s in settings} <= flags
+    assert "--no-ui" in flags and {"--allowed-host", "--allow-origin", "--suggest"} <= flags
+    parsed = _parse("serve")  # the CLI's defaults are the dataclass's, sizes included (once 256KB vs 256KiB)
+    for s in settings:
+        value = parsed[s.name]
+        assert (tuple(value) if isinstance(value, list) else value) == s.default, s.name
+    cfg = ServeConfig("pkg", **{s.name: parsed[s.name] for s in settings})
+    cfg.validate()
+
+
+def test_ray_builder_args_are_the_serve_config_fields_ray_forwards():
+    pytest.importorskip("ray", reason="needs the ray extra")
+    from llava_edge.serve import ray_app
+    from llava_edge.serve.settings import serve_settings
+
+    assert set(ray_app._SERVE_ARGS) == {s.name for s in serve_settings() if s.ray}
+    assert ray_app._SERVE_ARGS["max_image_pixels"] == "size" and ray_app._SERVE_ARGS["allowed_hosts"] == "list"
+    assert not {"host", "port", "header_timeout", "max_connections", "shutdown_timeout"} & set(ray_app._SERVE_ARGS)
+
+
+def test_serve_validation_names_the_flag_from_the_field():
+    from llava_edge.errors import UsageError
+    from llava_edge.serve.settings import ServeConfig
+
+    for kw, message in (({"max_slots": 0}, "--max-slots must be between 1 and 1024"),
+                        ({"max_image_pixels": 0}, "--max-image-pixels must be >= 1"),
+                        ({"header_timeout": float("nan")}, "--header-timeout must be a finite number")):
+        with pytest.raises(UsageError, match=message):
+            ServeConfig("pkg", **kw).validate()
+
+
+@pytest.mark.parametrize("flag", ["--max-new-tokens", "--new-tokens"])
+def test_an_old_flag_name_still_works_and_its_error_names_it(flag):
+    assert _parse("bench", "pkg", flag, "7")["max_new_tokens"] == 7
+    _assert_user_error(runner.invoke(app, ["bench", "nope", flag, "0"]), f"{flag} must be >= 1")
+    assert _parse("bench-serve", "--url", "u", "--max-tokens", "5")["max_new_tokens"] == 5

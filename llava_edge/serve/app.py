@@ -16,7 +16,6 @@ import re
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -28,63 +27,19 @@ from ..errors import UsageError
 from ..runtime.engine import PromptTooLongError, check_context
 from ..runtime.pipeline import Pipeline
 from ..runtime.pipeline import Request as ChatTurns
-from ..runtime.preprocess import MAX_IMAGE_PIXELS
 from ..runtime.sampling import SamplingConfig
 from ..runtime.sequence import FinishReason, GenerationParams, Sequence
-from .media import MediaLimits, load_image_url
+from .media import load_image_url
 from .metrics import CONTENT_TYPE, Metrics
 from .guard import Guard, GuardMiddleware, bearer_ok
 from .protocol import (ApiError, ChatRequest, chunk_body, completion_body, completion_id, logprobs_body,
                        parse_chat_request, usage)
+from .settings import ServeConfig
 from .worker import EngineWorker
 
 log = logging.getLogger("llava_edge.serve")
 CHAT_PATH = "/v1/chat/completions"
 DEBUG_ENV = "LLAVA_EDGE_SERVE_DEBUG"
-
-
-@dataclass
-class ServeConfig:
-    package: Path
-    host: str = "127.0.0.1"
-    port: int = 8000
-    backend: str = "auto"
-    max_slots: int = 4
-    api_key: str | None = None
-    max_image_bytes: int = 10 * 10**6
-    max_image_pixels: int = MAX_IMAGE_PIXELS  # the runtime's own limit (runtime/preprocess.py)
-    max_images_per_request: int = 4
-    max_tokens: int = 512  # per request; also the default when a request gives none
-    queue_size: int = 64
-    media_dir: Path | None = None
-    threads: int | None = None
-    prefill_chunk: int = 256  # prompt tokens per engine step: bounds how long a new prompt stalls the streams
-    image_cache_mb: float = 64.0  # image features kept by content digest (0: off)
-    ui: bool = True  # the kiosk page at / (serve/ui.py, serve/static/)
-    suggest: tuple[str, ...] = ()  # the kiosk page's suggested questions (empty: serve/ui.py's defaults)
-    model_name: str = ""
-    # what a hostile or careless client may cost (serve/guard.py, docs/serving.md "Hardening")
-    allowed_hosts: tuple[str, ...] = ()  # Host names besides loopback, IP literals and this machine's name
-    allow_origins: tuple[str, ...] = ()  # page origins besides the server's own that may call the API
-    max_prompt_bytes: int = 256 * 1024  # the text of one request's messages (images not counted)
-    header_timeout: float = 10.0  # seconds a client may take to send its request headers
-    body_timeout: float = 30.0  # seconds a client may take to send its request body
-    max_connections: int = 256  # open connections; more are closed at once
-    shutdown_timeout: float = 10.0  # seconds SIGTERM waits for running requests
-    limits: MediaLimits = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.package = Path(self.package)
-        self.model_name = self.model_name or self.package.resolve().name
-        self.allowed_hosts, self.allow_origins = tuple(self.allowed_hosts), tuple(self.allow_origins)
-        self.limits = MediaLimits(self.max_image_bytes, self.max_image_pixels, self.max_images_per_request,
-                                  Path(self.media_dir) if self.media_dir else None)
-
-    def validate(self) -> None:
-        """Every setting checked once, for the CLI and the Ray path alike: a bad one is a UsageError."""
-        from .settings import validate_serve_config
-
-        validate_serve_config(self)
 
 
 def resolve_backend(package: Path, name: str) -> str:

@@ -33,14 +33,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import UsageError
+from ..runtime.sizes import parse_size
 from .app import ServeConfig, ServerState, body_limit, create_app
 from .guard import bearer_ok
 from .protocol import ApiError
-from .server import parse_size
+from .settings import API_KEY_ENV, serve_settings
 
 REPLICA_HEADER = "x-llava-edge-replica"
 APP_IMPORT_PATH = "llava_edge.serve.ray_app:app"
-API_KEY_ENV = "LLAVA_EDGE_API_KEY"
 NO_RESOURCE_CHECK_ENV = "LLAVA_EDGE_RAY_NO_RESOURCE_CHECK"
 
 log = logging.getLogger(__name__)
@@ -87,11 +87,10 @@ def parse_autoscale(text: str) -> tuple[int, int]:
     return lo, hi
 
 
-# builder args (strings from `serve run k=v`, typed from a YAML) -> ServeConfig and RayOptions fields
-_SERVE_ARGS = {"backend": str, "max_slots": int, "api_key": str, "max_image_bytes": "size", "max_image_pixels": "size",
-               "max_images_per_request": int, "max_tokens": int, "queue_size": int, "media_dir": Path, "threads": int,
-               "prefill_chunk": int, "image_cache_mb": float, "ui": "bool", "allowed_hosts": "list",
-               "allow_origins": "list", "max_prompt_bytes": "size", "body_timeout": float}
+# builder args (strings from `serve run k=v`, typed from a YAML) -> ServeConfig and RayOptions fields; the
+# ServeConfig side is its option fields that Ray forwards (serve/settings.py), typed by their kind
+_KIND_TYPES = {"str": str, "int": int, "float": float, "path": Path}
+_SERVE_ARGS = {s.name: _KIND_TYPES.get(s.kind, s.kind) for s in serve_settings() if s.ray}
 _RAY_ARGS = {"replicas": int, "autoscale": parse_autoscale, "cpus_per_replica": float, "gpus_per_replica": float,
              "target_ongoing_requests": float, "max_ongoing_requests": int, "graceful_shutdown_timeout_s": float,
              "health_check_period_s": float}

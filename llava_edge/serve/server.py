@@ -3,20 +3,9 @@
 from __future__ import annotations
 
 import logging
-import re
 
-from ..errors import UsageError
+from ..runtime.sizes import parse_size  # noqa: F401 - where it was: `from llava_edge.serve.server import parse_size`
 from .app import ServeConfig, create_app
-
-_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
-
-
-def parse_size(text: str, what: str) -> int:
-    """'10MB', '40M', '512KiB', '2000000' -> an integer count (decimal units unless 'i' is given)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]i?)?[bB]?\s*", text)
-    if not m:
-        raise UsageError(f"{what}: cannot read {text!r} as a size (e.g. 10MB, 40M, 2000000)")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
 
 
 def serve(config: ServeConfig, log_level: str = "info") -> None:

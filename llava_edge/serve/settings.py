@@ -1,26 +1,151 @@
-"""The checks on a ServeConfig, run before the socket opens (``serve``) or a replica starts (``--ray``).
+"""The server's settings, defined once: ``ServeConfig``, and the checks on it.
 
-Why one function: the CLI and the Ray path build the same ServeConfig, and a check written in only one
+Each option field carries its command-line metadata (help, flag, kind, bounds, whether Ray forwards it);
+from that one definition come ``llava-edge serve``'s flags (cli.py), the Ray builder's argument table
+(``ray_app._SERVE_ARGS``), the dict ``serve --ray`` hands to Ray, and the range checks in
+``validate_serve_config``. Adding a setting is one field here.
+
+Why one validation: the CLI and the Ray path build the same ServeConfig, and a check written in only one
 of them is a hole in the other (a Ray replica once started with settings the CLI refused). Each failure
 is one UsageError naming the flag, so the user sees one ``error:`` line and nothing starts.
+
+This module imports nothing of the server stack (fastapi, uvicorn): the CLI reads it at start-up.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from typing import TYPE_CHECKING
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
 from ..runtime.backends import BACKENDS
+from ..runtime.preprocess import MAX_IMAGE_PIXELS
 
 if TYPE_CHECKING:
-    from .app import ServeConfig
+    from .media import MediaLimits
 
 API_KEY_ENV = "LLAVA_EDGE_API_KEY"
+BACKEND_HELP = ("auto (the fastest graph the package has: TensorRT engines, int4 fast, fast, portable decoder), ort, "
+                "ort-fast, ort-fast-int4 or tensorrt.")  # every verb's --backend (cli.py)
 _KEY_CHARS = re.compile(r"[\x21-\x7e]+")  # what survives the header's strip and latin-1 decoding unchanged
 _HOST = re.compile(r"\*|\.?[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?|\[[0-9A-Fa-f:.]+\]")
 _ORIGIN = re.compile(r"\*|https?://[^/\s?#]+")
+
+
+def option(default: Any, help: str, *, kind: str | None = None, flag: str | None = None, lo: float | None = None,
+           hi: float = math.inf, ray: bool = True, envvar: str | None = None, unit: str = "") -> Any:
+    """A ServeConfig field that is also a command-line option. ``help``: the flag's help text; ``kind``: only
+    ``"size"`` (an int read as 10MB/40M/2000000) differs from what the annotation says; ``flag``: the flag
+    when it is not ``--field-name`` (a repeatable list's singular); ``lo``/``hi``: the range validate checks;
+    ``ray``: whether ``serve --ray`` forwards it (False: a setting of our own HTTP front, which Ray replaces
+    with its proxy); ``unit``: how a size's default is written in --help (B for bytes)."""
+    return field(default=default, metadata={"help": help, "kind": kind, "flag": flag, "lo": lo, "hi": hi,
+                                            "ray": ray, "envvar": envvar, "unit": unit})
+
+
+@dataclass
+class ServeConfig:
+    package: Path  # the CLI's PACKAGE argument; Ray's package=DIR[,DIR...]
+    host: str = option("127.0.0.1", "Address to bind (127.0.0.1: this machine only).", ray=False)  # Ray: http_options
+    port: int = option(8000, "TCP port.", lo=1, hi=65535, ray=False)
+    backend: str = option("auto", BACKEND_HELP)
+    max_slots: int = option(4, "Sequences decoded together (KV-cache slots).", lo=1, hi=1024)
+    api_key: str | None = option(None, "Require 'Authorization: Bearer KEY' on /v1 routes.", envvar=API_KEY_ENV)
+    max_image_bytes: int = option(10 * 10**6, "Largest accepted image file (10MB, 512KiB or a byte count).",
+                                  kind="size", lo=1, unit="B")
+    max_image_pixels: int = option(MAX_IMAGE_PIXELS, "Largest accepted image, in pixels (40M or a count), read "
+                                   "from its header before decoding.", kind="size", lo=1)  # the runtime's own limit
+    max_images_per_request: int = option(4, "Images in one request.", lo=0, hi=64)
+    max_tokens: int = option(512, "The server's cap on a request's max_tokens, and its value when a request "
+                             "gives none (the API's name; not a generation length like --max-new-tokens).", lo=1)
+    queue_size: int = option(64, "Requests waiting for a slot before new ones get 429.", lo=1)
+    media_dir: Path | None = option(None, "Directory whose files requests may name as images.")
+    threads: int | None = option(None, "onnxruntime intra-op threads (with --ray: default each replica's CPUs).",
+                                 lo=1, hi=4096)
+    prefill_chunk: int = option(256, "Prompt tokens per engine step (smaller: running streams stall less while "
+                                "a new prompt is prefilled; larger: faster first tokens).", lo=1)
+    image_cache_mb: float = option(64.0, "Image features kept by content digest, in MB (0: off).", lo=0)
+    ui: bool = option(True, "Serve the kiosk page (camera, upload, streamed answers) at /.")
+    suggest: tuple[str, ...] = option((), "A suggested question on the kiosk page (repeatable; default: questions "
+                                      "about the demo model's shapes).")
+    model_name: str = ""  # not an option: the package directory's name (the built-in model: tiny-llava)
+    # what a hostile or careless client may cost (serve/guard.py, docs/serving.md "Hardening")
+    allowed_hosts: tuple[str, ...] = option((), "A Host name clients may use besides loopback names, IP addresses "
+                                            "and this machine's name (repeatable; '.lan' for a suffix, '*' for any): "
+                                            "protects against DNS rebinding.", flag="--allowed-host")
+    allow_origins: tuple[str, ...] = option((), "A web page origin (http://kiosk.lan:8000) allowed to call the API "
+                                            "besides the server's own page (repeatable; '*' for any).",
+                                            flag="--allow-origin")
+    max_prompt_bytes: int = option(256 * 10**3, "Largest prompt text of one request (images not counted); refused "
+                                   "before it is parsed.", kind="size", lo=1, unit="B")
+    header_timeout: float = option(10.0, "Seconds a client may take to send its request headers.", lo=0.1, hi=3600,
+                                   ray=False)
+    body_timeout: float = option(30.0, "Seconds a client may take to send its request body.", lo=0.1, hi=3600)
+    max_connections: int = option(256, "Open connections; more are closed at once.", lo=1, ray=False)
+    shutdown_timeout: float = option(10.0, "Seconds SIGTERM waits for running requests before cancelling them "
+                                     "(with --ray: Ray's graceful shutdown applies).", lo=0, hi=3600, ray=False)
+    limits: MediaLimits = field(init=False)
+
+    def __post_init__(self) -> None:
+        from .media import MediaLimits  # the server stack: not loaded by the CLI just to read the options
+
+        self.package = Path(self.package)
+        self.model_name = self.model_name or self.package.resolve().name
+        self.allowed_hosts, self.allow_origins = tuple(self.allowed_hosts), tuple(self.allow_origins)
+        self.suggest = tuple(self.suggest)
+        self.limits = MediaLimits(self.max_image_bytes, self.max_image_pixels, self.max_images_per_request,
+                                  Path(self.media_dir) if self.media_dir else None)
+
+    def validate(self) -> None:
+        """Every setting checked once, for the CLI and the Ray path alike: a bad one is a UsageError."""
+        validate_serve_config(self)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One option field of ServeConfig, as the CLI and Ray see it."""
+
+    name: str  # the field (and Ray argument) name
+    flag: str  # --max-image-bytes
+    kind: str  # str, int, float, bool, path, size or list
+    default: Any
+    help: str
+    optional: bool  # None is allowed (and the default means "not set")
+    lo: float | None
+    hi: float
+    ray: bool
+    envvar: str | None
+    unit: str
+
+
+_KINDS = {str: "str", int: "int", float: "float", bool: "bool", Path: "path", tuple: "list"}
+
+
+def _kind(annotation: str) -> tuple[str, bool]:
+    """'int | None' -> ('int', True); 'tuple[str, ...]' -> ('list', False)."""
+    hint = eval(annotation, globals())  # noqa: S307 - this module's own annotations
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    real = [a for a in args if a is not type(None)]
+    base = typing.get_origin(real[0]) or real[0]
+    return _KINDS[base], len(real) < len(args)
+
+
+def serve_settings() -> tuple[Setting, ...]:
+    """ServeConfig's option fields, in declaration order (the order of ``serve --help``)."""
+    out = []
+    for f in fields(ServeConfig):
+        m = f.metadata
+        if "help" not in m:
+            continue
+        kind, optional = _kind(f.type)
+        out.append(Setting(f.name, m["flag"] or "--" + f.name.replace("_", "-"), m["kind"] or kind, f.default,
+                           m["help"], optional, m["lo"], m["hi"], m["ray"], m["envvar"], m["unit"]))
+    return tuple(out)
 
 
 def check_api_key(key: str | None, source: str = "--api-key") -> None:
@@ -47,19 +172,9 @@ def _at_least(value: float | None, flag: str, low: float, high: float = math.inf
 
 
 def validate_serve_config(c: "ServeConfig") -> None:
-    _at_least(c.port, "--port", 1, 65535)
-    for flag, value in (("--max-slots", c.max_slots), ("--queue-size", c.queue_size), ("--max-tokens", c.max_tokens),
-                        ("--prefill-chunk", c.prefill_chunk), ("--max-image-bytes", c.max_image_bytes),
-                        ("--max-image-pixels", c.max_image_pixels), ("--max-prompt-bytes", c.max_prompt_bytes),
-                        ("--max-connections", c.max_connections)):
-        _at_least(value, flag, 1)
-    _at_least(c.max_slots, "--max-slots", 1, 1024)
-    _at_least(c.max_images_per_request, "--max-images-per-request", 0, 64)
-    _at_least(c.threads, "--threads", 1, 4096)
-    _at_least(c.image_cache_mb, "--image-cache-mb", 0)
-    _at_least(c.header_timeout, "--header-timeout", 0.1, 3600)
-    _at_least(c.body_timeout, "--body-timeout", 0.1, 3600)
-    _at_least(c.shutdown_timeout, "--shutdown-timeout", 0, 3600)
+    for s in serve_settings():  # the ranges the fields declare
+        if s.lo is not None:
+            _at_least(getattr(c, s.name), s.flag, s.lo, s.hi)
     check_api_key(c.api_key)
     names = ("auto", *BACKENDS)  # the one backend table (runtime/backends.py)
     if c.backend not in names:
