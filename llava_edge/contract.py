@@ -208,8 +208,8 @@ def check_engine_record(record: EngineRecord, manifest: Manifest, tensorrt_versi
         if graph is None or graph.file != ef.onnx_file or graph.size_bytes != ef.onnx_size_bytes:
             raise EngineMismatchError(
                 f"the '{name}' engine was built from {ef.onnx_file} ({ef.onnx_size_bytes} bytes) but the package now "
-                f"has {graph.file if graph else 'no such graph'} ({graph.size_bytes if graph else 0} bytes): the package "
-                f"was re-exported or re-quantized after the build; {rebuild}")
+                f"has {graph.file if graph else 'no such graph'} ({graph.size_bytes if graph else 0} bytes): the "
+                f"package was re-exported or re-quantized after the build; {rebuild}")
         if package_dir is not None:
             path = Path(package_dir) / ef.file
             if not path.is_file() or path.stat().st_size != ef.size_bytes:

@@ -61,7 +61,8 @@ def gpu_info(device_index: int = 0) -> GpuInfo:
     err, count = cudart.cudaGetDeviceCount()
     if int(err) != 0 or count == 0:
         raise TensorRTUnavailable("no CUDA GPU is visible (cudaGetDeviceCount: "
-                                  f"{'error ' + str(err) if int(err) else '0 devices'}); the TensorRT backend needs one")
+                                  f"{'error ' + str(err) if int(err) else '0 devices'}); the TensorRT backend "
+                                  "needs one")
     if not 0 <= device_index < count:
         raise TensorRTUnavailable(f"GPU index {device_index} out of range: {count} device(s) visible")
     err, props = cudart.cudaGetDeviceProperties(device_index)

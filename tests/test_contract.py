@@ -103,6 +103,7 @@ def test_importing_the_backend_imports_neither_tensorrt_nor_cuda():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     # the runtime module itself must not pull torch (the builder may, via onnx only — checked here too)
-    code2 = "import sys, llava_edge.runtime.trt_backend; assert not any(m.split('.')[0] in ('torch','transformers','tensorrt','cuda') for m in sys.modules)"
+    code2 = ("import sys, llava_edge.runtime.trt_backend; "
+             "assert not any(m.split('.')[0] in ('torch','transformers','tensorrt','cuda') for m in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code2], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -16,7 +16,8 @@ from llava_edge.errors import LlavaEdgeError, UsageError
 PKG = Path(__file__).resolve().parents[1] / "llava_edge"
 USER_ERRORS = [
     "llava_edge.package:PackageError", "llava_edge.runtime.preprocess:ImageError",
-    "llava_edge.errors:BackendError", "llava_edge.runtime.backend:BackendError", "llava_edge.trt_env:TensorRTUnavailable",
+    "llava_edge.errors:BackendError", "llava_edge.runtime.backend:BackendError",
+    "llava_edge.trt_env:TensorRTUnavailable",
     "llava_edge.contract:EngineMismatchError", "llava_edge.export.checkpoint:CheckpointError",
     "llava_edge.export.exporter:ExportError", "llava_edge.quantize.quantize:QuantizeError",
     "llava_edge.quantize.data:CalibrationDataError", "llava_edge.quantize.gptq_import:GPTQImportError",

@@ -145,7 +145,8 @@ def run(main_cases: list[DecodeCase], sweep_cases: list[DecodeCase], setup: Setu
                     "speedup", "ours_GBps", "bw_fraction", "ours_eager_us", "ours_loop_us", "speedup_loop"]
     timing_cols = ["batch", "context", "heads", "op", "eager_us", "graph_us", "loop_us", "GBps", "bw_fraction",
                    "copies", "error"]
-    sweep_cols = ["splits", "warps", "max_err", "graph_us", "eager_us", "loop_us", "GBps", "bw_fraction", "default", "error"]
+    sweep_cols = ["splits", "warps", "max_err", "graph_us", "eager_us", "loop_us", "GBps", "bw_fraction", "default",
+                  "error"]
     summary: list[dict[str, Any]] = []
     timings: list[dict[str, Any]] = []
     sweep_rows: list[dict[str, Any]] = []

@@ -44,7 +44,8 @@ GEMV_CONFIGS: list[dict[str, Any]] = (
 )
 # Batched decode (M = 4): the GEMV (one program row per x row, so the weights are read M times, from L2
 # if lucky) against the GEMM padded to 16 rows (weights read once, tensor cores), to set GEMV_MAX_ROWS.
-SMALL_BATCH_CONFIGS: list[dict[str, Any]] = [{}] + [{"kernel": "gemm", "block_m": 16, "block_n": bn} for bn in (16, 32, 64)]
+SMALL_BATCH_CONFIGS: list[dict[str, Any]] = [{}] + [{"kernel": "gemm", "block_m": 16, "block_n": bn}
+                                                   for bn in (16, 32, 64)]
 GOAL_SPEEDUP = 2.5  # int4 GEMV vs fp16 GEMV at 4096 x 4096
 TOLERANCE = 1e-2  # max abs error / max |reference|
 

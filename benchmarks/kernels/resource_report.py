@@ -42,7 +42,8 @@ def main() -> None:
              f"ptxas -v on the AOT PTX (fp16, head_dim 128, group 128), triton {triton.__version__}. Per thread:",
              "registers, spill stores; per block: shared memory. 'blocks/SM' = resident blocks the register",
              "count allows (65536 registers per SM). Static: no timing, no GPU.", "",
-             "| config | sm | warps | registers | spill stores B | shared KiB | blocks/SM |", "|---|---|---|---|---|---|---|"]
+             "| config | sm | warps | registers | spill stores B | shared KiB | blocks/SM |",
+             "|---|---|---|---|---|---|---|"]
     for cc in (87, 90):
         for label, fn, kw in CONFIGS:
             r = resource_usage(getattr(tp, fn)("float16", cc=cc, **kw))

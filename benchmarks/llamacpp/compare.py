@@ -1,9 +1,11 @@
 """The side-by-side table of side_by_side.sh's OUT_DIR: llava-edge against llama.cpp, with ratios.
 
-usage: python compare.py OUT_DIR [OUT_DIR ...] [--plot PNG]  (markdown on stdout; ratio = llava-edge / llama.cpp, so > 1 is
-better for decode tok/s and < 1 is better for times, RSS and bytes)
+usage: python compare.py OUT_DIR [OUT_DIR ...] [--plot PNG]  (markdown on stdout; ratio = llava-edge / llama.cpp, so
+> 1 is better for decode tok/s and < 1 is better for times, RSS and bytes)
 """
-import json, re, sys
+import json
+import re
+import sys
 from pathlib import Path
 
 
@@ -35,7 +37,8 @@ def main(out: Path) -> None:
 
     g = lambda d, *keys: (lambda v: v)(_get(d, keys))  # noqa: E731
     for tag, q in (("int4", "q4_0"), ("fp32", "f32")):
-        row(f"{tag} decode, text prompt (tok/s)", g(me[tag, "text"], "decode_tokens_per_s"), g(lc[q], "text", "decode_tok_s"))
+        row(f"{tag} decode, text prompt (tok/s)", g(me[tag, "text"], "decode_tokens_per_s"),
+            g(lc[q], "text", "decode_tok_s"))
         row(f"{tag} decode, image prompt (tok/s)", g(me[tag, "image"], "decode_tokens_per_s"),
             g(lc[q], "image", "decode_tok_s"))
     for tag, q in (("int4", "q4_0"), ("fp32", "f32")):
@@ -48,9 +51,10 @@ def main(out: Path) -> None:
         mine = me[tag, "image"]
         row(f"{tag} decode, text prompt (tok/s)", g(me[tag, "text"], "decode_tokens_per_s"),
             g(lc["q4_0"], "text", "decode_tok_s"))
-        row(f"{tag} decode, image prompt (tok/s)", g(mine, "decode_tokens_per_s"), g(lc["q4_0"], "image", "decode_tok_s"))
-        row(f"TTFT with the image, {tag} (s; vision {mine.get('vision_ms', 0) / 1e3:.2f})", mine.get("ttft_ms", 0) / 1e3,
-            (lc["q4_0"].get("image") or {}).get("ttft_s"), "{:.2f}")
+        row(f"{tag} decode, image prompt (tok/s)", g(mine, "decode_tokens_per_s"),
+            g(lc["q4_0"], "image", "decode_tok_s"))
+        row(f"TTFT with the image, {tag} (s; vision {mine.get('vision_ms', 0) / 1e3:.2f})",
+            mine.get("ttft_ms", 0) / 1e3, (lc["q4_0"].get("image") or {}).get("ttft_s"), "{:.2f}")
         row(f"peak RSS of one {tag} run (MB)", rss_mb(out, tag), lc["q4_0"].get("peak_rss_mb"), "{:.0f}")
     row("peak RSS of one int4 run (MB)", rss_mb(out, "int4"), lc["q4_0"].get("peak_rss_mb"), "{:.0f}")
     row("peak RSS of one fp32 run (MB)", rss_mb(out, "fp32"), lc["f32"].get("peak_rss_mb"), "{:.0f}")

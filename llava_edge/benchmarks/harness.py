@@ -257,8 +257,9 @@ def run_benchmark(
     console: bool = True,
     on_progress: Callable[[str], None] | None = None,
 ) -> BenchmarkReport:
-    """Measure the package on one or more backends (names from ``runtime.backends``, comma list allowed: "ort,ort-fast"; ``device`` cpu|cuda) and,
-    with baseline="transformers", HF generate on the checkpoint, interleaved in one run.
+    """Measure the package on one or more backends (names from ``runtime.backends``, comma list allowed:
+    "ort,ort-fast"; ``device`` cpu|cuda) and, with baseline="transformers", HF generate on the checkpoint,
+    interleaved in one run.
 
     Returns the report; writes JSON (out_json) and a PNG (plot) when asked; prints a rich table.
     """
@@ -300,7 +301,8 @@ def run_benchmark(
     if baseline == "transformers":
         ckpt = Path(checkpoint or manifest.source.get("path", ""))
         if not ckpt.is_dir():
-            raise BenchmarkError(f"baseline transformers needs the checkpoint directory (--checkpoint); {ckpt} not found")
+            raise BenchmarkError(f"baseline transformers needs the checkpoint directory (--checkpoint); "
+                                 f"{ckpt} not found")
         say("load transformers")
         mem = PeakRSS().__enter__()
         before["transformers"] = mem.start

@@ -96,12 +96,15 @@ def markdown(r: dict[str, Any]) -> str:
              f"Machine: {r['machine']}", "",
              f"## Throughput at {c['clients']} concurrent streaming clients ({c['requests']} requests each, "
              f"{c['max_tokens']} tokens, eos ignored)", "",
-             "| target | tok/s | vs plain | TTFT p50 / p99 ms | token p50 / p99 ms | errors |", "|---|---|---|---|---|---|"]
+             "| target | tok/s | vs plain | TTFT p50 / p99 ms | token p50 / p99 ms | errors |",
+             "|---|---|---|---|---|---|"]
     base = r["plain"]["throughput"]["tok_per_s"]
-    for key, label in (("plain", "plain serve"), ("ray_1_replica", "Ray, 1 replica"), ("ray_2_replicas", "Ray, 2 replicas")):
+    for key, label in (("plain", "plain serve"), ("ray_1_replica", "Ray, 1 replica"),
+                       ("ray_2_replicas", "Ray, 2 replicas")):
         t = r[key]["throughput"]
         lines.append(f"| {label} | {t['tok_per_s']} | {t['tok_per_s'] / base:.2f} | {t['ttft_ms'].get('p50')} / "
-                     f"{t['ttft_ms'].get('p99')} | {t['token_ms'].get('p50')} / {t['token_ms'].get('p99')} | {t['errors']} |")
+                     f"{t['ttft_ms'].get('p99')} | {t['token_ms'].get('p50')} / {t['token_ms'].get('p99')} | "
+                     f"{t['errors']} |")
     p, q = r["plain"]["roundtrip_1_token"], r["ray_1_replica"]["roundtrip_1_token"]
     lines += ["", "## Per-request latency Ray adds (1-token text request, one at a time, 100 requests)", "",
               "| target | p50 ms | p90 ms | p99 ms |", "|---|---|---|---|",

@@ -244,7 +244,8 @@ def run_arrival(url: str, stream_tokens: int, seed: int) -> dict[str, Any]:
         t.join()
     t_in, t_first = late.start, late.start + (late.ttft_s or 0)
     all_streaming = max(o.token_times[0] for o in streams if o.token_times)  # every stream past its own prefill
-    during = [(b - a) * 1000 for o in streams for a, b in zip(o.token_times, o.token_times[1:]) if a < t_first and b > t_in]
+    during = [(b - a) * 1000 for o in streams for a, b in zip(o.token_times, o.token_times[1:])
+              if a < t_first and b > t_in]
     steady = [(b - a) * 1000 for o in streams for a, b in zip(o.token_times, o.token_times[1:])
               if a >= all_streaming and (b <= t_in or a >= t_first)]
     alone_ms = float(np.median([a for a in alone if a is not None])) * 1000
@@ -346,7 +347,8 @@ def decode_scaling(package: Path, backend: str = "ort-fast-int4", batches: tuple
     be = FastOrtBackend(package, manifest, threads=threads, decoder=graph)
     top = max(batches)
     kv = be.new_slot_cache(top, context + steps + 8)
-    times: dict[str, dict[int, list[float]]] = {"continuous": {b: [] for b in batches}, "static": {b: [] for b in batches}}
+    times: dict[str, dict[int, list[float]]] = {"continuous": {b: [] for b in batches},
+                                                "static": {b: [] for b in batches}}
     ids = np.full((top, 1), 5, np.int64)
     for _ in range(repeats):
         for b in batches:
@@ -389,7 +391,8 @@ def bench_serve(package: Path | None, url: str | None = None, clients: list[int]
     out_dir.mkdir(parents=True, exist_ok=True)
     if url is None:
         args = ["--max-slots", str(max_slots), "--backend", backend, "--max-tokens", str(max(512, max_tokens, arrival)),
-                "--queue-size", "256", "--prefill-chunk", str(prefill_chunk)] + (["--threads", str(threads)] if threads else []) + list(server_args)
+                "--queue-size", "256", "--prefill-chunk", str(prefill_chunk)]
+        args += (["--threads", str(threads)] if threads else []) + list(server_args)
         env = {**os.environ}
         server = ServerProcess(package, args, env=env, log=log)
         url, server_pid = server.url, server.pid
@@ -454,8 +457,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"serve load: {c['requests_per_client']} streaming requests per client, {c['max_tokens']} tokens each "
              f"(ignore_eos), one random image each; server {c['server'].get('backend')} with "
              f"{c['server'].get('slots')} slots, threads={c['threads']}, prefill chunk {c.get('prefill_chunk')}", "",
-             "| clients | requests | errors | tok/s (all, wall) | vs 1 client | decode tok/s | vs 1 client | TTFT p50 ms | "
-             "TTFT p99 ms | token p50 ms | token p99 ms | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| clients | requests | errors | tok/s (all, wall) | vs 1 client | decode tok/s | vs 1 client | "
+             "TTFT p50 ms | TTFT p99 ms | token p50 ms | token p99 ms | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["levels"]:
         lines.append(f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['tok_per_s']} | {r['vs_one_client']} | "
                      f"{r['decode_tok_per_s']} | {r['decode_vs_one_client']} | "

@@ -92,14 +92,16 @@ def load_and_rss(graphs: dict[str, Path], threads: int, rounds: int = 3) -> dict
 
 
 def to_markdown(timing: dict[str, dict], memory: dict[str, dict], load: tuple[float, ...], threads: int) -> str:
-    lines = [f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, {threads} intra-op threads, {os.cpu_count()} cores",
-             "", "| vision | median per image | speedup | rel. error vs fp32 | files | session RSS | session creation |",
+    lines = [f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, {threads} intra-op threads, "
+             f"{os.cpu_count()} cores",
+             "", "| vision | median per image | speedup | rel. error vs fp32 | files | session RSS | "
+             "session creation |",
              "|---|---|---|---|---|---|---|"]
     for name, t in timing.items():
         m = memory.get(name, {})
-        lines.append(f"| {name} | {t['median_s'] * 1000:.0f} ms | x{t['speedup_vs_first']:.2f} | {t['relative_error']:.4f} "
-                     f"| {t['file_mb']:.0f} MB | {m.get('session_rss_mb', float('nan')):.0f} MB "
-                     f"| {m.get('load_s', float('nan')):.2f} s |")
+        lines.append(f"| {name} | {t['median_s'] * 1000:.0f} ms | x{t['speedup_vs_first']:.2f} | "
+                     f"{t['relative_error']:.4f} | {t['file_mb']:.0f} MB | "
+                     f"{m.get('session_rss_mb', float('nan')):.0f} MB | {m.get('load_s', float('nan')):.2f} s |")
     return "\n".join(lines) + "\n"
 
 

@@ -3,8 +3,8 @@
 Two layouts exist in the wild: llava-hf (`LlavaForConditionalGeneration`, or
 `LlavaNextForConditionalGeneration` for LLaVA-NeXT anyres; decoder LLaMA, Mistral, Qwen2 or Phi-3; tower
 CLIP or SigLIP) and the original LLaVA repo (`LlavaLlamaForCausalLM` + a separate CLIP directory). Both
-become a transformers LLaVA model plus the preprocessing/prompt facts the package needs. We load state dicts ourselves rather than
-through `from_pretrained` because transformers versions disagree on key names (hub files say
+become a transformers LLaVA model plus the preprocessing/prompt facts the package needs. We load state dicts
+ourselves rather than through `from_pretrained` because transformers versions disagree on key names (hub files say
 `vision_tower.vision_model.*`, 5.x writes `vision_tower.*`, 4.57 silently re-initialises the tower when
 reading the latter): here every layout maps to one set of names and anything missing is an error.
 Never downloads.
@@ -71,7 +71,8 @@ def context_limit(text_config) -> tuple[int, str | None]:
         limit = int(window)
         reasons.append(f"sliding_window={window}: full attention equals the window only up to {window} tokens")
     rope = getattr(text_config, "rope_parameters", None) or {}
-    original = rope.get("original_max_position_embeddings") or getattr(text_config, "original_max_position_embeddings", None)
+    original = (rope.get("original_max_position_embeddings")
+                or getattr(text_config, "original_max_position_embeddings", None))
     if rope.get("rope_type") in ("longrope", "dynamic") and original and original < limit:
         limit = int(original)
         reasons.append(f"{rope['rope_type']} rotary scaling: the graphs hold the rotary table transformers uses "
@@ -410,7 +411,8 @@ def _renders_as(jinja: str, name: str, turns, image_token: str, bos_token: str |
 
 
 def _load_llava_hf(path: Path, dtype: torch.dtype, lazy_decoder: bool = False) -> LoadedCheckpoint:
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers import (LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
+                              LlavaNextForConditionalGeneration)
 
     raw = _read_json(path / "config.json")
     vt = raw.get("vision_config", {}).get("model_type", "clip_vision_model")
@@ -419,7 +421,8 @@ def _load_llava_hf(path: Path, dtype: torch.dtype, lazy_decoder: bool = False) -
     tt = raw.get("text_config", {}).get("model_type", "llama")
     if tt not in TEXT_FAMILIES:
         raise CheckpointError(f"language model type {tt!r} is not supported ({', '.join(TEXT_FAMILIES)})")
-    next_ = raw.get("model_type") == "llava_next" or "LlavaNextForConditionalGeneration" in (raw.get("architectures") or [])
+    next_ = (raw.get("model_type") == "llava_next"
+             or "LlavaNextForConditionalGeneration" in (raw.get("architectures") or []))
     config = (LlavaNextConfig if next_ else LlavaConfig).from_pretrained(path, local_files_only=True)
     if next_ and VISION_FAMILIES[vt] != "clip":
         raise CheckpointError("LLaVA-NeXT with a non-CLIP tower is not supported")
@@ -570,7 +573,8 @@ def _load_original(path: Path, vision_tower: str | Path | None, dtype: torch.dty
                 state["model.vision_tower." + k] = v
     emb_key = "model.language_model.embed_tokens.weight"
     if emb_key in state and state[emb_key].shape[0] == vocab:
-        state[emb_key] = torch.cat([state[emb_key], state[emb_key].new_zeros(image_token_id + 1 - vocab, tcfg.hidden_size)])
+        state[emb_key] = torch.cat([state[emb_key],
+                                    state[emb_key].new_zeros(image_token_id + 1 - vocab, tcfg.hidden_size)])
     deferred = _strict_load(model, state, path, lazy_decoder)
     model = model.to(dtype).eval()
 

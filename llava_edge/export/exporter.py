@@ -80,7 +80,8 @@ def _text_config(ck: LoadedCheckpoint) -> TextConfig:
     return TextConfig(
         hidden_size=tc.hidden_size, num_layers=tc.num_hidden_layers, num_heads=tc.num_attention_heads,
         num_kv_heads=tc.num_key_value_heads, head_dim=head_dim, vocab_size=ck.model.lm_head.out_features,
-        max_context=ck.max_context or tc.max_position_embeddings, bos_token_id=ck.bos_token_id, eos_token_ids=ck.eos_token_ids,
+        max_context=ck.max_context or tc.max_position_embeddings, bos_token_id=ck.bos_token_id,
+        eos_token_ids=ck.eos_token_ids,
         pad_token_id=ck.pad_token_id, image_token=ck.image_token, image_token_id=ck.image_token_id,
         chat_template=ck.chat_template,
     )

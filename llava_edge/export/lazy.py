@@ -100,7 +100,8 @@ def _layer(weights: DecoderWeights, tc: Any, i: int) -> SimpleNamespace:
     if f"{p}.self_attn.q_proj.weight" in weights:
         q, k, v = (_Linear(weights, f"{p}.self_attn.{n}_proj") for n in "qkv")
     else:
-        q, k, v = _split(weights, f"{p}.self_attn.qkv_proj", [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim])
+        q, k, v = _split(weights, f"{p}.self_attn.qkv_proj",
+                         [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim])
     if f"{p}.mlp.gate_proj.weight" in weights:
         gate, up = _Linear(weights, f"{p}.mlp.gate_proj"), _Linear(weights, f"{p}.mlp.up_proj")
     else:

@@ -104,7 +104,8 @@ def _name_matmul_weights(model: onnx.ModelProto) -> None:
     inits = {i.name: i for i in model.graph.initializer}
     renames: dict[str, str] = {}
     for node in model.graph.node:
-        if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in inits and node.name.endswith("/MatMul"):
+        if (node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in inits
+                and node.name.endswith("/MatMul")):
             new = node.name.strip("/")[: -len("/MatMul")].replace("/", ".") + ".weight_t"
             if node.input[1] not in renames and new not in inits:
                 renames[node.input[1]] = new
@@ -123,7 +124,8 @@ def _spec(path: Path, names_in, tensors_in, dyn_in, names_out, tensors_out, dyn_
     return GraphSpec(
         file=path.name,
         inputs=[TensorSpec(n, _NP_DTYPES[t.dtype], shape(t, dyn_in.get(n, {}))) for n, t in zip(names_in, tensors_in)],
-        outputs=[TensorSpec(n, _NP_DTYPES[t.dtype], shape(t, dyn_out.get(n, {}))) for n, t in zip(names_out, tensors_out)],
+        outputs=[TensorSpec(n, _NP_DTYPES[t.dtype], shape(t, dyn_out.get(n, {})))
+                 for n, t in zip(names_out, tensors_out)],
         external_data=external,
     )
 

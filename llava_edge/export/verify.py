@@ -101,7 +101,8 @@ def image_prompt_reference(llava, tokenizer, image_token_id: int, num_image_toke
         rgb = torch.randint(0, 256, (45, 70, 3), generator=g, dtype=torch.uint8).numpy()
         tiles, size = anyres.image_tiles(rgb, vision)
         pixel = torch.from_numpy(tiles)
-        feats = anyres.pack_image_features(vision_sess.run(None, {"pixel_values": tiles.astype(np_dtype)})[0], size, vision)
+        feats = anyres.pack_image_features(vision_sess.run(None, {"pixel_values": tiles.astype(np_dtype)})[0], size,
+                                           vision)
         num_image_tokens = feats.shape[0]
         hf_kwargs = {"pixel_values": pixel[None], "image_sizes": torch.tensor([size])}
     else:

@@ -194,7 +194,8 @@ def dequantized_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 def weight_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto) -> dict[str, float]:
     """||W_int8 - W|| / ||W|| per quantized MatMul weight (see WEIGHT_TOLERANCE)."""
     inits = {t.name: t for t in fp32.graph.initializer}
-    return {name: relative_error(w, numpy_helper.to_array(inits[name])) for name, w in dequantized_weights(int8).items()}
+    return {name: relative_error(w, numpy_helper.to_array(inits[name]))
+            for name, w in dequantized_weights(int8).items()}
 
 
 def quantize_checked(package_dir: Path, spec, inputs: tuple, want: list[np.ndarray], option: str) -> VisionQuant:
@@ -211,7 +212,8 @@ def quantize_checked(package_dir: Path, spec, inputs: tuple, want: list[np.ndarr
     errs = weight_errors(fp32, onnx.load(str(path)))
     del fp32
     spec.external_data = [f.name for f in path.parent.glob(path.name + "*.data")]
-    fix = "export with --vision fp32" + (" or int8-blocked (activation scale per block of 128)" if option == "int8" else "")
+    fix = "export with --vision fp32" + (" or int8-blocked (activation scale per block of 128)"
+                                         if option == "int8" else "")
     if not errs:
         raise VisionQuantError(f"the {option} rewrite quantized no MatMul of the vision graph; {fix}")
     worst = max(errs, key=errs.get)

@@ -128,7 +128,8 @@ def llama_greedy_generate(
     def forward(ids: torch.Tensor, decode: bool) -> torch.Tensor:
         h = model.model.embed_tokens(ids)
         for layer, (kc, vc) in zip(layers, caches):
-            a = llama_attention_forward(layer.self_attn, layer.input_layernorm(h), kc, vc, lens, cos, sin, H, kvH, decode)
+            a = llama_attention_forward(layer.self_attn, layer.input_layernorm(h), kc, vc, lens, cos, sin, H, kvH,
+                                        decode)
             h = h + a
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return model.lm_head(model.model.norm(h))

@@ -72,7 +72,8 @@ def encode_samples(convs: Sequence[Conversation], tokenizer: Any, text: Any, vis
         n_tokens, pix, sizes = vision.num_image_tokens, None, None
         if conv.image is not None and vision.anyres:  # LLaVA-NeXT: tiles, and a count that depends on the size
             tiles, size = anyres.image_tiles(conv.image, vision)
-            n_tokens, pix, sizes = anyres.num_image_tokens(size, vision), torch.from_numpy(tiles)[None], torch.tensor([size])
+            n_tokens, pix, sizes = (anyres.num_image_tokens(size, vision), torch.from_numpy(tiles)[None],
+                                    torch.tensor([size]))
         elif conv.image is not None:
             pix = torch.from_numpy(preprocess(conv.image, vision)).unsqueeze(0)
         ids = encode_conversation(conv, tokenizer, text, n_tokens, template, max_seq_len)
@@ -98,7 +99,8 @@ def find_decoder(model: nn.Module) -> DecoderHandles:
         except AttributeError:
             continue
         if isinstance(getattr(mod, "layers", None), nn.ModuleList) and hasattr(mod, "norm"):
-            lm_head = getattr(model, "lm_head", None) or getattr(getattr(model, "language_model", None), "lm_head", None)
+            lm_head = (getattr(model, "lm_head", None)
+                       or getattr(getattr(model, "language_model", None), "lm_head", None))
             return DecoderHandles(mod.layers, mod.norm, lm_head, f"{path}.layers")
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
 

@@ -206,7 +206,8 @@ def _folder_conversations(folder: Path) -> list[tuple[Path, str]]:
     if not images:
         raise CalibrationDataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}) and no json/jsonl")
     prompts_file = folder / "prompts.txt"
-    shared = [l.strip() for l in prompts_file.read_text().splitlines() if l.strip()] if prompts_file.is_file() else []
+    shared = ([line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
+              if prompts_file.is_file() else [])
     shared = shared or list(DEFAULT_PROMPTS)
     out = []
     for i, img in enumerate(images):

@@ -97,7 +97,8 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> GPT
 
     static_scales = None
     if cfg.act_order:
-        static_scales = torch.stack([group_scales(W[:, j : j + g], cfg.bits, cfg.scale_dtype) for j in range(0, k, g)], 1)
+        static_scales = torch.stack([group_scales(W[:, j : j + g], cfg.bits, cfg.scale_dtype)
+                                     for j in range(0, k, g)], 1)
         perm = torch.argsort(torch.diag(H), descending=True)
         W = W[:, perm]
         H = H[perm][:, perm]

@@ -89,7 +89,8 @@ def _qdq_nodes(node: onnx.NodeProto, key: str, q: QuantizedLinear, act: str, np_
         wq = helper.make_tensor(f"{key}.weight_t_q", TensorProto.INT4, [k, n], pack_int4_onnx(codes_kn), raw=True)
     else:
         wq = numpy_helper.from_array(np.ascontiguousarray(codes_kn), f"{key}.weight_t_q")
-    scales = numpy_helper.from_array(np.ascontiguousarray(q.scales.cpu().numpy().astype(np_dtype).T), f"{key}.weight_t_scale")
+    scales = numpy_helper.from_array(np.ascontiguousarray(q.scales.cpu().numpy().astype(np_dtype).T),
+                                     f"{key}.weight_t_scale")
     base = node.name[: -len("/MatMul")] if node.name.endswith("/MatMul") else node.name
     dq = helper.make_node(
         "DequantizeLinear", [wq.name, scales.name], [f"{key}.weight_t_dq"], name=f"{base}/DequantizeLinear",

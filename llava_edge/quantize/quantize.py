@@ -19,8 +19,8 @@ from typing import Any, Callable
 import torch
 
 from ..errors import LlavaEdgeError
-from ..package import (TOKENIZER_NAME, Manifest, PackageError, check_output_dir, load_manifest,
-                       require_portable_decoder, staged_package, write_manifest)
+from ..package import (TOKENIZER_NAME, Manifest, check_output_dir, load_manifest, require_portable_decoder,
+                       staged_package, write_manifest)
 from .capture import capture_layer_inputs, encode_samples, find_decoder
 from .data import load_calibration
 from .gptq import GPTQConfig

@@ -87,7 +87,8 @@ class QualityReport:
         if self.layer_errors:
             t = Table(title="Per-layer relative error of the layer update (held-out inputs)")
             with_method = any(r["method"] is not None for r in self.layer_errors)
-            cols = ["layer", str(self.config.get("method", "method")), "rtn", "ratio"] if with_method else ["layer", "rtn"]
+            cols = (["layer", str(self.config.get("method", "method")), "rtn", "ratio"] if with_method
+                    else ["layer", "rtn"])
             for col in cols:
                 t.add_column(col, justify="right")
             for r in self.layer_errors:

@@ -154,7 +154,8 @@ def quantize_layers(
                 continue
             # All members of a group read the same input: one Hessian per group.
             acc = HessianAccumulator(members[0][1].in_features, cfg.device)
-            hook = members[0][1].register_forward_pre_hook(lambda m, args: acc.add_batch(args[0]))
+            # acc is bound now (default argument), not read from this scope, which `del acc` below empties
+            hook = members[0][1].register_forward_pre_hook(lambda m, args, acc=acc: acc.add_batch(args[0]))
             try:
                 _run_layer(layer, calib, cfg.device)
             finally:
@@ -204,7 +205,8 @@ def _holdout_errors(
     return LayerError(i, q_err, rtn_err)
 
 
-def _quantize_lm_head(handles: Any, calib: list[LayerInput], cfg: QuantizeLayersConfig, result: QuantizeLayersResult) -> None:
+def _quantize_lm_head(handles: Any, calib: list[LayerInput], cfg: QuantizeLayersConfig,
+                      result: QuantizeLayersResult) -> None:
     lin = handles.lm_head
     g = choose_group_size(lin.in_features, cfg.gptq.group_size)
     if g is None:

@@ -14,8 +14,8 @@ from ..errors import UsageError
 from ..package import Manifest
 from .backend import Backend, BackendError
 
-__all__ = ["BackendSpec", "DeviceError", "BACKENDS", "ALIASES", "DECODER_GRAPHS", "resolve", "resolve_auto", "require_graphs",
-           "open_backend"]
+__all__ = ["BackendSpec", "DeviceError", "BACKENDS", "ALIASES", "DECODER_GRAPHS", "resolve", "resolve_auto",
+           "require_graphs", "open_backend"]
 
 
 class DeviceError(BackendError, UsageError):
@@ -59,7 +59,8 @@ def resolve(name: str, device: str | None = None) -> tuple[str, str]:
 
 # The decoder graph each onnxruntime backend runs, and the `export` flag that adds it to a package.
 DECODER_GRAPHS: dict[str, tuple[str, str]] = {
-    "ort": ("decoder", ""), "ort-fast": ("decoder_fast", " --fast"), "ort-fast-int4": ("decoder_fast_int4", " --fast-int4"),
+    "ort": ("decoder", ""), "ort-fast": ("decoder_fast", " --fast"),
+    "ort-fast-int4": ("decoder_fast_int4", " --fast-int4"),
 }
 
 

@@ -70,7 +70,8 @@ class FastOrtBackend:
             fast = [g for g in manifest.graphs if g.startswith("decoder_fast")]
             flag = "--fast" if decoder == "decoder_fast" else "--fast-int4"
             raise BackendError(f"package has no '{decoder}' graph (has: {', '.join(fast) or 'none'}); export one with "
-                               f"`llava-edge export {manifest.source.get('path') or 'CHECKPOINT'} -o {package_dir} {flag} --overwrite`")
+                               f"`llava-edge export {manifest.source.get('path') or 'CHECKPOINT'} -o {package_dir} "
+                               f"{flag} --overwrite`")
         if device != "cpu":
             raise BackendError("the fast backend is CPU-only for now (GroupQueryAttention shared buffer on CPU)")
         root = Path(package_dir)
@@ -178,8 +179,8 @@ class FastOrtBackend:
 
     def snapshot_slot(self, kv: FastKVCache, slot: int) -> tuple[list[np.ndarray], list[np.ndarray], int]:
         n = int(kv.lengths[slot])
-        return ([k[slot : slot + 1, :, :n].copy() for k in kv.keys], [v[slot : slot + 1, :, :n].copy() for v in kv.values],
-                n)
+        return ([k[slot : slot + 1, :, :n].copy() for k in kv.keys],
+                [v[slot : slot + 1, :, :n].copy() for v in kv.values], n)
 
     def resume_slot(self, kv: FastKVCache, slot: int, state: tuple[list[np.ndarray], list[np.ndarray], int],
                     prefix_len: int) -> None:

@@ -20,7 +20,8 @@ def check_text(value: Any, what: str = "prompt", allow_empty: bool = False) -> s
         try:
             value = bytes(value).decode("utf-8")
         except UnicodeDecodeError as e:
-            raise TextInputError(f"{what} is not valid UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+            raise TextInputError(f"{what} is not valid UTF-8 "
+                                 f"(byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
     if not isinstance(value, str):
         raise TextInputError(f"{what} must be text, not {type(value).__name__}")
     try:

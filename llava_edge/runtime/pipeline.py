@@ -132,7 +132,8 @@ class Pipeline:
         ids = self.tokenizer.encode(text).ids
         ids, n_images = prompts.expand_image_tokens(ids, t.image_token_id, self._tokens_per_image(request.images))
         if n_images != len(request.images):
-            raise UsageError(f"the prompt has {n_images} image placeholder(s) but {len(request.images)} image(s) were given")
+            raise UsageError(f"the prompt has {n_images} image placeholder(s) but {len(request.images)} image(s) "
+                             "were given")
         return ids
 
     def _decoded(self, requests: Sequence[Request]) -> list[Request]:

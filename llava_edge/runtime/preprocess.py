@@ -60,7 +60,8 @@ def load_image(source: str | os.PathLike | bytes | Image.Image | np.ndarray,
     if isinstance(source, Image.Image):
         return source
     if isinstance(source, np.ndarray):
-        if source.dtype != np.uint8 or source.ndim not in (2, 3) or (source.ndim == 3 and source.shape[2] not in (1, 3, 4)):
+        if (source.dtype != np.uint8 or source.ndim not in (2, 3)
+                or (source.ndim == 3 and source.shape[2] not in (1, 3, 4))):
             raise ImageError("arrays must be uint8 HxW or HxWxC with C in 1, 3, 4")
         return Image.fromarray(source[..., 0] if source.ndim == 3 and source.shape[2] == 1 else source)
     if not isinstance(source, (bytes, bytearray, str, os.PathLike)):
@@ -158,8 +159,8 @@ def center_crop(rgb: np.ndarray, size: int) -> np.ndarray:
     out = np.zeros((max(h, size), max(w, size), 3), dtype=rgb.dtype)
     top, left = -(-(out.shape[0] - h) // 2), -(-(out.shape[1] - w) // 2)
     out[top : top + h, left : left + w] = rgb
-    t, l = (out.shape[0] - size) // 2, (out.shape[1] - size) // 2
-    return out[t : t + size, l : l + size]
+    top, left = (out.shape[0] - size) // 2, (out.shape[1] - size) // 2
+    return out[top : top + size, left : left + size]
 
 
 def _check_work(h: int, w: int, cfg: VisionConfig, max_pixels: int | None) -> None:

@@ -104,8 +104,8 @@ class TrtBackend:
         self.warnings = check_engine_record(self.record, manifest, trt.__version__, gpu.name,
                                             gpu.compute_capability, root, allow_gpu_mismatch)
         if self.record.kv_cache not in KV_LAYOUTS:
-            raise EngineMismatchError(f"engine record has kv_cache {self.record.kv_cache!r}, which this llava-edge does "
-                                      "not know; rebuild the engines with `llava-edge build`")
+            raise EngineMismatchError(f"engine record has kv_cache {self.record.kv_cache!r}, which this llava-edge "
+                                      "does not know; rebuild the engines with `llava-edge build`")
         plugin = self.record.attention == KV_PLUGIN  # the binding mode comes from the record
         if plugin and self.record.kv_cache != KV_INPLACE:
             raise EngineMismatchError(f"engine record has attention 'plugin' with kv_cache {self.record.kv_cache!r}; "
@@ -128,9 +128,9 @@ class TrtBackend:
         dec = self.engines["decoder"]
         missing = [n for n in self.past_names + self.kv_out_names if n not in dec.names]
         if missing:
-            raise EngineMismatchError(f"the decoder engine has no tensor {missing[0]} although its record says kv_cache "
-                                      f"{self.record.kv_cache!r} (attention {self.record.attention!r}); rebuild the "
-                                      "engines with `llava-edge build`")
+            raise EngineMismatchError(f"the decoder engine has no tensor {missing[0]} although its record says "
+                                      f"kv_cache {self.record.kv_cache!r} (attention {self.record.attention!r}); "
+                                      "rebuild the engines with `llava-edge build`")
 
         # every buffer, once: device I/O of vision/embed/decoder (but the cache), pinned host staging
         self.dev: dict[tuple[str, str], DeviceBuffer] = {}
@@ -161,7 +161,8 @@ class TrtBackend:
         else:
             self.kv = PingPongKV(dims, self.past_names, self.kv_out_names, self._alloc, self.max_prompt)
         self._logits_dtype = dec.dtype["logits"]
-        self.host["decoder", "logits"] = self._alloc(PinnedBuffer, self.max_batch * self._vocab * self._logits_dtype.itemsize)
+        self.host["decoder", "logits"] = self._alloc(PinnedBuffer,
+                                                     self.max_batch * self._vocab * self._logits_dtype.itemsize)
         self._epoch = 0
         self.graphs = CudaGraphRunner(cudart, dec.context, self.stream, "decoder", enabled=cuda_graphs and inplace)
         if cuda_graphs and not inplace:
@@ -213,7 +214,8 @@ class TrtBackend:
         staged = self.host[graph, name].view(a.dtype, a.shape)
         staged[...] = a
         kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        _ck(self.cudart.cudaMemcpyAsync(self.dev[graph, name].ptr, self.host[graph, name].ptr, a.nbytes, kind, self.stream))
+        _ck(self.cudart.cudaMemcpyAsync(self.dev[graph, name].ptr, self.host[graph, name].ptr, a.nbytes, kind,
+                                        self.stream))
         eng.context.set_input_shape(name, a.shape)
         eng.context.set_tensor_address(name, self.dev[graph, name].ptr)
         return a.shape
@@ -231,7 +233,8 @@ class TrtBackend:
         self._execute(graph)
         host = self.host[graph, out_name].view(eng.dtype[out_name], shape)
         kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        _ck(self.cudart.cudaMemcpyAsync(host.ctypes.data, self.dev[graph, out_name].ptr, host.nbytes, kind, self.stream))
+        _ck(self.cudart.cudaMemcpyAsync(host.ctypes.data, self.dev[graph, out_name].ptr, host.nbytes, kind,
+                                        self.stream))
         _ck(self.cudart.cudaStreamSynchronize(self.stream))
         return host.copy()  # the pinned buffer is reused by the next call
 

@@ -316,9 +316,9 @@ def pad_batch(seqs: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor
     ids = torch.full((len(seqs), n), SPECIAL_TOKENS.index(PAD), dtype=torch.long)
     lab = torch.full((len(seqs), n), -100, dtype=torch.long)
     att = torch.zeros((len(seqs), n), dtype=torch.long)
-    for r, (i, l) in enumerate(seqs):
+    for r, (i, lb) in enumerate(seqs):
         ids[r, : len(i)] = torch.tensor(i)
-        lab[r, : len(l)] = torch.tensor(l)
+        lab[r, : len(lb)] = torch.tensor(lb)
         att[r, : len(i)] = 1
     return {"input_ids": ids, "labels": lab, "attention_mask": att}
 
@@ -464,7 +464,10 @@ def train(out: str | Path, cfg: TrainConfig, stages: Sequence[str] = STAGES, res
     # Stage V: vision tower with auxiliary heads.
     heads = VisionHeads(mc.vision_hidden)
 
-    def vision_step(step: int) -> torch.Tensor:
+    # heads is bound here (default argument) rather than read from the enclosing scope, so that the
+    # `del heads, vision_step` after the stage frees the auxiliary heads without leaving a closure
+    # that reads a deleted name.
+    def vision_step(step: int, heads: VisionHeads = heads) -> torch.Tensor:
         samples = _batch(cfg.seed, 0, step, cfg.vision.batch)
         lab = patch_labels(samples, mc.patch_size)
         o = vt(pixel_values=pixels(s.image for s in samples), output_hidden_states=True)
@@ -492,7 +495,7 @@ def train(out: str | Path, cfg: TrainConfig, stages: Sequence[str] = STAGES, res
 
     if "vision" in stages:
         _loop("vision", cfg.vision, [*vt.parameters(), *heads.parameters()], vision_step, deadline, log)
-    del heads
+    del heads, vision_step
     vt.requires_grad_(False)
     vt.eval()
 

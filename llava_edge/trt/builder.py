@@ -146,8 +146,8 @@ def _build_one(trt, logger, onnx_path: Path, profiles: list[Profile], workspace_
     config.set_timing_cache(cache, ignore_mismatch=False)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise EngineBuildError(f"TensorRT failed to build {onnx_path.name}: {'; '.join(logger.errors[-3:]) or 'see build.log'}"
-                               f"{_plugin_hint(aliased_plugin_io)}")
+        raise EngineBuildError(f"TensorRT failed to build {onnx_path.name}: "
+                               f"{'; '.join(logger.errors[-3:]) or 'see build.log'}{_plugin_hint(aliased_plugin_io)}")
     return bytes(plan), bytes(config.get_timing_cache().serialize())
 
 
@@ -163,7 +163,8 @@ def _engine_source(root: Path, onnx_file: str, variant: str, manifest: Manifest 
     try:
         if variant == "plugin":
             t = manifest.text
-            write_plugin_decoder(root / onnx_file, tmp, t.num_heads, t.num_kv_heads, t.head_dim, plugin_config(manifest))
+            write_plugin_decoder(root / onnx_file, tmp, t.num_heads, t.num_kv_heads, t.head_dim,
+                                 plugin_config(manifest))
         else:
             write_static_decoder(root / onnx_file, tmp)
         yield tmp

@@ -211,7 +211,8 @@ def check_model(model, graph: str, trt_version: tuple[int, ...], fp8: bool = Fal
                     f"{AOT_MIN[0]}.{AOT_MIN[1]} (AOT Python plugins) and --plugins auto/on; re-export with "
                     "standard attention for this target"))
         else:
-            hint = " (an onnxruntime contrib op: re-quantize with --format qdq for TensorRT)" if domain == "com.microsoft" else ""
+            hint = (" (an onnxruntime contrib op: re-quantize with --format qdq for TensorRT)"
+                    if domain == "com.microsoft" else "")
             result.issues.append(GraphIssue("error", node.name, f"{domain}::{node.op_type}: custom-domain op "
                                             f"TensorRT cannot import{hint}"))
     for t in list(model.graph.input) + list(model.graph.output):

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import LlavaEdgeError
-from ..contract import AOT_MIN, ENGINE_GRAPHS, KV_INPLACE, KV_LAYOUTS, KV_PINGPONG, ONNX_DOMAIN, AttentionImpl, attention_impl_for, parse_trt_version
+from ..contract import (AOT_MIN, ENGINE_GRAPHS, KV_INPLACE, KV_LAYOUTS, KV_PINGPONG, ONNX_DOMAIN, AttentionImpl,
+                        attention_impl_for, parse_trt_version)
 from ..package import Manifest, load_manifest, require_portable_decoder
 from . import ops
 from .plugin_decoder import PluginDecoderConfig, PluginDecoderError, make_plugin_decoder
@@ -220,7 +221,8 @@ def plan_build(package_dir: str | Path, trt_version: str | tuple[int, ...], targ
     memory = budget(limits)
     if not memory.fits:
         fit = max_context_that_fits(preset, dims, weights, limits.max_batch,
-                                    prefill_tokens=limits.max_images * dims.num_image_tokens + preset.prompt_text_tokens,
+                                    prefill_tokens=(limits.max_images * dims.num_image_tokens
+                                                    + preset.prompt_text_tokens),
                                     workspace_gb=limits.workspace_gb, kv_layout=kv_cache, bytes_per_elem=elt,
                                     fused_attention=fused)
         need = limits.max_images * dims.num_image_tokens + 64  # one prompt with its images + a short answer

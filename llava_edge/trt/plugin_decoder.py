@@ -92,13 +92,15 @@ def _rotary_tables(model: onnx.ModelProto, head_dim: int, max_pos: int) -> tuple
             if c is not None and c.size == 1:
                 scaling = float(c.reshape(-1)[0])
     freqs = np.arange(max_pos, dtype=np.float32)[:, None] * inv_freq[None, :]  # fp32 products, as torch
-    return (np.cos(freqs) * np.float32(scaling)).astype(np.float32), (np.sin(freqs) * np.float32(scaling)).astype(np.float32)
+    return ((np.cos(freqs) * np.float32(scaling)).astype(np.float32),
+            (np.sin(freqs) * np.float32(scaling)).astype(np.float32))
 
 
 def _find_matmul(nodes: list[onnx.NodeProto], layer: int, proj: str) -> onnx.NodeProto:
     name = f"/layers.{layer}/{proj}/MatMul"
     weights = {f"layers.{layer}.{proj}.weight_t", f"layers.{layer}.{proj}.weight_t_dq"}
-    hit = [n for n in nodes if n.op_type == "MatMul" and (n.name == name or (len(n.input) > 1 and n.input[1] in weights))]
+    hit = [n for n in nodes
+           if n.op_type == "MatMul" and (n.name == name or (len(n.input) > 1 and n.input[1] in weights))]
     if len(hit) != 1:
         raise PluginDecoderError(f"expected one MatMul for layers.{layer}.{proj}, found {len(hit)}: not the "
                                  "portable decoder layout")
@@ -202,7 +204,8 @@ def make_plugin_decoder(model: onnx.ModelProto, num_heads: int, num_kv_heads: in
     if decode:
         new_inputs.append(helper.make_tensor_value_info("seq_lens", TensorProto.INT32, ["batch"]))
     else:
-        new_inputs += [helper.make_tensor_value_info(n, TensorProto.INT32, ["batch"]) for n in ("prompt_lens", "start_pos")]
+        new_inputs += [helper.make_tensor_value_info(n, TensorProto.INT32, ["batch"])
+                       for n in ("prompt_lens", "start_pos")]
     new_inputs += [helper.make_tensor_value_info(p, cache_type, cache_shape) for p in pasts]
     logits = next(o for o in g.output if o.name == "logits")
     new_outputs = [logits] + [helper.make_tensor_value_info(p.replace("past_key_values.", "present."), cache_type,

@@ -157,7 +157,8 @@ def compile_int4_matmul(
     dtype: str, group_size: int, kernel: Literal["gemv", "gemm"], block_m: int = 64, block_n: int | None = None,
     block_k: int | None = None, cc: int | None = None, num_warps: int | None = None,
 ) -> AotKernel:
-    from ..kernels.int4_matmul import GEMM_NUM_WARPS, GEMV_BLOCK_N, GEMV_NUM_WARPS, _int4_gemm_kernel, _int4_gemv_kernel, gemv_tile
+    from ..kernels.int4_matmul import (GEMM_NUM_WARPS, GEMV_BLOCK_N, GEMV_NUM_WARPS, _int4_gemm_kernel,
+                                       _int4_gemv_kernel, gemv_tile)
 
     t = "*" + _TL[dtype]
     ptrs = {"X": t, "QW": "*u8", "Scales": "*fp16", "Y": t}

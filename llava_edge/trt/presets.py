@@ -42,7 +42,8 @@ GB = 10**9
 STATIC_PREFILL_CHUNK = 256
 
 __all__ = [
-    "TargetPreset", "PRESETS", "STATIC_PREFILL_CHUNK", "prefill_tokens_per_pass", "detect_target", "ModelDims", "LLAVA_15_7B", "weight_bytes_from_dims",
+    "TargetPreset", "PRESETS", "STATIC_PREFILL_CHUNK", "prefill_tokens_per_pass", "detect_target", "ModelDims",
+    "LLAVA_15_7B", "weight_bytes_from_dims",
     "MemoryBudget", "estimate_memory", "max_context_that_fits", "BuildLimits", "resolve_limits",
     "Profile", "profile_shapes", "plugin_decoder_profiles", "orin_summary",
 ]
@@ -231,9 +232,10 @@ class MemoryBudget:
 
     def describe(self) -> str:
         w = ", ".join(f"{k} {v / GiB:.2f}" for k, v in self.weights.items())
+        staging = f"new-k/v staging {self.kv_staging / GiB:.2f} + " if self.kv_staging else ""
         return (f"{self.target}: weights ({w}) GiB + KV cache {self.kv_cache / GiB:.2f} GiB "
                 f"(context {self.context} x batch {self.batch}, {self.kv_layout}: {self.kv_buffers} buffer(s)) + "
-                f"{'new-k/v staging ' + format(self.kv_staging / GiB, '.2f') + ' + ' if self.kv_staging else ''}activations "
+                f"{staging}activations "
                 f"{self.activations / GiB:.2f} + workspace {self.workspace / GiB:.2f} + runtime "
                 f"{self.overhead / GiB:.2f} = {self.total / GiB:.2f} GiB of {self.usable_bytes / GiB:.2f} GiB "
                 f"usable -> {'fits' if self.fits else 'does NOT fit'}")
@@ -272,7 +274,8 @@ def prefill_tokens_per_pass(prefill_tokens: int, kv_layout: str = KV_INPLACE) ->
 
 def estimate_memory(preset: TargetPreset, dims: ModelDims, weights: dict[str, int], context: int,
                     batch: int, prefill_tokens: int, workspace_gb: float | None = None,
-                    kv_layout: str = KV_INPLACE, bytes_per_elem: int = 2, fused_attention: bool = False) -> MemoryBudget:
+                    kv_layout: str = KV_INPLACE, bytes_per_elem: int = 2,
+                    fused_attention: bool = False) -> MemoryBudget:
     """The whole budget for one process serving ``batch`` sequences of up to ``context`` tokens whose
     longest prompt is ``prefill_tokens``. In-place: one cache buffer, prefill in chunks, staging for one
     chunk's new k/v; ping-pong: two cache buffers, one prefill pass. ``fused_attention`` (the in-place

@@ -53,7 +53,8 @@ def make_static_decoder(model: onnx.ModelProto) -> onnx.ModelProto:
         node = producer.get(o.name)
         past = f"past_key_values.{layer}.{kv}"
         axis = next((a.i for a in node.attribute if a.name == "axis"), None) if node is not None else None
-        if node is None or node.op_type != "Concat" or len(node.input) != 2 or node.input[0] != past or axis not in (2, -2):
+        if (node is None or node.op_type != "Concat" or len(node.input) != 2 or node.input[0] != past
+                or axis not in (2, -2)):
             raise StaticDecoderError(f"{o.name} is not Concat({past}, new, axis=2); cannot derive the static-cache "
                                      "decoder from this graph")
         name = f"{STATIC_OUTPUT_PREFIX}.{layer}.{kv}"

@@ -177,7 +177,8 @@ def test_decode_bench_whole_path_on_cpu(tmp_path: Path) -> None:
     setup = _setup(mod, tmp_path, cold_bytes=50_000)
     rows = mod.run(cases, sweep, setup)
     data = _check_files(tmp_path, "decode_attention", before, [
-        "Decode attention vs SDPA (best backend by graph time)", "Every op, every timing", "num_splits sweep (ours only)"])
+        "Decode attention vs SDPA (best backend by graph time)", "Every op, every timing",
+        "num_splits sweep (ours only)"])
     assert data["sections"][0]["rows"] == rows["summary"]
     peak = _peak()
 

@@ -53,7 +53,8 @@ def test_vision_tower_reaches_the_fast_decoders(tiny_models, tmp_path, monkeypat
     (ck / "config.json").write_text(json.dumps(cfg))
     loads = []
     real = exporter.load_checkpoint
-    monkeypatch.setattr(exporter, "load_checkpoint", lambda *a, **k: loads.append(k.get("vision_tower")) or real(*a, **k))
+    monkeypatch.setattr(exporter, "load_checkpoint",
+                        lambda *a, **k: loads.append(k.get("vision_tower")) or real(*a, **k))
     out = tmp_path / "pkg"
     r = runner.invoke(app, ["export", str(ck), "-o", str(out), "--vision-tower", str(tmp_path / "clip"), "--fast",
                             "--fast-int4"])

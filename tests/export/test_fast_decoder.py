@@ -38,7 +38,8 @@ def _pipes(pkg, decoder="decoder_fast"):
 
     m = load_manifest(pkg)
     tok = Tokenizer.from_file(str(pkg / "tokenizer.json"))
-    return Pipeline.from_package(pkg, backend="ort"), Pipeline(pkg, m, FastOrtBackend(pkg, m, threads=2, decoder=decoder), tok)
+    return (Pipeline.from_package(pkg, backend="ort"),
+            Pipeline(pkg, m, FastOrtBackend(pkg, m, threads=2, decoder=decoder), tok))
 
 
 def _hf_greedy(model, pipe, images, questions):
@@ -136,5 +137,6 @@ def test_fused_projections_compute_what_the_separate_ones_do(tiny_models, fast_p
     np.testing.assert_allclose(logits[0], logits[1], rtol=0, atol=1e-4)
     tok = __import__("tokenizers").Tokenizer.from_file(str(pkg / "tokenizer.json"))
     q = "What is in the picture?"
-    outs = [Pipeline(pkg, m, be, tok).generate(images["portrait"], q, max_new_tokens=12).token_ids for be in (fused, sep)]
+    outs = [Pipeline(pkg, m, be, tok).generate(images["portrait"], q, max_new_tokens=12).token_ids
+            for be in (fused, sep)]
     assert outs[0] == outs[1]

@@ -153,7 +153,8 @@ def test_vision_ab_benchmark_writes_both_rewrites_and_times_them(packages, tmp_p
     md = tmp_path / "ab.md"
     vision_ab.main([str(packages / "fp32"), "--out", str(tmp_path / "graphs"), "--reps", "2", "--no-memory",
                     "--md", str(md)])
-    rows = {line.split("|")[1].strip(): line.split("|") for line in md.read_text().splitlines() if line.startswith("| ")}
+    rows = {line.split("|")[1].strip(): line.split("|")
+            for line in md.read_text().splitlines() if line.startswith("| ")}
     assert {"fp32", "int8", "int8-blocked"} <= set(rows)
     for name in ("int8", "int8-blocked"):
         assert 0.0 < float(rows[name][4]) <= vision_int8.RELATIVE_TOLERANCE  # relative error vs the fp32 graph

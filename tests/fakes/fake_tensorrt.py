@@ -235,7 +235,8 @@ class FakeContext:
                 feeds[n] = np.frombuffer(mem, dt).reshape(shape)
                 self.eng.in_place_bytes += nbytes
             else:
-                feeds[n] = np.frombuffer(ctypes.string_at(addr[n], nbytes), dt).reshape(shape) if nbytes else np.zeros(shape, dt)
+                feeds[n] = (np.frombuffer(ctypes.string_at(addr[n], nbytes), dt).reshape(shape) if nbytes
+                            else np.zeros(shape, dt))
         outs = self.eng.run(feeds)
         saved, self.shapes = self.shapes, shapes
         for n, o in zip(self.eng.outputs, outs):
@@ -274,7 +275,8 @@ class FakeEngine:
             self.outputs = list(runner.output_names)
             self.dtypes = {v.name: np.dtype(helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type))
                            for v in [*model.graph.input, *model.graph.output]}
-            self.aliases = {o: o.replace("present.", "past_key_values.") for o in self.outputs if o.startswith("present.")}
+            self.aliases = {o: o.replace("present.", "past_key_values.")
+                            for o in self.outputs if o.startswith("present.")}
             self.run = lambda feeds: [runner.run(feeds)[n] for n in self.outputs]
         else:
             self.session = ort.InferenceSession(spec["onnx"], providers=["CPUExecutionProvider"])
@@ -312,7 +314,8 @@ def fake_trt(cudart: FakeCudart | None = None, version: str = "10.3.0.30"):
     m.TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
     m.nptype = lambda dt: dt
     m.Runtime = type("Runtime", (), {"__init__": lambda self, logger: None,
-                                     "deserialize_cuda_engine": lambda self, buf: FakeEngine(json.loads(bytes(buf)), cudart)})
+                                     "deserialize_cuda_engine":
+                                         lambda self, buf: FakeEngine(json.loads(bytes(buf)), cudart)})
     return m
 
 

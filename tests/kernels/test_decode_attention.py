@@ -16,7 +16,8 @@ from llava_edge.kernels.decode_attention import DecodeWorkspace, decode_attentio
 from llava_edge.kernels.prefill_attention import prefill_attention  # noqa: E402
 from llava_edge.kernels.reference import decode_attention_ref, prefill_attention_ref, rope_cos_sin  # noqa: E402
 
-TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=5e-3, rtol=5e-3), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=5e-3, rtol=5e-3),
+       torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 # (batch, heads, kv_heads, head_dim, max_seq, num_splits): GQA 2, MQA, MHA, GQA 3 with batch 1 long
 # context and more splits than the context needs (empty splits must contribute nothing).

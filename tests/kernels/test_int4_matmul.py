@@ -14,7 +14,8 @@ pytest.importorskip("triton")
 from llava_edge.kernels.int4_matmul import GEMV_MAX_ROWS, int4_gemm, int4_gemv, int4_matmul  # noqa: E402
 from llava_edge.kernels.reference import int4_matmul_ref, pack_int4  # noqa: E402
 
-TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-2, rtol=2e-3), torch.bfloat16: dict(atol=5e-2, rtol=2e-2)}
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-2, rtol=2e-3),
+       torch.bfloat16: dict(atol=5e-2, rtol=2e-2)}
 CASES = [(1, 37, 128, 32), (3, 50, 256, 64), (19, 45, 256, 128), (5, 33, 64, 32)]  # (M, N, K, group)
 
 

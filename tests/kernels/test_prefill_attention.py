@@ -14,7 +14,8 @@ pytest.importorskip("triton")
 from llava_edge.kernels.prefill_attention import prefill_attention  # noqa: E402
 from llava_edge.kernels.reference import prefill_attention_ref, rope_cos_sin  # noqa: E402
 
-TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=5e-3, rtol=5e-3), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=5e-3, rtol=5e-3),
+       torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 # (batch, padded prompt length, heads, kv_heads, head_dim, max_seq, reuse a cached prefix)
 CASES = [
@@ -57,7 +58,8 @@ def test_prefill_block_sizes_do_not_change_the_result(device) -> None:
     # BLOCK_M != BLOCK_N: the diagonal tile is no longer square, the causal mask must still hold.
     B, T, H, kvH, D, S = 2, 45, 4, 2, 32, 48
     lens = torch.tensor([45, 30], dtype=torch.int32, device=device)
-    q, k, v = torch.randn(B, T, H, D, device=device), torch.randn(B, T, kvH, D, device=device), torch.randn(B, T, kvH, D, device=device)
+    q, k, v = (torch.randn(B, T, H, D, device=device), torch.randn(B, T, kvH, D, device=device),
+               torch.randn(B, T, kvH, D, device=device))
     cos, sin = rope_cos_sin(S, D, device=device)
     outs = []
     for bm, bn in [(16, 32), (32, 16)]:

@@ -38,7 +38,8 @@ def test_llava_instruct_json_and_jsonl(tmp_path):
 
 
 def test_missing_image_is_a_clear_error(tmp_path):
-    (tmp_path / "d.json").write_text(json.dumps([{"image": "nope.png", "conversations": [{"from": "human", "value": "q"}]}]))
+    (tmp_path / "d.json").write_text(json.dumps([{"image": "nope.png",
+                                                  "conversations": [{"from": "human", "value": "q"}]}]))
     with pytest.raises(CalibrationDataError, match="nope.png"):
         load_calibration(str(tmp_path / "d.json"), 1)
 

@@ -87,7 +87,8 @@ def test_desc_act_g_idx_is_handled_by_permuting(tmp_path):
     def mlp(gate, up, down):
         return (torch.nn.functional.silu(x @ gate.T) * (x @ up.T)) @ down.T
 
-    got = mlp(*(imp.quantized[f"layers.0.mlp.{p}"].dequantize_original_order() for p in ("gate_proj", "up_proj", "down_proj")))
+    got = mlp(*(imp.quantized[f"layers.0.mlp.{p}"].dequantize_original_order()
+                for p in ("gate_proj", "up_proj", "down_proj")))
     ref = mlp(weights["mlp.gate_proj"], weights["mlp.up_proj"], weights["mlp.down_proj"])
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))  # summation order only
 

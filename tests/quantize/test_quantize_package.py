@@ -51,7 +51,8 @@ def test_quantized_package_is_a_runnable_package(gptq_pkg, fp_package):
     assert q["report"]["logits_n_prompts"] == 3
     report = json.loads((gptq_pkg.package_dir / "quantization_report.json").read_text())
     assert len(report["layer_errors"]) == 2
-    out = Pipeline.from_package(gptq_pkg.package_dir).generate(shapes_sample(0, 1).image, "What is it?", max_new_tokens=3)
+    out = Pipeline.from_package(gptq_pkg.package_dir).generate(shapes_sample(0, 1).image, "What is it?",
+                                                               max_new_tokens=3)
     assert len(out.token_ids) >= 1
     assert not any(p.name.startswith(".") for p in gptq_pkg.package_dir.parent.iterdir())
 

@@ -149,7 +149,8 @@ ROWS = [
                                                                "-p", "x"], "decompression bomb"),
     Row("image-over-limit", lambda c: _run(c)[:2] + ["-i", c.file("big.png", png_bytes(12000, 12000)), "-p", "x"],
         "(144.0M pixels), over the limit of 40.0M pixels"),
-    Row("image-over-custom-limit", lambda c: _run(c, "--max-image-pixels", "100"), "(1200 pixels), over the limit of 100 pixels"),
+    Row("image-over-custom-limit", lambda c: _run(c, "--max-image-pixels", "100"),
+        "(1200 pixels), over the limit of 100 pixels"),
     Row("image-is-a-directory", lambda c: _run(c)[:2] + ["-i", str(c.tmp), "-p", "x"], "is a directory, not an image"),
     Row("image-missing", lambda c: _run(c)[:2] + ["-i", str(c.tmp / "no.jpg"), "-p", "x"], "image not found"),
     Row("image-truncated", lambda c: _run(c)[:2] + ["-i", c.file("t.png", Path(c.image).read_bytes()[:80]), "-p", "x"],
@@ -176,7 +177,8 @@ ROWS = [
         "exceeds the model's context of 256"),
     Row("bench-batch-not-integers", lambda c: ["bench", c.pkg, "--batch", "1,x"], "comma-separated integers"),
     Row("bench-repeat-zero", lambda c: ["bench", c.pkg, "--repeat", "0"], "--repeat must be >= 1"),
-    Row("build-max-batch-zero", lambda c: ["build", c.pkg, "--dry-run", "--max-batch", "0"], "--max-batch must be >= 1"),
+    Row("build-max-batch-zero", lambda c: ["build", c.pkg, "--dry-run", "--max-batch", "0"],
+        "--max-batch must be >= 1"),
     Row("build-workspace-nan", lambda c: ["build", c.pkg, "--dry-run", "--workspace-gb", "nan"],
         "--workspace-gb must be a positive number"),
 ]
@@ -197,7 +199,7 @@ def test_bad_input_is_one_line(row: Row, runner, request, tmp_path, monkeypatch)
     before = tree_digest(protected) if protected else None
     result = runner.invoke(app, argv)
     assert result.exit_code == 2, result.output
-    line = one_error_line(result)
+    one_error_line(result)
     assert row.needle in " ".join(result.output.split()), result.output
     if protected:
         assert tree_digest(protected) == before  # byte for byte

@@ -61,7 +61,8 @@ def _good_images(rng: random.Random) -> list[bytes]:
     out = []
     for fmt in ("PNG", "JPEG", "GIF", "BMP"):
         buf = io.BytesIO()
-        arr = np.random.default_rng(rng.randrange(1 << 30)).integers(0, 255, (rng.randint(1, 60), rng.randint(1, 60), 3),
+        arr = np.random.default_rng(rng.randrange(1 << 30)).integers(0, 255,
+                                                                     (rng.randint(1, 60), rng.randint(1, 60), 3),
                                                                      dtype=np.uint8)
         Image.fromarray(arr).save(buf, format=fmt)
         out.append(buf.getvalue())
@@ -88,7 +89,8 @@ def _image(rng: random.Random, good: list[bytes]) -> bytes:
     if kind < 0.6:
         return _mangle(rng, rng.choice(good))
     if kind < 0.8:
-        w, h = rng.choice([0, 1, 7, 4000, 12000, 65535, 100000, 2**31 - 1]), rng.choice([0, 1, 9, 5000, 20000, 2**31 - 1])
+        w, h = (rng.choice([0, 1, 7, 4000, 12000, 65535, 100000, 2**31 - 1]),
+                rng.choice([0, 1, 9, 5000, 20000, 2**31 - 1]))
         return png_bytes(w, h)
     return rng.randbytes(rng.randint(0, 300))
 

@@ -17,8 +17,8 @@ import pytest
 
 from llava_edge.cli import app
 from llava_edge.errors import OutputError
-from llava_edge.package import (PackageError, clean_stale_staging, file_sha256, load_manifest, package_files, staged_package,
-                                verify_package, write_manifest)
+from llava_edge.package import (PackageError, clean_stale_staging, file_sha256, load_manifest, package_files,
+                                staged_package, verify_package, write_manifest)
 
 from .conftest import REPO, tree_digest
 

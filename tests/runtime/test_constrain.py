@@ -174,7 +174,8 @@ def test_watch_json_schema(bpe_package, tmp_path):
     frames = tmp_path / "frames"
     frames.mkdir()
     for i in range(3):
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(frames / f"{i}.png")
+        pixels = np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(frames / f"{i}.png")
     schema = tmp_path / "s.json"
     schema.write_text(json.dumps(SCHEMA))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

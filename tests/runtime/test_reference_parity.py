@@ -78,7 +78,8 @@ def test_preprocessing_matches_transformers(images, processor):
     from llava_edge.export.factory import CLIP_MEAN, CLIP_STD
     from llava_edge.package import VisionConfig
 
-    kw = dict(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48}, image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    kw = dict(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48}, image_mean=CLIP_MEAN,
+              image_std=CLIP_STD)
     hf = LlavaImageProcessorPil(do_pad=True, **kw) if processor == "llava-pad" else CLIPImageProcessorPil(**kw)
     cfg = VisionConfig(image_size=48, patch_size=8, shortest_edge=48, image_mean=CLIP_MEAN, image_std=CLIP_STD,
                        rescale_factor=1 / 255, resample=3, do_center_crop=True,

@@ -3,8 +3,8 @@ tensorrt/cuda-python of tests/fakes/fake_tensorrt.py.
 
 The fake 'engine' runs the plugin-attention decoder graph (trt/plugin_decoder.py, what `llava-edge
 build --plugins on` gives TensorRT) in ``onnx.reference`` with the plugin nodes as our torch references
-or our Triton kernels (TRITON_INTERPRET=1 on CPU, set by the root conftest), on the fake device memory itself: the cache buffers
-the backend binds are updated in place, and the fake refuses a present.* output not bound to its past
+or our Triton kernels (TRITON_INTERPRET=1 on CPU, set by the root conftest), on the fake device memory itself: the cache
+buffers the backend binds are updated in place, and the fake refuses a present.* output not bound to its past
 input's buffer. Fake cudaMalloc memory is NaN, and the plugin cache is not zeroed, so any read of a
 cache slot at or past a row's length turns the logits into NaN.
 
@@ -152,7 +152,8 @@ def test_ragged_rows_pack_and_chunks():
     emb = np.arange(2 * 5 * 1, dtype=np.float32).reshape(2, 5, 1)
     mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     packed, n = RaggedRows.pack(emb, mask)
-    assert n.tolist() == [3, 5] and packed[0, :3, 0].tolist() == [2, 3, 4] and packed[1, :, 0].tolist() == [5, 6, 7, 8, 9]
+    assert n.tolist() == [3, 5] and packed[0, :3, 0].tolist() == [2, 3, 4]
+    assert packed[1, :, 0].tolist() == [5, 6, 7, 8, 9]
     chunks = list(RaggedRows.chunks(packed, n, np.array([4, 0], np.int32), 2))
     assert [c.prompt_lens.tolist() for c in chunks] == [[2, 2], [1, 2], [0, 1]]
     assert [c.start_pos.tolist() for c in chunks] == [[4, 0], [6, 2], [8, 4]]

@@ -190,7 +190,8 @@ def test_killed_replica_fails_its_requests_cleanly_and_is_restarted(cluster, ref
     for i, (kind, replica, detail) in enumerate(outcomes):
         if kind == "ok":  # a completed answer is whole and right, never silently cut short
             ids, finish = detail
-            assert finish == "length" and ids == reference.generate(jobs[i][1], jobs[i][0], max_new_tokens=200).token_ids
+            assert finish == "length"
+            assert ids == reference.generate(jobs[i][1], jobs[i][0], max_new_tokens=200).token_ids
     assert any(o[0] == "error" and o[1] == victim for o in outcomes), "the kill hit no request in flight"
     assert all(o[0] == "ok" for o in outcomes if o[1] not in (victim, None)), outcomes
     replicas, waited = _wait_replicas(cluster, 2, victim, 120)
@@ -237,7 +238,8 @@ def test_several_packages_behind_one_endpoint_chosen_by_model(cluster, served_pa
         assert all(len(v) == 1 for v in replicas.values()) and replicas["tiny-llava"] != replicas["tiny-llava-b"]
         with pytest.raises(NotFoundError, match="model_not_found|not served"):
             client.chat.completions.create(model="nope", messages=user("hi"), max_tokens=2)
-        r = httpx.post(cluster + "/multi/v1/chat/completions", json={"model": "tiny-llava-b", "messages": []}, timeout=10)
+        r = httpx.post(cluster + "/multi/v1/chat/completions", json={"model": "tiny-llava-b", "messages": []},
+                       timeout=10)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         h = httpx.get(cluster + "/multi/health", timeout=10).json()
         assert h["status"] == "ok" and set(h["models"]) == {"tiny-llava", "tiny-llava-b"}

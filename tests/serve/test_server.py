@@ -71,7 +71,8 @@ def _ask(client, messages, max_tokens, stream, ignore_eos=False):
 
 def test_eight_concurrent_greedy_requests_equal_generate_alone(server, client, served_package):
     images = _images()
-    jobs = [(PROMPTS[i], images[i], 4 + 5 * i, i % 2 == 1, i >= 4) for i in range(8)]  # prompt, image, n, stream, no-eos
+    # prompt, image, n, stream, no-eos
+    jobs = [(PROMPTS[i], images[i], 4 + 5 * i, i % 2 == 1, i >= 4) for i in range(8)]
     before = server.metrics()
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(lambda j: _ask(client, user(j[0], j[1]), j[2], j[3], j[4]), jobs))
@@ -89,14 +90,16 @@ def test_eight_concurrent_greedy_requests_equal_generate_alone(server, client, s
     steps = after["llava_edge_engine_steps_total"] - before["llava_edge_engine_steps_total"]
     assert generated == sum(len(g[0]) for g in got)
     assert steps < generated  # several sequences advanced in the same step: batching really happened
-    assert after['llava_edge_requests_total{status="200"}'] - before.get('llava_edge_requests_total{status="200"}', 0) == 8
+    ok = 'llava_edge_requests_total{status="200"}'
+    assert after[ok] - before.get(ok, 0) == 8
     assert after["llava_edge_time_to_first_token_seconds_count"] - before.get(
         "llava_edge_time_to_first_token_seconds_count", 0) == 8
     assert after["llava_edge_slots_in_use"] == 0 and after["llava_edge_queue_length"] == 0
 
 
 def test_stream_is_sse_ending_in_done(server):
-    body = {"model": "m", "stream": True, "temperature": 0, "max_tokens": 5, "messages": user("Describe it.", _images()[0])}
+    body = {"model": "m", "stream": True, "temperature": 0, "max_tokens": 5,
+            "messages": user("Describe it.", _images()[0])}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30,
                       headers={"Authorization": f"Bearer {API_KEY}"}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")

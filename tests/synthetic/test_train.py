@@ -81,7 +81,8 @@ def test_refuses_heldout_seed(tmp_path: Path) -> None:
 
 def test_conversation_labels_cover_answers_only() -> None:
     tok = T.build_tokenizer(n_samples=50)
-    ids, labels = T.encode_conversation(tok, [("how many shapes are there?", "3"), ("where is the red circle?", "top left")], 81)
+    ids, labels = T.encode_conversation(tok, [("how many shapes are there?", "3"),
+                                              ("where is the red circle?", "top left")], 81)
     assert ids.count(tok.token_to_id(T.IMAGE)) == 81
     supervised = [tok.id_to_token(t) for t in labels if t != -100]
     assert supervised == ["3", T.EOS, "top", "left", T.EOS]

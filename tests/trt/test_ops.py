@@ -30,11 +30,13 @@ def _vi(name, dtype=TensorProto.FLOAT, shape=(1, 4)):
 
 
 def test_version_gated_ops():
-    att = _model([helper.make_node("Attention", ["q", "k", "v"], ["y"])], [_vi("q"), _vi("k"), _vi("v")], [_vi("y")], opset=23)
+    att = _model([helper.make_node("Attention", ["q", "k", "v"], ["y"])], [_vi("q"), _vi("k"), _vi("v")], [_vi("y")],
+                 opset=23)
     bad = trt_ops.check_model(att, "decoder", (10, 3))
     assert not bad.ok and "needs TensorRT >= 10.14" in bad.describe()
     assert trt_ops.check_model(att, "decoder", (10, 14)).ok
-    rope = _model([helper.make_node("RotaryEmbedding", ["x", "c", "s"], ["y"])], [_vi("x"), _vi("c"), _vi("s")], [_vi("y")], opset=23)
+    rope = _model([helper.make_node("RotaryEmbedding", ["x", "c", "s"], ["y"])], [_vi("x"), _vi("c"), _vi("s")],
+                  [_vi("y")], opset=23)
     assert not trt_ops.check_model(rope, "d", (10, 14)).ok
     assert trt_ops.check_model(rope, "d", (10, 15)).ok
     with pytest.raises(ValueError, match="needs >= 10.0"):
@@ -107,7 +109,8 @@ def test_subgraph_nodes_are_checked():
 
 
 def test_double_graph_io_refused():
-    m = _model([helper.make_node("Identity", ["x"], ["y"])], [_vi("x", TensorProto.DOUBLE)], [_vi("y", TensorProto.DOUBLE)])
+    m = _model([helper.make_node("Identity", ["x"], ["y"])], [_vi("x", TensorProto.DOUBLE)],
+               [_vi("y", TensorProto.DOUBLE)])
     assert "DOUBLE" in trt_ops.check_model(m, "g", (10, 15)).describe()
 
 

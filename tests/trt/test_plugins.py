@@ -47,7 +47,8 @@ def test_plugin_node_form() -> None:
     assert node.domain == contract.ONNX_DOMAIN
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     assert attrs["plugin_namespace"] == b"llava_edge"
-    assert attrs["aot"] == 1 and node.attribute[[a.name for a in node.attribute].index("aot")].type == onnx.AttributeProto.INT
+    assert attrs["aot"] == 1
+    assert node.attribute[[a.name for a in node.attribute].index("aot")].type == onnx.AttributeProto.INT
     assert attrs["num_splits"] == 8 and abs(attrs["sm_scale"] - 0.088) < 1e-7
     assert list(node.input)[6] == "l0.k_cache" and list(node.output)[1] == "l0.k_cache_out"
     with pytest.raises(ValueError, match="takes inputs"):
@@ -69,7 +70,8 @@ def test_plugin_node_graph_passes_onnx_checker() -> None:
          helper.make_tensor_value_info("scales", TensorProto.FLOAT16, [64, 2])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 64])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(contract.ONNX_DOMAIN, 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid(contract.ONNX_DOMAIN, 1)])
     onnx.checker.check_model(model)
 
 
@@ -86,7 +88,8 @@ from llava_edge.trt import plugins as tp
 from llava_edge.kernels.resources import resource_usage
 # spill budget per thread, bytes: decode spills 8 B outside its loop; prefill's 64x64 tile at
 # head_dim 128 with rotary in registers still spills ~150-230 B with 8 warps (1.3-1.5 KB with 4).
-SPILLS = {"_decode_attention_kernel": 16, "_prefill_attention_kernel": 256, "_int4_gemv_kernel": 0, "_int4_gemm_kernel": 0}
+SPILLS = {"_decode_attention_kernel": 16, "_prefill_attention_kernel": 256, "_int4_gemv_kernel": 0,
+          "_int4_gemm_kernel": 0}
 for cc in (87, 90):
     kernels = [  # the configurations the plugins build, at LLaVA-7B shapes
         (tp.compile_decode_attention("float16", head_dim=128, group=1, num_splits=8, cc=cc), "decode_attention", 2),

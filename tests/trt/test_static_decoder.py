@@ -110,7 +110,8 @@ def test_static_graph_io_and_refusals(graphs, trt_package):
     names_in, names_out = static_decoder_io_names(m.text.num_layers)
     assert [i.name for i in static.get_inputs()] == names_in
     assert [o.name for o in static.get_outputs()] == names_out
-    assert [str(d) for d in static.get_outputs()[1].shape] == ["batch", str(m.text.num_kv_heads), "seq", str(m.text.head_dim)]
+    assert [str(d) for d in static.get_outputs()[1].shape] == ["batch", str(m.text.num_kv_heads), "seq",
+                                                                str(m.text.head_dim)]
     with pytest.raises(StaticDecoderError, match="no present"):
         make_static_decoder(model)  # already static
     with pytest.raises(StaticDecoderError, match="next to"):
