@@ -286,11 +286,12 @@ def test_impossible_resources_are_refused_and_pending_replicas_answer_503(cluste
     other = tmp_path / "tiny-llava-b"
     shutil.copytree(served_package, other)
     deploy = serve.api._run  # serve.run waits for running replicas, which never come here
-    deploy(build_app({"package": f"{served_package},{other}", "cpus_per_replica": "4", "api_key": KEY}),
+    quick = {"graceful_shutdown_timeout_s": "0.5"}  # Serve's default 20 s grace would hold the teardown
+    deploy(build_app({"package": f"{served_package},{other}", "cpus_per_replica": "4", "api_key": KEY, **quick}),
            name="pending", route_prefix="/pending", _blocking=False)
-    deploy(build_app({"package": str(served_package), "cpus_per_replica": "4", "api_key": KEY}),
+    deploy(build_app({"package": str(served_package), "cpus_per_replica": "4", "api_key": KEY, **quick}),
            name="pending1", route_prefix="/pending1", _blocking=False)
-    deploy(StartingHealth.options(ray_actor_options={"num_cpus": 0}).bind(
+    deploy(StartingHealth.options(ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=0.5).bind(
         "pending1", "llava-edge-tiny-llava", {"CPU": 4.0}), name="pending1-starting", route_prefix="/pending1/health",
         _blocking=False)
     try:
