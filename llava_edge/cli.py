@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import dataclasses
 import functools
 import inspect as _inspect
 import json
@@ -33,7 +34,7 @@ from .io_safe import WRITE_ERRNOS, check_regular_file, display, write_error
 from .package import sigterm_as_interrupt
 from .runtime.preprocess import MAX_IMAGE_PIXELS
 from .runtime.sizes import format_size, parse_size
-from .serve.settings import API_KEY_ENV, BACKEND_HELP, Setting, serve_settings
+from .serve.settings import API_KEY_ENV, BACKEND_HELP, Setting, ray_settings, serve_settings
 
 console = Console(stderr=True)
 out = Console()
@@ -312,11 +313,13 @@ def _setting_option(s: Setting) -> tuple[Any, Any]:
         return int, _size_option(s.default, s.flag, unit=s.unit, **kw)
     if s.kind == "list":
         return list[str], typer.Option(list(s.default), s.flag, **kw)
+    if s.kind == "autoscale":  # MIN,MAX, parsed by RayOptions
+        return Optional[str], typer.Option(s.default, s.flag, **kw)
     base = {"str": str, "int": int, "float": float, "path": Path}[s.kind]
     return (Optional[base] if s.optional else base), typer.Option(s.default, s.flag, **kw)
 
 
-def _with_settings(settings: tuple[Setting, ...], after: str):
+def _with_settings(settings: tuple[Setting, ...], after: str, into: str = "settings"):
     """Give a command one option per setting, declared where the settings are (no flag written twice): they
     come after its parameter `after` in --help, and reach the command as one dict, `settings` (lists as
     tuples). typer reads the signature, so the wrapper's is the command's with `settings` replaced by them."""
@@ -326,7 +329,7 @@ def _with_settings(settings: tuple[Setting, ...], after: str):
 
         hints = typing.get_type_hints(fn)
         own = [p.replace(kind=_inspect.Parameter.KEYWORD_ONLY, annotation=hints[p.name])
-               for p in _inspect.signature(fn).parameters.values() if p.name != "settings"]
+               for p in _inspect.signature(fn).parameters.values() if p.name != into]
         added = []
         for s in settings:
             annotation, default = _setting_option(s)
@@ -338,7 +341,7 @@ def _with_settings(settings: tuple[Setting, ...], after: str):
         def wrapper(**kwargs):
             values = {s.name: kwargs.pop(s.name) for s in settings}
             values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-            return fn(settings=values, **kwargs)
+            return fn(**{into: values}, **kwargs)
 
         params = own[:cut] + added + own[cut:]
         wrapper.__signature__ = _inspect.Signature(params)
@@ -349,6 +352,10 @@ def _with_settings(settings: tuple[Setting, ...], after: str):
 
 
 SERVE_SETTINGS = serve_settings()
+# the CLI passes only the Ray options given (None: RayOptions' own default), so a flag without --ray is seen
+RAY_SETTINGS = tuple(dataclasses.replace(s, default=None, optional=True, help=s.help if "default" in s.help or
+                                         s.default is None else f"{s.help[:-1]} (default {s.default:g}).")
+                     for s in ray_settings())
 
 
 @app.command()
@@ -863,6 +870,7 @@ def demo(
 
 @app.command()
 @friendly
+@_with_settings(RAY_SETTINGS, after="ray", into="ray_options")
 @_with_settings(SERVE_SETTINGS, after="package")
 def serve(
     package: Optional[Path] = typer.Argument(None, help="Model package directory (default: the built-in tiny "
@@ -871,12 +879,9 @@ def serve(
     settings: dict = None,  # every ServeConfig option (serve/settings.py): --host ... --shutdown-timeout
     ray: bool = typer.Option(False, "--ray", help="Serve through Ray Serve: replicas over one or many machines "
                              "(PACKAGE may be several directories separated by commas, chosen by `model`)."),
-    replicas: Optional[int] = typer.Option(None, help="With --ray: fixed number of replicas (default 1)."),
-    autoscale: Optional[str] = typer.Option(None, help="With --ray: MIN,MAX replicas, scaled on ongoing requests."),
+    ray_options: dict = None,  # every RayOptions field (serve/settings.py): --replicas ... --health-check-period-s
     ray_address: Optional[str] = typer.Option(None, help="With --ray: 'auto' (a running cluster on this machine) "
                                               "or ray://HOST:10001; default: start a local cluster."),
-    gpus_per_replica: float = typer.Option(0.0, help="With --ray: GPUs each replica reserves (fractions allowed)."),
-    cpus_per_replica: float = typer.Option(1.0, help="With --ray: CPUs each replica reserves (also its threads)."),
     write_config: Optional[Path] = typer.Option(None, help="With --ray: write a serve config YAML for "
                                                 "`serve deploy FILE` and exit."),
 ) -> None:
@@ -894,11 +899,12 @@ def serve(
         if package is None:
             package = _builtin_package()
         forwarded = {s.name: settings[s.name] for s in SERVE_SETTINGS if s.ray and settings[s.name] != ()}
-        return _serve_ray(package, host, port, ray_address, write_config, {
-            "package": str(package), **forwarded, "replicas": replicas, "autoscale": autoscale,
-            "gpus_per_replica": gpus_per_replica, "cpus_per_replica": cpus_per_replica})
-    if replicas is not None or autoscale is not None or ray_address is not None:
-        raise UsageError("--replicas, --autoscale and --ray-address need --ray")
+        return _serve_ray(package, host, port, ray_address, write_config,
+                          {"package": str(package), **forwarded, **ray_options})
+    given = [s.flag for s in RAY_SETTINGS if ray_options[s.name] is not None]
+    given += ["--ray-address"] if ray_address else []
+    if given:
+        raise UsageError(f"{', '.join(given)}: need --ray")
     try:
         from .serve.server import serve as run_server
         from .serve.settings import ServeConfig

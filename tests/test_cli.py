@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 
@@ -376,6 +377,28 @@ def test_ray_builder_args_are_the_serve_config_fields_ray_forwards():
     assert set(ray_app._SERVE_ARGS) == {s.name for s in serve_settings() if s.ray}
     assert ray_app._SERVE_ARGS["max_image_pixels"] == "size" and ray_app._SERVE_ARGS["allowed_hosts"] == "list"
     assert not {"host", "port", "header_timeout", "max_connections", "shutdown_timeout"} & set(ray_app._SERVE_ARGS)
+
+
+def test_ray_options_are_flags_and_builder_args_from_one_dataclass():
+    """RayOptions' fields are serve's --replicas ... flags (passed only when given) and ray_app's _RAY_ARGS."""
+    import dataclasses
+
+    from llava_edge.errors import UsageError
+    from llava_edge.serve.settings import RayOptions, ray_settings
+
+    names = {f.name for f in dataclasses.fields(RayOptions)}
+    assert {s.name for s in ray_settings()} == names
+    flags = {o for p in _options(_commands()["serve"]) for o in p.opts}
+    assert {"--" + n.replace("_", "-") for n in names} <= flags
+    parsed = _parse("serve")
+    assert all(parsed[n] is None for n in names)  # not given: RayOptions' own defaults apply
+    assert RayOptions(autoscale="1,3").autoscale == (1, 3)
+    with pytest.raises(UsageError, match="--cpus-per-replica must be >= 0"):
+        RayOptions(cpus_per_replica=-1)
+    if importlib.util.find_spec("ray") is not None:
+        from llava_edge.serve import ray_app
+
+        assert set(ray_app._RAY_ARGS) == names and ray_app._RAY_ARGS["autoscale"] is ray_app.parse_autoscale
 
 
 def test_serve_validation_names_the_flag_from_the_field():

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -37,7 +36,7 @@ from ..runtime.sizes import parse_size
 from .app import ServeConfig, ServerState, body_limit, create_app
 from .guard import bearer_ok
 from .protocol import ApiError
-from .settings import API_KEY_ENV, serve_settings
+from .settings import API_KEY_ENV, RayOptions, parse_autoscale, ray_settings, serve_settings
 
 REPLICA_HEADER = "x-llava-edge-replica"
 APP_IMPORT_PATH = "llava_edge.serve.ray_app:app"
@@ -46,54 +45,11 @@ NO_RESOURCE_CHECK_ENV = "LLAVA_EDGE_RAY_NO_RESOURCE_CHECK"
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class RayOptions:
-    """How many replicas, with what resources: the deployment side of a package's serving."""
-
-    replicas: int = 1
-    autoscale: tuple[int, int] | None = None  # (min, max) replicas; replaces `replicas`
-    cpus_per_replica: float = 1.0
-    gpus_per_replica: float = 0.0
-    target_ongoing_requests: float | None = None  # autoscaling target per replica; default max_slots
-    max_ongoing_requests: int | None = None  # sent to one replica at once; default 2 * max_slots
-    graceful_shutdown_timeout_s: float = 30.0  # a stopping replica's streams get this long to finish
-    health_check_period_s: float = 10.0
-
-    def deployment_options(self, config: ServeConfig) -> dict[str, Any]:
-        opts: dict[str, Any] = {
-            "ray_actor_options": {"num_cpus": self.cpus_per_replica, "num_gpus": self.gpus_per_replica},
-            "max_ongoing_requests": self.max_ongoing_requests or 2 * config.max_slots,
-            # the rest wait in each Ray proxy, up to --queue-size per replica; past that Ray answers 503
-            "max_queued_requests": config.queue_size * max(self.replicas, self.autoscale[1] if self.autoscale else 1),
-            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
-            "health_check_period_s": self.health_check_period_s,
-        }
-        if self.autoscale:
-            lo, hi = self.autoscale
-            opts["autoscaling_config"] = {"min_replicas": lo, "max_replicas": hi, "initial_replicas": max(lo, 1),
-                                          "target_ongoing_requests": self.target_ongoing_requests or config.max_slots}
-        else:
-            opts["num_replicas"] = self.replicas
-        return opts
-
-
-def parse_autoscale(text: str) -> tuple[int, int]:
-    try:
-        lo, hi = (int(x) for x in str(text).split(","))
-    except ValueError:
-        raise UsageError(f"--autoscale {text!r}: give MIN,MAX replicas, e.g. 1,4") from None
-    if not 0 <= lo <= hi or hi < 1:
-        raise UsageError(f"--autoscale {text!r}: need 0 <= MIN <= MAX and MAX >= 1")
-    return lo, hi
-
-
 # builder args (strings from `serve run k=v`, typed from a YAML) -> ServeConfig and RayOptions fields; the
 # ServeConfig side is its option fields that Ray forwards (serve/settings.py), typed by their kind
 _KIND_TYPES = {"str": str, "int": int, "float": float, "path": Path}
 _SERVE_ARGS = {s.name: _KIND_TYPES.get(s.kind, s.kind) for s in serve_settings() if s.ray}
-_RAY_ARGS = {"replicas": int, "autoscale": parse_autoscale, "cpus_per_replica": float, "gpus_per_replica": float,
-             "target_ongoing_requests": float, "max_ongoing_requests": int, "graceful_shutdown_timeout_s": float,
-             "health_check_period_s": float}
+_RAY_ARGS = {s.name: parse_autoscale if s.kind == "autoscale" else _KIND_TYPES[s.kind] for s in ray_settings()}
 
 
 def parse_args(args: dict[str, Any]) -> tuple[list[ServeConfig], RayOptions]:

@@ -106,6 +106,60 @@ class ServeConfig:
         validate_serve_config(self)
 
 
+@dataclass
+class RayOptions:
+    """How many replicas, with what resources: the deployment side of a package's serving (``serve --ray``,
+    ``serve run llava_edge.serve.ray_app:app``). Its fields are options like ServeConfig's; the CLI shows
+    them as ``--replicas`` ... and passes only those given."""
+
+    replicas: int = option(1, "With --ray: fixed number of replicas (default 1).", lo=1)
+    autoscale: tuple[int, int] | None = option(None, "With --ray: MIN,MAX replicas, scaled on ongoing requests "
+                                               "(replaces --replicas).", kind="autoscale")
+    cpus_per_replica: float = option(1.0, "With --ray: CPUs each replica reserves (also its threads).", lo=0)
+    gpus_per_replica: float = option(0.0, "With --ray: GPUs each replica reserves (fractions allowed).", lo=0)
+    target_ongoing_requests: float | None = option(None, "With --autoscale: ongoing requests per replica the "
+                                                   "autoscaler aims at (default --max-slots).", lo=0.01)
+    max_ongoing_requests: int | None = option(None, "With --ray: requests sent to one replica at once (default 2 x "
+                                              "--max-slots).", lo=1)
+    graceful_shutdown_timeout_s: float = option(30.0, "With --ray: seconds a stopping replica's streams get to "
+                                                "finish.", lo=0)
+    health_check_period_s: float = option(10.0, "With --ray: seconds between replica health checks.", lo=0.1)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.autoscale, str):
+            self.autoscale = parse_autoscale(self.autoscale)
+        for s in ray_settings():
+            if s.lo is not None:
+                _at_least(getattr(self, s.name), s.flag, s.lo, s.hi)
+
+    def deployment_options(self, config: "ServeConfig") -> dict[str, Any]:
+        opts: dict[str, Any] = {
+            "ray_actor_options": {"num_cpus": self.cpus_per_replica, "num_gpus": self.gpus_per_replica},
+            "max_ongoing_requests": self.max_ongoing_requests or 2 * config.max_slots,
+            # the rest wait in each Ray proxy, up to --queue-size per replica; past that Ray answers 503
+            "max_queued_requests": config.queue_size * max(self.replicas, self.autoscale[1] if self.autoscale else 1),
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "health_check_period_s": self.health_check_period_s,
+        }
+        if self.autoscale:
+            lo, hi = self.autoscale
+            opts["autoscaling_config"] = {"min_replicas": lo, "max_replicas": hi, "initial_replicas": max(lo, 1),
+                                          "target_ongoing_requests": self.target_ongoing_requests or config.max_slots}
+        else:
+            opts["num_replicas"] = self.replicas
+        return opts
+
+
+def parse_autoscale(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in str(text).split(","))
+    except ValueError:
+        raise UsageError(f"--autoscale {text!r}: give MIN,MAX replicas, e.g. 1,4") from None
+    if not 0 <= lo <= hi or hi < 1:
+        raise UsageError(f"--autoscale {text!r}: need 0 <= MIN <= MAX and MAX >= 1")
+    return lo, hi
+
+
 @dataclass(frozen=True)
 class Setting:
     """One option field of ServeConfig, as the CLI and Ray see it."""
@@ -137,8 +191,17 @@ def _kind(annotation: str) -> tuple[str, bool]:
 
 def serve_settings() -> tuple[Setting, ...]:
     """ServeConfig's option fields, in declaration order (the order of ``serve --help``)."""
+    return settings_of(ServeConfig)
+
+
+def ray_settings() -> tuple[Setting, ...]:
+    """RayOptions' fields, in declaration order."""
+    return settings_of(RayOptions)
+
+
+def settings_of(cls: type) -> tuple[Setting, ...]:
     out = []
-    for f in fields(ServeConfig):
+    for f in fields(cls):
         m = f.metadata
         if "help" not in m:
             continue
