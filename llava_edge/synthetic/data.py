@@ -308,6 +308,13 @@ def generate_sample(seed: int, index: int) -> Sample:
     return Sample(image=image, scene=scene, caption=caption(scene), turns=questions(scene, rng))
 
 
+def generate_turns(seed: int, index: int) -> list[Turn]:
+    """The questions of sample ``index`` of split ``seed`` without drawing its picture (rendering takes no
+    randomness, so these are ``generate_sample(seed, index).turns``): for text-only statistics."""
+    rng = np.random.default_rng([seed, index])
+    return questions(random_scene(rng), rng)
+
+
 def generate(seed: int, n: int, start: int = 0) -> Iterator[Sample]:
     for i in range(start, start + n):
         yield generate_sample(seed, i)

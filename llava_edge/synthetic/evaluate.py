@@ -44,8 +44,8 @@ def normalize(text: str) -> str:
 @functools.lru_cache(maxsize=4)
 def _blind_table(train_seed: int, n: int) -> dict[str, str]:
     per_q: dict[str, Counter] = defaultdict(Counter)
-    for s in D.generate(train_seed, n):
-        for t in s.turns:
+    for i in range(n):  # the questions alone: no pictures to draw (half the time of generate)
+        for t in D.generate_turns(train_seed, i):
             per_q[t.question][t.answer] += 1
     return {q: c.most_common(1)[0][0] for q, c in per_q.items()}
 

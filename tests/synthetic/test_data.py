@@ -19,6 +19,13 @@ def test_same_seed_same_samples() -> None:
         assert a.caption == b.caption and a.turns == b.turns and a.scene == b.scene
 
 
+def test_generate_turns_are_the_samples_turns() -> None:
+    """The blind baseline reads questions without pictures: the same questions as the full samples."""
+    for seed in (D.TRAIN_SEED, D.HELDOUT_SEED):
+        for i in range(200):
+            assert D.generate_turns(seed, i) == D.generate_sample(seed, i).turns, (seed, i)
+
+
 def test_different_seeds_differ() -> None:
     a = [D.generate_sample(D.TRAIN_SEED, i) for i in range(5)]
     b = [D.generate_sample(D.HELDOUT_SEED, i) for i in range(5)]
