@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import UsageError
-from ..runtime.engine import PromptTooLongError, check_context
+from ..runtime.engine import PromptTooLongError
 from ..runtime.pipeline import Pipeline
 from ..runtime.pipeline import Request as ChatTurns
 from ..runtime.sampling import SamplingConfig
@@ -32,8 +32,8 @@ from ..runtime.sequence import FinishReason, GenerationParams, Sequence
 from .media import load_image_url
 from .metrics import CONTENT_TYPE, Metrics
 from .guard import Guard, GuardMiddleware, bearer_ok
-from .protocol import (ApiError, ChatRequest, chunk_body, completion_body, completion_id, logprobs_body,
-                       parse_chat_request, usage)
+from .protocol import (ApiError, ChatRequest, api_key_error, chunk_body, completion_body, completion_id,
+                       logprobs_body, parse_chat_request, usage)
 from .settings import ServeConfig
 from .worker import EngineWorker
 
@@ -88,7 +88,7 @@ class ServerState:
         if key is None:  # an empty key never gets here: settings.check_api_key refuses it at start
             return
         if not bearer_ok(request.headers.get("authorization", ""), key):
-            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
+            raise api_key_error()
 
     def check_queue(self) -> None:
         size = self.config.queue_size
@@ -115,18 +115,12 @@ class ServerState:
             ids = pipe.encode_request(ChatTurns(turns, images))
         except UsageError as e:
             raise ApiError(400, str(e), "invalid_prompt") from None
-        context = pipe.manifest.text.max_context
+        context = engine.context  # the model's, capped by the slots' length (the engine's own check)
         requested = chat.max_completion_tokens or chat.max_tokens
         if requested is not None and requested > c.max_tokens:
             raise ApiError(400, f"max_tokens={requested} is over the server's limit of {c.max_tokens}",
                            "invalid_value", "max_tokens")
         max_tokens = requested or max(1, min(c.max_tokens, context - len(ids)))
-        try:
-            check_context(len(ids), max_tokens, context)  # the runtime's one check, its answer in API words
-        except PromptTooLongError:
-            raise ApiError(400, f"the prompt has {len(ids)} tokens (image tokens included); with max_tokens="
-                           f"{max_tokens} it does not fit the model's context of {context}",
-                           "context_length_exceeded", "messages") from None
         stop = [chat.stop] if isinstance(chat.stop, str) else list(chat.stop or [])
         if len(stop) > 4:
             raise ApiError(400, "at most 4 stop strings", "invalid_value", "stop")
@@ -139,7 +133,11 @@ class ServerState:
                                       repetition_penalty=chat.repetition_penalty or 1.0, seed=chat.seed)
             params = GenerationParams(max_tokens, sampling, tuple(stop), ignore_eos=bool(chat.ignore_eos),
                                       grammar=grammar, top_logprobs=(chat.top_logprobs or 0) if chat.logprobs else None)
-            return engine.make_sequence(ids, images, params)
+            return engine.make_sequence(ids, images, params)  # the runtime's one context check
+        except PromptTooLongError:  # its answer in API words
+            raise ApiError(400, f"the prompt has {len(ids)} tokens (image tokens included); with max_tokens="
+                           f"{max_tokens} it does not fit the model's context of {context}",
+                           "context_length_exceeded", "messages") from None
         except UsageError as e:
             raise ApiError(400, str(e), "invalid_value") from None
 
@@ -344,19 +342,27 @@ def body_limit(config: ServeConfig) -> int:
 
 
 async def read_body(request: Request, config: ServeConfig) -> bytes | None:
-    """The request body within the size limit and ``body_timeout``; None when the client went away.
+    """The chat route's body: within ``body_limit`` and ``body_timeout``; None when the client went away."""
+    return await read_limited(request, body_limit(config), config.body_timeout)
+
+
+async def read_limited(request: Request, limit: int, timeout: float | None = None) -> bytes | None:
+    """A request body of at most ``limit`` bytes (the declared Content-Length is checked before a byte is
+    read, then the bytes as they stream in), within ``timeout`` seconds for the whole body (None: no
+    deadline); None when the client went away. Raises ApiError 400/413/408. The Ray router reads with it too.
 
     Why a deadline for the whole body and not per read: a client trickling a byte a second never
     trips a per-read timeout, and it holds a connection and a buffer for as long as it likes."""
     from starlette.requests import ClientDisconnect
 
-    limit = body_limit(config)
     try:
         declared = int(request.headers.get("content-length") or 0)
     except ValueError:
         raise ApiError(400, "Content-Length is not a number", "invalid_request") from None
     if declared > limit:
         raise ApiError(413, f"request body over {limit} bytes", "request_too_large")
+    if declared == 0 and "transfer-encoding" not in request.headers:
+        return b""
     body = bytearray()
 
     async def collect() -> None:
@@ -366,10 +372,9 @@ async def read_body(request: Request, config: ServeConfig) -> bytes | None:
                 raise ApiError(413, f"request body over {limit} bytes", "request_too_large")
 
     try:
-        await asyncio.wait_for(collect(), config.body_timeout)
+        await asyncio.wait_for(collect(), timeout)
     except asyncio.TimeoutError:
-        raise ApiError(408, f"the request body took over {config.body_timeout:g} s to arrive",
-                       "request_timeout") from None
+        raise ApiError(408, f"the request body took over {timeout:g} s to arrive", "request_timeout") from None
     except ClientDisconnect:
         log.info("a client left while sending its request (%d bytes received)", len(body))
         return None

@@ -72,6 +72,14 @@ def bearer_ok(header: str, key: str) -> bool:
                                                               key.encode())
 
 
+def not_json(content_type: str) -> str | None:
+    """Why a POST body with this Content-Type header is refused, or None for JSON (charset allowed)."""
+    ctype = content_type.split(";")[0].strip().lower()
+    if ctype == "application/json":
+        return None
+    return f"POST bodies must be sent with 'Content-Type: application/json', not {ctype or 'none'!r}"
+
+
 def split_host(host_header: str) -> str | None:
     """The name of a Host header without its port, lower case; None when it is not a host[:port]."""
     h = host_header.strip().lower()
@@ -135,10 +143,9 @@ class GuardMiddleware:
                     "--allow-origin ORIGIN to accept them", "forbidden_origin")
         has_body = headers.get("content-length", "0").strip() not in ("", "0") or "transfer-encoding" in headers
         if scope.get("method") == "POST" and has_body:  # a bodiless POST (the debug routes) carries no JSON
-            ctype = headers.get("content-type", "").split(";")[0].strip().lower()
-            if ctype != "application/json":
-                return (415, f"POST bodies must be sent with 'Content-Type: application/json', not "
-                        f"{ctype or 'none'!r}", "unsupported_media_type")
+            wrong = not_json(headers.get("content-type", ""))
+            if wrong:
+                return 415, wrong, "unsupported_media_type"
         return None
 
 

@@ -127,6 +127,11 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     return chat
 
 
+def api_key_error() -> ApiError:
+    """The 401 of a missing or wrong key (the server and the Ray router say the same)."""
+    return ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
+
+
 def completion_id() -> str:
     return "chatcmpl-" + uuid.uuid4().hex[:24]
 

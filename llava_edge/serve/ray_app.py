@@ -33,9 +33,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import UsageError
 from ..runtime.sizes import parse_size
-from .app import ServeConfig, ServerState, body_limit, create_app
-from .guard import bearer_ok
-from .protocol import ApiError
+from .app import ServeConfig, ServerState, body_limit, create_app, read_limited
+from .guard import bearer_ok, not_json
+from .protocol import ApiError, api_key_error
 from .settings import API_KEY_ENV, RayOptions, parse_autoscale, ray_settings, serve_settings
 
 REPLICA_HEADER = "x-llava-edge-replica"
@@ -270,7 +270,11 @@ _HOP_HEADERS = {"content-length", "transfer-encoding", "connection"}  # of the r
 
 
 def _error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(ApiError(status, message, code, param).body(), status_code=status)
+    return _answer(ApiError(status, message, code, param))
+
+
+def _answer(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
 
 
 @serve.deployment
@@ -302,35 +306,24 @@ class ModelRouter:
 
     async def _read_body(self, request: Request) -> bytes | Response:
         """The body, or the error answered without reading it: 401, 415, 400/413 on the declared length,
-        413 once the streamed bytes pass the limit."""
+        413 once the streamed bytes pass the limit (app.read_limited, as the replicas read)."""
         post = request.method == "POST"
         if post and not self._authorized(request):
-            return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
+            return _answer(api_key_error())
+        wrong = not_json(request.headers.get("content-type", "")) if post else None
+        if wrong:  # as the replicas' guard answers (a bodiless POST included: every routed POST is a chat)
+            return _error(415, wrong, "unsupported_media_type")
         try:
-            declared = int(request.headers.get("content-length") or 0)
-        except ValueError:
-            return _error(400, "invalid Content-Length header", "invalid_request")
-        has_body = declared > 0 or "transfer-encoding" in request.headers
-        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if post and media != "application/json":  # as the replicas' guard (serve/guard.py) answers
-            return _error(415, f"POST bodies must be sent with 'Content-Type: application/json', not "
-                          f"{media or 'none'!r}", "unsupported_media_type")
-        if declared > self.max_body:
-            return _error(413, f"request body over {self.max_body} bytes", "request_too_large")
-        if not has_body:
-            return b""
-        body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > self.max_body:
-                return _error(413, f"request body over {self.max_body} bytes", "request_too_large")
-        return bytes(body)
+            body = await read_limited(request, self.max_body)
+        except ApiError as e:
+            return _answer(e)
+        return Response(status_code=499) if body is None else body  # None: the client left mid-upload
 
     async def __call__(self, request: Request) -> Response:
         path = self._path(request)
         if request.method == "GET" and path == "/v1/models":
             if not self._authorized(request):
-                return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
+                return _answer(api_key_error())
             data = []
             for name in self.models:
                 status, headers, body = await self._call(name, request, b"")
