@@ -14,6 +14,7 @@ This module imports nothing of the server stack (fastapi, uvicorn): the CLI read
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import types
@@ -128,9 +129,7 @@ class RayOptions:
     def __post_init__(self) -> None:
         if isinstance(self.autoscale, str):
             self.autoscale = parse_autoscale(self.autoscale)
-        for s in ray_settings():
-            if s.lo is not None:
-                _at_least(getattr(self, s.name), s.flag, s.lo, s.hi)
+        check_ranges(self, ray_settings())
 
     def deployment_options(self, config: "ServeConfig") -> dict[str, Any]:
         opts: dict[str, Any] = {
@@ -199,6 +198,7 @@ def ray_settings() -> tuple[Setting, ...]:
     return settings_of(RayOptions)
 
 
+@functools.cache  # the fields never change; RayOptions reads its own on every construction
 def settings_of(cls: type) -> tuple[Setting, ...]:
     out = []
     for f in fields(cls):
@@ -234,10 +234,15 @@ def _at_least(value: float | None, flag: str, low: float, high: float = math.inf
         raise UsageError(f"{flag} must be {bound}, not {value:g}")
 
 
-def validate_serve_config(c: "ServeConfig") -> None:
-    for s in serve_settings():  # the ranges the fields declare
+def check_ranges(obj: object, settings: tuple[Setting, ...]) -> None:
+    """The ranges the option fields declare (``lo``/``hi``), each refusal naming the field's flag."""
+    for s in settings:
         if s.lo is not None:
-            _at_least(getattr(c, s.name), s.flag, s.lo, s.hi)
+            _at_least(getattr(obj, s.name), s.flag, s.lo, s.hi)
+
+
+def validate_serve_config(c: "ServeConfig") -> None:
+    check_ranges(c, serve_settings())
     check_api_key(c.api_key)
     names = ("auto", *BACKENDS)  # the one backend table (runtime/backends.py)
     if c.backend not in names:
