@@ -50,6 +50,7 @@ import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from types import SimpleNamespace
 from urllib.parse import unquote, urlsplit
 
 from PIL import Image
@@ -285,19 +286,17 @@ def _decoded_bytes(img: Image.Image) -> tuple[int, str]:
     return w * h * channels * sample, f"{w}x{h} ({8 * sample}-bit, {channels} channels)"
 
 
+_PAD_TO_SQUARE = SimpleNamespace(pad_to_square=True)  # no package config known: the strictest layout
+
+
 def _check_shape(w: int, h: int, limits: MediaLimits) -> None:
     """The runtime's elongation rule (a 1x50000 strip pads to 2.5G pixels), as a 400 before decoding."""
     max_pixels, v = limits.max_image_pixels, limits.vision
     if max_pixels is None or w < 1 or h < 1:
         return
     try:
-        if v is not None:
-            if not v.anyres:  # LLaVA-NeXT tiles keep the aspect ratio inside a fixed grid: nothing grows
-                _check_work(h, w, v, max_pixels)
-        elif max(w, h) ** 2 > 2 * max_pixels:
-            side = max(w, h)
-            raise ImageTooLargeError(f"image {w}x{h} is too elongated: padded to a square it is {side}x{side}, over "
-                                     f"twice the limit of {max_pixels} pixels (crop it, or raise --max-image-pixels)")
+        if v is None or not v.anyres:  # LLaVA-NeXT tiles keep the aspect ratio inside a fixed grid: nothing grows
+            _check_work(h, w, v or _PAD_TO_SQUARE, max_pixels)
     except ImageTooLargeError as e:
         raise ApiError(400, str(e), "invalid_image") from None
 
