@@ -7,8 +7,8 @@ it lazily. Errors a user can cause print one line and exit 2, never a traceback.
 from __future__ import annotations
 
 import contextlib
-import errno
 import dataclasses
+import errno
 import functools
 import inspect as _inspect
 import json
