@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 from urllib.parse import urlsplit
 
+from .protocol import ApiError
+
 log = logging.getLogger("llava_edge.serve")
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
@@ -125,27 +127,26 @@ class GuardMiddleware:
         if scope["type"] == "http":
             refusal = self.refusal(scope)
             if refusal is not None:
-                status, message, code = refusal
-                log.warning("refused %s %s: %s", scope.get("method"), scope.get("path"), message)
-                await _send_error(send, status, message, code)
+                log.warning("refused %s %s: %s", scope.get("method"), scope.get("path"), refusal.message)
+                await _send_error(send, refusal)
                 return
         await self.app(scope, receive, send)
 
-    def refusal(self, scope: Scope) -> tuple[int, str, str] | None:
+    def refusal(self, scope: Scope) -> ApiError | None:
         headers = _headers(scope)
         host = headers.get("host", "")
         if not self.guard.host_ok(host):
-            return (403, f"Host {host!r} is not this server's; start it with --allowed-host NAME to serve that "
-                    "name (this protects against DNS rebinding)", "forbidden_host")
+            return ApiError(403, f"Host {host!r} is not this server's; start it with --allowed-host NAME to serve "
+                            "that name (this protects against DNS rebinding)", "forbidden_host")
         origin = headers.get("origin")
         if origin is not None and not self.guard.origin_ok(origin, host):
-            return (403, f"requests from the page at {origin!r} are refused; start the server with "
-                    "--allow-origin ORIGIN to accept them", "forbidden_origin")
+            return ApiError(403, f"requests from the page at {origin!r} are refused; start the server with "
+                            "--allow-origin ORIGIN to accept them", "forbidden_origin")
         has_body = headers.get("content-length", "0").strip() not in ("", "0") or "transfer-encoding" in headers
         if scope.get("method") == "POST" and has_body:  # a bodiless POST (the debug routes) carries no JSON
             wrong = not_json(headers.get("content-type", ""))
             if wrong:
-                return 415, wrong, "unsupported_media_type"
+                return ApiError(415, wrong, "unsupported_media_type")
         return None
 
 
@@ -156,10 +157,9 @@ def _headers(scope: Scope) -> dict[str, str]:
     return out
 
 
-async def _send_error(send: Callable, status: int, message: str, code: str) -> None:
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                 "code": code}}).encode()
-    await send({"type": "http.response.start", "status": status,
+async def _send_error(send: Callable, e: ApiError) -> None:
+    body = json.dumps(e.body()).encode()
+    await send({"type": "http.response.start", "status": e.status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
