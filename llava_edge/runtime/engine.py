@@ -28,7 +28,8 @@ from ..package import Manifest
 from .model_runner import ModelRunner
 from .prefix_cache import PrefixCache, image_digest
 from . import anyres
-from .preprocess import MAX_IMAGE_PIXELS, preprocess
+from .preprocess import MAX_IMAGE_PIXELS, load_image, preprocess
+from .prune import PruneSetting, instruction_ids
 from .sampling import token_logprobs
 from .scheduler import PrefillChunk, Scheduler
 from .sequence import FinishReason, GenerationParams, PendingVision, Sequence, Status, TokenEvent
@@ -44,6 +45,17 @@ def check_context(prompt_len: int, max_tokens: int, context: int) -> None:
         raise PromptTooLongError(
             f"prompt of {prompt_len} tokens (image tokens included) plus max_new_tokens={max_tokens} "
             f"exceeds the model's context of {context}")
+
+
+def image_token_counts(images: Seq[Any], vision: Any, prune: PruneSetting,
+                       max_image_pixels: int | None = MAX_IMAGE_PIXELS) -> list[int]:
+    """Tokens each image takes in a prompt: the package's count (LLaVA-NeXT: a function of the image's size,
+    all its tiles together), less what ``prune`` drops. Known before anything runs, so prompts are laid
+    out (and checked against the context) with it."""
+    if not vision.anyres:
+        return [prune.kept_count(vision.num_image_tokens)] * len(images)
+    return [prune.kept_count(anyres.num_image_tokens(load_image(im, max_image_pixels).size[::-1], vision))
+            for im in images]
 
 
 @dataclass
@@ -70,7 +82,10 @@ class CancelRequest:
 
 class ImageCache:
     """Image features by content digest, least recently used first out, bounded in megabytes: the same
-    camera frame asked about by several requests goes through the vision encoder once."""
+    camera frame asked about by several requests goes through the vision encoder once. A pruned request
+    keys its kept features by digest + pruning tag (``PruneSetting.cache_tag``) beside the image's full
+    features (plain digest), so a pruned and an unpruned request never read each other's rows, and an
+    unchanged frame asked the same way skips both the encoder and the selection."""
 
     def __init__(self, max_mb: float = 64.0):
         self.max_bytes = int(max_mb * 2**20)
@@ -129,8 +144,16 @@ class Engine:
         frozen); refuses what cannot fit the context."""
         params = params or GenerationParams()
         check_context(len(ids), params.max_tokens, self.context)
-        return Sequence(np.asarray(ids, np.int64), list(images), self.tokenizer, params,
-                        frozenset(self.manifest.text.eos_token_ids), index=index)
+        seq = Sequence(np.asarray(ids, np.int64), list(images), self.tokenizer, params,
+                       frozenset(self.manifest.text.eos_token_ids), index=index)
+        if seq.images:
+            seq.image_tokens = image_token_counts(seq.images, self.manifest.vision, params.prune,
+                                                  self.max_image_pixels)
+            placed = int((seq.ids == self.manifest.text.image_token_id).sum())
+            if placed != sum(seq.image_tokens):
+                raise UsageError(f"the prompt has {placed} image tokens but its {len(seq.images)} image(s) take "
+                                 f"{sum(seq.image_tokens)} (prune {params.prune}): lay it out with the same setting")
+        return seq
 
     def add(self, seq: Sequence) -> str:
         with self._lock:
@@ -250,9 +273,14 @@ class Engine:
 
     def _prepare(self, seq: Sequence) -> None:
         """Admission work: prefix lookup, image features (cache, else the vision encoder on its own
-        thread), prompt embeddings, slot."""
+        thread), prompt embeddings, slot. Both caches key an image on its digest plus the pruning tag:
+        a pruned prompt's KV and kept rows are never another setting's (or, question-aware, another
+        question's)."""
+        prune = seq.params.prune
         if seq.images and (self.image_cache is not None or self.prefix_cache is not None):
-            seq.digests = tuple(image_digest(im) for im in seq.images)
+            seq.raw_digests = tuple(image_digest(im) for im in seq.images)
+            tag = prune.cache_tag(instruction_ids(seq.ids, self.manifest.text.image_token_id))
+            seq.digests = tuple(d + tag for d in seq.raw_digests)
         hit, start = None, 0
         if self.prefix_cache is not None and self.runner.supports_prefix:
             hit, start = self.prefix_cache.lookup(seq.digests, seq.ids)
@@ -261,6 +289,8 @@ class Engine:
         if (seq.ids[start:] == self.manifest.text.image_token_id).any():
             cache = self.image_cache
             feats = [cache.get(d) for d in seq.digests] if cache is not None else [None] * len(seq.images)
+            if cache is not None and prune.active:  # the full features, pruned in _finish_prepare
+                feats = [f if f is not None else cache.get(d) for f, d in zip(feats, seq.raw_digests)]
         todo = [i for i, f in enumerate(feats) if f is None]
         if todo:
             # the running streams keep decoding while the vision encoder works (onnxruntime releases the GIL)
@@ -291,16 +321,39 @@ class Engine:
         for j, i in enumerate(todo):
             feats[i] = encoded[j]
             if self.image_cache is not None:
-                self.image_cache.put(seq.digests[i], encoded[j])
+                self.image_cache.put(seq.raw_digests[i], encoded[j])
         new_ids = seq.ids[seq.prefill_start :]
         embeds = self.runner.embed(new_ids[None])[0]
         slots = new_ids == self.manifest.text.image_token_id
         if slots.any():
+            self._prune(seq, feats, new_ids, embeds)
             flat = np.concatenate([f.reshape(-1, embeds.shape[-1]) for f in feats])
             # a reused prefix can only cover leading image tokens: the rest are the last rows
             embeds[slots] = flat[flat.shape[0] - int(slots.sum()) :].astype(embeds.dtype, copy=False)
         self.runner.begin(seq.slot, seq.capacity, hit.state if hit is not None else None, seq.prefill_start)
         seq.embeds = embeds
+
+    def _prune(self, seq: Sequence, feats: list, new_ids: np.ndarray, embeds: np.ndarray) -> None:
+        """Each image's full features -> the rows its prompt has room for (``seq.image_tokens``), kept in
+        order; kept rows already cached under the pruned key are used as they are. The instruction of a
+        question-aware method is the prompt's text after its last image, embedded in ``embeds`` already."""
+        prune, hidden = seq.params.prune, embeds.shape[-1]
+        if not seq.image_tokens:  # a Sequence made without make_sequence
+            seq.image_tokens = image_token_counts(seq.images, self.manifest.vision, prune, self.max_image_pixels)
+        instruction = None
+        for i, f in enumerate(feats):
+            f = f.reshape(-1, hidden)
+            want = seq.image_tokens[i]
+            if f.shape[0] != want and prune.active:
+                if instruction is None and prune.needs_instruction:
+                    last = int(np.flatnonzero(new_ids == self.manifest.text.image_token_id)[-1])
+                    instruction = embeds[last + 1 :]
+                f = prune.apply(f, instruction)
+                if self.image_cache is not None:
+                    self.image_cache.put(seq.digests[i], f)
+            if f.shape[0] != want:
+                raise ValueError(f"image {i} gave {f.shape[0]} features for {want} image tokens")
+            feats[i] = f
 
     def _collect_vision(self, events: list[TokenEvent], wait: bool) -> None:
         """Finish admission of sequences whose image features are ready (waiting for one if asked)."""

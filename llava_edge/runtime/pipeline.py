@@ -29,10 +29,11 @@ from . import prompt as prompts
 from .backend import SlotBackend, supports_prefix_reuse
 from .backends import open_backend
 from .inputs import check_count, check_stop, check_text, check_threads
-from .engine import Engine, PromptTooLongError, check_context
+from .engine import Engine, PromptTooLongError, check_context, image_token_counts
 from .model_runner import make_runner
 from .prefix_cache import PrefixCache, image_digest
 from .preprocess import MAX_IMAGE_PIXELS, load_image, preprocess
+from .prune import OFF, PruneSetting, instruction_ids
 from .ragged import left_pad
 from .sampling import Sampler, SamplingConfig
 from .sequence import Detokenizer as _Detokenizer
@@ -71,8 +72,10 @@ class Pipeline:
     def __init__(self, package_dir: str | os.PathLike, manifest: Manifest, backend, tokenizer: Tokenizer,
                  template: str | None = None, prefix_cache: int = 2, *, max_slots: int = 4, prefill_chunk: int = 256,
                  image_cache_mb: float = 0.0,
-                 max_image_pixels: int | None = MAX_IMAGE_PIXELS):
+                 max_image_pixels: int | None = MAX_IMAGE_PIXELS, prune: PruneSetting | str | None = OFF):
         self.package_dir = Path(package_dir)
+        # image tokens dropped before the decoder (runtime/prune.py): every call's default, a request may differ
+        self.prune = PruneSetting.parse(prune)
         self.max_image_pixels = max_image_pixels  # images from files/bytes above this are refused before decoding
         self.manifest = manifest
         self.backend = backend
@@ -113,7 +116,8 @@ class Pipeline:
     @classmethod
     def from_package(cls, package_dir: str | os.PathLike, backend: str = "auto", device: str | None = None,
                      threads: int | None = None, template: str | None = None,
-                     prefix_cache: int = 2, max_image_pixels: int | None = MAX_IMAGE_PIXELS) -> "Pipeline":
+                     prefix_cache: int = 2, max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+                     prune: PruneSetting | str | None = OFF) -> "Pipeline":
         """Open a package for generation. backend "auto" (the default, as on the command line) runs the
         fastest graph the package holds (runtime/backends.resolve_auto): a cpu-int4 package opens its int4
         fast decoder, a portable one its portable decoder; name one (ort, ort-fast, ...) to choose."""
@@ -121,16 +125,19 @@ class Pipeline:
         manifest = load_manifest(package_dir)
         tokenizer = load_tokenizer(package_dir, manifest)  # one PackageError line if broken, foreign or hostile
         engine = open_backend(backend, package_dir, manifest, device=device, threads=threads)
-        return cls(package_dir, manifest, engine, tokenizer, template, prefix_cache, max_image_pixels=max_image_pixels)
+        return cls(package_dir, manifest, engine, tokenizer, template, prefix_cache, max_image_pixels=max_image_pixels,
+                   prune=prune)
 
     # -- prompt preparation -------------------------------------------------------------------
-    def encode_request(self, request: Request) -> np.ndarray:
+    def encode_request(self, request: Request, prune: PruneSetting | None = None) -> np.ndarray:
+        """Prompt ids, each image expanded to the tokens it takes after ``prune`` (default: the pipeline's)."""
         t = self.manifest.text
         turns = [(check_text(q, "prompt", allow_empty=bool(request.images) or a is not None),
                   None if a is None else check_text(a, "answer", allow_empty=True)) for q, a in request.turns]
         text = prompts.render(self.template, turns, t.image_token, len(request.images))
         ids = self.tokenizer.encode(text).ids
-        ids, n_images = prompts.expand_image_tokens(ids, t.image_token_id, self._tokens_per_image(request.images))
+        ids, n_images = prompts.expand_image_tokens(ids, t.image_token_id,
+                                                    self._tokens_per_image(request.images, prune or self.prune))
         if n_images != len(request.images):
             raise UsageError(f"the prompt has {n_images} image placeholder(s) but {len(request.images)} image(s) "
                              "were given")
@@ -141,20 +148,34 @@ class Pipeline:
         prompt layout (a LLaVA-NeXT image's token count depends on its size) and the vision encoder."""
         return [Request(r.turns, [load_image(im, self.max_image_pixels) for im in r.images]) for r in requests]
 
-    def _tokens_per_image(self, images: Sequence[Any]) -> int | list[int]:
-        """Image tokens each image takes: fixed, or (LLaVA-NeXT anyres) a function of its size."""
+    def _tokens_per_image(self, images: Sequence[Any], prune: PruneSetting = OFF) -> int | list[int]:
+        """Image tokens each image takes: fixed, or (LLaVA-NeXT anyres) a function of its size; less what
+        ``prune`` drops."""
         v = self.manifest.vision
         if not v.anyres:
-            return v.num_image_tokens
-        return [anyres.num_image_tokens(load_image(im, self.max_image_pixels).size[::-1], v) for im in images]
+            return prune.kept_count(v.num_image_tokens)
+        return image_token_counts(images, v, prune, self.max_image_pixels)
 
-    def _image_features(self, images: Sequence[Any]) -> np.ndarray:
-        """All images' features, concatenated in prompt order: [total image tokens, hidden]."""
+    def _image_features(self, images: Sequence[Any]) -> list[np.ndarray]:
+        """Each image's features [tokens, hidden], in prompt order."""
         v = self.manifest.vision
         if v.anyres:
-            return np.concatenate(anyres.encode(images, v, self.backend.encode_images))
+            return anyres.encode(images, v, self.backend.encode_images)
         features = self.backend.encode_images(np.stack([preprocess(im, v, self.max_image_pixels) for im in images]))
-        return features.reshape(-1, features.shape[-1])
+        return list(features)
+
+    def _pruned_features(self, requests: Sequence[Request], encoded: Sequence[np.ndarray]) -> np.ndarray:
+        """All requests' image features in prompt order, each image pruned as the engine does (with its
+        request's instruction): [total image tokens, hidden]."""
+        images = [im for r in requests for im in r.images]
+        feats = iter(self._image_features(images))
+        out = []
+        for r, ids in zip(requests, encoded):
+            instruction = None
+            if self.prune.needs_instruction and r.images:
+                instruction = self.backend.embed(instruction_ids(ids, self.manifest.text.image_token_id)[None])[0]
+            out += [self.prune.apply(next(feats), instruction) for _ in r.images]
+        return np.concatenate([f.reshape(-1, f.shape[-1]) for f in out])
 
     # -- generation ---------------------------------------------------------------------------
     def run(self, requests: Sequence[Request], max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
@@ -185,7 +206,8 @@ class Pipeline:
 
         # prefix reuse (batch 1): skip the tokens, and the vision encoder, that an earlier prompt covered
         reuse = self.prefix_cache is not None and b == 1 and supports_prefix_reuse(self.backend)
-        digests = tuple(image_digest(im) for im in images) if reuse else ()
+        tag = self.prune.cache_tag(instruction_ids(encoded[0], t.image_token_id))  # as the engine keys (_prepare)
+        digests = tuple(image_digest(im) + tag for im in images) if reuse else ()
         hit, start = self.prefix_cache.lookup(digests, encoded[0]) if reuse else (None, 0)
 
         # left-padded batch
@@ -197,7 +219,7 @@ class Pipeline:
         flat = None
         if slots.any():  # all images of the batch in one call
             t0 = time.perf_counter()
-            flat = self._image_features(images)
+            flat = self._pruned_features(requests, encoded)
             timings.vision_ms = (time.perf_counter() - t0) * 1000
 
         t0 = time.perf_counter()
@@ -266,7 +288,8 @@ class Pipeline:
                   json_schema: dict | None = None, *, top_logprobs: int | None = None,
                   ignore_eos: bool = False) -> list:
         """Engine sequences for requests (prompt checked against the context, images decoded now); without
-        an engine, the pipeline's own, sized for them. All of them share one frozen GenerationParams."""
+        an engine, the pipeline's own, sized for them. All of them share one frozen GenerationParams (with the
+        pipeline's ``prune``)."""
         max_new_tokens = check_count(max_new_tokens, "max_new_tokens")
         stop = check_stop(stop)
         if not requests:
@@ -281,7 +304,7 @@ class Pipeline:
 
             grammar = cached_grammar(self.tokenizer, frozenset(self.manifest.text.eos_token_ids), json_schema)
         params = GenerationParams(max_new_tokens, sampling or SamplingConfig(), tuple(stop), ignore_eos, grammar,
-                                  top_logprobs)
+                                  top_logprobs, self.prune)
         return [engine.make_sequence(e, r.images, params, index=i) for i, (e, r) in enumerate(zip(encoded, requests))]
 
     def run_engine(self, requests: Sequence[Request], max_new_tokens: int = 64, sampling: SamplingConfig | None = None,

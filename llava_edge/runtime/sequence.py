@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 
 from .finish import FinishReason
 from .inputs import check_count, check_stop
+from .prune import OFF, PruneSetting
 from .sampling import Sampler, SamplingConfig
 
 
@@ -33,7 +34,9 @@ class GenerationParams:
 
     ``grammar`` is a compiled ``runtime.constrain.Grammar`` (shared, immutable): each sequence draws its
     own matcher from it. ``top_logprobs``: None = no logprobs computed; else alternatives per token (0..20).
-    ``ignore_eos``: generate through eos tokens (benchmarks; the server's ``ignore_eos``)."""
+    ``ignore_eos``: generate through eos tokens (benchmarks; the server's ``ignore_eos``). ``prune``: which
+    image tokens reach the decoder (runtime/prune.py); the prompt's ids must be laid out with its kept
+    counts (``Pipeline.encode_request``)."""
 
     max_tokens: int = 64
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -41,9 +44,11 @@ class GenerationParams:
     ignore_eos: bool = False
     grammar: Any = None
     top_logprobs: int | None = None
+    prune: PruneSetting = OFF
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "max_tokens", check_count(self.max_tokens, "max_new_tokens"))
+        object.__setattr__(self, "prune", PruneSetting.parse(self.prune))
         object.__setattr__(self, "stop", tuple(check_stop(self.stop)))
         if self.sampling is None:
             object.__setattr__(self, "sampling", SamplingConfig())
@@ -214,7 +219,9 @@ class Sequence:
         self.prefill_start = 0  # first prompt token this sequence prefills itself (after a prefix hit)
         self.embeds: np.ndarray | None = None  # prompt embeddings from prefill_start on: set once ready
         self.vision: PendingVision | None = None  # while the vision encoder runs
-        self.digests: tuple[str, ...] = ()
+        self.digests: tuple[str, ...] = ()  # per image: content digest + pruning tag (image and prefix caches)
+        self.raw_digests: tuple[str, ...] = ()  # per image: content digest (the unpruned features' cache key)
+        self.image_tokens: list[int] = []  # per image: tokens it takes in the prompt (after pruning)
         self.sent = 0  # characters of visible text already handed out in events
         self.timings = Timings()
         self.arrival = time.perf_counter()
