@@ -33,6 +33,7 @@ from .errors import LlavaEdgeError, Terminated, UsageError
 from .io_safe import WRITE_ERRNOS, check_regular_file, display, write_error
 from .package import sigterm_as_interrupt
 from .runtime.preprocess import MAX_IMAGE_PIXELS
+from .runtime.prune import PRUNE_HELP
 from .runtime.sizes import format_size, parse_size
 from .serve.settings import API_KEY_ENV, BACKEND_HELP, Setting, ray_settings, serve_settings
 
@@ -46,6 +47,23 @@ _click_errors = sys.modules[typer.BadParameter.__module__]
 MAX_NEW_TOKENS = "--max-new-tokens"
 IMAGE_PIXELS_HELP = ("Refuse images with more pixels (width x height), read from the header before decoding: 40M "
                      "or a plain count, as in serve.")
+
+
+PRUNE = "--prune"  # run, chat, watch, eval, bench, bench-serve; serve's comes from ServeConfig.prune
+
+
+def _prune_option() -> Any:
+    return typer.Option("off", PRUNE, metavar="METHOD:RATIO", help=PRUNE_HELP)
+
+
+def _prune(value: str):
+    """The --prune value as a PruneSetting, or one error line naming the flag."""
+    from .runtime.prune import PruneError, PruneSetting
+
+    try:
+        return PruneSetting.parse(value)
+    except PruneError as e:
+        raise UsageError(f"{PRUNE}: {e}") from None
 
 
 _ARGS: list[str] = []  # this run's command line, for _typed
@@ -541,6 +559,7 @@ def run(
     max_image_pixels: int = _size_option(MAX_IMAGE_PIXELS, "--max-image-pixels", IMAGE_PIXELS_HELP),
     json_schema: Optional[Path] = typer.Option(None, "--json-schema", help="Answer with JSON that validates "
                                                "against this JSON-schema file (constrained decoding)."),
+    prune: str = _prune_option(),
 ) -> None:
     """Answer one prompt about one image, streaming the answer."""
     from .runtime.inputs import check_stop, check_text
@@ -554,11 +573,12 @@ def run(
     _positive(max_image_pixels, "--max-image-pixels")
     sampling = _sampling(greedy, temperature, top_p, top_k, repetition_penalty, seed)
     schema = _load_schema(json_schema)
+    pruning = _prune(prune)
     if image is not None:
         check_regular_file(image, "--image")
     picture = load_image(image, max_image_pixels) if image is not None else None  # a bad image fails in ms
     pipe = Pipeline.from_package(package, backend=backend, device=device, threads=threads, template=template,
-                                 max_image_pixels=max_image_pixels)
+                                 max_image_pixels=max_image_pixels, prune=pruning)
     req = Request([(prompt, None)], [picture] if picture is not None else [])
     stream = None if as_json else (lambda e: out.print(e.text, end="", highlight=False, soft_wrap=True, markup=False))
     result = drain(pipe.run_engine([req], max_new_tokens, sampling, stop, json_schema=schema), stream)[0]
@@ -584,6 +604,7 @@ def chat(
     device: Optional[str] = typer.Option(None, help="cpu or cuda; default: the backend's first."),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
     max_image_pixels: int = _size_option(MAX_IMAGE_PIXELS, "--max-image-pixels", IMAGE_PIXELS_HELP),
+    prune: str = _prune_option(),
 ) -> None:
     """Multi-turn chat in the terminal. /image PATH switches image, /reset forgets, /quit (or Ctrl-D) exits.
 
@@ -597,8 +618,9 @@ def chat(
     _positive(threads, "--threads")
     sampling = _sampling(False, temperature, top_p, 0, 1.0, seed)
     _positive(max_image_pixels, "--max-image-pixels")
+    pruning = _prune(prune)
     pipe = Pipeline.from_package(package, backend=backend, device=device, threads=threads,
-                                 max_image_pixels=max_image_pixels)
+                                 max_image_pixels=max_image_pixels, prune=pruning)
     if image:
         check_regular_file(image, "--image")
     current = load_image(image, max_image_pixels) if image else None
@@ -753,6 +775,7 @@ def bench(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write results JSON here."),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG of latency breakdown and tokens/s."),
     md: Optional[Path] = typer.Option(None, help="Also write a markdown note with the command."),
+    prune: str = _prune_option(),
 ) -> None:
     """Latency (vision, time to first token, per token), throughput and memory, vs transformers."""
     from .io_safe import atomic_output, write_atomic
@@ -769,13 +792,14 @@ def bench(
         _positive(v, "--batch/--prompt-len")
     _positive(repeat, "--repeat")
     _in_range(warmup, "--warmup", 0, _INT_MAX)
+    pruning = _prune(prune)
     from .benchmarks.harness import run_benchmark
 
     report = run_benchmark(package, backend=backend, batch=batches,
                            prompt_len=prompt_lens, new_tokens=max_new_tokens,
                            baseline=baseline, checkpoint=checkpoint, repeat=repeat, warmup=warmup, threads=threads,
                            device=device, with_image=not no_image, out_json=None, plot=None,
-                           on_progress=lambda s: console.print(f"[dim]{escape(s)}[/]"))
+                           on_progress=lambda s: console.print(f"[dim]{escape(s)}[/]"), prune=str(pruning))
     if output:  # each file whole or not at all: a full disk leaves none half-written
         write_atomic(output, report.to_json())
     if plot:
@@ -823,6 +847,7 @@ def evaluate_cmd(
     max_new_tokens: int = typer.Option(8, MAX_NEW_TOKENS, help="Generate at most this many tokens per answer "
                                        "(the answers are a word or two)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write per-type results JSON here."),
+    prune: str = _prune_option(),
 ) -> None:
     """Exact-match accuracy per question type on the synthetic held-out set (the trained tiny LLaVA's task)."""
     from .io_safe import write_atomic
@@ -832,11 +857,16 @@ def evaluate_cmd(
     _positive(n, "--n")
     _positive(max_new_tokens, MAX_NEW_TOKENS)
     _positive(threads, "--threads")
+    pruning = _prune(prune)
     if not target.exists():
         raise FileNotFoundError(f"{target} not found")
     _check_output_file(output)  # now, not after minutes of answering
     if (target / MANIFEST_NAME).is_file():
-        answer = package_answerer(target, backend=backend, max_new_tokens=max_new_tokens, threads=threads)
+        answer = package_answerer(target, backend=backend, max_new_tokens=max_new_tokens, threads=threads,
+                                  prune=pruning)
+    elif pruning.active:
+        raise UsageError(f"{PRUNE} prunes in the runtime: give a model package (llava-edge export "
+                         f"{display(target)} -o DIR), not a checkpoint")
     else:
         answer = torch_answerer(target, max_new_tokens=max_new_tokens, threads=threads)
     results = evaluate(answer, n=n, progress=True)
@@ -977,6 +1007,7 @@ def bench_serve_cmd(
                                  "running sequences in-process, next to static batches (needs PACKAGE)."),
     name: str = typer.Option("serve", help="Output names: benchmarks/results/NAME.{json,md,png}."),
     out_dir: Path = typer.Option(Path("benchmarks/results"), help="Output directory."),
+    prune: str = _prune_option(),
 ) -> None:
     """Load benchmark of `serve`: N concurrent streaming clients (tok/s, TTFT, per-token, RSS, errors)."""
     from .benchmarks.serve_load import bench_serve
@@ -984,9 +1015,10 @@ def bench_serve_cmd(
     if (package is None) == (url is None):
         raise UsageError("give a PACKAGE to serve or --url of a running server (one of them)")
     _positive(max_new_tokens, _typed(MAX_NEW_TOKENS, "--max-tokens"))
+    pruning = _prune(prune)
     bench_serve(package, url, [int(x) for x in clients.split(",")], requests, max_new_tokens, max_slots, threads,
                 backend, arrival, soak, server_pid, name, out_dir, prefill_chunk=prefill_chunk, scaling=scaling,
-                server_args=server_arg,
+                server_args=server_arg, prune=str(pruning) if pruning.active else None,
                 progress=lambda s: console.print(f"[dim]{escape(s)}[/]"))
 
 
@@ -1009,6 +1041,7 @@ def watch(
     threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (ort: both, with onnxruntime-gpu for cuda; ort-fast*: "
                                          "cpu; tensorrt: cuda); default: the backend's first."),
+    prune: str = _prune_option(),
 ) -> None:
     """Ask one question about a video, camera or stream: one JSON line per sampled frame (greedy answers)."""
     from .runtime.pipeline import Pipeline
@@ -1021,8 +1054,9 @@ def watch(
     _positive(max_frames, "--max-frames")
     _positive(threads, "--threads")
     schema = _load_schema(json_schema)
+    pruning = _prune(prune)
     frames = open_frames(source, every)  # a missing source fails before the model loads
-    pipe = Pipeline.from_package(package, backend=backend, device=device, threads=threads)
+    pipe = Pipeline.from_package(package, backend=backend, device=device, threads=threads, prune=pruning)
     cfg = WatchConfig(prompt, threshold, max_new_tokens, schema, max_frames)
     for record in watch_loop(pipe, frames, cfg):
         print(json.dumps(record), flush=True)

@@ -88,7 +88,7 @@ class BenchmarkReport:
 class _OursEngine:
     """A Pipeline over one backend, wrapped in the timing proxy; eos ignored so every run is full length."""
 
-    def __init__(self, name: str, package_dir: Path, device: str, threads: int | None):
+    def __init__(self, name: str, package_dir: Path, device: str, threads: int | None, prune: Any = None):
         from tokenizers import Tokenizer
 
         from ..runtime.backends import open_backend
@@ -100,7 +100,7 @@ class _OursEngine:
         tokenizer = Tokenizer.from_file(str(package_dir / TOKENIZER_NAME))
         self.backend = TimedBackend(open_backend(name, package_dir, manifest, device, threads))
         # prefix_cache=0: every repeat measures a cold prompt (vision + full prefill), as transformers does
-        self.pipe = Pipeline(package_dir, manifest, self.backend, tokenizer, prefix_cache=0)
+        self.pipe = Pipeline(package_dir, manifest, self.backend, tokenizer, prefix_cache=0, prune=prune)
 
     def run(self, requests: list, new_tokens: int) -> Sample:
         from ..runtime.pipeline import drain
@@ -190,7 +190,7 @@ def make_request(pipe: Any, prompt_len: int, image: Any | None):
     tokenizer allows; returns (request, token ids)."""
     from ..runtime.pipeline import Request
 
-    n_img = pipe.manifest.vision.num_image_tokens if image is not None else 0
+    n_img = pipe.prune.kept_count(pipe.manifest.vision.num_image_tokens) if image is not None else 0
     images = [image] if image is not None else []
     words: list[str] = []
     best = None
@@ -256,10 +256,12 @@ def run_benchmark(
     plot: str | os.PathLike | None = None,
     console: bool = True,
     on_progress: Callable[[str], None] | None = None,
+    prune: str | None = None,
 ) -> BenchmarkReport:
     """Measure the package on one or more backends (names from ``runtime.backends``, comma list allowed:
     "ort,ort-fast"; ``device`` cpu|cuda) and, with baseline="transformers", HF generate on the checkpoint,
-    interleaved in one run.
+    interleaved in one run. ``prune`` (METHOD:RATIO, runtime/prune.py) prunes our engines' image tokens; the
+    transformers baseline always reads every token.
 
     Returns the report; writes JSON (out_json) and a PNG (plot) when asked; prints a rich table.
     """
@@ -290,7 +292,7 @@ def run_benchmark(
         mem = PeakRSS().__enter__()
         before[name] = mem.start
         try:
-            ours[name] = _OursEngine(name, package_dir, device, threads)
+            ours[name] = _OursEngine(name, package_dir, device, threads, prune)
         except BackendError as e:  # unknown name, no TensorRT, no GPU: say which engine of the run
             raise BenchmarkError(f"backend {name}: {e}") from e
         finally:
@@ -367,7 +369,8 @@ def run_benchmark(
         package_dir=str(package_dir), package_bytes=_package_bytes(package_dir, manifest, engines), arch=arch,
         config={"backends": engines, "batch": list(batch), "prompt_len": list(prompt_len), "new_tokens": new_tokens,
                 "baseline": baseline, "baseline_attn": baseline_attn if hf else None, "repeat": repeat,
-                "warmup": warmup, "threads": threads, "with_image": with_image, "dtype": manifest.dtype},
+                "warmup": warmup, "threads": threads, "with_image": with_image, "dtype": manifest.dtype,
+                "prune": str(next(iter(ours.values())).pipe.prune)},
         machine=info, versions=versions(with_torch=hf is not None), results=results, ratios=ratios,
         outputs_identical=identical,
         notes=["eos ignored (ours) / suppressed via min_new_tokens (transformers): every run generates new_tokens",

@@ -116,10 +116,15 @@ def image_url(seed: int, size: int = 96) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def request_body(seed: int, max_tokens: int, prompt: str = "What is in the picture?") -> dict[str, Any]:
-    return {"model": "bench", "stream": True, "temperature": 0, "max_tokens": max_tokens, "ignore_eos": True,
+def request_body(seed: int, max_tokens: int, prompt: str = "What is in the picture?",
+                 prune: str | None = None) -> dict[str, Any]:
+    """One streamed image request; ``prune`` (METHOD:RATIO) sent as the request's own setting when given."""
+    body = {"model": "bench", "stream": True, "temperature": 0, "max_tokens": max_tokens, "ignore_eos": True,
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url(seed)}},
                                                       {"type": "text", "text": prompt}]}]}
+    if prune is not None:
+        body["prune"] = prune
+    return body
 
 
 def stream_request(client: Any, url: str, body: dict[str, Any], cancel_after: int | None = None,
@@ -180,7 +185,8 @@ def _pct(values: list[float]) -> dict[str, float]:
 
 
 # -- scenarios -------------------------------------------------------------------------------------
-def run_level(url: str, clients: int, requests: int, max_tokens: int, pid: int | None, seed: int) -> dict[str, Any]:
+def run_level(url: str, clients: int, requests: int, max_tokens: int, pid: int | None, seed: int,
+              prune: str | None = None) -> dict[str, Any]:
     import httpx
 
     outs: list[Outcome] = []
@@ -195,7 +201,7 @@ def run_level(url: str, clients: int, requests: int, max_tokens: int, pid: int |
     def client(c: int) -> None:
         with httpx.Client() as h:
             for r in range(requests):
-                o = stream_request(h, url, request_body(seed + c * 1000 + r, max_tokens))
+                o = stream_request(h, url, request_body(seed + c * 1000 + r, max_tokens, prune=prune))
                 with lock:
                     outs.append(o)
 
@@ -219,17 +225,17 @@ def run_level(url: str, clients: int, requests: int, max_tokens: int, pid: int |
             "token_ms": _pct(gaps), "peak_rss_mb": round(peak[0], 1) if pid else None}
 
 
-def run_arrival(url: str, stream_tokens: int, seed: int) -> dict[str, Any]:
+def run_arrival(url: str, stream_tokens: int, seed: int, prune: str | None = None) -> dict[str, Any]:
     """TTFT of a request alone, then of the same-shaped request arriving while 3 streams decode."""
     import httpx
 
     with httpx.Client() as h:
-        alone = [stream_request(h, url, request_body(seed + i, 4)).ttft_s for i in range(3)]
+        alone = [stream_request(h, url, request_body(seed + i, 4, prune=prune)).ttft_s for i in range(3)]
     streams = [Outcome(ok=False) for _ in range(3)]
 
     def long_stream(i: int) -> None:
         with httpx.Client() as h:
-            stream_request(h, url, request_body(seed + 100 + i, stream_tokens), out=streams[i])
+            stream_request(h, url, request_body(seed + 100 + i, stream_tokens, prune=prune), out=streams[i])
 
     runners = [threading.Thread(target=long_stream, args=(i,)) for i in range(3)]
     for t in runners:
@@ -239,7 +245,7 @@ def run_arrival(url: str, stream_tokens: int, seed: int) -> dict[str, Any]:
     while min(len(o.token_times) for o in streams) < 6 and time.monotonic() < deadline:
         time.sleep(0.002)
     with httpx.Client() as h:
-        late = stream_request(h, url, request_body(seed + 200, 4))
+        late = stream_request(h, url, request_body(seed + 200, 4, prune=prune))
     for t in runners:
         t.join()
     t_in, t_first = late.start, late.start + (late.ttft_s or 0)
@@ -385,7 +391,9 @@ def bench_serve(package: Path | None, url: str | None = None, clients: list[int]
                 max_tokens: int = 32, max_slots: int = 8, threads: int | None = 2, backend: str = "auto",
                 arrival: int = 128, soak: int = 0, server_pid: int | None = None, name: str = "serve",
                 out_dir: Path = Path("benchmarks/results"), prefill_chunk: int = 256, scaling: bool = False,
-                server_args: list[str] = (), progress=print) -> dict[str, Any]:
+                server_args: list[str] = (), progress=print, prune: str | None = None) -> dict[str, Any]:
+    """``prune``: every measured request's own pruning setting (its ``prune`` field), so it means the same
+    against a started server and a running one (--url)."""
     server = None
     log = out_dir / f"{name}_server.log"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -402,10 +410,10 @@ def bench_serve(package: Path | None, url: str | None = None, clients: list[int]
 
         health = httpx.get(url + "/health", timeout=5).json()
         with httpx.Client() as h:  # warm-up: sessions, allocator, first-call costs
-            stream_request(h, url, request_body(1, 4))
+            stream_request(h, url, request_body(1, 4, prune=prune))
         levels = []
         for n in clients:
-            row = run_level(url, n, requests, max_tokens, server_pid, seed=10_000 * n)
+            row = run_level(url, n, requests, max_tokens, server_pid, seed=10_000 * n, prune=prune)
             levels.append(row)
             progress(f"{n} client(s): {row['tok_per_s']} tok/s, TTFT p50 {row['ttft_ms'].get('p50')} ms, "
                      f"token p50 {row['token_ms'].get('p50')} ms, errors {row['errors']}")
@@ -419,12 +427,12 @@ def bench_serve(package: Path | None, url: str | None = None, clients: list[int]
                                              "clients": list(clients), "requests_per_client": requests,
                                              "max_tokens": max_tokens, "server": health, "threads": threads,
                                              "prefill_chunk": prefill_chunk if server is not None else None,
-                                             "server_args": list(server_args)},
+                                             "server_args": list(server_args), "prune": prune or "off"},
                                   "levels": levels, "machine": machine_info(threads)}
         result["roundtrip_1_token"] = run_roundtrip(url)
         progress(f"1-token round trip: {result['roundtrip_1_token']}")
         if arrival:
-            result["arrival"] = run_arrival(url, arrival, seed=777)
+            result["arrival"] = run_arrival(url, arrival, seed=777, prune=prune)
             progress(f"arrival: {result['arrival']}")
         if soak:
             result["soak"] = run_soak(url, soak, server_pid, seed=999)
@@ -456,7 +464,8 @@ def markdown(result: dict[str, Any]) -> str:
     c = result["config"]
     lines = [f"serve load: {c['requests_per_client']} streaming requests per client, {c['max_tokens']} tokens each "
              f"(ignore_eos), one random image each; server {c['server'].get('backend')} with "
-             f"{c['server'].get('slots')} slots, threads={c['threads']}, prefill chunk {c.get('prefill_chunk')}", "",
+             f"{c['server'].get('slots')} slots, threads={c['threads']}, prefill chunk {c.get('prefill_chunk')}, "
+             f"prune {c.get('prune', 'off')}", "",
              "| clients | requests | errors | tok/s (all, wall) | vs 1 client | decode tok/s | vs 1 client | "
              "TTFT p50 ms | TTFT p99 ms | token p50 ms | token p99 ms | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -27,6 +27,7 @@ from ..errors import UsageError
 from ..runtime.engine import PromptTooLongError
 from ..runtime.pipeline import Pipeline
 from ..runtime.pipeline import Request as ChatTurns
+from ..runtime.prune import PruneError, PruneSetting
 from ..runtime.sampling import SamplingConfig
 from ..runtime.sequence import FinishReason, GenerationParams, Sequence
 from .media import load_image_url
@@ -111,8 +112,12 @@ class ServerState:
     def build_sequence(self, chat: ChatRequest) -> Sequence:
         pipe, engine, c = self.pipe, self.worker.engine, self.config
         turns, images = self._turns(chat)
+        try:  # the request's own, else the server's (checked at start)
+            prune = PruneSetting.parse(chat.prune if chat.prune is not None else c.prune)
+        except PruneError as e:
+            raise ApiError(400, str(e), "invalid_value", "prune") from None
         try:
-            ids = pipe.encode_request(ChatTurns(turns, images))
+            ids = pipe.encode_request(ChatTurns(turns, images), prune)
         except UsageError as e:
             raise ApiError(400, str(e), "invalid_prompt") from None
         context = engine.context  # the model's, capped by the slots' length (the engine's own check)
@@ -132,7 +137,8 @@ class ServerState:
                                       top_p=1.0 if chat.top_p is None else chat.top_p, top_k=chat.top_k or 0,
                                       repetition_penalty=chat.repetition_penalty or 1.0, seed=chat.seed)
             params = GenerationParams(max_tokens, sampling, tuple(stop), ignore_eos=bool(chat.ignore_eos),
-                                      grammar=grammar, top_logprobs=(chat.top_logprobs or 0) if chat.logprobs else None)
+                                      grammar=grammar, top_logprobs=(chat.top_logprobs or 0) if chat.logprobs else None,
+                                      prune=prune)
             return engine.make_sequence(ids, images, params)  # the runtime's one context check
         except PromptTooLongError:  # its answer in API words
             raise ApiError(400, f"the prompt has {len(ids)} tokens (image tokens included); with max_tokens="
@@ -478,7 +484,7 @@ async def _complete(reader: ResponseReader, request: Request, cid: str) -> Respo
         logprobs = logprobs_body(state.pipe.tokenizer, r.token_ids, seq.logprobs)
     # the text the stream would have sent, delta for delta (not re-decoded from all ids and stripped)
     return JSONResponse(completion_body(cid, state.config.model_name, seq.visible_text(), r.finish_reason, r.token_ids,
-                                        r.prompt_tokens, logprobs))
+                                        r.prompt_tokens, logprobs, sum(seq.image_tokens)))
 
 
 def _sse(obj: dict[str, Any]) -> bytes:
@@ -506,6 +512,6 @@ async def _stream(reader: ResponseReader, cid: str, include_usage: bool) -> Asyn
         if include_usage:
             body = chunk_body(cid, model, created, {})
             body["choices"] = []
-            body["usage"] = usage(seq.prompt_len, len(seq.generated))
+            body["usage"] = usage(seq.prompt_len, len(seq.generated), sum(seq.image_tokens))
             yield _sse(body)
         yield b"data: [DONE]\n\n"

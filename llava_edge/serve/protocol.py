@@ -83,6 +83,7 @@ class ChatRequest(_Strict):
     repetition_penalty: Optional[float] = Field(default=None, gt=0)  # extension
     seed: Optional[int] = None
     ignore_eos: bool = False  # extension (vLLM): generate max_tokens tokens, for benchmarks
+    prune: Optional[str] = None  # extension: METHOD:RATIO or off (runtime/prune.py); default: the server's --prune
     stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
@@ -160,12 +161,12 @@ def logprobs_body(tokenizer: Any, token_ids: list[int], logprobs: list[tuple[flo
 
 
 def completion_body(cid: str, model: str, text: str, finish: str, token_ids: list[int], prompt_tokens: int,
-                    logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+                    logprobs: dict[str, Any] | None = None, image_tokens: int | None = None) -> dict[str, Any]:
     """A chat.completion; ``token_ids`` is our extension field on the choice (the generated ids)."""
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "finish_reason": FINISH.get(finish, "stop"), "logprobs": logprobs, "token_ids": token_ids}],
-            "usage": usage(prompt_tokens, len(token_ids))}
+            "usage": usage(prompt_tokens, len(token_ids), image_tokens)}
 
 
 def chunk_body(cid: str, model: str, created: int, delta: dict[str, Any], finish: str | None = None,
@@ -177,6 +178,11 @@ def chunk_body(cid: str, model: str, created: int, delta: dict[str, Any], finish
     return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, image_tokens: int | None = None) -> dict[str, int]:
+    """OpenAI's usage; ``image_tokens`` (our extension): the image tokens the decoder read, after pruning
+    (they are part of ``prompt_tokens``)."""
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens}
+    if image_tokens is not None:
+        out["image_tokens"] = image_tokens
+    return out

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import UsageError
 from ..runtime.backends import BACKENDS
 from ..runtime.preprocess import MAX_IMAGE_PIXELS
+from ..runtime.prune import PRUNE_HELP, PruneSetting
 
 if TYPE_CHECKING:
     from .media import MediaLimits
@@ -71,6 +72,7 @@ class ServeConfig:
     prefill_chunk: int = option(256, "Prompt tokens per engine step (smaller: running streams stall less while "
                                 "a new prompt is prefilled; larger: faster first tokens).", lo=1)
     image_cache_mb: float = option(64.0, "Image features kept by content digest, in MB (0: off).", lo=0)
+    prune: str = option("off", PRUNE_HELP + " The server's default; a request's 'prune' field overrides it.")
     ui: bool = option(True, "Serve the kiosk page (camera, upload, streamed answers) at /.")
     suggest: tuple[str, ...] = option((), "A suggested question on the kiosk page (repeatable; default: questions "
                                       "about the demo model's shapes).")
@@ -247,6 +249,10 @@ def validate_serve_config(c: "ServeConfig") -> None:
     names = ("auto", *BACKENDS)  # the one backend table (runtime/backends.py)
     if c.backend not in names:
         raise UsageError(f"unknown backend {c.backend!r}; use {', '.join(names[:-1])} or {names[-1]}")
+    try:
+        PruneSetting.parse(c.prune)
+    except UsageError as e:
+        raise UsageError(f"--prune: {e}") from None
     if c.media_dir is not None and not c.media_dir.is_dir():
         raise UsageError(f"--media-dir {c.media_dir} is not a directory")
     for h in c.allowed_hosts:

@@ -134,12 +134,13 @@ def torch_answerer(checkpoint_dir: str | Path, max_new_tokens: int = 8, threads:
 
 
 def package_answerer(package_dir: str | Path, backend: str = "ort", max_new_tokens: int = 8,
-                     threads: int | None = None) -> AnswerFn:
+                     threads: int | None = None, prune: object = None) -> AnswerFn:
     """Greedy answers from an exported model package through the runtime (no torch). The prefix cache
-    makes the later questions about one scene cheap, as on a kiosk."""
+    makes the later questions about one scene cheap, as on a kiosk. ``prune``: image tokens dropped before
+    the decoder (runtime/prune.py, METHOD:RATIO)."""
     from llava_edge.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.from_package(package_dir, backend=backend, threads=threads)
+    pipe = Pipeline.from_package(package_dir, backend=backend, threads=threads, prune=prune)
 
     def answer(image: Image.Image, question: str) -> str:
         return pipe.generate(image, question, max_new_tokens=max_new_tokens).text
