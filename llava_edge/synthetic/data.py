@@ -17,6 +17,7 @@ Answers are one or two lower-case words so exact match is meaningful.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -298,6 +299,17 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[Turn]:
 
     order = rng.permutation(len(turns))
     return [turns[int(i)] for i in order]
+
+
+#: What a question ends with when its answer is asked for as JSON (``as_json``).
+JSON_SUFFIX = " answer in json."
+
+
+def as_json(turn: Turn) -> Turn:
+    """The same question asked for a JSON answer: ``{"answer": "red"}`` (json.dumps's separators, the
+    compact form the runtime's schema-constrained decoding writes). The answer is the same string, so
+    exact match on the parsed ``answer`` field is the same test as on the plain answer."""
+    return Turn(turn.question + JSON_SUFFIX, json.dumps({"answer": turn.answer}), turn.qtype)
 
 
 def generate_sample(seed: int, index: int) -> Sample:

@@ -57,12 +57,25 @@ def blind_answerer(train_seed: int = D.TRAIN_SEED, n: int = 20_000) -> AnswerFn:
     return lambda image, question: table.get(question, "1")
 
 
+def json_answer(text: str) -> str:
+    """The ``answer`` field of a JSON answer (``{"answer": "red"}``), or "" when the text is not such an
+    object: an answer that does not parse is wrong, not skipped."""
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return ""
+    value = obj.get("answer") if isinstance(obj, dict) else None
+    return value if isinstance(value, str) else ""
+
+
 def evaluate(answer_fn: AnswerFn, n: int = 300, seed: int = D.HELDOUT_SEED, start: int = 0,
-             with_blind: bool = True, progress: bool = False) -> dict[str, dict[str, float]]:
+             with_blind: bool = True, progress: bool = False,
+             json_answers: bool = False) -> dict[str, dict[str, float]]:
     """Ask ``answer_fn`` every question of held-out samples ``start..start+n`` of split ``seed``.
 
-    Returns ``{question_type: {"accuracy", "chance", "chance_uniform", "chance_blind", "n"}}`` for
-    every type that occurred (accuracies as fractions in [0, 1]).
+    With ``json_answers`` each question is asked for a JSON answer (``data.as_json``) and scored on the
+    parsed ``answer`` field (``json_answer``). Returns ``{question_type: {"accuracy", "chance",
+    "chance_uniform", "chance_blind", "n"}}`` for every type that occurred (fractions in [0, 1]).
     """
     samples = list(D.generate(seed, n, start))
     blind = blind_answerer() if with_blind else None
@@ -72,7 +85,11 @@ def evaluate(answer_fn: AnswerFn, n: int = 300, seed: int = D.HELDOUT_SEED, star
     for s in progress_iter(samples, f"eval: {n} scenes", enabled=progress):
         for t in s.turns:
             total[t.qtype] += 1
-            hits[t.qtype] += normalize(answer_fn(s.image, t.question)) == normalize(t.answer)
+            if json_answers:
+                got = json_answer(answer_fn(s.image, D.as_json(t).question))
+            else:
+                got = answer_fn(s.image, t.question)
+            hits[t.qtype] += normalize(got) == normalize(t.answer)
             if blind is not None:
                 blind_hits[t.qtype] += normalize(blind(s.image, t.question)) == normalize(t.answer)
     chance = D.chance_levels(samples)
@@ -195,13 +212,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--demo", default=None, metavar="DIR", help="instead: run the demo scenes, save pictures in DIR")
+    ap.add_argument("--json-answers", action="store_true",
+                    help="ask every question for a JSON answer and score its parsed 'answer' field")
     a = ap.parse_args(argv)
     t0 = time.time()
-    fn = torch_answerer(a.checkpoint, threads=a.threads)
+    fn = torch_answerer(a.checkpoint, threads=a.threads, max_new_tokens=16 if a.json_answers else 8)
     if a.demo:
         run_demo(fn, a.demo)
         return
-    res = evaluate(fn, n=a.n, seed=a.seed, progress=True)
+    res = evaluate(fn, n=a.n, seed=a.seed, progress=True, json_answers=a.json_answers)
     print(format_table(res, "accuracy"))
     print(f"({time.time() - t0:.0f}s)")
     if a.json:

@@ -119,6 +119,8 @@ class TrainConfig:
     stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=6000, batch=24, lr=1.5e-3))
     stage2b: StageConfig = field(default_factory=lambda: StageConfig(steps=1500, batch=24, lr=1e-3))
     describe_prob: float = 0.1  # share of stage-2 conversations that start with "describe the image."
+    json_prob: float = 0.2  # share of question turns asked for a JSON answer (data.as_json)
+    vocab_size: int = 512  # byte-level BPE cap (the generator's text needs ~430: every word one token)
     # stage-2 question-type mix and balanced count_color / exists turns (None = the generator's mix)
     turn_weights: dict[str, float] | None = field(default_factory=lambda: dict(TURN_WEIGHTS))
     focus_weights: dict[str, float] = field(default_factory=lambda: dict(FOCUS_WEIGHTS))  # stage 2b
@@ -136,23 +138,33 @@ class TrainConfig:
 # Tokenizer and processor
 
 
-def build_tokenizer(seed: int = D.TRAIN_SEED, n_samples: int = 2000):
-    """A word-level tokenizer trained with `tokenizers` on generated text.
+def build_tokenizer(seed: int = D.TRAIN_SEED, n_samples: int = 2000, vocab_size: int = 512):
+    """A byte-level BPE tokenizer (GPT-2's pre-tokenizer and byte alphabet) trained with `tokenizers` on
+    generated text: captions, questions and answers, plain and as JSON.
 
-    Word-level because the language is closed (every word comes from the generator): each colour,
-    shape, digit and position word is one token, so answers are 1-2 tokens and decoding is exact.
-    The post-processor prepends ``<s>`` so HF and a plain ``tokenizers.Tokenizer`` agree.
+    Byte-level because every byte string has a spelling, so structured answers work: llguidance maps each
+    token to its bytes and can force ``{"answer": "`` while the model fills in the value. The vocabulary is
+    large enough that every word the generator emits is one token (with and without its leading space, as
+    the word starts a line or follows a quote), so answers stay 1-2 tokens. Lower-cased like the word-level
+    tokenizer this replaces, so "What color" and "what color" are the same prompt. The post-processor
+    prepends ``<s>`` so HF and a plain ``tokenizers.Tokenizer`` agree.
     """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-    tok = Tokenizer(models.WordLevel(unk_token=UNK))
+    tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    corpus = [D.vocabulary_text(), user_prompt(DESCRIBE)]
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    words = D.vocabulary_text().split()
+    corpus = [" ".join(words), "\n".join(words), user_prompt(DESCRIBE)]
     for s in D.generate(seed, n_samples):
         corpus.append(s.caption)
-        corpus.extend(f"USER: {t.question} ASSISTANT: {t.answer}" for t in s.turns)
-    trainer = trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, min_frequency=1, show_progress=False)
+        for t in s.turns:
+            for turn in (t, D.as_json(t)):
+                # prompt and answer are encoded apart in training (encode_conversation), so apart here
+                corpus += [user_prompt(turn.question), turn.answer, f"USER: {turn.question} ASSISTANT:"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus, trainer)
     bos_id = tok.token_to_id(BOS)
     tok.post_processor = processors.TemplateProcessing(
@@ -160,6 +172,35 @@ def build_tokenizer(seed: int = D.TRAIN_SEED, n_samples: int = 2000):
     )
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
     return tok
+
+
+def transplant_vocabulary(model, old_tok, new_tok) -> int:
+    """Resize ``model``'s embedding and head from ``old_tok``'s vocabulary to ``new_tok``'s, keeping what
+    was learnt: a new token whose text (without the byte-level leading-space mark, lower-cased) is an old
+    token gets that token's input and output rows; the rest start from the mean row, so the head gives
+    them the average logit rather than an arbitrary one. Returns how many new tokens were transplanted.
+
+    Why: the shipped checkpoint's skills (counting a named colour, telling a present shape from a near
+    miss) took a plateau-then-jump stage 2b to get, and that jump did not reproduce from every starting
+    point (docs/synthetic.md); continuing from its weights under the new tokenizer keeps them.
+    """
+    old_vocab = old_tok.get_vocab()
+    emb = model.get_input_embeddings().weight.data
+    head = model.lm_head.weight.data
+    n = new_tok.get_vocab_size()
+    new_emb = emb.mean(0, keepdim=True).repeat(n, 1)
+    new_head = head.mean(0, keepdim=True).repeat(n, 1)
+    moved = 0
+    for piece, i in new_tok.get_vocab().items():
+        j = old_vocab.get(piece, old_vocab.get(piece.replace("\u0120", " ").strip().lower()))
+        if j is not None:
+            new_emb[i], new_head[i] = emb[j], head[j]
+            moved += 1
+    model.resize_token_embeddings(n, mean_resizing=False)  # every row is set below
+    model.get_input_embeddings().weight.data.copy_(new_emb)
+    model.lm_head.weight.data.copy_(new_head)
+    model.config.text_config.vocab_size = n
+    return moved
 
 
 def hf_tokenizer(tok):
@@ -305,7 +346,9 @@ def encode_conversation(tok, turns: list[tuple[str, str]], num_image_tokens: int
     for i, (q, a) in enumerate(turns):
         prompt = user_prompt(q).replace(IMAGE, IMAGE * num_image_tokens) if i == 0 else f"USER: {q} ASSISTANT:"
         p = tok.encode(prompt, add_special_tokens=False).ids
-        ans = tok.encode(" " + a, add_special_tokens=False).ids + [eos]
+        # no leading space: the answer's first token is the one the runtime's prompt ("...ASSISTANT:") is
+        # followed by, and a JSON answer must start with '{' exactly (schema-constrained decoding forces it)
+        ans = tok.encode(a, add_special_tokens=False).ids + [eos]
         ids += p + ans
         labels += [-100] * len(p) + ans
     return ids, labels
@@ -352,11 +395,12 @@ def hard_exists(scene: D.Scene, rng: np.random.Generator) -> D.Turn:
 
 
 def sample_turns(s: D.Sample, rng: np.random.Generator, describe_prob: float,
-                 weights: dict[str, float] | None = None) -> list[tuple[str, str]]:
+                 weights: dict[str, float] | None = None, json_prob: float = 0.0) -> list[tuple[str, str]]:
     """A 1-3 turn conversation drawn from the sample's questions (sometimes opening with a caption).
 
     With ``weights`` (stage 2), turns are drawn without replacement in proportion to their type's
-    weight, and the count_color / exists turns are replaced by their balanced versions above.
+    weight, and the count_color / exists turns are replaced by their balanced versions above. Each
+    question turn is asked for a JSON answer with probability ``json_prob``.
     """
     k = int(rng.integers(1, 4))
     pool = list(s.turns)
@@ -367,7 +411,10 @@ def sample_turns(s: D.Sample, rng: np.random.Generator, describe_prob: float,
                 else hard_exists(s.scene, rng) if t.qtype == "exists" else t for t in pool]
         w = np.array([weights.get(t.qtype, 1.0) for t in pool], dtype=np.float64)
         idx = rng.choice(len(pool), size=min(k, len(pool)), replace=False, p=w / w.sum())
-    turns = [(pool[int(i)].question, pool[int(i)].answer) for i in idx]
+    picked = [pool[int(i)] for i in idx]
+    if json_prob > 0:
+        picked = [D.as_json(t) if rng.random() < json_prob else t for t in picked]
+    turns = [(t.question, t.answer) for t in picked]
     if rng.random() < describe_prob:
         turns = [(DESCRIBE, s.caption)] + turns[:1]
     return turns
@@ -437,7 +484,7 @@ def train(out: str | Path, cfg: TrainConfig, stages: Sequence[str] = STAGES, res
     t_start = time.time()
     deadline = None if cfg.minutes_budget is None else t_start + 60 * cfg.minutes_budget
     mc = cfg.model
-    tok = build_tokenizer(cfg.seed)
+    tok = build_tokenizer(cfg.seed, vocab_size=cfg.vocab_size)
     base_info: dict = {}
     if resume is not None:
         from transformers import LlavaForConditionalGeneration
@@ -445,12 +492,19 @@ def train(out: str | Path, cfg: TrainConfig, stages: Sequence[str] = STAGES, res
         resume = Path(resume)
         if not (resume / "config.json").is_file():
             raise UsageError(f"--resume {resume}: not a checkpoint directory (no config.json)")
+        from tokenizers import Tokenizer
+
         model = LlavaForConditionalGeneration.from_pretrained(resume)
-        if model.config.text_config.vocab_size != tok.get_vocab_size():
-            raise UsageError(f"--resume {resume}: its vocabulary ({model.config.text_config.vocab_size}) is not "
-                             f"this seed's tokenizer's ({tok.get_vocab_size()})")
+        old_tok = Tokenizer.from_file(str(resume / "tokenizer.json"))
         if (resume / "training_info.json").is_file():
             base_info = json.loads((resume / "training_info.json").read_text())
+        if old_tok.to_str() != tok.to_str():
+            # a checkpoint of an earlier tokenizer (the word-level one): carry its rows over, then train on
+            moved = transplant_vocabulary(model, old_tok, tok)
+            base_info["transplanted"] = {"from_vocab": old_tok.get_vocab_size(), "to_vocab": tok.get_vocab_size(),
+                                         "rows_carried": moved}
+            print(f"vocabulary {old_tok.get_vocab_size()} -> {tok.get_vocab_size()} tokens, "
+                  f"{moved} rows carried over", flush=True)
     else:
         model = build_model(mc, tok.get_vocab_size())
     model.train()
@@ -500,16 +554,19 @@ def train(out: str | Path, cfg: TrainConfig, stages: Sequence[str] = STAGES, res
     vt.eval()
 
     # Stage L: language model on text only.
+    eos = tok.token_to_id(EOS)
+
     def language_step(step: int) -> torch.Tensor:
         samples = _batch(cfg.seed, 1, step, cfg.language.batch)
         seqs = []
         for s in samples:
             if data_rng.random() < 0.3:
-                text = s.caption
-            else:
-                turns = sample_turns(s, data_rng, 0.0)
-                text = "".join(f"USER: {q} ASSISTANT: {a}{EOS}" for q, a in turns)
-            ids = tok.encode(text).ids + ([tok.token_to_id(EOS)] if not text.endswith(EOS) else [])
+                ids = tok.encode(s.caption).ids + [eos]
+            else:  # the same pieces, encoded apart, as encode_conversation gives (without the image)
+                ids = [tok.token_to_id(BOS)]
+                for q, a in sample_turns(s, data_rng, 0.0, json_prob=cfg.json_prob):
+                    ids += tok.encode(f"USER: {q} ASSISTANT:", add_special_tokens=False).ids
+                    ids += tok.encode(a, add_special_tokens=False).ids + [eos]
             seqs.append((ids, ids))
         b = pad_batch(seqs)
         b["labels"][b["attention_mask"] == 0] = -100
@@ -540,8 +597,8 @@ def train(out: str | Path, cfg: TrainConfig, stages: Sequence[str] = STAGES, res
         """Stages 2 and 2b: instruction conversations, loss on answers; they differ in data and mix."""
         def step_fn(step: int) -> torch.Tensor:
             samples = _batch(cfg.seed, data_stage, step, st.batch)
-            b = pad_batch([encode_conversation(tok, sample_turns(s, rng, cfg.describe_prob, weights), n_img)
-                           for s in samples])
+            b = pad_batch([encode_conversation(tok, sample_turns(s, rng, cfg.describe_prob, weights, cfg.json_prob),
+                                               n_img) for s in samples])
             return model(pixel_values=pixels(s.image for s in samples), **b).loss
 
         return step_fn
@@ -565,7 +622,8 @@ def train(out: str | Path, cfg: TrainConfig, stages: Sequence[str] = STAGES, res
             "num_parameters": sum(p.numel() for p in model.parameters()), "torch": torch.__version__}
     if resume is not None:
         info["resumed_from"] = {"path": str(resume), "stages": base_info.get("stages", list(STAGES[:4])),
-                                "config": base_info.get("config")}
+                                "config": base_info.get("config"), "resumed_from": base_info.get("resumed_from"),
+                                "transplanted": base_info.get("transplanted")}
     (Path(out) / "training_info.json").write_text(json.dumps(info, indent=2))
     return info
 
@@ -601,9 +659,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps-scale", type=float, default=1.0, help="scale every stage's steps (tests: 0.01)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, from {','.join(STAGES)}")
-    ap.add_argument("--resume", default=None, help="start from this checkpoint (written by this script)")
+    ap.add_argument("--resume", default=None, help="start from this checkpoint (written by this script); one "
+                    "with another tokenizer has its vocabulary transplanted (transplant_vocabulary)")
+    ap.add_argument("--stage-steps", default="",
+                    help="override step counts after scaling, e.g. stage2=1500,stage2b=800")
     a = ap.parse_args(argv)
     cfg = TrainConfig(seed=a.seed, threads=a.threads, minutes_budget=a.minutes_budget).scaled(a.steps_scale)
+    for item in filter(None, (x.strip() for x in a.stage_steps.split(","))):
+        name, _, n = item.partition("=")
+        if name not in STAGES or not n.isdigit() or int(n) < 1:
+            raise UsageError(f"--stage-steps {item!r}: expected STAGE=N with STAGE one of {', '.join(STAGES)}")
+        getattr(cfg, name).steps = int(n)
     info = train(a.out, cfg, stages=[s.strip() for s in a.stages.split(",") if s.strip()], resume=a.resume)
     print(json.dumps(info["log"], indent=2))
 

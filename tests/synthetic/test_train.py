@@ -79,14 +79,96 @@ def test_refuses_heldout_seed(tmp_path: Path) -> None:
         T.train(tmp_path / "x", _tiny_cfg(seed=D.HELDOUT_SEED))
 
 
-def test_conversation_labels_cover_answers_only() -> None:
-    tok = T.build_tokenizer(n_samples=50)
+@pytest.fixture(scope="module")
+def bpe() -> object:
+    return T.build_tokenizer(n_samples=300)
+
+
+def test_conversation_labels_cover_answers_only(bpe) -> None:
+    tok = bpe
+    js = D.as_json(D.Turn("what color is the circle?", "red", "color"))
     ids, labels = T.encode_conversation(tok, [("how many shapes are there?", "3"),
-                                              ("where is the red circle?", "top left")], 81)
+                                              ("where is the red circle?", "top left"), (js.question, js.answer)], 81)
     assert ids.count(tok.token_to_id(T.IMAGE)) == 81
     supervised = [tok.id_to_token(t) for t in labels if t != -100]
-    assert supervised == ["3", T.EOS, "top", "left", T.EOS]
+    # answers start right after "ASSISTANT:" (no space token), so a JSON answer starts with '{' exactly
+    assert supervised == ["3", T.EOS, "top", "\u0120left", T.EOS, '{"', "answer", '":', '\u0120"', "red", '"}', T.EOS]
     assert len(ids) == len(labels) and ids[0] == tok.token_to_id(T.BOS)
+
+
+def test_tokenizer_is_byte_level_with_every_word_one_token(bpe) -> None:
+    tok = bpe
+    words = D.vocabulary_text().split()
+    for text in [*words, *(" " + w for w in words), "what", "how", "describe", " is", " there", " json"]:
+        assert len(tok.encode(text, add_special_tokens=False).ids) == 1, text
+    # any text has a spelling (structured answers need '{', '"', digits, non-ASCII) and decodes back
+    text = '{"answer": "Zürich 42 \u2713", "n": [1, 2]}'
+    ids = tok.encode(text, add_special_tokens=False).ids
+    assert tok.decode(ids) == text.lower()
+    assert tok.encode("USER: <image>\nhi", add_special_tokens=False).tokens[3] == T.IMAGE  # special, unsplit
+
+
+def test_tokenizer_drives_schema_constrained_decoding(bpe) -> None:
+    """llguidance reads this tokenizer (the word-level one it replaces was refused): under a schema the
+    first token can only be '{"', and the compact separators the training answers use are allowed."""
+    pytest.importorskip("llguidance")
+    from llava_edge.runtime.constrain import Grammar
+
+    tok = bpe
+    g = Grammar(tok, frozenset({tok.token_to_id(T.EOS)}),
+                {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]})
+    m = g.matcher()
+    for t in tok.encode(D.as_json(D.Turn("q", "top left", "position")).answer, add_special_tokens=False).ids:
+        logits = np.zeros((1, tok.get_vocab_size()), np.float32)
+        m.mask(logits)
+        assert np.isfinite(logits[0, t]) and np.isinf(logits).sum() > 0, tok.id_to_token(t)
+        m.advance(t)
+    assert m.accepting
+
+
+def test_json_turns_ask_for_json_and_keep_the_answer() -> None:
+    rng = np.random.default_rng(1)
+    s = next(D.generate(D.TRAIN_SEED, 1, 123))
+    turns = T.sample_turns(s, rng, describe_prob=0.0, weights=T.TURN_WEIGHTS, json_prob=1.0)
+    plain = {t.question: t for t in s.turns}
+    for q, a in turns:
+        assert q.endswith(D.JSON_SUFFIX)
+        base = q[: -len(D.JSON_SUFFIX)]
+        if plain[base].qtype not in ("count_color", "exists"):  # those two are redrawn balanced
+            assert json.loads(a) == {"answer": plain[base].answer}
+        assert list(json.loads(a)) == ["answer"] and a == json.dumps(json.loads(a))
+
+
+def test_transplant_keeps_rows_of_known_words(bpe) -> None:
+    """A checkpoint of a word-level vocabulary moves to the byte-level one: a word's rows (input and
+    output) go to its new tokens with and without the leading-space mark; new pieces get the mean row."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    words = T.SPECIAL_TOKENS + ["red", "circle", "?", "what"]
+    old = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=T.UNK))
+    old.normalizer = normalizers.Lowercase()
+    old.pre_tokenizer = pre_tokenizers.Whitespace()
+    torch.manual_seed(0)
+    mc = _tiny_cfg().model
+    model = T.build_model(mc, len(words))
+    emb = model.get_input_embeddings().weight.detach().clone()
+    head = model.lm_head.weight.detach().clone()
+    moved = T.transplant_vocabulary(model, old, bpe)
+    n = bpe.get_vocab_size()
+    new_emb, new_head = model.get_input_embeddings().weight, model.lm_head.weight
+    assert new_emb.shape[0] == new_head.shape[0] == model.config.text_config.vocab_size == n
+    for word, j in (("red", 5), ("circle", 6), ("?", 7)):
+        for piece in (word, "\u0120" + word):
+            i = bpe.token_to_id(piece)
+            if i is None:
+                continue
+            assert torch.equal(new_emb[i], emb[j]) and torch.equal(new_head[i], head[j]), piece
+    assert torch.equal(new_emb[bpe.token_to_id(T.IMAGE)], emb[4])
+    fresh = bpe.token_to_id('{"')
+    assert torch.allclose(new_emb[fresh], emb.mean(0)) and torch.allclose(new_head[fresh], head.mean(0))
+    assert len(words) <= moved < n
+    out = model(input_ids=torch.tensor([bpe.encode("what color is the red circle?").ids]))
+    assert out.logits.shape[-1] == n
 
 
 def _scenes(n: int = 400) -> list[D.Sample]:
