@@ -1,8 +1,8 @@
 """JSON-schema constrained decoding (runtime/constrain.py) on a tiny LLaVA with a byte-level BPE tokenizer.
 
 The model's weights are random, so left alone it writes bytes that are not JSON: whatever parses here
-parsed because of the constraint. The shipped demo model's word-level tokenizer has no '{' or '"' token
-and cannot write JSON at all; it must be refused with one line.
+parsed because of the constraint. A word-level tokenizer (the shipped demo model had one before it was
+retrained) has no '{' or '"' token and cannot write JSON at all; it must be refused with one line.
 """
 
 from __future__ import annotations
@@ -142,12 +142,13 @@ def test_unsupported_schema_and_tokenizer_are_one_line_errors(pipe, bpe_package,
                         "--json-schema", str(bad), "--backend", "ort-fast"], capture_output=True, text=True, env=env)
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "nonsense" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
-    # the shipped demo model: word-level tokenizer, no way to write '{'
-    from llava_edge.demo import ASSET
-    from tokenizers import Tokenizer
+    # a word-level tokenizer (what the shipped demo model had before it was retrained): no way to write '{'
+    from tokenizers import Tokenizer, models, pre_tokenizers
 
+    words = Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1, "red": 2, "circle": 3}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
     with pytest.raises(ConstraintError, match="byte-level") as refused:
-        Grammar(Tokenizer.from_file(str(ASSET / "tokenizer.json")), frozenset([3]), SCHEMA)
+        Grammar(words, frozenset([1]), SCHEMA)
     assert "decoder type" not in str(refused.value) and "WordLevel" in str(refused.value)  # the fix, not internals
 
 
