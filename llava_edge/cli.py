@@ -997,7 +997,7 @@ def bench_serve_cmd(
     max_slots: int = typer.Option(8, help="The started server's --max-slots."),
     backend: str = typer.Option("auto", help="The started server's --backend."),
     threads: Optional[int] = typer.Option(2, help="The started server's --threads."),
-    prefill_chunk: int = typer.Option(256, help="The started server's --prefill-chunk."),
+    prefill_chunk: Optional[int] = typer.Option(None, help="The started server's --prefill-chunk (default: serve's)."),
     server_arg: list[str] = typer.Option([], help="More flags for the started server (repeatable), e.g. "
                                          "--server-arg=--image-cache-mb=0."),
     arrival: int = typer.Option(128, help="Also measure a request arriving while 3 streams of this many tokens "

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from ..runtime.scheduler import PREFILL_CHUNK
 from .measure import machine_info, percentiles
 
 
@@ -390,11 +391,12 @@ def decode_scaling(package: Path, backend: str = "ort-fast-int4", batches: tuple
 def bench_serve(package: Path | None, url: str | None = None, clients: list[int] = (1, 2, 4, 8), requests: int = 4,
                 max_tokens: int = 32, max_slots: int = 8, threads: int | None = 2, backend: str = "auto",
                 arrival: int = 128, soak: int = 0, server_pid: int | None = None, name: str = "serve",
-                out_dir: Path = Path("benchmarks/results"), prefill_chunk: int = 256, scaling: bool = False,
+                out_dir: Path = Path("benchmarks/results"), prefill_chunk: int | None = None, scaling: bool = False,
                 server_args: list[str] = (), progress=print, prune: str | None = None) -> dict[str, Any]:
     """``prune``: every measured request's own pruning setting (its ``prune`` field), so it means the same
     against a started server and a running one (--url)."""
     server = None
+    prefill_chunk = prefill_chunk or PREFILL_CHUNK  # serve's own default unless asked
     log = out_dir / f"{name}_server.log"
     out_dir.mkdir(parents=True, exist_ok=True)
     if url is None:

@@ -2,8 +2,9 @@
 
 One ``step()`` = admit waiting sequences into free KV slots (prefix-cache lookup, image features from
 the image-embedding cache or the vision encoder on its own thread, so running streams keep decoding
-meanwhile; prompt embeddings), prefill whole chunks within the token budget, then ONE
-decode call that gives every running sequence its next token. Finished and cancelled sequences leave
+meanwhile; prompt embeddings), prefill whole chunks within the step's time budget (a multiple of the
+decode call's measured cost: runtime/scheduler.py), then ONE decode call that gives every running
+sequence its next token, every step. Finished and cancelled sequences leave
 at once and free their slot for the next step. ``add``/``cancel`` may be called from other threads
 (the server's event loop); ``step`` runs on one thread (the server's worker, or the caller of
 ``Pipeline.generate``).
@@ -31,7 +32,7 @@ from . import anyres
 from .preprocess import MAX_IMAGE_PIXELS, load_image, preprocess
 from .prune import PruneSetting, instruction_ids
 from .sampling import token_logprobs
-from .scheduler import PrefillChunk, Scheduler
+from .scheduler import PREFILL_BUDGET, PrefillChunk, Scheduler
 from .sequence import FinishReason, GenerationParams, PendingVision, Sequence, Status, TokenEvent
 
 
@@ -115,13 +116,16 @@ class ImageCache:
 
 class Engine:
     def __init__(self, runner: ModelRunner, manifest: Manifest, tokenizer: Tokenizer,
-                 prefix_cache: PrefixCache | None = None, image_cache_mb: float = 64.0):
+                 prefix_cache: PrefixCache | None = None, image_cache_mb: float = 64.0, *,
+                 prefill_budget: float | None = PREFILL_BUDGET):
         self.runner = runner
         self.manifest = manifest
         self.tokenizer = tokenizer
         self.prefix_cache = prefix_cache
         self.image_cache = ImageCache(image_cache_mb) if image_cache_mb > 0 else None
-        self.scheduler = Scheduler(runner.slots, runner.chunk)
+        # prefill time per step in decode calls (scheduler.py); None: one chunk of prefill per step
+        self.scheduler = Scheduler(runner.slots, runner.chunk, prefill_budget=prefill_budget)
+        self.clock = time.perf_counter  # what the scheduler's costs are measured with (tests: a fake clock)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._queued = 0  # added but not admitted yet (inbox + waiting): what a queue limit counts
@@ -176,7 +180,9 @@ class Engine:
     # -- one round (the engine's thread) ------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
         """schedule -> run -> postprocess, for the prefill chunks (a prompt's last chunk gives its first
-        token), then for one decode call over every running sequence (those just prefilled included)."""
+        token), then for one decode call over every running sequence (those just prefilled included). The
+        decode is never skipped for a prefill: the prefill is what the budget bounds, so a running
+        stream's token gap is at most about (1 + prefill_budget) decode calls (or one chunk plus one)."""
         events: list[TokenEvent] = []
         plan = self._schedule(events)
         self._postprocess(self._run(plan, events), events)
@@ -218,9 +224,10 @@ class Engine:
         """The backend calls of a plan: each prefill chunk into its slot, or one decode call for the batch.
         Returns (sequence, [1, V] logits) for each sequence with a token to sample; failures become events."""
         out: list[tuple[Sequence, np.ndarray]] = []
+        costs = self.scheduler.costs
         for chunk in plan.prefill:
             seq = chunk.seq
-            t0 = time.perf_counter()
+            t0 = self.clock()
             try:
                 off = seq.prefill_start
                 logits = self.runner.prefill(seq.slot, seq.embeds[chunk.start - off : chunk.end - off])
@@ -228,7 +235,9 @@ class Engine:
                 self._fail(seq, e, events)
                 continue
             seq.computed = chunk.end
-            seq.timings.prefill_ms += (time.perf_counter() - t0) * 1000
+            ms = (self.clock() - t0) * 1000
+            seq.timings.prefill_ms += ms
+            costs.observe_prefill(chunk.tokens, ms)
             if chunk.last:
                 seq.embeds = None
                 if self.prefix_cache is not None and self.runner.supports_prefix:
@@ -237,12 +246,14 @@ class Engine:
                 out.append((seq, logits[None]))
         if plan.decode:
             batch = plan.decode
+            t0 = self.clock()
             try:
                 logits = self.runner.decode([s.slot for s in batch], [s.generated[-1] for s in batch])
             except Exception as e:  # noqa: BLE001
                 for seq in batch:
                     self._fail(seq, e, events)
                 return out
+            costs.observe_decode(len(batch), (self.clock() - t0) * 1000)
             out += [(seq, logits[i : i + 1]) for i, seq in enumerate(batch)]
         return out
 

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .backend import BackendError, SlotBackend, supports_prefix_reuse
+from .scheduler import PREFILL_CHUNK
 
 
 class ModelRunner(Protocol):
@@ -39,7 +40,7 @@ class SlotRunner:
 
     supports_prefix = True
 
-    def __init__(self, backend: Any, slots: int, chunk: int | None = 256, max_len: int | None = None):
+    def __init__(self, backend: Any, slots: int, chunk: int | None = PREFILL_CHUNK, max_len: int | None = None):
         self.backend = backend
         self.slots = slots
         self.chunk = chunk
@@ -128,7 +129,7 @@ class SingleRunner:
         self.cache, self.length = None, 0
 
 
-def make_runner(backend: Any, slots: int, chunk: int | None = 256, max_len: int | None = None) -> ModelRunner:
+def make_runner(backend: Any, slots: int, chunk: int | None = PREFILL_CHUNK, max_len: int | None = None) -> ModelRunner:
     """A SlotRunner where the backend can address cache rows, else a SingleRunner (one slot)."""
     if isinstance(backend, SlotBackend):
         return SlotRunner(backend, slots, chunk, max_len)

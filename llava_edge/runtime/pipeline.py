@@ -36,6 +36,7 @@ from .preprocess import MAX_IMAGE_PIXELS, load_image, preprocess
 from .prune import OFF, PruneSetting, instruction_ids
 from .ragged import left_pad
 from .sampling import Sampler, SamplingConfig
+from .scheduler import PREFILL_BUDGET, PREFILL_CHUNK
 from .sequence import Detokenizer as _Detokenizer
 from .sequence import FinishReason, GenerationParams, GenerationResult, Timings
 from ..tokenizer_check import load_tokenizer
@@ -70,7 +71,8 @@ def drain(gen: Iterator[TokenEvent], on_event: Callable[[TokenEvent], None] | No
 
 class Pipeline:
     def __init__(self, package_dir: str | os.PathLike, manifest: Manifest, backend, tokenizer: Tokenizer,
-                 template: str | None = None, prefix_cache: int = 2, *, max_slots: int = 4, prefill_chunk: int = 256,
+                 template: str | None = None, prefix_cache: int = 2, *, max_slots: int = 4,
+                 prefill_chunk: int = PREFILL_CHUNK,
                  image_cache_mb: float = 0.0,
                  max_image_pixels: int | None = MAX_IMAGE_PIXELS, prune: PruneSetting | str | None = OFF):
         self.package_dir = Path(package_dir)
@@ -89,13 +91,16 @@ class Pipeline:
         self._engine: Engine | None = None
 
     def make_engine(self, max_slots: int | None = None, prefill_chunk: int | None = None,
-                    image_cache_mb: float | None = None, max_len: int | None = None) -> Engine:
+                    image_cache_mb: float | None = None, max_len: int | None = None,
+                    prefill_budget: float | None = PREFILL_BUDGET) -> Engine:
         """A new engine over this pipeline's backend (the server makes its own with its --max-slots).
         It shares the pipeline's prefix cache; its KV slots (max_len positions each, the model's context
-        by default) are allocated now."""
+        by default) are allocated now. ``prefill_budget``: prefill time per step in decode calls (None:
+        one chunk per step; runtime/scheduler.py)."""
         runner = make_runner(self.backend, max_slots or self.max_slots, prefill_chunk or self.prefill_chunk, max_len)
         engine = Engine(runner, self.manifest, self.tokenizer, self.prefix_cache,
-                        self.image_cache_mb if image_cache_mb is None else image_cache_mb)
+                        self.image_cache_mb if image_cache_mb is None else image_cache_mb,
+                        prefill_budget=prefill_budget)
         engine.max_image_pixels = self.max_image_pixels
         return engine
 

@@ -69,7 +69,7 @@ class ServerState:
             pipe = Pipeline.from_package(c.package, backend=self.backend, threads=c.threads,
                                          max_image_pixels=c.max_image_pixels)
             engine = pipe.make_engine(max_slots=c.max_slots, prefill_chunk=c.prefill_chunk,
-                                      image_cache_mb=c.image_cache_mb)
+                                      image_cache_mb=c.image_cache_mb, prefill_budget=c.prefill_budget)
             worker = EngineWorker(engine, loop)
             worker.start()
             c.limits.vision = pipe.manifest.vision  # media.py checks elongation by the runtime's own rule

@@ -27,6 +27,7 @@ from ..errors import UsageError
 from ..runtime.backends import BACKENDS
 from ..runtime.preprocess import MAX_IMAGE_PIXELS
 from ..runtime.prune import PRUNE_HELP, PruneSetting
+from ..runtime.scheduler import PREFILL_BUDGET, PREFILL_CHUNK
 
 if TYPE_CHECKING:
     from .media import MediaLimits
@@ -69,8 +70,12 @@ class ServeConfig:
     media_dir: Path | None = option(None, "Directory whose files requests may name as images.")
     threads: int | None = option(None, "onnxruntime intra-op threads (with --ray: default each replica's CPUs).",
                                  lo=1, hi=4096)
-    prefill_chunk: int = option(256, "Prompt tokens per engine step (smaller: running streams stall less while "
-                                "a new prompt is prefilled; larger: faster first tokens).", lo=1)
+    prefill_chunk: int = option(PREFILL_CHUNK, "Prompt tokens per prefill call (smaller: a step's prefill fits its "
+                                "budget in finer steps, so running streams stall less; larger: fewer calls, faster "
+                                "first tokens). Greedy answers are the same at any load for one chunk size.", lo=1)
+    prefill_budget: float = option(PREFILL_BUDGET, "Prefill time an engine step may add while streams decode, in "
+                                   "decode calls (2: a running stream's token gap stays within ~3x its steady gap; "
+                                   "0: one chunk per step). At least one chunk always runs.", lo=0)
     image_cache_mb: float = option(64.0, "Image features kept by content digest, in MB (0: off).", lo=0)
     prune: str = option("off", PRUNE_HELP + " The server's default; a request's 'prune' field overrides it.")
     ui: bool = option(True, "Serve the kiosk page (camera, upload, streamed answers) at /.")

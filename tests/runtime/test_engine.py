@@ -11,6 +11,7 @@ from PIL import Image
 from llava_edge.runtime.engine import ImageCache, PromptTooLongError
 from llava_edge.runtime.pipeline import Pipeline, Request
 from llava_edge.runtime.sampling import SamplingConfig
+from llava_edge.runtime.scheduler import PREFILL_BUDGET
 from llava_edge.runtime.sequence import GenerationParams, Status
 
 CHUNK = 8
@@ -45,9 +46,12 @@ def _alone(pipe, req, max_tokens, chunk=CHUNK, sampling=None):
     return seq.generated
 
 
-def test_continuous_batching_matches_each_request_alone(pipe, images):
+@pytest.mark.parametrize("budget", [PREFILL_BUDGET, None, 1e6], ids=["default", "one-chunk", "unbounded"])
+def test_continuous_batching_matches_each_request_alone(pipe, images, budget):
+    """Under the default time budget (chunks per step follow measured costs), one chunk per step, and a
+    budget that lets whole prompts through while others decode: the same tokens as alone."""
     reqs = _requests(images)
-    engine = pipe.make_engine(max_slots=3, prefill_chunk=CHUNK)
+    engine = pipe.make_engine(max_slots=3, prefill_chunk=CHUNK, prefill_budget=budget)
     seqs = [pipe.sequences([r], n, engine=engine)[0] for r, n in reqs]
     assert max(s.prompt_len for s in seqs) > 3 * CHUNK  # prompts really go through in several chunks
     # staggered arrivals: two now, the rest while those decode; more requests than slots
@@ -83,7 +87,7 @@ def test_engine_equals_pipeline_generate(pipe, images):
 
 
 def test_chunked_prefill_never_stalls_running_decodes(pipe, images):
-    engine = pipe.make_engine(max_slots=3, prefill_chunk=CHUNK)
+    engine = pipe.make_engine(max_slots=3, prefill_chunk=CHUNK, prefill_budget=0)  # one chunk per step
     short = [pipe.sequences([Request([("Count.", None)], [])], 30, engine=engine)[0] for _ in range(2)]
     for s in short:
         engine.add(s)

@@ -1,5 +1,7 @@
 """The scheduler, the engine's step and the slot runner over a fake backend (numpy, no onnx): admission,
-slot reuse, chunk boundaries that do not depend on the load, cancel, and every finish reason.
+slot reuse, chunk boundaries that do not depend on the load, cancel, and every finish reason; and the
+stall-free time budget on a fake clock: every step decodes every running stream, the prefill riding along
+stays within its budget, and neither the budget nor the measured costs move a chunk boundary or a token.
 
 The fake's next token depends on everything in its slot (sum and count of the ids written there), so a
 chunk written to the wrong slot, twice, or out of order changes the answer.
@@ -18,7 +20,7 @@ from tokenizers.pre_tokenizers import WhitespaceSplit
 from llava_edge.runtime.engine import Engine, PromptTooLongError
 from llava_edge.runtime.finish import FinishReason
 from llava_edge.runtime.model_runner import SingleRunner, SlotRunner, make_runner
-from llava_edge.runtime.scheduler import Scheduler
+from llava_edge.runtime.scheduler import Scheduler, StepCosts
 from llava_edge.runtime.sequence import GenerationParams, Status
 
 V = 64
@@ -119,10 +121,12 @@ def _tokenizer() -> Tokenizer:
     return tok
 
 
-def _engine(slots=2, chunk=4, eos=(), backend=None) -> Engine:
+def _engine(slots=2, chunk=4, eos=(), backend=None, prefill_budget=None) -> Engine:
+    """prefill_budget None (not the engine's default): one chunk per step, whatever the clock says."""
     manifest = SimpleNamespace(text=SimpleNamespace(max_context=CONTEXT, eos_token_ids=list(eos), image_token_id=-1),
                                vision=None)
-    return Engine(make_runner(backend or FakeSlotBackend(), slots, chunk), manifest, _tokenizer(), image_cache_mb=0)
+    return Engine(make_runner(backend or FakeSlotBackend(), slots, chunk), manifest, _tokenizer(), image_cache_mb=0,
+                  prefill_budget=prefill_budget)
 
 
 def _prompt(i: int, n: int) -> list[int]:
@@ -209,7 +213,7 @@ def test_chunk_boundaries_do_not_depend_on_the_load():
     assert target.generated == reference(p, 3)
 
 
-def test_a_step_holds_at_most_one_chunk_of_prefill():
+def test_without_a_time_budget_a_step_holds_at_most_one_chunk_of_prefill():
     backend = FakeSlotBackend()
     e = _engine(slots=3, chunk=4, backend=backend)
     seqs = [e.make_sequence(_prompt(i, 10), params=GenerationParams(2)) for i in range(3)]
@@ -315,3 +319,153 @@ def test_a_failing_backend_fails_only_its_sequences():
     assert bad.finish_reason is FinishReason.ERROR and "boom" in bad.error
     assert any(ev.seq_id == bad.seq_id and ev.finish_reason == "error" for ev in events)
     assert good.generated == reference(_prompt(1, 4), 3)
+
+
+# -- stall-free scheduling: a fake clock, the time budget, decode every step ----------------------------
+TCHUNK = 4
+
+
+class TimedBackend(FakeSlotBackend):
+    """The fake backend on a fake clock: a prefill call costs ``per_token`` ms a token (+ ``jitter`` times a
+    random fraction), a decode call ``decode`` ms; ``steps`` records each step's calls."""
+
+    def __init__(self, per_token=1.0, decode=10.0, jitter=0.0, seed=0):
+        super().__init__()
+        self.now = 0.0
+        self.per_token, self.decode, self.jitter = per_token, decode, jitter
+        self.rng = np.random.default_rng(seed)
+
+    def clock(self) -> float:
+        return self.now / 1000
+
+    def _spend(self, ms):
+        self.now += ms * (1 + self.jitter * self.rng.random())
+
+    def prefill_slot(self, kv, slot, embeds):
+        self._spend(self.per_token * embeds.shape[1])
+        return super().prefill_slot(kv, slot, embeds)
+
+    def decode_slots(self, kv, embeds, active):
+        self._spend(self.decode)
+        return super().decode_slots(kv, embeds, active)
+
+
+def _timed_engine(slots, budget, backend):
+    e = _engine(slots=slots, chunk=TCHUNK, backend=backend, prefill_budget=budget)
+    e.clock = backend.clock
+    return e
+
+
+def _steps(e, backend, seqs, max_steps=500):
+    """Step until every sequence has finished; per step: prefill calls (seq's first id, tokens), decoded rows."""
+    log = []
+    for _ in range(max_steps):
+        if all(s.status is Status.FINISHED for s in seqs):
+            return log
+        before = len(backend.calls)
+        e.step()
+        calls = backend.calls[before:]
+        log.append(([(ids[0], len(ids)) for kind, _, ids in calls if kind == "prefill"],
+                    [set(rows) for kind, _, rows in calls if kind == "decode"]))
+    raise AssertionError("did not finish")
+
+
+def _streams_then_newcomer(e, backend, newcomer_len=40):
+    streams = [e.make_sequence(_prompt(i, 5), params=GenerationParams(40)) for i in range(3)]
+    for s in streams:
+        e.add(s)
+    while any(s.status is not Status.RUNNING for s in streams):
+        e.step()
+    late = e.make_sequence(_prompt(3, newcomer_len), params=GenerationParams(3))
+    e.add(late)
+    return streams, late
+
+
+def test_prefill_per_step_stays_within_the_time_budget_and_decode_is_never_skipped():
+    backend = TimedBackend(per_token=1.0, decode=10.0)
+    e = _timed_engine(4, 2.0, backend)
+    streams, late = _streams_then_newcomer(e, backend)
+    prefill_steps = []
+    while late.status in (Status.WAITING, Status.PREFILL):
+        before = len(backend.calls)
+        decoded = {s.seq_id: len(s.generated) for s in streams}
+        e.step()
+        tokens = sum(len(ids) for kind, _, ids in backend.calls[before:] if kind == "prefill")
+        assert tokens * backend.per_token <= 2.0 * backend.decode  # the step's prefill fits 2 decode calls
+        assert all(len(s.generated) == decoded[s.seq_id] + 1 for s in streams)  # every stream got its token
+        prefill_steps.append(tokens)
+    # the budget is used, not one chunk per step: 20 ms of 4-token chunks a step once costs are known
+    assert prefill_steps == [20, 20] and late.generated[:1] == reference(late.ids.tolist(), 1)
+
+
+def test_a_chunk_over_the_budget_still_runs_one_per_step():
+    backend = TimedBackend(per_token=10.0, decode=10.0)  # a 4-token chunk (40 ms) > 2 decode calls
+    e = _timed_engine(4, 2.0, backend)
+    streams, late = _streams_then_newcomer(e, backend, newcomer_len=12)
+    log = _steps(e, backend, [late])
+    assert [p for p, _ in log] == [[(late.ids[0], 4)], [(late.ids[4], 4)], [(late.ids[8], 4)], []]
+    assert all(any({s.slot for s in streams} <= rows for rows in d) for _, d in log)
+
+
+def test_with_nothing_to_decode_a_step_prefills_up_to_the_idle_budget():
+    backend = TimedBackend(per_token=1.0, decode=10.0)
+    e = _timed_engine(2, 2.0, backend)
+    e.scheduler.idle_prefill_ms = 12.0
+    seq = e.make_sequence(_prompt(0, 30), params=GenerationParams(2))
+    e.add(seq)
+    log = _steps(e, backend, [seq])
+    # the first chunk measures the cost; then 3 chunks (12 ms) a step; the last step's tail is 2 tokens
+    assert [sum(n for _, n in p) for p, _ in log if p] == [4, 12, 12, 2]
+    assert seq.generated == reference(_prompt(0, 30), 2)
+
+
+def test_budget_zero_is_one_chunk_per_step_while_others_decode():
+    backend = TimedBackend(per_token=0.01, decode=10.0)
+    e = _timed_engine(4, 0.0, backend)
+    streams, late = _streams_then_newcomer(e, backend, newcomer_len=16)
+    log = _steps(e, backend, [late])
+    assert [n for p, _ in log for _, n in p] == [4, 4, 4, 4]
+
+
+@pytest.mark.parametrize("budget", [0.0, 0.5, 2.0, 100.0, None])
+def test_tokens_and_chunk_boundaries_do_not_depend_on_budget_or_timing(budget):
+    """Staggered arrivals, more requests than slots, a jittery clock: each request gets the tokens it gets
+    alone, through the same chunks."""
+    prompts = [_prompt(i, n) for i, n in enumerate((3, 9, 14, 5, 11, 23))]
+    alone = []
+    for p in prompts:
+        backend = TimedBackend(jitter=3.0)
+        e = _timed_engine(1, budget, backend)
+        s = e.make_sequence(p, params=GenerationParams(6))
+        _run(e, [s])
+        alone.append([ids for kind, _, ids in backend.calls if kind == "prefill"])
+        assert s.generated == reference(p, 6)
+    backend = TimedBackend(per_token=2.0, decode=7.0, jitter=3.0, seed=1)
+    e = _timed_engine(3, budget, backend)
+    seqs = [e.make_sequence(p, params=GenerationParams(6)) for p in prompts]
+    for i, s in enumerate(seqs):
+        e.add(s)
+        e.step()  # one arrival per step
+    _run(e, seqs, add=False)
+    assert [s.generated for s in seqs] == [reference(p, 6) for p in prompts]
+    for p, chunks in zip(prompts, alone):
+        first = set(p)
+        assert [ids for kind, _, ids in backend.calls if kind == "prefill" and ids[0] in first] == chunks
+
+
+def test_step_costs_average_and_fall_back_to_a_smaller_batch():
+    c = StepCosts(weight=0.5)
+    assert c.decode_estimate(3) is None and c.prefill_ms_per_token is None
+    c.observe_decode(2, 10.0)
+    c.observe_decode(2, 20.0)
+    assert c.decode_estimate(2) == 15.0 and c.decode_estimate(5) == 15.0 and c.decode_estimate(1) is None
+    c.observe_decode(4, 30.0)
+    assert c.decode_estimate(5) == 30.0 and c.decode_estimate(3) == 15.0
+    c.observe_prefill(8, 16.0)
+    c.observe_prefill(4, 16.0)
+    assert c.prefill_ms_per_token == 3.0
+
+
+def test_scheduler_refuses_a_negative_budget():
+    with pytest.raises(ValueError, match="prefill_budget"):
+        Scheduler(2, chunk=4, prefill_budget=-1.0)
