@@ -7,7 +7,12 @@ import os
 import numpy as np
 import pytest
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# One OpenMP thread for torch here and in the subprocesses the tests start. The tests' models are tiny, so
+# a second thread buys little, and OpenMP's spinning barrier makes every op wait for a time slice whenever
+# the other core is busy (a server under test, a second process): a 40x256 linear took 0.06 ms on one
+# thread and 2.6-4.2 ms on two with one other busy process, which made tests/synthetic/test_checkpoint.py
+# 218 s instead of 20 s. torch reads the variable when it is imported (below).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Triton kernels run in Triton's CPU interpreter when there is no GPU. TRITON_INTERPRET must be set
 # before ``triton.jit`` decorates them (before ``llava_edge.kernels.*`` is imported): here, at import.
@@ -29,12 +34,10 @@ PRESETS = ["llava-hf-v1.5", "llava-hf-gqa", "original-v1"]
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, dict]:
     """preset -> {"checkpoint": dir, "package": dir, "model": the LlavaForConditionalGeneration written}."""
-    import torch
 
     from llava_edge.export.exporter import export_package
     from llava_edge.export.factory import build_checkpoint
 
-    torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("models")
     out = {}
     for preset in PRESETS:
@@ -80,12 +83,10 @@ def images():
 def plugin_package(tmp_path_factory):
     """A tiny GQA package (4 heads, 2 kv heads) with head_dim 32: the smallest the attention kernels take
     (the other tiny presets have head_dim 16). For the plugin-attention decoder graph tests."""
-    import torch
 
     from llava_edge.export.exporter import export_package
     from llava_edge.export.factory import TinySpec, build_checkpoint
 
-    torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("plugin")
     spec = TinySpec(hidden=128, heads=4, kv_heads=2, intermediate=128, pad_to_square=False, seed=5)
     build_checkpoint(root / "checkpoint", spec)
@@ -109,12 +110,10 @@ def tensorrt_missing() -> bool:
 @pytest.fixture(scope="session")
 def trt_package(tmp_path_factory):
     """A tiny GQA LLaVA package (fp32): structure-true graphs for the checker, profiles and the builder."""
-    import torch
 
     from llava_edge.export.exporter import export_package
     from llava_edge.export.factory import build_checkpoint
 
-    torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("trt")
     build_checkpoint(root / "checkpoint", "llava-hf-gqa")
     export_package(root / "checkpoint", root / "package")

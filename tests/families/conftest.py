@@ -13,9 +13,6 @@ FAMILIES = ["llava-mistral", "llava-phi3", "llava-interleave"]
 @pytest.fixture(scope="session")
 def family_models(tmp_path_factory) -> dict[str, dict]:
     """preset -> {"checkpoint", "package", "model", "spec"}; built lazily, once each."""
-    import torch
-
-    torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("families")
     cache: dict[str, dict] = {}
 
