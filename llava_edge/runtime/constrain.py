@@ -8,8 +8,8 @@ draws. Greedy decoding under a schema is therefore argmax over the allowed token
 choice is allowed it is kept, and a schema that admits the unconstrained answer does not change it.
 
 The tokenizer must say how its tokens map to bytes (byte-level BPE, or byte-fallback SentencePiece as
-in LLaVA's LLaMA/Vicuna/Mistral tokenizers). A word-level tokenizer with no decoder (the shipped demo
-model's) cannot, and is refused with one line. An answer cut by ``max_tokens`` is incomplete JSON: give
+in LLaVA's LLaMA/Vicuna/Mistral tokenizers). A word-level tokenizer with no decoder cannot, and is
+refused with one line. An answer cut by ``max_tokens`` is incomplete JSON: give
 the schema room.
 """
 

@@ -34,8 +34,10 @@ def test_logprobs_match_the_greedy_answer_streamed_or_not(client):
         assert e.logprob == tops[0] and e.token == e.top_logprobs[0].token  # greedy: the most likely token
         assert sum(math.exp(v) for v in tops) <= 1 + 1e-9
         assert bytes(e.bytes).decode() == e.token
-    # the answer's words, one token each (word-level tokenizer), are the tokens reported
-    assert [e.token for e in content[: len(c.message.content.split())]] == c.message.content.split()
+    # the tokens reported spell the answer (byte-level BPE: each token's bytes, joined, are the text), then
+    # the end-of-sequence token that stopped it (reported, as it was sampled; not part of the text)
+    assert c.finish_reason == "stop" and content[-1].token == "</s>"
+    assert b"".join(bytes(e.bytes) for e in content[:-1]).decode() == c.message.content
 
     streamed = []
     for chunk in client.chat.completions.create(stream=True, logprobs=True, top_logprobs=5, **kw):
