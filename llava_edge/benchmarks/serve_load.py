@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime.scheduler import PREFILL_CHUNK
+from ..runtime.scheduler import SERVE_PREFILL_CHUNK
 from .measure import machine_info, percentiles
 
 
@@ -396,7 +396,7 @@ def bench_serve(package: Path | None, url: str | None = None, clients: list[int]
     """``prune``: every measured request's own pruning setting (its ``prune`` field), so it means the same
     against a started server and a running one (--url)."""
     server = None
-    prefill_chunk = prefill_chunk or PREFILL_CHUNK  # serve's own default unless asked
+    prefill_chunk = prefill_chunk or SERVE_PREFILL_CHUNK  # serve's own default unless asked
     log = out_dir / f"{name}_server.log"
     out_dir.mkdir(parents=True, exist_ok=True)
     if url is None:

@@ -26,10 +26,18 @@ from dataclasses import dataclass, field
 
 from .sequence import Sequence, Status
 
-# The defaults of every verb (Pipeline, serve, bench-serve): prompt tokens per prefill call, and the prefill
-# time a step may add while sequences decode, in decode calls (2: a running stream's token gap stays
-# within about 3x its steady gap). Measured in docs/serving.md "Stall-free scheduling".
-PREFILL_CHUNK = 16
+# Prompt tokens per prefill call. One chunk size per engine keeps greedy tokens independent of the load;
+# the size itself is a trade (docs/serving.md "Stall-free scheduling", measured on edge-1b int4): every
+# prefill call streams the decoder's weights once, as a decode call does, so small chunks cost prefill time
+# (per token, 16 costs ~1.6x what 256 does) and large ones stall the streams running beside them.
+# - A server runs several streams: 16 tokens fit a step's budget, so a newcomer's image prompt never
+#   freezes the others (SERVE_PREFILL_CHUNK: serve's --prefill-chunk, bench-serve's started server).
+# - run, chat, watch and eval run one stream at a time: nothing to protect, so the fastest first token
+#   (PREFILL_CHUNK: Pipeline's engines, the TensorRT in-place layout's STATIC_PREFILL_CHUNK too).
+PREFILL_CHUNK = 256
+SERVE_PREFILL_CHUNK = 16
+# The prefill time a step may add while sequences decode, in decode calls (2: a running stream's token gap
+# stays within about 3x its steady gap).
 PREFILL_BUDGET = 2.0
 
 # Prefill a step may run when nothing decodes: no stream is stalled, but the engine only admits new

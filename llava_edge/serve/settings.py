@@ -27,7 +27,7 @@ from ..errors import UsageError
 from ..runtime.backends import BACKENDS
 from ..runtime.preprocess import MAX_IMAGE_PIXELS
 from ..runtime.prune import PRUNE_HELP, PruneSetting
-from ..runtime.scheduler import PREFILL_BUDGET, PREFILL_CHUNK
+from ..runtime.scheduler import PREFILL_BUDGET, SERVE_PREFILL_CHUNK
 
 if TYPE_CHECKING:
     from .media import MediaLimits
@@ -70,9 +70,10 @@ class ServeConfig:
     media_dir: Path | None = option(None, "Directory whose files requests may name as images.")
     threads: int | None = option(None, "onnxruntime intra-op threads (with --ray: default each replica's CPUs).",
                                  lo=1, hi=4096)
-    prefill_chunk: int = option(PREFILL_CHUNK, "Prompt tokens per prefill call (smaller: a step's prefill fits its "
-                                "budget in finer steps, so running streams stall less; larger: fewer calls, faster "
-                                "first tokens). Greedy answers are the same at any load for one chunk size.", lo=1)
+    prefill_chunk: int = option(SERVE_PREFILL_CHUNK, "Prompt tokens per prefill call (smaller: a step's prefill "
+                                "fits its budget in finer steps, so running streams stall less; larger: fewer calls, "
+                                "faster first tokens). Greedy answers are the same at any load for one chunk size.",
+                                lo=1)
     prefill_budget: float = option(PREFILL_BUDGET, "Prefill time an engine step may add while streams decode, in "
                                    "decode calls (2: a running stream's token gap stays within ~3x its steady gap; "
                                    "0: one chunk per step). At least one chunk always runs.", lo=0)
