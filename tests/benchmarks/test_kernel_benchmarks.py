@@ -203,11 +203,14 @@ def test_decode_bench_whole_path_on_cpu(tmp_path: Path) -> None:
 @cpu_only
 def test_int4_bench_whole_path_on_cpu(tmp_path: Path) -> None:
     mod = _load("bench_int4_matmul.py")
-    cases = [mod.LinearCase("tiny", 256, 256, 1), mod.LinearCase("tiny", 256, 256, 8)]
-    sweep = [mod.GemvSweep(256, 256, 1, [{}, {"block_n": 16, "block_k": 64}, {"block_n": 16, "not_an_option": 1}]),
-             mod.GemvSweep(256, 256, 4, [{"kernel": "gemm", "block_m": 16, "block_n": 16}])]
+    # N = 64 rows: the interpreter runs one program per BLOCK_N rows, so time grows with N (256 took 4x);
+    # K = 256 is two groups, and 64 still spans several tiles of the swept block_n = 16
+    n, k = 64, 256
+    cases = [mod.LinearCase("tiny", n, k, 1), mod.LinearCase("tiny", n, k, 8)]
+    sweep = [mod.GemvSweep(n, k, 1, [{}, {"block_n": 16, "block_k": 64}, {"block_n": 16, "not_an_option": 1}]),
+             mod.GemvSweep(n, k, 4, [{"kernel": "gemm", "block_m": 16, "block_n": 16}])]
     before = _snapshot()
-    rows = mod.run(cases, sweep, _setup(mod, tmp_path, cold_bytes=60_000))
+    rows = mod.run(cases, sweep, _setup(mod, tmp_path, cold_bytes=15_000))
     data = _check_files(tmp_path, "int4_matmul", before, ["int4 linears vs cuBLAS fp16", "int4 GEMV config sweep"])
     peak = _peak()
 
@@ -219,7 +222,7 @@ def test_int4_bench_whole_path_on_cpu(tmp_path: Path) -> None:
         assert r["speedup"] == pytest.approx(1.0)
         assert r["ours_GBps"] == pytest.approx(r["bytes"] / 2.0 / 1e3) and r["bw_fraction"] == pytest.approx(
             r["ours_GBps"] / peak)
-        assert r["TFLOPs"] == pytest.approx(2 * r["M"] * 256 * 256 / 2.0 / 1e6)
+        assert r["TFLOPs"] == pytest.approx(2 * r["M"] * n * k / 2.0 / 1e6)
     ok, bad, gemm = rows["sweep"][:2], rows["sweep"][2], rows["sweep"][3]
     assert [r["config"] for r in ok] == ["(kernel defaults)", "block_n=16 block_k=64"]
     assert gemm["config"] == "kernel=gemm block_m=16 block_n=16" and gemm["M"] == 4
