@@ -109,3 +109,13 @@ def test_the_scanner_finds_a_stale_path_and_a_wrong_flag(tmp_path: Path) -> None
 def test_the_readme_says_what_the_browser_tests_need() -> None:
     text = (ROOT / "README.md").read_text()
     assert "chromium" in text.lower() and "playwright" in text.lower()
+
+
+def test_every_extra_the_docs_install_exists() -> None:
+    """`pip install -e ".[nope]"` only warns and installs without it: an extra the docs name must exist."""
+    import tomllib
+
+    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    named = {e.strip() for doc in DOCS for group in re.findall(r"(?:\.|llava-edge)\[([\w,\s-]+)\]", doc.read_text())
+             for e in group.split(",")}
+    assert "quickstart" in named and named <= extras, sorted(named - extras)
