@@ -45,8 +45,10 @@ class Server(ServerProcess):
         return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(served_package, tmp_path_factory):
+    """The default configuration, one process for every module that asks (each start costs ~2 s): tests
+    compare metrics before and after their own requests, never absolute counts, and leave no state."""
     media = tmp_path_factory.mktemp("media")
     srv = Server(served_package, "--max-slots", "4", "--api-key", API_KEY, "--max-images-per-request", "2",
                  "--max-image-bytes", "200KB", "--max-image-pixels", "1M", "--max-tokens", "200",
