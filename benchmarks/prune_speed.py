@@ -107,6 +107,7 @@ def main() -> None:
     if a.output:
         a.output.write_text(json.dumps({"package": str(a.package), "threads": a.threads, "rounds": a.rounds,
                                         "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
+                                        "image_tokens": pipe.manifest.vision.num_image_tokens,
                                         "relative_to": str(settings[0]), "load_average": load,
                                         "medians": rows, "samples": samples}, indent=2))
 
