@@ -34,7 +34,6 @@ PRESETS = ["llava-hf-v1.5", "llava-hf-gqa", "original-v1"]
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, dict]:
     """preset -> {"checkpoint": dir, "package": dir, "model": the LlavaForConditionalGeneration written}."""
-
     from llava_edge.export.exporter import export_package
     from llava_edge.export.factory import build_checkpoint
 
@@ -83,7 +82,6 @@ def images():
 def plugin_package(tmp_path_factory):
     """A tiny GQA package (4 heads, 2 kv heads) with head_dim 32: the smallest the attention kernels take
     (the other tiny presets have head_dim 16). For the plugin-attention decoder graph tests."""
-
     from llava_edge.export.exporter import export_package
     from llava_edge.export.factory import TinySpec, build_checkpoint
 
@@ -110,7 +108,6 @@ def tensorrt_missing() -> bool:
 @pytest.fixture(scope="session")
 def trt_package(tmp_path_factory):
     """A tiny GQA LLaVA package (fp32): structure-true graphs for the checker, profiles and the builder."""
-
     from llava_edge.export.exporter import export_package
     from llava_edge.export.factory import build_checkpoint
 
