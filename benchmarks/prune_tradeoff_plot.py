@@ -57,7 +57,7 @@ def main() -> None:
         for m, pts in points(accuracy, speed).items():
             color, marker = METHODS[m]
             ax.plot([p[1] for p in pts], [p[2] for p in pts], marker=marker, color=color, linestyle=line,
-                    label=f"{m}, TTFT with {n} image tokens")
+                    markerfacecolor=color if line == LINES[0] else "white", label=f"{m}, TTFT with {n} image tokens")
             for ratio, x, y in pts[1:]:
                 ax.annotate(f"{ratio:.0%}", (x, y), textcoords="offset points", color=color, fontsize=8,
                             xytext=(5, -11 if m == "dart" else 5))
