@@ -467,7 +467,8 @@ def _batch(seed: int, stage: int, step: int, size: int) -> list[D.Sample]:
 STAGES = ("vision", "language", "stage1", "stage2", "stage2b")
 
 
-def train(out: str | Path, cfg: TrainConfig, stages: Sequence[str] = STAGES, resume: str | Path | None = None) -> dict:
+def train(out: str | Path, cfg: TrainConfig, stages: Sequence[str] = STAGES, resume: str | Path | None = None,
+          lm_from: str | Path | None = None) -> dict:
     """Run ``stages`` (in recipe order) and save a llava-hf checkpoint directory at ``out``. Returns the log.
 
     ``resume``: start from a checkpoint this script wrote (e.g. one trained up to stage 2) instead of
@@ -507,6 +508,8 @@ def train(out: str | Path, cfg: TrainConfig, stages: Sequence[str] = STAGES, res
                   f"{moved} rows carried over", flush=True)
     else:
         model = build_model(mc, tok.get_vocab_size())
+        if lm_from is not None:
+            base_info["lm_from"] = copy_language_model(model, Path(lm_from), tok)
     model.train()
     log: dict = {k: v for k, v in base_info.get("log", {}).items() if isinstance(v, dict)}
     vt = model.model.vision_tower
@@ -620,12 +623,37 @@ def train(out: str | Path, cfg: TrainConfig, stages: Sequence[str] = STAGES, res
     save_checkpoint(out, model, tok, mc)
     info = {"config": asdict(cfg), "stages": list(stages), "log": log,
             "num_parameters": sum(p.numel() for p in model.parameters()), "torch": torch.__version__}
+    if "lm_from" in base_info:
+        info["lm_from"] = base_info["lm_from"]
     if resume is not None:
         info["resumed_from"] = {"path": str(resume), "stages": base_info.get("stages", list(STAGES[:4])),
                                 "config": base_info.get("config"), "resumed_from": base_info.get("resumed_from"),
                                 "transplanted": base_info.get("transplanted")}
     (Path(out) / "training_info.json").write_text(json.dumps(info, indent=2))
     return info
+
+
+def copy_language_model(model, donor_dir: Path, tok) -> dict:
+    """Start ``model``'s language model and head from a trained checkpoint's (same tokenizer, same LM
+    dims); its vision tower and projector stay fresh. Why: a variant with another vision tower (a smaller
+    patch, so more image tokens) needs only the vision stages and stage 2 retrained, not the LM's
+    vocabulary and grammar again (stage L). Returns what was copied, for ``training_info.json``."""
+    from tokenizers import Tokenizer
+    from transformers import LlavaForConditionalGeneration
+
+    if not (donor_dir / "config.json").is_file():
+        raise UsageError(f"--lm-from {donor_dir}: not a checkpoint directory (no config.json)")
+    donor_tok = Tokenizer.from_file(str(donor_dir / "tokenizer.json"))
+    if donor_tok.get_vocab() != tok.get_vocab():
+        raise UsageError(f"--lm-from {donor_dir}: its tokenizer is not this seed's (retrain it, or --resume it)")
+    donor = LlavaForConditionalGeneration.from_pretrained(donor_dir)
+    try:
+        model.model.language_model.load_state_dict(donor.model.language_model.state_dict())
+        model.lm_head.load_state_dict(donor.lm_head.state_dict())
+    except RuntimeError as e:  # other LM dims
+        first = str(e).splitlines()[0]
+        raise UsageError(f"--lm-from {donor_dir}: its language model has other dims ({first})") from None
+    return {"path": str(donor_dir), "copied": ["language_model", "lm_head"]}
 
 
 def save_checkpoint(out: str | Path, model, tok, mc: ModelConfig) -> None:
@@ -661,16 +689,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, from {','.join(STAGES)}")
     ap.add_argument("--resume", default=None, help="start from this checkpoint (written by this script); one "
                     "with another tokenizer has its vocabulary transplanted (transplant_vocabulary)")
+    ap.add_argument("--patch-size", type=int, default=None,
+                    help=f"vision patch size (default {ModelConfig.patch_size}: 36 image tokens; 6: 144)")
+    ap.add_argument("--lm-from", default=None, help="start the language model and head from this checkpoint "
+                    "(same tokenizer); the vision tower and projector train fresh")
     ap.add_argument("--stage-steps", default="",
                     help="override step counts after scaling, e.g. stage2=1500,stage2b=800")
     a = ap.parse_args(argv)
     cfg = TrainConfig(seed=a.seed, threads=a.threads, minutes_budget=a.minutes_budget).scaled(a.steps_scale)
+    if a.patch_size is not None:
+        if a.patch_size < 1 or D.IMAGE_SIZE % a.patch_size:
+            raise UsageError(f"--patch-size {a.patch_size}: must divide the image size {D.IMAGE_SIZE}")
+        cfg.model.patch_size = a.patch_size
     for item in filter(None, (x.strip() for x in a.stage_steps.split(","))):
         name, _, n = item.partition("=")
         if name not in STAGES or not n.isdigit() or int(n) < 1:
             raise UsageError(f"--stage-steps {item!r}: expected STAGE=N with STAGE one of {', '.join(STAGES)}")
         getattr(cfg, name).steps = int(n)
-    info = train(a.out, cfg, stages=[s.strip() for s in a.stages.split(",") if s.strip()], resume=a.resume)
+    info = train(a.out, cfg, stages=[s.strip() for s in a.stages.split(",") if s.strip()], resume=a.resume,
+                 lm_from=a.lm_from)
     print(json.dumps(info["log"], indent=2))
 
 

@@ -240,3 +240,25 @@ def test_bad_stage_or_resume_is_a_usage_error(tmp_path: Path) -> None:
         T.train(tmp_path / "x", _tiny_cfg(), stages=["stage3"])
     with pytest.raises(UsageError, match="not a checkpoint"):
         T.train(tmp_path / "y", _tiny_cfg(), stages=["stage2b"], resume=tmp_path)
+
+
+def test_lm_from_copies_the_language_model_and_leaves_vision_fresh(tiny_run: tuple[Path, dict], tmp_path: Path) -> None:
+    """A variant with another vision tower (more image tokens) starts its LM from a trained checkpoint."""
+    from safetensors.torch import load_file
+
+    from llava_edge.errors import UsageError
+
+    base, _ = tiny_run
+    cfg = _tiny_cfg()
+    cfg.model.patch_size = 36  # another tower: 4 image tokens instead of 81
+    info = T.train(tmp_path / "v", cfg, stages=["vision"], lm_from=base)
+    assert info["lm_from"]["path"] == str(base)
+    a, b = load_file(base / "model.safetensors"), load_file(tmp_path / "v" / "model.safetensors")
+    lm = [k for k in a if "language_model" in k or k.startswith("lm_head")]
+    assert lm and all(torch.equal(a[k], b[k]) for k in lm)  # copied, and stage V does not touch it
+    patch = next(k for k in a if k.endswith("patch_embedding.weight"))
+    assert a[patch].shape != b[patch].shape  # the fresh tower has the new patch size
+    other = _tiny_cfg()
+    other.model.text_hidden = 64
+    with pytest.raises(UsageError, match="other dims"):
+        T.train(tmp_path / "w", other, stages=["vision"], lm_from=base)
