@@ -1,7 +1,7 @@
 """docs/pruning_tradeoff.png: held-out accuracy against time to first token, per pruning method.
 
-Two models, on purpose and said on the plot: accuracy needs trained weights, and the only trained model
-here (the shipped tiny LLaVA) has 36 image tokens and answers in a few ms, so its TTFT says nothing; speed
+Two models, on purpose and said on the plot: accuracy needs trained weights, and the trained models here
+(the tiny LLaVA with 144 image tokens, or the shipped one with 36) answer in a few ms, so their TTFT says nothing; speed
 needs the edge-1b shape (random weights, int4 decoder; 196 image tokens with its ViT-B/16-224, 576 with a
 ViT-L/14-336 as LLaVA-1.5), whose answers mean nothing. Each point pairs the same setting (method and ratio)
 on both.
@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ACCURACY = RESULTS / "prune_accuracy_tiny144.json"  # the trained model with 144 image tokens
 SPEED = ("prune_speed_edge-1b_int4.json", "prune_speed_edge-1b-l14-336_int4.json")  # 196 and 576 image tokens
 METHODS = {"dart": ("tab:blue", "o"), "cdpruner": ("tab:orange", "s")}
 LINES = ("-", "--")
@@ -38,7 +39,8 @@ def points(accuracy: dict, speed: dict) -> dict[str, list[tuple[float, float, fl
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--accuracy", type=Path, default=RESULTS / "prune_accuracy_tiny.json")
+    ap.add_argument("--accuracy", type=Path, default=ACCURACY,
+                    help="accuracy JSON (default: the 144-token model's, prune_accuracy_tiny144.json)")
     ap.add_argument("--speed", type=Path, action="append", default=None,
                     help="prune_speed.py JSON (repeatable); default: those of " + ", ".join(SPEED) + " that exist")
     ap.add_argument("-o", "--output", type=Path, default=Path(__file__).resolve().parents[1] / "docs" /
@@ -69,10 +71,11 @@ def main() -> None:
     threads = speeds[0]["threads"]
     ax.set_xlabel("time to first token with the image, relative to unpruned (median of per-round ratios)\n"
                   f"edge-1b shape, int4 decoder, random weights, {threads} threads, CPU")
-    ax.set_ylabel("held-out accuracy, % (shipped tiny model)")
+    n_acc = accuracy["image_tokens"]
+    ax.set_ylabel(f"held-out accuracy, % (trained tiny LLaVA, {n_acc} image tokens)")
     ax.set_title("Visual-token pruning: accuracy against TTFT, labels = share of image tokens removed.\n"
-                 "Two different models: accuracy from the trained tiny model (36 image tokens, too few to\n"
-                 "time), TTFT from random-weight edge-1b-shaped packages (" +
+                 f"Two different models: accuracy from a trained tiny LLaVA ({n_acc} image tokens, too small\n"
+                 "to time), TTFT from random-weight edge-1b-shaped packages (" +
                  " and ".join(str(s["image_tokens"]) for s in speeds) + " image tokens, answers meaningless)",
                  fontsize=9)
     ax.grid(alpha=0.3)
