@@ -120,12 +120,26 @@ def image_url(seed: int, size: int = 96) -> str:
 def request_body(seed: int, max_tokens: int, prompt: str = "What is in the picture?",
                  prune: str | None = None) -> dict[str, Any]:
     """One streamed image request; ``prune`` (METHOD:RATIO) sent as the request's own setting when given."""
-    body = {"model": "bench", "stream": True, "temperature": 0, "max_tokens": max_tokens, "ignore_eos": True,
+    body = {"model": "bench", "stream": True, "stream_options": {"include_usage": True}, "temperature": 0,
+            "max_tokens": max_tokens, "ignore_eos": True,
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url(seed)}},
                                                       {"type": "text", "text": prompt}]}]}
     if prune is not None:
         body["prune"] = prune
     return body
+
+
+def chunk_tokens(chunk: dict[str, Any]) -> int:
+    """Tokens one streamed chunk carries: our ``token_ids`` extension where the server sends it, else 1 for a
+    chunk with text in ``delta.content`` (any OpenAI server, llama-server included: it streams one chunk per
+    token, except that a token ending in an incomplete UTF-8 character rides with the next one; the closing
+    ``usage`` chunk then gives the exact count)."""
+    if not chunk.get("choices"):
+        return 0
+    choice = chunk["choices"][0]
+    if choice.get("token_ids"):
+        return len(choice["token_ids"])
+    return 1 if (choice.get("delta") or {}).get("content") else 0
 
 
 def stream_request(client: Any, url: str, body: dict[str, Any], cancel_after: int | None = None,
@@ -147,12 +161,15 @@ def stream_request(client: Any, url: str, body: dict[str, Any], cancel_after: in
                 if "error" in chunk:
                     out.error = chunk["error"].get("message", "error")
                     return out
-                if chunk["choices"] and chunk["choices"][0].get("token_ids"):
+                if chunk.get("usage") and not chunk["choices"]:  # the closing usage chunk: the exact count
+                    out.tokens = max(out.tokens, chunk["usage"].get("completion_tokens", 0))
+                n = chunk_tokens(chunk)
+                if n:
                     now = time.perf_counter()
                     if out.ttft_s is None:
                         out.ttft_s = now - out.start
                     out.token_times.append(now)
-                    out.tokens += len(chunk["choices"][0]["token_ids"])
+                    out.tokens += n
                     if cancel_after is not None and out.tokens >= cancel_after:
                         out.ok = True
                         return out  # leaving the block closes the connection: the server cancels

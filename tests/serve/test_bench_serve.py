@@ -38,3 +38,39 @@ def test_decode_scaling_times_slot_and_static_decode(served_package):
     assert [r["batch"] for r in out["rows"]] == [1, 2, 4]
     assert all(r["continuous_tok_per_s"] > 0 and r["static_tok_per_s"] > 0 for r in out["rows"])
     assert out["rows"][0]["continuous_vs_1"] == 1.0
+
+
+def _sse(*chunks: dict) -> bytes:
+    return b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+
+
+def _delta(delta: dict, finish: str | None = None) -> dict:
+    return {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+def test_stream_request_counts_a_plain_openai_stream():
+    """llama-server (any OpenAI server) streams text in delta.content, no token_ids: bench-serve --url must still
+    see a first token and count tokens; a byte token held back for an incomplete UTF-8 character rides with the
+    next chunk, so the closing usage chunk's count wins, and the role chunk (content null) is no token."""
+    import httpx
+
+    from llava_edge.benchmarks.serve_load import request_body, stream_request
+
+    sent = []
+    usage = {"choices": [], "usage": {"prompt_tokens": 600, "completion_tokens": 4, "total_tokens": 604}}
+    pieces = [_delta({"role": "assistant", "content": None}), _delta({"content": "Hel"}), _delta({"content": "lo"}),
+              _delta({"content": "\u00e9"}), _delta({}, "length")]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(json.loads(request.content))
+        body = _sse(*pieces, usage) if sent[-1]["stream_options"]["include_usage"] else _sse(*pieces)
+        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+
+    with httpx.Client(transport=httpx.MockTransport(handler)) as client:
+        body = request_body(1, 4)
+        out = stream_request(client, "http://peer", body)
+        assert out.ok and out.ttft_s is not None and len(out.token_times) == 3 and out.tokens == 4
+        body["stream_options"]["include_usage"] = False  # a server that ignores stream_options: chunks counted
+        out = stream_request(client, "http://peer", body)
+        assert out.ok and out.tokens == 3
+    assert sent[0]["max_tokens"] == 4 and sent[0]["stream"] and sent[0]["temperature"] == 0
