@@ -47,9 +47,10 @@ def main() -> None:
               f"{a['ttft_alone_ms']} / {b['ttft_alone_ms']} ms); running streams' token p99 "
               f"{a['token_p99_during_arrival_ms']} / {b['token_p99_during_arrival_ms']} ms "
               f"(x{a['token_p99_ratio']} / x{b['token_p99_ratio']} of steady)")
-    peak = (ours.get("server_peak_rss_mb"), peer.get("server_peak_rss_mb"))
+    peak = [round(x) if x else x for x in (ours.get("server_peak_rss_mb"), peer.get("server_peak_rss_mb"))]
+    load = [[round(x, 2) for x in r["machine"].get("load_average") or []] for r in (ours, peer)]
     print(f"\nServer peak RSS (ours / peer): {peak[0]} / {peak[1]} MB; machine: {ours['machine'].get('cpu')}, "
-          f"load average {ours['machine'].get('load_average')} / {peer['machine'].get('load_average')}")
+          f"load average at the end of each run {load[0]} / {load[1]}")
 
 
 if __name__ == "__main__":
