@@ -30,7 +30,7 @@ from .model_runner import ModelRunner
 from .prefix_cache import PrefixCache, image_digest
 from . import anyres
 from .preprocess import MAX_IMAGE_PIXELS, load_image, preprocess
-from .prune import PruneSetting, instruction_ids
+from .prune import PruneSetting
 from .sampling import token_logprobs
 from .scheduler import PREFILL_BUDGET, PrefillChunk, Scheduler
 from .sequence import FinishReason, GenerationParams, PendingVision, Sequence, Status, TokenEvent
@@ -290,8 +290,7 @@ class Engine:
         prune = seq.params.prune
         if seq.images and (self.image_cache is not None or self.prefix_cache is not None):
             seq.raw_digests = tuple(image_digest(im) for im in seq.images)
-            tag = prune.cache_tag(instruction_ids(seq.ids, self.manifest.text.image_token_id))
-            seq.digests = tuple(d + tag for d in seq.raw_digests)
+            seq.digests = prune.tagged(seq.raw_digests, seq.ids, self.manifest.text.image_token_id)
         hit, start = None, 0
         if self.prefix_cache is not None and self.runner.supports_prefix:
             hit, start = self.prefix_cache.lookup(seq.digests, seq.ids)

@@ -211,8 +211,8 @@ class Pipeline:
 
         # prefix reuse (batch 1): skip the tokens, and the vision encoder, that an earlier prompt covered
         reuse = self.prefix_cache is not None and b == 1 and supports_prefix_reuse(self.backend)
-        tag = self.prune.cache_tag(instruction_ids(encoded[0], t.image_token_id))  # as the engine keys (_prepare)
-        digests = tuple(image_digest(im) + tag for im in images) if reuse else ()
+        # keyed as the engine keys them (Engine._prepare)
+        digests = self.prune.tagged(tuple(map(image_digest, images)), encoded[0], t.image_token_id) if reuse else ()
         hit, start = self.prefix_cache.lookup(digests, encoded[0]) if reuse else (None, 0)
 
         # left-padded batch

@@ -116,6 +116,15 @@ class PruneSetting:
             tag += ":" + hashlib.blake2b(ids.tobytes(), digest_size=8).hexdigest()
         return tag
 
+    def tagged(self, digests: tuple[str, ...], ids: np.ndarray, image_token_id: int) -> tuple[str, ...]:
+        """Each image's content digest + ``cache_tag``: the key the image cache's kept rows and the prefix
+        cache use (engine and static batch alike). The instruction is read from ``ids`` only for a
+        question-aware method."""
+        if not self.active:
+            return digests
+        tag = self.cache_tag(instruction_ids(ids, image_token_id) if self.needs_instruction else None)
+        return tuple(d + tag for d in digests)
+
     def select(self, features: np.ndarray, instruction: np.ndarray | None = None) -> np.ndarray:
         """Indices (ascending) of the rows of one image's features [n, hidden] to keep."""
         n = features.shape[0]
