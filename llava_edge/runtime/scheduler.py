@@ -33,7 +33,8 @@ from .sequence import Sequence, Status
 # - A server runs several streams: 16 tokens fit a step's budget, so a newcomer's image prompt never
 #   freezes the others (SERVE_PREFILL_CHUNK: serve's --prefill-chunk, bench-serve's started server).
 # - run, chat, watch and eval run one stream at a time: nothing to protect, so the fastest first token
-#   (PREFILL_CHUNK: Pipeline's engines, the TensorRT in-place layout's STATIC_PREFILL_CHUNK too).
+#   (PREFILL_CHUNK: Pipeline's engines; the TensorRT in-place layout has its own, trt/presets.py
+#   STATIC_PREFILL_CHUNK, also 256, since trt/ and runtime/ import each other nowhere).
 PREFILL_CHUNK = 256
 SERVE_PREFILL_CHUNK = 16
 # The prefill time a step may add while sequences decode, in decode calls (2: a running stream's token gap
