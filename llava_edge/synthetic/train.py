@@ -334,17 +334,22 @@ def patch_labels(samples: list[D.Sample], patch: int) -> dict[str, torch.Tensor]
 # Sequences
 
 
-def encode_conversation(tok, turns: list[tuple[str, str]], num_image_tokens: int) -> tuple[list[int], list[int]]:
+def encode_conversation(tok, turns: list[tuple[str, str]],
+                        num_image_tokens: int | None) -> tuple[list[int], list[int]]:
     """Token ids and labels of one conversation in llava-1.5 format, ``<image>`` already expanded.
 
     ``USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>``, labels = -100 except
-    on answer tokens and their ``</s>`` (the model learns to answer, not to ask).
+    on answer tokens and their ``</s>`` (the model learns to answer, not to ask). ``num_image_tokens``
+    None: a text-only transcript (stage L), every turn ``USER: {q} ASSISTANT: {a}</s>``.
     """
     eos = tok.token_to_id(EOS)
     ids = [tok.token_to_id(BOS)]
     labels = [-100]
     for i, (q, a) in enumerate(turns):
-        prompt = user_prompt(q).replace(IMAGE, IMAGE * num_image_tokens) if i == 0 else f"USER: {q} ASSISTANT:"
+        if i == 0 and num_image_tokens is not None:
+            prompt = user_prompt(q).replace(IMAGE, IMAGE * num_image_tokens)
+        else:
+            prompt = f"USER: {q} ASSISTANT:"
         p = tok.encode(prompt, add_special_tokens=False).ids
         # no leading space: the answer's first token is the one the runtime's prompt ("...ASSISTANT:") is
         # followed by, and a JSON answer must start with '{' exactly (schema-constrained decoding forces it)
@@ -565,11 +570,8 @@ def train(out: str | Path, cfg: TrainConfig, stages: Sequence[str] = STAGES, res
         for s in samples:
             if data_rng.random() < 0.3:
                 ids = tok.encode(s.caption).ids + [eos]
-            else:  # the same pieces, encoded apart, as encode_conversation gives (without the image)
-                ids = [tok.token_to_id(BOS)]
-                for q, a in sample_turns(s, data_rng, 0.0, json_prob=cfg.json_prob):
-                    ids += tok.encode(f"USER: {q} ASSISTANT:", add_special_tokens=False).ids
-                    ids += tok.encode(a, add_special_tokens=False).ids + [eos]
+            else:  # a transcript without the image, every token a label
+                ids, _ = encode_conversation(tok, sample_turns(s, data_rng, 0.0, json_prob=cfg.json_prob), None)
             seqs.append((ids, ids))
         b = pad_batch(seqs)
         b["labels"][b["attention_mask"] == 0] = -100
