@@ -152,7 +152,7 @@ def stream_request(client: Any, url: str, body: dict[str, Any], cancel_after: in
             out.status = r.status_code
             if r.status_code != 200:
                 r.read()
-                out.error = r.text[:200]
+                out.error = f"HTTP {r.status_code}: {r.text[:200]}"
                 return out
             for line in r.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -237,7 +237,9 @@ def run_level(url: str, clients: int, requests: int, max_tokens: int, pid: int |
     tokens = sum(o.tokens for o in ok)
     gaps = _gaps(ok)
     decode = _decode_rate(ok)
-    return {"clients": clients, "requests": len(outs), "errors": len(outs) - len(ok), "wall_s": round(wall, 3),
+    return {"clients": clients, "requests": len(outs), "errors": len(outs) - len(ok),
+            "error_messages": sorted({o.error or f"HTTP {o.status}, no message" for o in outs if not o.ok})[:5],
+            "wall_s": round(wall, 3),
             "tokens": tokens, "tok_per_s": round(tokens / wall, 2), "decode_tok_per_s": decode and round(decode, 2),
             "ttft_ms": _pct([o.ttft_s * 1000 for o in ok if o.ttft_s is not None]),
             "token_ms": _pct(gaps), "peak_rss_mb": round(peak[0], 1) if pid else None}

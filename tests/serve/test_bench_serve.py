@@ -74,3 +74,41 @@ def test_stream_request_counts_a_plain_openai_stream():
         out = stream_request(client, "http://peer", body)
         assert out.ok and out.tokens == 3
     assert sent[0]["max_tokens"] == 4 and sent[0]["stream"] and sent[0]["temperature"] == 0
+
+
+def test_a_level_records_why_its_requests_failed():
+    """A failed request is excluded from the level's tokens and its cause is kept, so a sitting's JSON says why
+    a peer (or we) dropped a request instead of only counting it."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from llava_edge.benchmarks.serve_load import run_level
+
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append(1)
+            if len(seen) == 1:
+                body = json.dumps({"error": {"message": "slot unavailable"}}).encode()
+                self.send_response(503)
+            else:
+                body = _sse(_delta({"content": "a"}), _delta({"content": "b"}), _delta({}, "length"))
+                self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        row = run_level(f"http://127.0.0.1:{httpd.server_port}", clients=1, requests=3, max_tokens=2, pid=None,
+                        seed=0)
+    finally:
+        httpd.shutdown()
+    assert (row["requests"], row["errors"], row["tokens"]) == (3, 1, 4)
+    assert row["error_messages"] == ['HTTP 503: {"error": {"message": "slot unavailable"}}']
