@@ -693,6 +693,10 @@ def main(argv: list[str] | None = None) -> None:
                     "with another tokenizer has its vocabulary transplanted (transplant_vocabulary)")
     ap.add_argument("--patch-size", type=int, default=None,
                     help=f"vision patch size (default {ModelConfig.patch_size}: 36 image tokens; 6: 144)")
+    ap.add_argument("--text-hidden", type=int, default=None, help=f"language model width (default "
+                    f"{ModelConfig.text_hidden}); a multiple of 256 (with --text-mlp) lets int4 blocks of 256 apply")
+    ap.add_argument("--text-mlp", type=int, default=None,
+                    help=f"language model MLP width (default {ModelConfig.text_mlp})")
     ap.add_argument("--lm-from", default=None, help="start the language model and head from this checkpoint "
                     "(same tokenizer); the vision tower and projector train fresh")
     ap.add_argument("--stage-steps", default="",
@@ -703,6 +707,12 @@ def main(argv: list[str] | None = None) -> None:
         if a.patch_size < 1 or D.IMAGE_SIZE % a.patch_size:
             raise UsageError(f"--patch-size {a.patch_size}: must divide the image size {D.IMAGE_SIZE}")
         cfg.model.patch_size = a.patch_size
+    for flag, value, field_name in (("--text-hidden", a.text_hidden, "text_hidden"),
+                                    ("--text-mlp", a.text_mlp, "text_mlp")):
+        if value is not None:
+            if value < 128 or value % 128:  # GPTQ's group 128 (the class docstring) and whole heads
+                raise UsageError(f"{flag} {value}: must be a positive multiple of 128")
+            setattr(cfg.model, field_name, value)
     for item in filter(None, (x.strip() for x in a.stage_steps.split(","))):
         name, _, n = item.partition("=")
         if name not in STAGES or not n.isdigit() or int(n) < 1:
