@@ -70,7 +70,7 @@ def test_contract_names_and_the_int4_packer_are_defined_once():
 # Every top-level unit of llava_edge/ (a stage folder or a module) and what it may import. A new one must
 # be placed here and in docs/architecture.md's table.
 NEUTRAL = {"__init__", "errors", "contract", "trt_env", "package", "tokenizer_check", "onnx_io", "packing",
-           "anyres_grid", "io_safe", "progress"}
+           "anyres_grid", "io_safe", "progress", "options"}
 STAGES = {"export", "quantize", "trt", "kernels", "runtime", "serve", "watch", "benchmarks", "synthetic"}
 ENTRY = {"cli", "demo"}
 ALLOWED = {  # lazy (in-function) imports count: they are still a dependency

@@ -1,9 +1,10 @@
 """The server's settings, defined once: ``ServeConfig``, and the checks on it.
 
-Each option field carries its command-line metadata (help, flag, kind, bounds, whether Ray forwards it);
-from that one definition come ``llava-edge serve``'s flags (cli.py), the Ray builder's argument table
-(``ray_app._SERVE_ARGS``), the dict ``serve --ray`` hands to Ray, and the range checks in
-``validate_serve_config``. Adding a setting is one field here.
+Each option field carries its command-line metadata (help, flag, kind, bounds, whether Ray forwards it:
+``option()``, llava_edge/options.py, shared with the other verbs' options); from that one definition come
+``llava-edge serve``'s flags (cli.py), the Ray builder's argument table (``ray_app._SERVE_ARGS``), the dict
+``serve --ray`` hands to Ray, and the range checks in ``validate_serve_config``. Adding a setting is one
+field here.
 
 Why one validation: the CLI and the Ray path build the same ServeConfig, and a check written in only one
 of them is a hole in the other (a Ray replica once started with settings the CLI refused). Each failure
@@ -14,16 +15,13 @@ This module imports nothing of the server stack (fastapi, uvicorn): the CLI read
 
 from __future__ import annotations
 
-import functools
-import math
 import re
-import types
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
+from ..options import Setting, check_fields, option, settings_of
 from ..runtime.backends import BACKENDS
 from ..runtime.preprocess import MAX_IMAGE_PIXELS
 from ..runtime.prune import PRUNE_HELP, PruneSetting
@@ -38,17 +36,6 @@ BACKEND_HELP = ("auto (the fastest graph the package has: TensorRT engines, int4
 _KEY_CHARS = re.compile(r"[\x21-\x7e]+")  # what survives the header's strip and latin-1 decoding unchanged
 _HOST = re.compile(r"\*|\.?[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?|\[[0-9A-Fa-f:.]+\]")
 _ORIGIN = re.compile(r"\*|https?://[^/\s?#]+")
-
-
-def option(default: Any, help: str, *, kind: str | None = None, flag: str | None = None, lo: float | None = None,
-           hi: float = math.inf, ray: bool = True, envvar: str | None = None, unit: str = "") -> Any:
-    """A ServeConfig field that is also a command-line option. ``help``: the flag's help text; ``kind``: only
-    ``"size"`` (an int read as 10MB/40M/2000000) differs from what the annotation says; ``flag``: the flag
-    when it is not ``--field-name`` (a repeatable list's singular); ``lo``/``hi``: the range validate checks;
-    ``ray``: whether ``serve --ray`` forwards it (False: a setting of our own HTTP front, which Ray replaces
-    with its proxy); ``unit``: how a size's default is written in --help (B for bytes)."""
-    return field(default=default, metadata={"help": help, "kind": kind, "flag": flag, "lo": lo, "hi": hi,
-                                            "ray": ray, "envvar": envvar, "unit": unit})
 
 
 @dataclass
@@ -137,7 +124,7 @@ class RayOptions:
     def __post_init__(self) -> None:
         if isinstance(self.autoscale, str):
             self.autoscale = parse_autoscale(self.autoscale)
-        check_ranges(self, ray_settings())
+        check_fields(self, ray_settings())
 
     def deployment_options(self, config: "ServeConfig") -> dict[str, Any]:
         opts: dict[str, Any] = {
@@ -167,35 +154,6 @@ def parse_autoscale(text: str) -> tuple[int, int]:
     return lo, hi
 
 
-@dataclass(frozen=True)
-class Setting:
-    """One option field of ServeConfig, as the CLI and Ray see it."""
-
-    name: str  # the field (and Ray argument) name
-    flag: str  # --max-image-bytes
-    kind: str  # str, int, float, bool, path, size or list
-    default: Any
-    help: str
-    optional: bool  # None is allowed (and the default means "not set")
-    lo: float | None
-    hi: float
-    ray: bool
-    envvar: str | None
-    unit: str
-
-
-_KINDS = {str: "str", int: "int", float: "float", bool: "bool", Path: "path", tuple: "list"}
-
-
-def _kind(annotation: str) -> tuple[str, bool]:
-    """'int | None' -> ('int', True); 'tuple[str, ...]' -> ('list', False)."""
-    hint = eval(annotation, globals())  # noqa: S307 - this module's own annotations
-    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    real = [a for a in args if a is not type(None)]
-    base = typing.get_origin(real[0]) or real[0]
-    return _KINDS[base], len(real) < len(args)
-
-
 def serve_settings() -> tuple[Setting, ...]:
     """ServeConfig's option fields, in declaration order (the order of ``serve --help``)."""
     return settings_of(ServeConfig)
@@ -204,19 +162,6 @@ def serve_settings() -> tuple[Setting, ...]:
 def ray_settings() -> tuple[Setting, ...]:
     """RayOptions' fields, in declaration order."""
     return settings_of(RayOptions)
-
-
-@functools.cache  # the fields never change; RayOptions reads its own on every construction
-def settings_of(cls: type) -> tuple[Setting, ...]:
-    out = []
-    for f in fields(cls):
-        m = f.metadata
-        if "help" not in m:
-            continue
-        kind, optional = _kind(f.type)
-        out.append(Setting(f.name, m["flag"] or "--" + f.name.replace("_", "-"), m["kind"] or kind, f.default,
-                           m["help"], optional, m["lo"], m["hi"], m["ray"], m["envvar"], m["unit"]))
-    return tuple(out)
 
 
 def check_api_key(key: str | None, source: str = "--api-key") -> None:
@@ -232,25 +177,8 @@ def check_api_key(key: str | None, source: str = "--api-key") -> None:
                          "'Authorization: Bearer KEY' header cannot carry this one unchanged)")
 
 
-def _at_least(value: float | None, flag: str, low: float, high: float = math.inf) -> None:
-    if value is None:
-        return
-    if isinstance(value, float) and not math.isfinite(value):
-        raise UsageError(f"{flag} must be a finite number, not {value}")
-    if not low <= value <= high:
-        bound = f"between {low:g} and {high:g}" if math.isfinite(high) else f">= {low:g}"
-        raise UsageError(f"{flag} must be {bound}, not {value:g}")
-
-
-def check_ranges(obj: object, settings: tuple[Setting, ...]) -> None:
-    """The ranges the option fields declare (``lo``/``hi``), each refusal naming the field's flag."""
-    for s in settings:
-        if s.lo is not None:
-            _at_least(getattr(obj, s.name), s.flag, s.lo, s.hi)
-
-
 def validate_serve_config(c: "ServeConfig") -> None:
-    check_ranges(c, serve_settings())
+    check_fields(c, serve_settings())
     check_api_key(c.api_key)
     names = ("auto", *BACKENDS)  # the one backend table (runtime/backends.py)
     if c.backend not in names:
