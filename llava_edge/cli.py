@@ -31,11 +31,13 @@ from typer.core import TyperGroup
 from .contract import KV_INPLACE
 from .errors import LlavaEdgeError, Terminated, UsageError
 from .io_safe import WRITE_ERRNOS, check_regular_file, display, write_error
+from .options import Setting
 from .package import sigterm_as_interrupt
+from .quantize.options import quantize_settings
 from .runtime.preprocess import MAX_IMAGE_PIXELS
 from .runtime.prune import PRUNE_HELP
 from .runtime.sizes import format_size, parse_size
-from .serve.settings import API_KEY_ENV, BACKEND_HELP, Setting, ray_settings, serve_settings
+from .serve.settings import API_KEY_ENV, BACKEND_HELP, ray_settings, serve_settings
 
 console = Console(stderr=True)
 out = Console()
@@ -323,7 +325,8 @@ def _size_option(default: int, flag: str, help: str, unit: str = "", **kw: Any) 
 
 
 def _setting_option(s: Setting) -> tuple[Any, Any]:
-    """A ServeConfig option field (serve/settings.py) as a typer option: (annotation, typer.Option)."""
+    """An option field (llava_edge/options.py: ServeConfig's, QuantizeOptions', ...) as a typer option:
+    (annotation, typer.Option)."""
     kw = {"help": s.help, "envvar": s.envvar}
     if s.kind == "bool":
         return bool, typer.Option(s.default, f"{s.flag}/--no-{s.flag[2:]}", **kw)
@@ -333,6 +336,8 @@ def _setting_option(s: Setting) -> tuple[Any, Any]:
         return list[str], typer.Option(list(s.default), s.flag, **kw)
     if s.kind == "autoscale":  # MIN,MAX, parsed by RayOptions
         return Optional[str], typer.Option(s.default, s.flag, **kw)
+    if s.kind == "enum":  # typer offers the values ([gptq|rtn]) and parses them into the enum
+        return (Optional[s.choices] if s.optional else s.choices), typer.Option(s.default, s.flag, **kw)
     base = {"str": str, "int": int, "float": float, "path": Path}[s.kind]
     return (Optional[base] if s.optional else base), typer.Option(s.default, s.flag, **kw)
 
@@ -442,56 +447,37 @@ def export(
                   f"checks: {errs}", highlight=False)
 
 
+QUANTIZE_SETTINGS = quantize_settings()
+
+
 @app.command()
 @friendly
+@_with_settings(QUANTIZE_SETTINGS, after="checkpoint", into="options")
 def quantize(
     package: Path = typer.Argument(..., help="fp32/fp16 model package (from export)."),
     checkpoint: Optional[Path] = typer.Option(None, help="The checkpoint the package came from (needed for "
                                               "calibration unless --from-gptq)."),
-    calib: Optional[str] = typer.Option(None, help="LLaVA-Instruct JSON/JSONL, or a folder of images with "
-                                        "prompts; default: the built-in synthetic set."),
-    calib_images: Optional[str] = typer.Option(None, help="Image folder for a JSON/JSONL --calib."),
-    samples: int = typer.Option(128, help="Calibration conversations."),
-    bits: int = typer.Option(4, help="4 or 8."),
-    group_size: int = typer.Option(128, help="Quantization group along the input dim: 32, 64 or 128."),
-    act_order: bool = typer.Option(True, "--act-order/--no-act-order", help="GPTQ column order by Hessian "
-                                   "diagonal (static groups: no g_idx at run time)."),
-    method: str = typer.Option("gptq", help="gptq or rtn (round-to-nearest baseline)."),
-    format: str = typer.Option("matmulnbits", help="matmulnbits (onnxruntime) or qdq (DequantizeLinear+MatMul, "
-                               "for TensorRT)."),
-    from_gptq: Optional[Path] = typer.Option(None, help="Import an existing AutoGPTQ checkpoint instead."),
+    options: dict = None,  # every QuantizeOptions field (quantize/options.py): --calib ... --torch-threads
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="New package directory "
                                           "(default PKG-METHOD-intBITS-gGROUP)."),
-    quantize_lm_head: bool = typer.Option(False, help="Quantize lm_head too (kept fp by default)."),
-    seed: int = typer.Option(0, help="Random seed of the calibration set (which samples, the synthetic images)."),
-    threads: Optional[int] = typer.Option(None, help="torch threads for GPTQ."),
     overwrite: bool = typer.Option(False, help="Replace an existing output package directory."),
 ) -> None:
     """GPTQ (or RTN) the decoder to 4 bits, calibrated on image+text conversations; writes a new package."""
     from .package import check_output_dir, load_manifest
     from .progress import Stages
+    from .quantize.options import QuantizeOptions
 
-    _positive(threads, "--threads")
-    _positive(samples, "--samples")
-    if bits not in (4, 8):
-        raise UsageError(f"--bits must be 4 or 8, not {bits}")
-    if not 16 <= group_size <= 4096 or group_size & (group_size - 1):
-        raise UsageError(f"--group-size must be a power of two from 16 to 4096 (e.g. 32, 64, 128), not {group_size}")
-    _in_range(seed, "--seed", 0, 2**32 - 1)
+    opts = QuantizeOptions(**options)  # every flag checked, before any work
     if output is not None:
         _utf8_path(output, "--output")
     load_manifest(package)  # a bad package is refused before torch is imported
     if output is not None:
-        check_output_dir(output, overwrite, protect=[p for p in (package, checkpoint, from_gptq) if p is not None])
+        check_output_dir(output, overwrite, protect=[p for p in (package, checkpoint, opts.from_gptq) if p is not None])
     from .quantize.quantize import quantize_package
 
-    label = "gptq-import" if from_gptq is not None else method  # quantize_package's default name
-    default_out = package.with_name(f"{package.name}-{label}-int{bits}-g{group_size}")
-    with _writing(output if output is not None else default_out), Stages(console).running() as on_stage:
-        result = quantize_package(package, checkpoint, output, calib=calib, calib_images=calib_images,
-                                  samples=samples, bits=bits, group_size=group_size, act_order=act_order, method=method,
-                                  format=format, from_gptq=from_gptq, quantize_lm_head=quantize_lm_head, seed=seed,
-                                  threads=threads, overwrite=overwrite, on_stage=on_stage)
+    target = output if output is not None else opts.default_output(package)
+    with _writing(target), Stages(console).running() as on_stage:
+        result = quantize_package(package, checkpoint, output, opts, overwrite=overwrite, on_stage=on_stage)
     console.print(f"[green]quantized[/] -> {escape(display(result.package_dir))}", highlight=False)
 
 

@@ -134,10 +134,11 @@ def fast_graph(name: str = "decoder_fast_int4", **cfg: Any) -> Callable[[Bench, 
 def quantized(method: str, group_size: int) -> Callable[[Bench, Path], None]:
     """``llava-edge quantize BASE --checkpoint CK --method M --group-size G`` (synthetic calibration)."""
     def build(bench: Bench, out: Path) -> None:
+        from llava_edge.quantize.options import QuantizeOptions
         from llava_edge.quantize.quantize import quantize_package
 
-        quantize_package(bench.base("portable"), bench.checkpoint, out, method=method, group_size=group_size,
-                         threads=1, progress=False, print_report=False)
+        options = QuantizeOptions(method=method, group_size=group_size, threads=1)
+        quantize_package(bench.base("portable"), bench.checkpoint, out, options, progress=False, print_report=False)
     return build
 
 

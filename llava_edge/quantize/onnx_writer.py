@@ -29,8 +29,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..onnx_io import EXTERNAL_DATA_THRESHOLD, MAX_IR_VERSION, save_onnx
 from ..packing import QuantizedLinear, concat_outputs, pack_int4_onnx
+from .options import QuantFormat
 
-FORMATS = ("matmulnbits", "qdq")
+FORMATS = tuple(f.value for f in QuantFormat)  # "matmulnbits", "qdq"
 # Fused weights of the fast decoder (export/fast_decoder.py): name suffix -> the Linears stacked in it.
 FUSED = {".qkv_proj": (".q_proj", ".k_proj", ".v_proj"), ".mlp.gate_up_proj": (".mlp.gate_proj", ".mlp.up_proj")}
 QDQ_OPSET = 21

@@ -8,13 +8,14 @@ made and the quality report's summary. The output appears only when everything s
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import resource
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -24,38 +25,15 @@ from ..package import (TOKENIZER_NAME, Manifest, check_output_dir, load_manifest
 from .capture import capture_layer_inputs, encode_samples, find_decoder
 from .data import load_calibration
 from .gptq import GPTQConfig
-from .onnx_writer import FORMATS, write_quantized_decoder
-from ..packing import SUPPORTED_BITS, QuantizedLinear
+from .onnx_writer import write_quantized_decoder
+from ..packing import QuantizedLinear
+from .options import QuantFormat, QuantizeOptions
 from .report import REPORT_NAME, QualityReport, compare_packages
 from .sequential import QuantizeLayersConfig, quantize_layers
-
-METHODS = ("gptq", "rtn")
 
 
 class QuantizeError(LlavaEdgeError):
     pass
-
-
-@dataclass
-class QuantizeOptions:
-    """Every knob of `llava-edge quantize` (defaults = the CLI's)."""
-
-    calib: str | None = None  # None/"synthetic"/"shapes", a LLaVA-Instruct json/jsonl, or a folder
-    calib_images: str | None = None  # image folder for a json/jsonl (default: next to it)
-    samples: int = 128
-    holdout: int = 8  # extra held-out conversations for the report
-    bits: int = 4
-    group_size: int = 128
-    act_order: bool = True
-    method: str = "gptq"
-    format: str = "matmulnbits"  # or "qdq"
-    damp: float = 0.01
-    blocksize: int = 128
-    quantize_lm_head: bool = False
-    max_seq_len: int | None = None
-    seed: int = 0
-    device: str | None = None  # default: cuda when available, else cpu
-    threads: int | None = None  # onnxruntime threads for the report
 
 
 @dataclass
@@ -67,18 +45,9 @@ class QuantizeResult:
     quantized: dict[str, QuantizedLinear] = field(default_factory=dict)  # what was written, for checks
 
 
-def _validate(o: QuantizeOptions, checkpoint_dir: Any, from_gptq: Any) -> None:
-    if o.method not in METHODS:
-        raise QuantizeError(f"unknown method {o.method!r}; use one of {METHODS}")
-    if o.format not in FORMATS:
-        raise QuantizeError(f"unknown format {o.format!r}; use one of {FORMATS}")
-    if o.bits not in SUPPORTED_BITS:
-        raise QuantizeError(f"--bits must be one of {SUPPORTED_BITS}")
-    if o.group_size < 16 or o.group_size & (o.group_size - 1):
-        raise QuantizeError("--group-size must be a power of two >= 16 (e.g. 32, 64, 128)")
-    if o.samples < 1 or o.holdout < 0:
-        raise QuantizeError("--samples must be >= 1 and holdout >= 0")
-    if from_gptq is None and checkpoint_dir is None:
+def _check_inputs(checkpoint_dir: Any, o: QuantizeOptions) -> None:
+    """What the options alone cannot tell (they are checked when built): the float weights are given."""
+    if o.from_gptq is None and checkpoint_dir is None:
         raise QuantizeError("--checkpoint is required (the float weights to quantize), unless --from-gptq is given")
 
 
@@ -118,24 +87,8 @@ def quantize_package(
     package_dir: str | Path,
     checkpoint_dir: str | Path | None = None,
     out_dir: str | Path | None = None,
+    options: QuantizeOptions = QuantizeOptions(),
     *,
-    calib: str | None = None,
-    calib_images: str | None = None,
-    samples: int = 128,
-    holdout: int = 8,
-    bits: int = 4,
-    group_size: int = 128,
-    act_order: bool = True,
-    method: str = "gptq",
-    format: str = "matmulnbits",
-    from_gptq: str | Path | None = None,
-    damp: float = 0.01,
-    blocksize: int = 128,
-    quantize_lm_head: bool = False,
-    max_seq_len: int | None = None,
-    seed: int = 0,
-    device: str | None = None,
-    threads: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
     print_report: bool = True,
@@ -144,26 +97,47 @@ def quantize_package(
     """Quantize the decoder of the package at ``package_dir`` and write a new package.
 
     ``checkpoint_dir``: the float checkpoint the package was exported from (GPTQ needs torch
-    weights and the full LLaVA forward for calibration). ``from_gptq``: import that GPTQ checkpoint
-    instead of running the algorithm (``checkpoint_dir`` then unused). ``out_dir`` defaults to
-    ``<package_dir>-<method>-int<bits>-g<group_size>`` next to the input. Returns the new package's
-    manifest and the quality report (also written to ``quantization_report.json`` in it).
+    weights and the full LLaVA forward for calibration); unused with ``options.from_gptq``, which
+    imports that GPTQ checkpoint instead of running the algorithm. ``out_dir`` defaults to
+    ``options.default_output(package_dir)``. ``options``: how (QuantizeOptions, the CLI's flags,
+    checked when built). Returns the new package's manifest and the quality report (also written
+    to ``quantization_report.json`` in it).
     """
-    o = QuantizeOptions(calib, calib_images, samples, holdout, bits, group_size, act_order, method, format, damp,
-                        blocksize, quantize_lm_head, max_seq_len, seed, device, threads)
-    _validate(o, checkpoint_dir, from_gptq)
+    _check_inputs(checkpoint_dir, options)
+    with _torch_threads(options.torch_threads):
+        return _quantize(Path(package_dir), checkpoint_dir, out_dir, options, overwrite, progress, print_report,
+                         on_stage)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """torch's thread count for the calibration and GPTQ work, then the caller's again (it is process-wide)."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _quantize(src: Path, checkpoint_dir: str | Path | None, out_dir: str | Path | None, o: QuantizeOptions,
+              overwrite: bool, progress: bool, print_report: bool,
+              on_stage: Callable[[str], None] | None) -> QuantizeResult:
     stage = on_stage or (lambda s: None)
-    src = Path(package_dir)
     manifest = load_manifest(src)
     require_portable_decoder(src, manifest, "quantize")
     if manifest.quantization:
         raise QuantizeError(f"{src} is already quantized ({manifest.quantization.get('method')}); "
                             "quantize the float package instead")
-    label = "gptq-import" if from_gptq is not None else method
-    out = Path(out_dir) if out_dir is not None else src.with_name(f"{src.name}-{label}-int{bits}-g{group_size}")
+    from_gptq, holdout = o.from_gptq, o.holdout
+    bits, group_size, act_order = o.bits, o.group_size, o.act_order  # an imported checkpoint's replace them
+    out = Path(out_dir) if out_dir is not None else o.default_output(src)
     inputs = [p for p in (src, checkpoint_dir, from_gptq) if p is not None]
     check_output_dir(out, overwrite, protect=inputs)  # before calibration, not after
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = o.device or ("cuda" if torch.cuda.is_available() else "cpu")
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
 
@@ -171,9 +145,9 @@ def quantize_package(
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(src / TOKENIZER_NAME))
-    n_wanted = (0 if from_gptq is not None else samples) + holdout
-    convs = load_calibration(calib, n_wanted, seed, calib_images) if n_wanted else []
-    encoded = encode_samples(convs, tokenizer, manifest.text, manifest.vision, max_seq_len=max_seq_len)
+    n_wanted = (0 if from_gptq is not None else o.samples) + holdout
+    convs = load_calibration(o.calib, n_wanted, o.seed, o.calib_images) if n_wanted else []
+    encoded = encode_samples(convs, tokenizer, manifest.text, manifest.vision, max_seq_len=o.max_seq_len)
     n_cal = len(encoded) - holdout if from_gptq is None else 0
     if from_gptq is None and n_cal < 1:
         raise QuantizeError(f"calibration data gave {len(encoded)} samples; need more than holdout={holdout}")
@@ -188,7 +162,7 @@ def quantize_package(
         from .gptq_import import import_gptq_checkpoint
 
         stage("import GPTQ checkpoint")
-        imported = import_gptq_checkpoint(from_gptq, include_lm_head=quantize_lm_head)
+        imported = import_gptq_checkpoint(from_gptq, include_lm_head=o.quantize_lm_head)
         quantized = imported.quantized
         bits, group_size, act_order = imported.bits, imported.group_size, imported.desc_act
         notes = imported.notes
@@ -206,13 +180,14 @@ def quantize_package(
             _move_except_layers(model, dev)
         captured = capture_layer_inputs(model, calib_enc + holdout_enc, dev, progress)
         timings["capture"] = time.perf_counter() - t0
+        method = o.method.value
         stage(f"{method} layer by layer")
         t0 = time.perf_counter()
         scale_dtype = torch.float16 if manifest.dtype == "float16" else torch.float32
-        gcfg = GPTQConfig(bits=bits, group_size=group_size, act_order=act_order, damp=damp, blocksize=blocksize,
+        gcfg = GPTQConfig(bits=bits, group_size=group_size, act_order=act_order, damp=o.damp, blocksize=o.blocksize,
                           scale_dtype=scale_dtype)
         res = quantize_layers(model, captured[:n_cal], captured[n_cal:],
-                              QuantizeLayersConfig(method, gcfg, dev, quantize_lm_head, progress))
+                              QuantizeLayersConfig(method, gcfg, dev, o.quantize_lm_head, progress))
         timings["quantize"] = time.perf_counter() - t0
         quantized, layer_errors, damps, skipped = res.quantized, res.layer_errors, res.damps, res.skipped
         del model, ck, captured, res
@@ -232,23 +207,24 @@ def quantize_package(
                 continue
             (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
         t0 = time.perf_counter()
-        written = write_quantized_decoder(src / dec.file, tmp / dec.file, quantized, format)
+        written = write_quantized_decoder(src / dec.file, tmp / dec.file, quantized, o.format.value)
         new = Manifest.from_dict(asdict(manifest))
         for rel in decoder_files | fast_files:  # rewritten: hashed again by write_manifest
             new.digests.pop(rel, None)
         if fast is not None:
             stage("write quantized fast decoder")
-            written_fast = write_quantized_decoder(src / fast.file, tmp / fast.file, quantized, "matmulnbits",
-                                                   check=False)
+            written_fast = write_quantized_decoder(src / fast.file, tmp / fast.file, quantized,
+                                                   QuantFormat.MATMULNBITS.value, check=False)
             new.graphs["decoder_fast"].external_data = written_fast.external_data
             new.graphs["decoder_fast"].max_abs_error = None
         timings["write"] = time.perf_counter() - t0
         new.graphs["decoder"].external_data = written.external_data
         new.graphs["decoder"].max_abs_error = None  # measured vs torch fp; see the report instead
         new.quantization = {
-            "method": label, "bits": bits, "group_size": group_size, "act_order": act_order, "format": format,
-            "samples": n_cal, "holdout": len(holdout_enc), "calibration": str(calib or "synthetic"),
-            "damp": damp, "damp_max_used": max(damps.values()) if damps else None,
+            "method": o.label, "bits": bits, "group_size": group_size, "act_order": act_order,
+            "format": o.format.value, "samples": n_cal, "holdout": len(holdout_enc),
+            "calibration": str(o.calib or "synthetic"), "damp": o.damp,
+            "damp_max_used": max(damps.values()) if damps else None,
             "lm_head": "lm_head" in quantized, "quantized_linears": len(quantized), "skipped": skipped,
             "notes": notes,
         }
@@ -266,7 +242,7 @@ def quantize_package(
         if holdout_enc:
             stage("compare logits with the float package")
             t0 = time.perf_counter()
-            report.logits = compare_packages(src, tmp, holdout_enc, threads)
+            report.logits = compare_packages(src, tmp, holdout_enc, o.threads)
             timings["report"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         report.timings_s = {k: round(v, 2) for k, v in timings.items()}

@@ -16,12 +16,13 @@ LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "mlp.gate_proj", "mlp.up_proj
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_gptq_int4_every_linear(family_models, images, tmp_path, preset):
+    from llava_edge.quantize.options import QuantizeOptions
     from llava_edge.quantize.quantize import quantize_package
     from llava_edge.export.fast_decoder import export_fast_decoder
 
     m = family_models[preset]
-    res = quantize_package(m["package"], m["checkpoint"], tmp_path / "gptq", samples=8, holdout=2, group_size=32,
-                           progress=False, print_report=False)
+    res = quantize_package(m["package"], m["checkpoint"], tmp_path / "gptq",
+                           QuantizeOptions(samples=8, holdout=2, group_size=32), progress=False, print_report=False)
     layers = m["spec"].layers
     # Qwen2's biased q/k/v and Phi-3's fused projections (split at load) are quantized like the rest
     assert res.skipped == {}
