@@ -21,7 +21,8 @@ PATH = re.compile(r"(?<![\w./-])((?:llava_edge|tests|docs|benchmarks|examples|\.
 #: Paths written relative to the package (docs/architecture.md's layering text says `export/factory.py`).
 PACKAGE_DIRS = ("llava_edge",)
 #: Flags in backticks that belong to other programs, with whose they are.
-FOREIGN_FLAGS = {"--use-fake-device-for-media-stream": "Chromium (docs/serving.md's camera test)"}
+FOREIGN_FLAGS = {"--use-fake-device-for-media-stream": "Chromium (docs/serving.md's camera test)",
+                 "--dist": "pytest-xdist (the README's test command)"}
 #: docs/errors.md writes bad command lines on purpose (an unknown flag, a closed pipe): tests/robust
 #: runs each of its rows, so its command lines are not read here.
 BAD_INPUT_TABLES = {"errors.md"}
