@@ -18,6 +18,8 @@ usage: python same_graph.py PKG [RUNS]   (prints one JSON object)
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -50,15 +52,18 @@ def session(path: Path) -> ort.InferenceSession:
 
 
 def exact_twin(graph: Path, workdir: Path) -> Path:
-    """The graph with accuracy_level 0 on every MatMulNBits, beside a link to its weights."""
+    """The graph with accuracy_level 0 on every MatMulNBits, beside a hard link to (or a copy of) its weights."""
     model = onnx.load(str(graph), load_external_data=False)
     for node in model.graph.node:
         if node.op_type == "MatMulNBits":
             for a in node.attribute:
                 if a.name == "accuracy_level":
                     a.i = 0
-    for data in graph.parent.glob(graph.name + ".data"):
-        (workdir / data.name).symlink_to(data)
+    for data in graph.parent.glob(graph.name + ".data"):  # onnxruntime refuses a symlink out of the directory
+        try:
+            os.link(data, workdir / data.name)
+        except OSError:  # another filesystem
+            shutil.copy(data, workdir / data.name)
     out = workdir / graph.name
     onnx.save(model, str(out))
     return out
