@@ -77,18 +77,18 @@ class TimedBackend:
         return out
 
     # the engine's slot path (runtime/backend.SlotBackend): prefill per slot, then decode steps
-    def prefill_slot(self, kv: Any, slot: int, inputs_embeds: np.ndarray) -> np.ndarray:
+    def prefill_slot(self, kv: Any, slot: int, inputs_embeds: np.ndarray, **positions: Any) -> np.ndarray:
         t0 = time.perf_counter()
-        out = self.inner.prefill_slot(kv, slot, inputs_embeds)
+        out = self.inner.prefill_slot(kv, slot, inputs_embeds, **positions)  # positions= (pruned prompts)
         t1 = time.perf_counter()
         self.log.prefill_end = t1  # the last prefill before the first decode step wins
         self.log._busy += t1 - t0
         self.log._steps += 1
         return out
 
-    def decode_slots(self, kv: Any, inputs_embeds: np.ndarray, active: np.ndarray) -> np.ndarray:
+    def decode_slots(self, kv: Any, inputs_embeds: np.ndarray, active: np.ndarray, **positions: Any) -> np.ndarray:
         t0 = time.perf_counter()
-        out = self.inner.decode_slots(kv, inputs_embeds, active)
+        out = self.inner.decode_slots(kv, inputs_embeds, active, **positions)
         self.log._busy += time.perf_counter() - t0
         self.log._steps += 1
         return out

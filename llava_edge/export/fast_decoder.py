@@ -6,9 +6,15 @@ graph is written node by node with onnxruntime's contrib ops, one method per blo
 make_embedding / make_layer / make_layernorm / make_attention / make_mlp / make_norm / make_lm_head; a
 family overrides a small hook, e.g. Phi-3 where its fused projections are, Qwen2 its q/k/v bias):
 
-- GroupQueryAttention (com.microsoft) with do_rotary=1 (rotary fused, cos/sin tables as initializers)
-  and past/present bound to ONE max-length buffer per layer (shared-buffer mode): k/v of the new
-  tokens are written in place, nothing is allocated or copied per token;
+- GroupQueryAttention (com.microsoft) with past/present bound to ONE max-length buffer per layer
+  (shared-buffer mode): k/v of the new tokens are written in place, nothing is allocated or copied per
+  token. Rotary from the `position_ids` input (`positions`, the default): RotaryEmbedding (com.microsoft)
+  on q and k, then GroupQueryAttention with do_rotary=0, so a token's position is what the runtime says
+  while its k/v go to the row's next cache slot (pruned images keep their original positions while the
+  cache fills densely; docs/pruning.md "Positions"). GroupQueryAttention's own position_ids input is not
+  used: on a first prompt it reads only the first entry (consecutive positions from it), which
+  benchmarks/prune_gqa_positions.py shows. `positions=False` writes the graph exported before: do_rotary=1,
+  positions = cache index;
 - SkipSimplifiedLayerNormalization fuses each residual add with the next RMSNorm;
 - only the rows' last positions go through the final norm and lm_head (logits [B,V], not [B,T,V]);
 - ragged batches: rows are stored right-padded from position 0 with their own lengths (seqlens_k),
@@ -23,6 +29,7 @@ Graph contract:
   inputs  inputs_embeds [B,S,H], seqlens_k int32 [B] (tokens in the cache after this step, minus 1),
           total_sequence_length int32 [] (max over rows of seqlens_k + 1),
           logits_index int64 [B] (flat index b*S + s of each row's last real token),
+          position_ids int64 [B,S] (each new token's rotary position; only with `positions`),
           past_key_values.{i}.key/value [B,kvH,max_len,D]
   outputs logits float32 [B,V], present.{i}.key/value (same buffers as past when bound in place)
 """
@@ -64,6 +71,7 @@ class FastDecoderConfig:
     quantize_lm_head: bool = False  # lm_head in int4 with the rest (quality: docs/quantization.md)
     lm_head_bits: int | None = None  # 8: lm_head as 8-bit MatMulNBits even when the rest is float or int4
     fuse: bool = True  # q/k/v as one MatMul feeding GQA packed, gate/up as one MatMul (one kernel each)
+    positions: bool = True  # position_ids input (rotary by the runtime's positions); False: by cache index
 
 
 class _ExternalData:
@@ -253,12 +261,34 @@ class DecoderBuilder:
         ok, ov = f"present.{i}.key", f"present.{i}.value"
         self.past_in += [pk, pv]
         self.present_out += [ok, ov]
+        if self.cfg.positions:
+            q, k, v = self.make_rotary_qkv(q, k, v)
+            attn = self.node("GroupQueryAttention", [q, k, v, pk, pv, "seqlens_k", "total_sequence_length"],
+                             domain="com.microsoft", outputs=[self.name("attn"), ok, ov], num_heads=self.heads,
+                             kv_num_heads=self.kv_heads, do_rotary=0, scale=float(self.head_dim**-0.5))[0]
+            return self.linear(attn, o_proj.weight, f"layers.{i}.o_proj", self.quant, o_proj.bias)
         cos, sin = self.rotary
         attn = self.node("GroupQueryAttention", [q, k, v, pk, pv, "seqlens_k", "total_sequence_length", cos, sin],
                          domain="com.microsoft", outputs=[self.name("attn"), ok, ov], num_heads=self.heads,
                          kv_num_heads=self.kv_heads, do_rotary=1, rotary_interleaved=0,
                          scale=float(self.head_dim**-0.5))[0]
         return self.linear(attn, o_proj.weight, f"layers.{i}.o_proj", self.quant, o_proj.bias)
+
+    def make_rotary_qkv(self, q: str, k: str, v: str) -> tuple[str, str, str]:
+        """q and k rotated at `position_ids` (RotaryEmbedding, the same cos/sin tables GroupQueryAttention's
+        fused rotary reads); a packed q|k|v (key and value empty) is split first."""
+        if not k:
+            sizes = "const.qkv_split"
+            if not any(t.name == sizes for t in self.inits):
+                d = self.head_dim
+                self.init(sizes, np.array([self.heads * d, self.kv_heads * d, self.kv_heads * d], dtype=np.int64))
+            q, k, v = self.node("Split", [q, sizes], n_out=3, axis=-1)
+        cos, sin = self.rotary
+        q = self.node("RotaryEmbedding", [q, "position_ids", cos, sin], domain="com.microsoft",
+                      num_heads=self.heads, interleaved=0)[0]
+        k = self.node("RotaryEmbedding", [k, "position_ids", cos, sin], domain="com.microsoft",
+                      num_heads=self.kv_heads, interleaved=0)[0]
+        return q, k, v
 
     def make_qkv(self, i: int, h: str, projs: tuple, biases: list) -> tuple[str, str, str]:
         """fuse: one packed q|k|v MatMul that GroupQueryAttention splits itself (key and value inputs
@@ -313,6 +343,8 @@ class DecoderBuilder:
             helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
             helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
             helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["batch"]),
+            *([helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"])]
+              if self.cfg.positions else []),
             *[helper.make_tensor_value_info(n, onnx_dtype, kv_shape) for n in self.past_in],
         ]
         outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", self.vocab]),
@@ -450,20 +482,22 @@ def build_fast_decoder(model: Any, out_path: Path, cfg: FastDecoderConfig) -> Gr
 def export_fast_decoder(checkpoint_or_loaded: Any, package_dir: str | os.PathLike, dtype: str | None = None,
                         quant: str | None = None, name: str | None = None, block_size: int = 128,
                         accuracy_level: int = 4, quantize_lm_head: bool = False,
-                        lm_head_bits: int | None = None, fuse: bool = True) -> GraphSpec:
+                        lm_head_bits: int | None = None, fuse: bool = True, positions: bool = True) -> GraphSpec:
     """Add a fast decoder graph to an existing package (manifest.graphs[name]).
 
     checkpoint_or_loaded: a checkpoint directory, a LoadedCheckpoint or a LlavaForConditionalGeneration
     (the same weights the package was exported from). dtype defaults to the package's. name defaults
-    to "decoder_fast" ("decoder_fast_int4" with quant). Files are written under temporary names and
-    renamed, then the manifest is rewritten last: an interrupted call leaves the package as it was.
+    to "decoder_fast" ("decoder_fast_int4" with quant). ``positions=False`` writes the graph without the
+    position_ids input (as exported before it: what tests of older packages need). Files are written
+    under temporary names and renamed, then the manifest is rewritten last: an interrupted call leaves
+    the package as it was.
     """
     root = Path(package_dir)
     manifest = load_manifest(root)
     cfg = FastDecoderConfig(name=name or ("decoder_fast_int4" if quant else "decoder_fast"),
                             dtype=dtype or manifest.dtype, quant=quant, block_size=block_size,
                             accuracy_level=accuracy_level, quantize_lm_head=quantize_lm_head,
-                            lm_head_bits=lm_head_bits, fuse=fuse)
+                            lm_head_bits=lm_head_bits, fuse=fuse, positions=positions)
     model = _llava_model(checkpoint_or_loaded)
     tmp = root / f".{cfg.name}.partial.onnx"
     try:

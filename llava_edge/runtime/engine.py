@@ -30,7 +30,7 @@ from .model_runner import ModelRunner
 from .prefix_cache import PrefixCache, image_digest
 from . import anyres
 from .preprocess import MAX_IMAGE_PIXELS, load_image, preprocess
-from .prune import PruneSetting
+from .prune import OFF, PruneSetting, prompt_positions
 from .sampling import token_logprobs
 from .scheduler import PREFILL_BUDGET, PrefillChunk, Scheduler
 from .sequence import FinishReason, GenerationParams, PendingVision, Sequence, Status, TokenEvent
@@ -40,12 +40,20 @@ class PromptTooLongError(UsageError):
     """The prompt plus max_new_tokens does not fit the package's context."""
 
 
-def check_context(prompt_len: int, max_tokens: int, context: int) -> None:
-    """The one context check a request goes through: prompt + answer must fit ``context`` positions."""
+def check_context(prompt_len: int, max_tokens: int, context: int, span: int | None = None,
+                  max_positions: int | None = None) -> None:
+    """The one context check a request goes through: prompt + answer must fit ``context`` cache slots.
+    With pruned images at their original positions (``span``: the prompt's length before pruning) the
+    positions outrun the cache fill, so span + answer must also fit ``max_positions`` (the model's
+    context: its rotary table)."""
     if prompt_len + max_tokens > context:
         raise PromptTooLongError(
             f"prompt of {prompt_len} tokens (image tokens included) plus max_new_tokens={max_tokens} "
             f"exceeds the model's context of {context}")
+    if span is not None and max_positions is not None and span + max_tokens > max_positions:
+        raise PromptTooLongError(
+            f"prompt of {prompt_len} tokens ({span} positions: pruned image tokens keep their original "
+            f"positions) plus max_new_tokens={max_tokens} exceeds the model's context of {max_positions}")
 
 
 def image_token_counts(images: Seq[Any], vision: Any, prune: PruneSetting,
@@ -57,6 +65,12 @@ def image_token_counts(images: Seq[Any], vision: Any, prune: PruneSetting,
         return [prune.kept_count(vision.num_image_tokens)] * len(images)
     return [prune.kept_count(anyres.num_image_tokens(load_image(im, max_image_pixels).size[::-1], vision))
             for im in images]
+
+
+def original_positions(prune: PruneSetting, runner_or_backend: Any) -> bool:
+    """Whether a pruned prompt's tokens keep their original positions: pruning is on and the decoder takes
+    positions (else it is renumbered: docs/pruning.md, "Positions")."""
+    return prune.active and bool(getattr(runner_or_backend, "takes_positions", False))
 
 
 @dataclass
@@ -91,6 +105,7 @@ class ImageCache:
     def __init__(self, max_mb: float = 64.0):
         self.max_bytes = int(max_mb * 2**20)
         self.entries: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.index: dict[str, np.ndarray] = {}  # pruned key -> indices of its kept rows (original positions)
         self.bytes = 0
         self.hits = 0
         self.misses = 0
@@ -104,13 +119,21 @@ class ImageCache:
         self.hits += 1
         return feats
 
-    def put(self, digest: str, feats: np.ndarray) -> None:
+    def kept_index(self, digest: str) -> np.ndarray | None:
+        """The indices of the kept rows cached under a pruned key (None: not cached with any)."""
+        return self.index.get(digest)
+
+    def put(self, digest: str, feats: np.ndarray, index: np.ndarray | None = None) -> None:
+        """``index``: for kept rows, which of the image's tokens they are (they keep those positions)."""
         if feats.nbytes > self.max_bytes or digest in self.entries:
             return
         self.entries[digest] = feats
+        if index is not None:
+            self.index[digest] = index
         self.bytes += feats.nbytes
         while self.bytes > self.max_bytes:
-            _, old = self.entries.popitem(last=False)
+            key, old = self.entries.popitem(last=False)
+            self.index.pop(key, None)
             self.bytes -= old.nbytes
 
 
@@ -147,16 +170,19 @@ class Engine:
         """A Sequence for prompt ids (image tokens expanded) and what the request asks for (``params``,
         frozen); refuses what cannot fit the context."""
         params = params or GenerationParams()
-        check_context(len(ids), params.max_tokens, self.context)
         seq = Sequence(np.asarray(ids, np.int64), list(images), self.tokenizer, params,
                        frozenset(self.manifest.text.eos_token_ids), index=index)
+        span = None
         if seq.images:
-            seq.image_tokens = image_token_counts(seq.images, self.manifest.vision, params.prune,
-                                                  self.max_image_pixels)
+            seq.full_image_tokens = image_token_counts(seq.images, self.manifest.vision, OFF, self.max_image_pixels)
+            seq.image_tokens = [params.prune.kept_count(n) for n in seq.full_image_tokens]
             placed = int((seq.ids == self.manifest.text.image_token_id).sum())
             if placed != sum(seq.image_tokens):
                 raise UsageError(f"the prompt has {placed} image tokens but its {len(seq.images)} image(s) take "
                                  f"{sum(seq.image_tokens)} (prune {params.prune}): lay it out with the same setting")
+            if original_positions(params.prune, self.runner):
+                span = len(seq.ids) + sum(seq.full_image_tokens) - sum(seq.image_tokens)
+        check_context(len(seq.ids), params.max_tokens, self.context, span, self.manifest.text.max_context)
         return seq
 
     def add(self, seq: Sequence) -> str:
@@ -230,7 +256,8 @@ class Engine:
             t0 = self.clock()
             try:
                 off = seq.prefill_start
-                logits = self.runner.prefill(seq.slot, seq.embeds[chunk.start - off : chunk.end - off])
+                positions = seq.positions[chunk.start : chunk.end] if seq.positions is not None else None
+                logits = self.runner.prefill(seq.slot, seq.embeds[chunk.start - off : chunk.end - off], positions)
             except Exception as e:  # noqa: BLE001
                 self._fail(seq, e, events)
                 continue
@@ -248,7 +275,9 @@ class Engine:
             batch = plan.decode
             t0 = self.clock()
             try:
-                logits = self.runner.decode([s.slot for s in batch], [s.generated[-1] for s in batch])
+                positions = ([s.decode_position for s in batch] if any(s.positions is not None for s in batch)
+                             else None)
+                logits = self.runner.decode([s.slot for s in batch], [s.generated[-1] for s in batch], positions)
             except Exception as e:  # noqa: BLE001
                 for seq in batch:
                     self._fail(seq, e, events)
@@ -300,6 +329,8 @@ class Engine:
             cache = self.image_cache
             feats = [cache.get(d) for d in seq.digests] if cache is not None else [None] * len(seq.images)
             if cache is not None and prune.active:  # the full features, pruned in _finish_prepare
+                # kept rows come with their indices (their original positions), read now with them
+                seq.kept = [cache.kept_index(d) if f is not None else None for f, d in zip(feats, seq.digests)]
                 feats = [f if f is not None else cache.get(d) for f, d in zip(feats, seq.raw_digests)]
         todo = [i for i, f in enumerate(feats) if f is None]
         if todo:
@@ -335,35 +366,54 @@ class Engine:
         new_ids = seq.ids[seq.prefill_start :]
         embeds = self.runner.embed(new_ids[None])[0]
         slots = new_ids == self.manifest.text.image_token_id
+        kept: list[np.ndarray | None] = [None] * len(seq.images)  # unknown where a reused prefix covers them
         if slots.any():
-            self._prune(seq, feats, new_ids, embeds)
+            kept = self._prune(seq, feats, new_ids, embeds)
             flat = np.concatenate([f.reshape(-1, embeds.shape[-1]) for f in feats])
             # a reused prefix can only cover leading image tokens: the rest are the last rows
             embeds[slots] = flat[flat.shape[0] - int(slots.sum()) :].astype(embeds.dtype, copy=False)
+        if seq.images and original_positions(seq.params.prune, self.runner):
+            self._count_image_tokens(seq)
+            seq.positions = prompt_positions(seq.ids, self.manifest.text.image_token_id, seq.full_image_tokens,
+                                             seq.image_tokens, kept)
         self.runner.begin(seq.slot, seq.capacity, hit.state if hit is not None else None, seq.prefill_start)
         seq.embeds = embeds
 
-    def _prune(self, seq: Sequence, feats: list, new_ids: np.ndarray, embeds: np.ndarray) -> None:
+    def _prune(self, seq: Sequence, feats: list, new_ids: np.ndarray, embeds: np.ndarray) -> list[np.ndarray]:
         """Each image's full features -> the rows its prompt has room for (``seq.image_tokens``), kept in
-        order; kept rows already cached under the pruned key are used as they are. The instruction of a
-        question-aware method is the prompt's text after its last image, embedded in ``embeds`` already."""
+        order; kept rows already cached under the pruned key are used as they are (with the indices cached
+        beside them). The instruction of a question-aware method is the prompt's text after its last
+        image, embedded in ``embeds`` already. Returns each image's kept indices (its original positions)."""
         prune, hidden = seq.params.prune, embeds.shape[-1]
-        if not seq.image_tokens:  # a Sequence made without make_sequence
-            seq.image_tokens = image_token_counts(seq.images, self.manifest.vision, prune, self.max_image_pixels)
+        self._count_image_tokens(seq)
         instruction = None
+        kept = []
         for i, f in enumerate(feats):
             f = f.reshape(-1, hidden)
             want = seq.image_tokens[i]
+            index = np.arange(f.shape[0])
             if f.shape[0] != want and prune.active:
                 if instruction is None and prune.needs_instruction:
                     last = int(np.flatnonzero(new_ids == self.manifest.text.image_token_id)[-1])
                     instruction = embeds[last + 1 :]
-                f = prune.apply(f, instruction)
+                index = prune.select(f, instruction)
+                f = f[index]
                 if self.image_cache is not None:
-                    self.image_cache.put(seq.digests[i], f)
+                    self.image_cache.put(seq.digests[i], f, index)
+            elif i < len(seq.kept) and seq.kept[i] is not None:  # kept rows from the image cache
+                index = seq.kept[i]
             if f.shape[0] != want:
                 raise ValueError(f"image {i} gave {f.shape[0]} features for {want} image tokens")
             feats[i] = f
+            kept.append(index)
+        seq.kept = kept
+        return kept
+
+    def _count_image_tokens(self, seq: Sequence) -> None:
+        """A Sequence made without make_sequence: its images' token counts, before and after pruning."""
+        if not seq.full_image_tokens:
+            seq.full_image_tokens = image_token_counts(seq.images, self.manifest.vision, OFF, self.max_image_pixels)
+            seq.image_tokens = [seq.params.prune.kept_count(n) for n in seq.full_image_tokens]
 
     def _collect_vision(self, events: list[TokenEvent], wait: bool) -> None:
         """Finish admission of sequences whose image features are ready (waiting for one if asked)."""

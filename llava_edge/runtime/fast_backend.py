@@ -16,6 +16,12 @@ prompt chunk to it while the other rows keep their state, and ``decode_slots`` b
 appends one token to every active row in one call (an idle row in the range gets a dummy token written
 at its own length, which its next real write overwrites).
 
+Positions: a fast decoder exported with ``position_ids`` (``takes_positions``; every export since pruned
+images keep their original positions) rotates each token by the position it is given while k/v still go
+to the row's next cache slot, so a pruned prompt is dense in the cache and gapped in positions. An older
+graph derives positions from the cache fill (GroupQueryAttention's own rotary): it gets none, and the
+engine renumbers (docs/pruning.md, "Positions").
+
 Imports neither torch nor onnx (runtime rule).
 """
 
@@ -89,6 +95,7 @@ class FastOrtBackend:
         t = manifest.text
         self.kv_heads, self.head_dim, self.vocab = t.num_kv_heads, t.head_dim, t.vocab_size
         self.max_context = t.max_context
+        self.takes_positions = "position_ids" in {i.name for i in self.decoder.get_inputs()}
 
     # -- protocol ---------------------------------------------------------------------------------
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
@@ -110,22 +117,31 @@ class FastOrtBackend:
         if b != cache.batch:
             raise BackendError(f"batch {b} does not match the cache's {cache.batch}")
         embeds = inputs_embeds.astype(self.float_dtype, copy=False)
+        positions = None
         if not cache.lengths.any():
-            # prefill: left-padded rows -> right-padded from position 0
-            embeds, n = right_align(embeds, attention_mask[:, -t:])
+            # prefill: left-padded rows -> right-padded from position 0 (their positions with them)
+            new_mask = attention_mask[:, -t:]
+            embeds, n = right_align(embeds, new_mask)
+            if self.takes_positions and position_ids is not None:
+                positions = right_align(np.asarray(position_ids, np.int64)[..., None], new_mask)[0][..., 0]
             new_lengths = n
             index = np.arange(b, dtype=np.int64) * t + (n - 1)
         else:
             # every row appends t tokens at its own length (finished rows get the pipeline's padding)
             if not (attention_mask[:, -t:] == 1).all():
                 raise BackendError("the fast backend appends whole columns after prefill (no padding inside)")
-            if position_ids is not None and not np.array_equal(position_ids[:, 0], cache.lengths):
-                raise BackendError("position_ids do not continue the cached rows (fast cache stores rows from 0)")
+            if self.takes_positions and position_ids is not None:
+                positions = np.asarray(position_ids, np.int64)
+            elif position_ids is not None and not np.array_equal(position_ids[:, 0], cache.lengths):
+                raise BackendError("position_ids do not continue the cached rows (this fast decoder takes no "
+                                   "positions: they follow the cache fill)")
             new_lengths = cache.lengths + t
             index = np.arange(b, dtype=np.int64) * t + (t - 1)
         if int(new_lengths.max()) > cache.max_len:
             raise BackendError(f"KV cache full: {int(new_lengths.max())} > {cache.max_len}")
-        self._run(cache, np.ascontiguousarray(embeds), new_lengths, index)
+        if positions is None:
+            positions = self._cache_positions(cache.lengths, t)
+        self._run(cache, np.ascontiguousarray(embeds), new_lengths, index, positions)
         cache.lengths = new_lengths
         return cache.logits.copy()
 
@@ -152,28 +168,36 @@ class FastOrtBackend:
     def new_slot_cache(self, slots: int, max_len: int | None = None) -> FastKVCache:
         return self.new_cache(slots, max_len or self.max_context)
 
-    def prefill_slot(self, kv: FastKVCache, slot: int, inputs_embeds: np.ndarray) -> np.ndarray:
-        """Append [1, T, H] prompt embeddings to slot's row; logits of the last one [V]."""
+    def prefill_slot(self, kv: FastKVCache, slot: int, inputs_embeds: np.ndarray,
+                     positions: np.ndarray | None = None) -> np.ndarray:
+        """Append [1, T, H] prompt embeddings to slot's row; logits of the last one [V]. ``positions``
+        int64 [T]: their rotary positions (default: their cache indices; only with ``takes_positions``)."""
         t = inputs_embeds.shape[1]
-        new_len = int(kv.lengths[slot]) + t
+        old = int(kv.lengths[slot])
+        new_len = old + t
         if new_len > kv.max_len:
             raise BackendError(f"KV cache full: {new_len} > {kv.max_len}")
         embeds = np.ascontiguousarray(inputs_embeds.astype(self.float_dtype, copy=False))
+        pos = self._given(positions, np.arange(old, new_len, dtype=np.int64))
         self._execute(self._slot_binding(kv, slot, slot + 1), embeds, np.array([new_len], np.int32),
-                      np.array([t - 1], np.int64))
+                      np.array([t - 1], np.int64), pos.reshape(1, t))
         kv.lengths[slot] = new_len
         return kv.logits[slot].copy()
 
-    def decode_slots(self, kv: FastKVCache, inputs_embeds: np.ndarray, active: np.ndarray) -> np.ndarray:
+    def decode_slots(self, kv: FastKVCache, inputs_embeds: np.ndarray, active: np.ndarray,
+                     positions: np.ndarray | None = None) -> np.ndarray:
         """One token for rows [0, n) (inputs_embeds [n, 1, H]); only ``active`` rows keep theirs.
-        Returns logits [n, V] (rows that are not active hold garbage)."""
+        Returns logits [n, V] (rows that are not active hold garbage). ``positions`` int64 [n]: each row's
+        rotary position (default: its cache fill; only with ``takes_positions``)."""
         n = inputs_embeds.shape[0]
         grown = kv.lengths[:n] + 1
         if int(grown[active].max(initial=0)) > kv.max_len:
             raise BackendError(f"KV cache full: {int(grown[active].max())} > {kv.max_len}")
         embeds = np.ascontiguousarray(inputs_embeds.astype(self.float_dtype, copy=False))
-        self._execute(self._slot_binding(kv, 0, n), embeds, np.minimum(grown, kv.max_len).astype(np.int32),
-                      np.arange(n, dtype=np.int64))
+        lengths = np.minimum(grown, kv.max_len).astype(np.int32)
+        fill = (lengths - 1).astype(np.int64)  # the cache index each row writes (an idle row: overwritten later)
+        pos = self._given(None if positions is None else np.where(active, positions, fill), fill)
+        self._execute(self._slot_binding(kv, 0, n), embeds, lengths, np.arange(n, dtype=np.int64), pos.reshape(n, 1))
         kv.lengths[:n] = np.where(active, grown, kv.lengths[:n])
         return kv.logits[:n].copy()
 
@@ -219,14 +243,36 @@ class FastOrtBackend:
         binding.bind_output("logits", "cpu", 0, np.float32, [hi - lo, self.vocab], logits[lo:hi].ctypes.data)
         return binding
 
-    def _run(self, cache: FastKVCache, embeds: np.ndarray, new_lengths: np.ndarray, index: np.ndarray) -> None:
-        self._execute(self._slot_binding(cache, 0, cache.rows), embeds, new_lengths, index)
+    def _given(self, positions: np.ndarray | None, cache_index: np.ndarray) -> np.ndarray:
+        """The positions to feed: those given (a graph without position_ids takes only the cache index)."""
+        if positions is None:
+            return cache_index
+        positions = np.asarray(positions, np.int64).reshape(cache_index.shape)
+        if not self.takes_positions and not np.array_equal(positions, cache_index):
+            raise BackendError(f"the {self.decoder_graph} graph takes no position_ids (exported before they were "
+                               "added): positions must follow the cache fill; export the package again")
+        return positions
 
-    def _execute(self, binding: Any, embeds: np.ndarray, new_lengths: np.ndarray, index: np.ndarray) -> None:
+    @staticmethod
+    def _cache_positions(lengths: np.ndarray, t: int) -> np.ndarray:
+        """[B, t] positions of t tokens appended at each row's length."""
+        return lengths.astype(np.int64)[:, None] + np.arange(t, dtype=np.int64)
+
+    def _run(self, cache: FastKVCache, embeds: np.ndarray, new_lengths: np.ndarray, index: np.ndarray,
+             positions: np.ndarray) -> None:
+        self._execute(self._slot_binding(cache, 0, cache.rows), embeds, new_lengths, index, positions)
+
+    def _execute(self, binding: Any, embeds: np.ndarray, new_lengths: np.ndarray, index: np.ndarray,
+                 positions: np.ndarray) -> None:
         seqlens = (new_lengths - 1).astype(np.int32)
         total = np.array(int(new_lengths.max()), dtype=np.int32)
-        feeds = (("inputs_embeds", embeds), ("seqlens_k", seqlens), ("total_sequence_length", total),
-                 ("logits_index", index))
+        feeds = [("inputs_embeds", embeds), ("seqlens_k", seqlens), ("total_sequence_length", total),
+                 ("logits_index", index)]
+        if self.takes_positions:
+            if positions.size and (int(positions.min()) < 0 or int(positions.max()) >= self.max_context):
+                raise BackendError(f"positions {int(positions.min())}..{int(positions.max())} are outside the "
+                                   f"model's {self.max_context}")
+            feeds.append(("position_ids", np.ascontiguousarray(positions, dtype=np.int64)))
         keep = []  # OrtValues wrap the numpy memory; keep them alive through the run
         for name, arr in feeds:
             ov = ort.OrtValue.ortvalue_from_numpy(arr)

@@ -7,6 +7,10 @@ Two runners behind one small interface:
   cannot address rows of a cache, so the engine runs one sequence at a time (one slot), with the
   backend's own cache per request and the whole prompt in one ``step`` (TensorRT chunks internally).
   ``Pipeline.generate_batch`` still runs them as one static left-padded batch (``Pipeline.run``).
+
+Positions: ``takes_positions`` is the backend's (``backend.takes_positions``); only then does the engine
+hand ``prefill``/``decode`` positions (pruned images at their original positions), and a runner passes
+them on only when given, so a backend without positions is called exactly as before.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .backend import BackendError, SlotBackend, supports_prefix_reuse
+from .backend import BackendError, SlotBackend, supports_prefix_reuse, takes_positions
 from .scheduler import PREFILL_CHUNK
 
 
@@ -25,12 +29,13 @@ class ModelRunner(Protocol):
     max_len: int  # positions a sequence may use (prompt + generated)
     chunk: int | None  # prefill chunk size the runner wants (None: the whole prompt in one call)
     supports_prefix: bool
+    takes_positions: bool  # prefill/decode accept positions other than the cache index
 
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray: ...
     def embed(self, input_ids: np.ndarray) -> np.ndarray: ...
     def begin(self, slot: int, capacity: int, state: Any = None, prefix_len: int = 0) -> None: ...
-    def prefill(self, slot: int, embeds: np.ndarray) -> np.ndarray: ...
-    def decode(self, slots: list[int], tokens: list[int]) -> np.ndarray: ...
+    def prefill(self, slot: int, embeds: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray: ...
+    def decode(self, slots: list[int], tokens: list[int], positions: list[int] | None = None) -> np.ndarray: ...
     def snapshot(self, slot: int) -> Any: ...
     def release(self, slot: int) -> None: ...
 
@@ -47,6 +52,7 @@ class SlotRunner:
         self.kv = backend.new_slot_cache(slots, max_len)
         self.max_len = self.kv.max_len
         self.pad_id = 0
+        self.takes_positions = takes_positions(backend)
 
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
         return self.backend.encode_images(pixel_values)
@@ -62,16 +68,23 @@ class SlotRunner:
         else:
             self.backend.resume_slot(self.kv, slot, state, prefix_len)
 
-    def prefill(self, slot: int, embeds: np.ndarray) -> np.ndarray:
-        return self.backend.prefill_slot(self.kv, slot, embeds[None])
+    def prefill(self, slot: int, embeds: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
+        if positions is None:
+            return self.backend.prefill_slot(self.kv, slot, embeds[None])
+        return self.backend.prefill_slot(self.kv, slot, embeds[None], positions=np.asarray(positions, np.int64))
 
-    def decode(self, slots: list[int], tokens: list[int]) -> np.ndarray:
+    def decode(self, slots: list[int], tokens: list[int], positions: list[int] | None = None) -> np.ndarray:
         n = max(slots) + 1  # rows [0, n): lowest-slot-first admission keeps this close to len(slots)
         ids = np.full((n, 1), self.pad_id, np.int64)
         active = np.zeros(n, bool)
         ids[slots, 0] = tokens
         active[slots] = True
-        logits = self.backend.decode_slots(self.kv, self.backend.embed(ids), active)
+        if positions is None:
+            logits = self.backend.decode_slots(self.kv, self.backend.embed(ids), active)
+        else:
+            pos = np.zeros(n, np.int64)  # idle rows in the range: the backend puts them at their fill
+            pos[slots] = positions
+            logits = self.backend.decode_slots(self.kv, self.backend.embed(ids), active, positions=pos)
         return logits[slots]
 
     def snapshot(self, slot: int) -> Any:
@@ -91,6 +104,7 @@ class SingleRunner:
         self.slots = 1
         self.max_len = sys.maxsize  # each request gets a cache of its own size (the engine caps at the context)
         self.supports_prefix = supports_prefix_reuse(backend)
+        self.takes_positions = takes_positions(backend)
         self.cache: Any = None
         self.length = 0
 
@@ -107,18 +121,20 @@ class SingleRunner:
             self.cache = self.backend.resume(state, prefix_len, capacity)
         self.length = prefix_len
 
-    def prefill(self, slot: int, embeds: np.ndarray) -> np.ndarray:
+    def prefill(self, slot: int, embeds: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
         t = embeds.shape[0]
         mask = np.ones((1, self.length + t), np.int64)
-        positions = np.arange(self.length, self.length + t, dtype=np.int64)[None]
-        logits = self.backend.step(self.cache, embeds[None], mask, positions)
+        if positions is None:
+            positions = np.arange(self.length, self.length + t, dtype=np.int64)
+        logits = self.backend.step(self.cache, embeds[None], mask, np.asarray(positions, np.int64)[None])
         self.length += t
         return logits[0]
 
-    def decode(self, slots: list[int], tokens: list[int]) -> np.ndarray:
+    def decode(self, slots: list[int], tokens: list[int], positions: list[int] | None = None) -> np.ndarray:
         mask = np.ones((1, self.length + 1), np.int64)
+        pos = self.length if positions is None else positions[0]
         logits = self.backend.step(self.cache, self.backend.embed(np.array([[tokens[0]]], np.int64)), mask,
-                                   np.array([[self.length]], np.int64))
+                                   np.array([[pos]], np.int64))
         self.length += 1
         return logits
 

@@ -69,6 +69,7 @@ def open_session(root: Path, manifest: Manifest, graph: str, opts: ort.SessionOp
 class OrtBackend:
     name = "onnxruntime"
     supports_prefix_reuse = True
+    takes_positions = True  # the portable graph computes rotary from position_ids
 
     def __init__(self, package_dir: str | os.PathLike, manifest: Manifest, device: str = "cpu",
                  threads: int | None = None):

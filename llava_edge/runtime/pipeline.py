@@ -29,11 +29,11 @@ from . import prompt as prompts
 from .backend import SlotBackend, supports_prefix_reuse
 from .backends import open_backend
 from .inputs import check_count, check_stop, check_text, check_threads
-from .engine import Engine, PromptTooLongError, check_context, image_token_counts
+from .engine import Engine, PromptTooLongError, check_context, image_token_counts, original_positions
 from .model_runner import make_runner
 from .prefix_cache import PrefixCache, image_digest
 from .preprocess import MAX_IMAGE_PIXELS, load_image, preprocess
-from .prune import OFF, PruneSetting, instruction_ids
+from .prune import OFF, PruneSetting, instruction_ids, prompt_positions
 from .ragged import left_pad
 from .sampling import Sampler, SamplingConfig
 from .scheduler import PREFILL_BUDGET, PREFILL_CHUNK
@@ -161,6 +161,11 @@ class Pipeline:
             return prune.kept_count(v.num_image_tokens)
         return image_token_counts(images, v, prune, self.max_image_pixels)
 
+    def _full_counts(self, images: Sequence[Any]) -> list[int]:
+        """Each image's token count before pruning."""
+        n = self._tokens_per_image(images)
+        return list(n) if isinstance(n, list) else [n] * len(images)
+
     def _image_features(self, images: Sequence[Any]) -> list[np.ndarray]:
         """Each image's features [tokens, hidden], in prompt order."""
         v = self.manifest.vision
@@ -169,18 +174,24 @@ class Pipeline:
         features = self.backend.encode_images(np.stack([preprocess(im, v, self.max_image_pixels) for im in images]))
         return list(features)
 
-    def _pruned_features(self, requests: Sequence[Request], encoded: Sequence[np.ndarray]) -> np.ndarray:
+    def _pruned_features(self, requests: Sequence[Request],
+                         encoded: Sequence[np.ndarray]) -> tuple[np.ndarray, list[list[np.ndarray]]]:
         """All requests' image features in prompt order, each image pruned as the engine does (with its
-        request's instruction): [total image tokens, hidden]."""
+        request's instruction): [total image tokens, hidden], and per request each image's kept indices."""
         images = [im for r in requests for im in r.images]
         feats = iter(self._image_features(images))
-        out = []
+        out, kept = [], []
         for r, ids in zip(requests, encoded):
             instruction = None
             if self.prune.needs_instruction and r.images:
                 instruction = self.backend.embed(instruction_ids(ids, self.manifest.text.image_token_id)[None])[0]
-            out += [self.prune.apply(next(feats), instruction) for _ in r.images]
-        return np.concatenate([f.reshape(-1, f.shape[-1]) for f in out])
+            kept.append([])
+            for _ in r.images:
+                f = next(feats)
+                index = self.prune.select(f, instruction) if self.prune.active else np.arange(len(f))
+                out.append(f[index])
+                kept[-1].append(index)
+        return np.concatenate([f.reshape(-1, f.shape[-1]) for f in out]), kept
 
     # -- generation ---------------------------------------------------------------------------
     def run(self, requests: Sequence[Request], max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
@@ -204,7 +215,11 @@ class Pipeline:
         encoded = [self.encode_request(r) for r in requests]
         lengths = [len(e) for e in encoded]
         longest = max(lengths)
-        check_context(longest, max_new_tokens, t.max_context)
+        # pruned images at their original positions (engine.original_positions): each row's unpruned count
+        original = original_positions(self.prune, self.backend)
+        full = [self._full_counts(r.images) for r in requests] if original else []
+        spans = [n + sum(f) - sum(map(self.prune.kept_count, f)) for n, f in zip(lengths, full)]
+        check_context(longest, max_new_tokens, t.max_context, max(spans) if original else None, t.max_context)
         b = len(requests)
         timings = Timings()
         images = [im for r in requests for im in r.images]
@@ -221,11 +236,15 @@ class Pipeline:
         new_ids = ids[:, start:]
         slots = new_ids == t.image_token_id
 
-        flat = None
+        flat, kept = None, [[None] * len(r.images) for r in requests]  # unknown: a reused prefix covers them
         if slots.any():  # all images of the batch in one call
             t0 = time.perf_counter()
-            flat = self._pruned_features(requests, encoded)
+            flat, kept = self._pruned_features(requests, encoded)
             timings.vision_ms = (time.perf_counter() - t0) * 1000
+        if original:  # each row's positions, left-padded like its ids (only [start:] is run)
+            for i, (e, f, k) in enumerate(zip(encoded, full, kept)):
+                positions[i, longest - len(e) :] = prompt_positions(e, t.image_token_id, f,
+                                                                    [self.prune.kept_count(n) for n in f], k)
 
         t0 = time.perf_counter()
         embeds = self.backend.embed(new_ids)

@@ -5,6 +5,11 @@ An entry is the KV state of one prefilled prompt, keyed by its token ids and the
 images (image tokens are all the same id, so ids alone cannot tell two pictures apart). A new prompt
 reuses the longest common token prefix of an entry with the same images; only the rest is prefilled,
 and the vision encoder is skipped when every image token is covered.
+
+A pruned prompt's image digests carry the pruning tag (``PruneSetting.tagged``: the setting, and for a
+question-aware method the instruction), so an entry's KV was computed with the same kept tokens at the
+same positions (runtime/prune.prompt_positions: a function of the ids, the images' counts and the
+selection, which the tag fixes) as any prompt that shares its key and token prefix.
 """
 
 from __future__ import annotations

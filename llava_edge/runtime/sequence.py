@@ -222,6 +222,11 @@ class Sequence:
         self.digests: tuple[str, ...] = ()  # per image: content digest + pruning tag (image and prefix caches)
         self.raw_digests: tuple[str, ...] = ()  # per image: content digest (the unpruned features' cache key)
         self.image_tokens: list[int] = []  # per image: tokens it takes in the prompt (after pruning)
+        self.full_image_tokens: list[int] = []  # per image: its tokens before pruning
+        self.kept: list[np.ndarray | None] = []  # per image: which of its tokens are kept, where known
+        # per prompt token, its rotary position when pruned images keep their original positions
+        # (prune.prompt_positions; -1 where a reused prefix covers an image); None: position = cache index
+        self.positions: np.ndarray | None = None
         self.sent = 0  # characters of visible text already handed out in events
         self.timings = Timings()
         self.arrival = time.perf_counter()
@@ -248,6 +253,16 @@ class Sequence:
     @property
     def prompt_len(self) -> int:
         return len(self.ids)
+
+    @property
+    def position_offset(self) -> int:
+        """Position minus cache index after the prompt: the image tokens pruning dropped (0 renumbered)."""
+        return 0 if self.positions is None else int(self.positions[-1]) + 1 - self.prompt_len
+
+    @property
+    def decode_position(self) -> int:
+        """Position of the token the next decode step feeds (the last generated one)."""
+        return self.prompt_len + len(self.generated) - 1 + self.position_offset
 
     @property
     def capacity(self) -> int:

@@ -167,6 +167,9 @@ class TrtBackend:
         self.graphs = CudaGraphRunner(cudart, dec.context, self.stream, "decoder", enabled=cuda_graphs and inplace)
         if cuda_graphs and not inplace:
             self.graphs.disabled_reason = "ping-pong engines: the decode step has a new shape every step"
+        # in-place and ping-pong engines are the portable graph (rotary from position_ids); the plugin's
+        # attention kernel rotates by start_pos + j, i.e. by cache slot: pruned prompts are renumbered there
+        self.takes_positions = layout != KV_PLUGIN
         self._plugin_steps = None
         if layout == KV_PLUGIN:
             self._plugin_steps = PluginDecoderSteps(

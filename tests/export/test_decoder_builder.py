@@ -1,5 +1,7 @@
 """The fast decoder builder (export/fast_decoder.DecoderBuilder: one method per block, family hooks) writes
-every family's graph byte for byte as the single-loop builder it replaced did, for every option.
+every family's graph byte for byte as the single-loop builder it replaced did, for every option, when asked
+for that graph (``positions=False``: rotary by cache index); the default graph (``position_ids`` input,
+RotaryEmbedding on q and k) holds the same weights and differs only in its attention wiring.
 
 The pinned digests were computed with that builder (commit 7a68938) on these models. The weights are set
 from integers here, not drawn from torch's generator, and the rotary tables' bytes are left out of the
@@ -136,10 +138,36 @@ def test_graph_bytes_are_the_single_loop_builders(models, tmp_path, family):
     for option, kw in OPTIONS.items():
         path = tmp_path / option / "decoder_fast.onnx"
         path.parent.mkdir()
-        build_fast_decoder(models[family], path, FastDecoderConfig(**kw))
+        build_fast_decoder(models[family], path, FastDecoderConfig(**kw, positions=False))
         got[option] = graph_digest(path)
     want = {o: DIGESTS[f"{family}/{o}"] for o in OPTIONS}
     assert got == want
+
+
+@pytest.mark.parametrize("option", ["default", "unfused", "int4"])
+def test_position_input_changes_only_the_attention_wiring(models, tmp_path, option):
+    """With position_ids: every initializer of the old graph, byte for byte (plus the q|k|v split sizes when
+    fused), one more input, and per layer RotaryEmbedding on q and k feeding GroupQueryAttention without rotary."""
+    graphs = {}
+    for positions in (False, True):
+        path = tmp_path / str(positions) / "decoder_fast.onnx"
+        path.parent.mkdir()
+        build_fast_decoder(models["llava-hf-gqa"], path, FastDecoderConfig(**OPTIONS[option], positions=positions))
+        graphs[positions] = onnx.load(str(path))
+    old, new = graphs[False].graph, graphs[True].graph
+    assert [i.name for i in new.input] == [*[i.name for i in old.input][:4], "position_ids",
+                                           *[i.name for i in old.input][4:]]
+    old_inits = {t.name: t.SerializeToString() for t in old.initializer}
+    new_inits = {t.name: t.SerializeToString() for t in new.initializer}
+    extra = {"const.qkv_split"} if OPTIONS[option].get("fuse", True) else set()
+    assert set(new_inits) == set(old_inits) | extra
+    assert all(new_inits[k] == v for k, v in old_inits.items())
+    layers = models["llava-hf-gqa"].config.text_config.num_hidden_layers
+    ops = [n.op_type for n in new.node]
+    assert ops.count("RotaryEmbedding") == 2 * layers and ops.count("GroupQueryAttention") == layers
+    for n in new.node:
+        if n.op_type == "GroupQueryAttention":
+            assert {a.name: a.i for a in n.attribute}["do_rotary"] == 0 and len(n.input) == 7
 
 
 def test_rotary_tables(models, tmp_path):

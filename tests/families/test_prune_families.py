@@ -1,6 +1,7 @@
 """Pruning on every decoder family we export and on LLaVA-NeXT tiles: the fast decoder through the engine and
-the portable decoder in a static batch read the same pruned prompt (kept rows renumbered) and answer alike;
-ratio 0 answers as today; a NeXT image is pruned across all its tiles by its own token count."""
+the portable decoder in a static batch read the same pruned prompt (kept rows at their original positions) and
+answer alike; ratio 0 answers as today; a NeXT image is pruned across all its tiles by its own token count (its
+positions across all of them too)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def test_fast_engine_and_portable_batch_agree_when_pruned(family_models, two_sha
     portable = Pipeline.from_package(pkg, backend="ort", threads=1, prefix_cache=0, prune=s)
     off = Pipeline.from_package(pkg, backend="ort-fast", threads=1, prefix_cache=0)
     alone = [fast.generate(im, q, TOKENS) for im, q in zip(two_shapes, QUESTIONS)]
-    batch = portable.generate_batch(two_shapes, QUESTIONS, TOKENS)  # left-padded, positions from the mask
+    batch = portable.generate_batch(two_shapes, QUESTIONS, TOKENS)  # left-padded, each row's own positions
     assert [r.token_ids for r in batch] == [r.token_ids for r in alone]
     full = [off.generate(im, q, TOKENS) for im, q in zip(two_shapes, QUESTIONS)]
     kept, every = _counts(fast, two_shapes, s), _counts(fast, two_shapes, PruneSetting())
@@ -56,3 +57,19 @@ def test_ratio_zero_is_today(family_models, two_shapes, preset):
     zero = Pipeline.from_package(pkg, backend="ort-fast", threads=1, prune="cdpruner:0")
     for im, q in zip(two_shapes, QUESTIONS):
         assert zero.generate(im, q, TOKENS).token_ids == base.generate(im, q, TOKENS).token_ids
+
+
+@pytest.mark.parametrize("preset", ["llava-phi3", "next-vicuna"])
+def test_original_positions_match_transformers(family_models, two_shapes, preset):
+    """Each kept token at its index in the unpruned prompt (NeXT: across overview, grid tiles and newlines),
+    the text after the image where it was: transformers' greedy answer at those positions."""
+    from prune_reference import hf_greedy, kept_prompt
+
+    m = family_models[preset]
+    s = PruneSetting.parse("dart:0.5")
+    fast = Pipeline.from_package(m["package"], backend="ort-fast", threads=1, prefix_cache=0, prune=s)
+    im, q = two_shapes[1], QUESTIONS[0]
+    embeds, positions = kept_prompt(fast, [im], q, s)
+    assert positions[-1] + 1 > len(positions)
+    want, _ = hf_greedy(m["model"], embeds, positions, TOKENS, frozenset(fast.manifest.text.eos_token_ids))
+    assert fast.generate(im, q, TOKENS).token_ids == want
