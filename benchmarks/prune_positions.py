@@ -1,13 +1,14 @@
-"""Pruned image tokens: renumbered positions (what the runtime does) against their original positions (the
-DART reference), scored on the synthetic held-out set.
+"""Pruned image tokens: renumbered positions against their original positions (the DART reference), scored on
+the synthetic held-out set, outside the runtime.
 
-The runtime gives kept tokens consecutive positions, so every decoder graph runs unchanged (the fast
-decoder's GroupQueryAttention derives positions from sequence lengths and cannot take gaps). To know
-what that costs, this script answers every held-out question through the portable decoder, which takes
-explicit ``position_ids``, twice: with the positions renumbered, and with each kept token at its
-original position (the text after the image where it was before pruning). The renumbered score must
-equal ``llava-edge eval --prune`` (checked: it is the same computation), so the difference is the
-positions' alone.
+This measurement decided the runtime's choice: it renumbered kept tokens then (consecutive positions), and
+keeps them at their original positions since the fast decoder takes ``position_ids`` (docs/pruning.md,
+"Positions"). The script answers every held-out question through the portable decoder, which takes explicit
+``position_ids``, twice: with the positions renumbered, and with each kept token at its original position
+(the text after the image where it was before pruning), written out here independently of the runtime's
+``prune.prompt_positions``. The "original" score equals ``llava-edge eval --prune`` now (checked on both tiny
+models, per question type); "renumbered" equals what ``eval`` gave before, and what a fast package exported
+before the position input still gives.
 
     python3 benchmarks/prune_positions.py PACKAGE --n 300 --threads 1 -o benchmarks/results/prune_positions_tiny.json
 """
