@@ -681,7 +681,7 @@ def save_checkpoint(out: str | Path, model, tok, mc: ModelConfig) -> None:
         {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK, "image_token": IMAGE}, indent=2))
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="checkpoint directory to write")
     ap.add_argument("--seed", type=int, default=0)
@@ -701,7 +701,19 @@ def main(argv: list[str] | None = None) -> None:
                     "(same tokenizer); the vision tower and projector train fresh")
     ap.add_argument("--stage-steps", default="",
                     help="override step counts after scaling, e.g. stage2=1500,stage2b=800")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parser().parse_args(argv)
+    cfg = config_from_args(a)
+    info = train(a.out, cfg, stages=[s.strip() for s in a.stages.split(",") if s.strip()], resume=a.resume,
+                 lm_from=a.lm_from)
+    print(json.dumps(info["log"], indent=2))
+
+
+def config_from_args(a: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig the command line asks for, checked (one usage error per bad value)."""
     cfg = TrainConfig(seed=a.seed, threads=a.threads, minutes_budget=a.minutes_budget).scaled(a.steps_scale)
     if a.patch_size is not None:
         if a.patch_size < 1 or D.IMAGE_SIZE % a.patch_size:
@@ -718,9 +730,7 @@ def main(argv: list[str] | None = None) -> None:
         if name not in STAGES or not n.isdigit() or int(n) < 1:
             raise UsageError(f"--stage-steps {item!r}: expected STAGE=N with STAGE one of {', '.join(STAGES)}")
         getattr(cfg, name).steps = int(n)
-    info = train(a.out, cfg, stages=[s.strip() for s in a.stages.split(",") if s.strip()], resume=a.resume,
-                 lm_from=a.lm_from)
-    print(json.dumps(info["log"], indent=2))
+    return cfg
 
 
 if __name__ == "__main__":

@@ -266,14 +266,13 @@ def test_lm_from_copies_the_language_model_and_leaves_vision_fresh(tiny_run: tup
 
 def test_text_width_flags_set_the_language_model_dims(tmp_path: Path) -> None:
     """--text-hidden / --text-mlp make the wider model whose int4 blocks can be 256 wide (issue 26's block
-    decision); a width GPTQ's group 128 cannot split is one usage error."""
-    import json
-
+    decision); a width GPTQ's group 128 cannot split is one usage error, before anything trains."""
     from llava_edge.errors import UsageError
 
     with pytest.raises(UsageError, match="--text-mlp 320: must be a positive multiple of 128"):
         T.main(["--out", str(tmp_path / "x"), "--text-mlp", "320"])
-    T.main(["--out", str(tmp_path / "w"), "--stages", "vision", "--steps-scale", "0.005", "--text-hidden", "256",
-            "--text-mlp", "768"])
-    text = json.loads((tmp_path / "w" / "config.json").read_text())["text_config"]
-    assert (text["hidden_size"], text["intermediate_size"]) == (256, 768)
+    assert not (tmp_path / "x").exists()
+    cfg = T.config_from_args(T.parser().parse_args(["--out", "x", "--text-hidden", "256", "--text-mlp", "768"]))
+    text = T.build_model(cfg.model, vocab_size=64).config.text_config
+    assert (text.hidden_size, text.intermediate_size) == (256, 768)
+    assert T.config_from_args(T.parser().parse_args(["--out", "x"])).model == T.ModelConfig()
