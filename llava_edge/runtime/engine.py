@@ -26,6 +26,7 @@ from tokenizers import Tokenizer
 
 from ..errors import UsageError
 from ..package import Manifest
+from .backend import takes_positions
 from .model_runner import ModelRunner
 from .prefix_cache import PrefixCache, image_digest
 from . import anyres
@@ -70,7 +71,7 @@ def image_token_counts(images: Seq[Any], vision: Any, prune: PruneSetting,
 def original_positions(prune: PruneSetting, runner_or_backend: Any) -> bool:
     """Whether a pruned prompt's tokens keep their original positions: pruning is on and the decoder takes
     positions (else it is renumbered: docs/pruning.md, "Positions")."""
-    return prune.active and bool(getattr(runner_or_backend, "takes_positions", False))
+    return prune.active and takes_positions(runner_or_backend)
 
 
 @dataclass
@@ -174,8 +175,7 @@ class Engine:
                        frozenset(self.manifest.text.eos_token_ids), index=index)
         span = None
         if seq.images:
-            seq.full_image_tokens = image_token_counts(seq.images, self.manifest.vision, OFF, self.max_image_pixels)
-            seq.image_tokens = [params.prune.kept_count(n) for n in seq.full_image_tokens]
+            self._count_image_tokens(seq)
             placed = int((seq.ids == self.manifest.text.image_token_id).sum())
             if placed != sum(seq.image_tokens):
                 raise UsageError(f"the prompt has {placed} image tokens but its {len(seq.images)} image(s) take "
@@ -410,7 +410,8 @@ class Engine:
         return kept
 
     def _count_image_tokens(self, seq: Sequence) -> None:
-        """A Sequence made without make_sequence: its images' token counts, before and after pruning."""
+        """Its images' token counts, before and after pruning (once: make_sequence, or admission for a
+        Sequence made without it)."""
         if not seq.full_image_tokens:
             seq.full_image_tokens = image_token_counts(seq.images, self.manifest.vision, OFF, self.max_image_pixels)
             seq.image_tokens = [seq.params.prune.kept_count(n) for n in seq.full_image_tokens]
