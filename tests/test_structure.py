@@ -38,7 +38,8 @@ def test_cli_maps_any_llava_edge_error_to_one_line(tiny_models):
     r = CliRunner().invoke(app, ["bench", str(tiny_models["llava-hf-v1.5"]["package"]), "--backend", "ort-magic"])
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     assert [line for line in r.output.splitlines() if line.startswith("error:")] == [
-        "error: unknown backend 'ort-magic'; use ort, ort-fast, ort-fast-int4, tensorrt"]
+        "error: unknown backend 'ort-magic'; use ort, ort-fast, ort-fast-int4, ort-fast-ov, ort-fast-int4-ov, "
+        "tensorrt"]
     assert issubclass(UsageError, LlavaEdgeError)
 
 

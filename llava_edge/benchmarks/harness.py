@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import LlavaEdgeError
 from ..package import TOKENIZER_NAME, Manifest, load_manifest
 from ..errors import BackendError
-from ..runtime.backends import resolve, resolve_auto
+from ..runtime.backends import DECODER_GRAPHS, resolve, resolve_auto
 from ..runtime.ragged import left_pad
 from .measure import PeakRSS, TimedBackend, machine_info, median, percentiles, versions
 
@@ -228,7 +228,7 @@ def _summarize(engine: str, batch: int, prompt_tokens: int, new_tokens: int, sam
 def _package_bytes(package_dir: Path, manifest: Manifest, engines: Sequence[str]) -> int:
     used = {"vision", "embed"}
     for e in engines:
-        used.add({"ort-fast": "decoder_fast", "ort-fast-int4": "decoder_fast_int4"}.get(resolve(e)[0], "decoder"))
+        used.add(DECODER_GRAPHS.get(resolve(e)[0], ("decoder",))[0])
     total = (package_dir / TOKENIZER_NAME).stat().st_size
     for name, g in manifest.graphs.items():
         if name in used:

@@ -34,6 +34,10 @@ BACKENDS: dict[str, BackendSpec] = {s.name: s for s in (
     # GroupQueryAttention's shared past/present buffer is bound as CPU memory (fast_backend.py)
     BackendSpec("ort-fast", ("cpu",), "onnxruntime, GroupQueryAttention decoder, in-place KV cache"),
     BackendSpec("ort-fast-int4", ("cpu",), "ort-fast with the int4 (MatMulNBits) fast decoder"),
+    # OpenVINO prefills long prompt chunks of the same graph into the same cache (ov_prefill.py): a faster
+    # first token for one more copy of the decoder in memory, so chosen by name, never by auto
+    BackendSpec("ort-fast-ov", ("cpu",), "ort-fast, prompt prefill on OpenVINO (the openvino extra)"),
+    BackendSpec("ort-fast-int4-ov", ("cpu",), "ort-fast-int4, prompt prefill on OpenVINO (the openvino extra)"),
     BackendSpec("tensorrt", ("cuda",), "TensorRT engines from `llava-edge build` (the GPU they were built for)"),
 )}
 # earlier bench names: a name that carries its device
@@ -61,6 +65,7 @@ def resolve(name: str, device: str | None = None) -> tuple[str, str]:
 DECODER_GRAPHS: dict[str, tuple[str, str]] = {
     "ort": ("decoder", ""), "ort-fast": ("decoder_fast", " --fast"),
     "ort-fast-int4": ("decoder_fast_int4", " --fast-int4"),
+    "ort-fast-ov": ("decoder_fast", " --fast"), "ort-fast-int4-ov": ("decoder_fast_int4", " --fast-int4"),
 }
 
 
@@ -113,11 +118,13 @@ def open_backend(name: str, package_dir: str | os.PathLike, manifest: Manifest, 
         from .ort_backend import OrtBackend
 
         return OrtBackend(package_dir, manifest, device=device, threads=threads)
-    if name in ("ort-fast", "ort-fast-int4"):
+    if name in ("ort-fast", "ort-fast-int4", "ort-fast-ov", "ort-fast-int4-ov"):
         from .fast_backend import FastOrtBackend
+        from .ov_prefill import PrefillEngine
 
-        decoder = "decoder_fast" if name == "ort-fast" else "decoder_fast_int4"
-        return FastOrtBackend(package_dir, manifest, threads=threads, device=device, decoder=decoder)
+        prefill = PrefillEngine.OPENVINO if name.endswith("-ov") else PrefillEngine.ONNXRUNTIME
+        return FastOrtBackend(package_dir, manifest, threads=threads, device=device,
+                              decoder=DECODER_GRAPHS[name][0], prefill=prefill)
     from .trt_backend import TrtBackend  # "tensorrt": the GPU the engines were built for
 
     return TrtBackend(package_dir, manifest)

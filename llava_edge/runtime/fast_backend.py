@@ -22,6 +22,10 @@ to the row's next cache slot, so a pruned prompt is dense in the cache and gappe
 graph derives positions from the cache fill (GroupQueryAttention's own rotary): it gets none, and the
 engine renumbers (docs/pruning.md, "Positions").
 
+Prefill on OpenVINO (``prefill="openvino"``, backends ``ort-fast-ov`` / ``ort-fast-int4-ov``): long prompt
+chunks of ``prefill_slot`` run the same graph file in OpenVINO, which writes into the same buffers
+(ov_prefill.py); everything else is unchanged.
+
 Imports neither torch nor onnx (runtime rule).
 """
 
@@ -38,6 +42,7 @@ import onnxruntime as ort
 from ..package import Manifest
 from .backend import BackendError
 from .ort_backend import EMBED_THREADS, open_session, session_options
+from .ov_prefill import OpenVinoPrefill, PrefillEngine
 from .ragged import right_align
 
 
@@ -71,7 +76,8 @@ class FastOrtBackend:
     supports_prefix_reuse = True
 
     def __init__(self, package_dir: str | os.PathLike, manifest: Manifest, threads: int | None = None,
-                 decoder: str = "decoder_fast", device: str = "cpu"):
+                 decoder: str = "decoder_fast", device: str = "cpu",
+                 prefill: PrefillEngine = PrefillEngine.ONNXRUNTIME):
         if decoder not in manifest.graphs:
             fast = [g for g in manifest.graphs if g.startswith("decoder_fast")]
             flag = "--fast" if decoder == "decoder_fast" else "--fast-int4"
@@ -96,6 +102,11 @@ class FastOrtBackend:
         self.kv_heads, self.head_dim, self.vocab = t.num_kv_heads, t.head_dim, t.vocab_size
         self.max_context = t.max_context
         self.takes_positions = "position_ids" in {i.name for i in self.decoder.get_inputs()}
+        self.ov_prefill = None  # OpenVinoPrefill: long prompt chunks (ov_prefill.py)
+        if PrefillEngine(prefill) is PrefillEngine.OPENVINO:
+            self.ov_prefill = OpenVinoPrefill(root / manifest.graphs[decoder].file, threads, self.past_names,
+                                              self.present_names)
+            self.name = f"{self.name}+openvino-prefill"
 
     # -- protocol ---------------------------------------------------------------------------------
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
@@ -179,10 +190,16 @@ class FastOrtBackend:
             raise BackendError(f"KV cache full: {new_len} > {kv.max_len}")
         embeds = np.ascontiguousarray(inputs_embeds.astype(self.float_dtype, copy=False))
         pos = self._given(positions, np.arange(old, new_len, dtype=np.int64))
-        self._execute(self._slot_binding(kv, slot, slot + 1), embeds, np.array([new_len], np.int32),
-                      np.array([t - 1], np.int64), pos.reshape(1, t))
+        if self.ov_prefill is not None and self.ov_prefill.takes(t):
+            self._check_positions(pos)
+            buffers = [buf for pair in zip(kv.keys, kv.values) for buf in pair]  # the graph's past order
+            logits = self.ov_prefill.prefill(buffers, slot, old, embeds, pos)
+        else:
+            self._execute(self._slot_binding(kv, slot, slot + 1), embeds, np.array([new_len], np.int32),
+                          np.array([t - 1], np.int64), pos.reshape(1, t))
+            logits = kv.logits[slot].copy()
         kv.lengths[slot] = new_len
-        return kv.logits[slot].copy()
+        return logits
 
     def decode_slots(self, kv: FastKVCache, inputs_embeds: np.ndarray, active: np.ndarray,
                      positions: np.ndarray | None = None) -> np.ndarray:
@@ -262,6 +279,11 @@ class FastOrtBackend:
              positions: np.ndarray) -> None:
         self._execute(self._slot_binding(cache, 0, cache.rows), embeds, new_lengths, index, positions)
 
+    def _check_positions(self, positions: np.ndarray) -> None:
+        if positions.size and (int(positions.min()) < 0 or int(positions.max()) >= self.max_context):
+            raise BackendError(f"positions {int(positions.min())}..{int(positions.max())} are outside the "
+                               f"model's {self.max_context}")
+
     def _execute(self, binding: Any, embeds: np.ndarray, new_lengths: np.ndarray, index: np.ndarray,
                  positions: np.ndarray) -> None:
         seqlens = (new_lengths - 1).astype(np.int32)
@@ -269,9 +291,7 @@ class FastOrtBackend:
         feeds = [("inputs_embeds", embeds), ("seqlens_k", seqlens), ("total_sequence_length", total),
                  ("logits_index", index)]
         if self.takes_positions:
-            if positions.size and (int(positions.min()) < 0 or int(positions.max()) >= self.max_context):
-                raise BackendError(f"positions {int(positions.min())}..{int(positions.max())} are outside the "
-                                   f"model's {self.max_context}")
+            self._check_positions(positions)
             feeds.append(("position_ids", np.ascontiguousarray(positions, dtype=np.int64)))
         keep = []  # OrtValues wrap the numpy memory; keep them alive through the run
         for name, arr in feeds:

@@ -31,8 +31,10 @@ if TYPE_CHECKING:
     from .media import MediaLimits
 
 API_KEY_ENV = "LLAVA_EDGE_API_KEY"
+# every verb's --backend (cli.py)
 BACKEND_HELP = ("auto (the fastest graph the package has: TensorRT engines, int4 fast, fast, portable decoder), ort, "
-                "ort-fast, ort-fast-int4 or tensorrt.")  # every verb's --backend (cli.py)
+                "ort-fast, ort-fast-int4, tensorrt, or ort-fast-ov / ort-fast-int4-ov (long prompt chunks on OpenVINO: "
+                "faster first token, a second decoder copy in memory; the openvino extra).")
 _KEY_CHARS = re.compile(r"[\x21-\x7e]+")  # what survives the header's strip and latin-1 decoding unchanged
 _HOST = re.compile(r"\*|\.?[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?|\[[0-9A-Fa-f:.]+\]")
 _ORIGIN = re.compile(r"\*|https?://[^/\s?#]+")

@@ -20,10 +20,11 @@ from llava_edge.runtime.trt_backend import TrtBackend
 
 
 def test_table_names_and_aliases():
-    assert list(BACKENDS) == ["ort", "ort-fast", "ort-fast-int4", "tensorrt"]
+    assert list(BACKENDS) == ["ort", "ort-fast", "ort-fast-int4", "ort-fast-ov", "ort-fast-int4-ov", "tensorrt"]
     assert resolve("ort", "cuda") == ("ort", "cuda") and resolve("ort-cpu", "cuda") == ("ort", "cpu")
     assert all(resolve(alias) == target for alias, target in ALIASES.items())
-    with pytest.raises(BackendError, match="unknown backend 'ort-magic'; use ort, ort-fast, ort-fast-int4, tensorrt"):
+    with pytest.raises(BackendError, match="unknown backend 'ort-magic'; use ort, ort-fast, ort-fast-int4, "
+                                           "ort-fast-ov, ort-fast-int4-ov, tensorrt"):
         resolve("ort-magic")
 
 
