@@ -2,23 +2,26 @@
 
 Why two runtimes for one graph: on CPU, OpenVINO computes a long prompt chunk through the package's own
 int4 fast decoder (MatMulNBits, RotaryEmbedding, GroupQueryAttention) faster than onnxruntime does (a 640-
-position prompt on edge-1b, 2 threads: 3.0 s against 4.9 s), while its decode step is slower (85 against
-46 ms) and it refuses a batched decode with rows of different lengths. So each runtime does what it does
-best on the same graph file, and the KV cache stays onnxruntime's in-place buffer (fast_backend.py):
-OpenVINO reads the slot's row of that buffer as its past and returns ``present`` sized to the filled
-length (its GroupQueryAttention does not write in place), and the new positions are copied into the row.
+position prompt on edge-1b, 2 threads: 2.9 s against 5.1 s; a server's 16-token chunk: 104 against 130
+ms), while its decode step is slower (85 against 46 ms) and it refuses a batched decode with rows of
+different lengths. So each runtime does what it does best on the same graph file, and the KV cache stays
+onnxruntime's in-place buffer (fast_backend.py): OpenVINO reads the slot's row of that buffer as its past
+and returns ``present`` sized to the filled length (its GroupQueryAttention does not write in place), and
+the new positions are copied into the row.
 
 The rule for which runtime takes a chunk depends only on the chunk's length (``min_tokens``), and chunk
 boundaries depend only on the prompt (scheduler.py), so a sequence runs the same calls alone as in a
-crowd and greedy tokens do not change with the load. Short chunks (a server's 16-token chunks) stay on
-onnxruntime, which is as fast there (docs/cpu.md, "OpenVINO prefill").
+crowd and greedy tokens do not change with the load. Chunks of a few tokens (a prompt's short tail, what
+a reused prefix leaves) stay on onnxruntime, which is as fast or faster there.
 
-Cost: OpenVINO holds its own copy of the decoder's weights (about the package's decoder size again,
-plus its repacked kernels' buffers: +1.2 GB resident on edge-1b), and compiles the graph at every open
-(about 1.5 s on edge-1b). That is why it is a backend you choose (``ort-fast-ov``, ``ort-fast-int4-ov``)
-and not the default. OpenVINO's compiled-model cache (``CACHE_DIR``) is deliberately not used: a decoder
-loaded from its blob gave other logits than the one compiled from the graph (openvino 2026.4.1; the
-tests' second open caught it), and a cache that maps the weights would have saved ~0.5 GB resident.
+Cost: OpenVINO holds its own copy of the decoder's weights, read from the ONNX file and repacked for its
+kernels, and compiles the graph at every open (about 1.5 s on edge-1b): ``llava-edge bench``'s peak RSS
+on edge-1b int4 is 3.24 GB against onnxruntime alone's 1.29 GB. That is why it is a backend you choose
+(``ort-fast-ov``, ``ort-fast-int4-ov``) and not the default. Neither of OpenVINO's ways to skip the
+ONNX read works for this graph in openvino 2026.4.1: a decoder loaded from its compiled-model cache
+(``CACHE_DIR``) gave other logits than the one compiled from the file (the tests' second open caught
+it), and an IR saved with ``save_model`` does not load ("Cannot create GroupQueryAttention layer ...
+from unsupported opset: extension").
 
 Precision: f32 is asked for explicitly. On a CPU with bf16 units OpenVINO would otherwise run an fp32
 graph in bf16, and the logits would no longer be those of the graph onnxruntime runs.
@@ -35,9 +38,10 @@ import numpy as np
 from .backend import BackendError
 
 # Prompt chunks of at least this many tokens go to OpenVINO. Measured on edge-1b int4, 2 threads, after a
-# 100-token context (ms per chunk, onnxruntime / OpenVINO): 16: 129 / 137, 64: 399 / 284, 256: 1825 / 1343,
-# 640: 4946 / 3029 (docs/cpu.md, "OpenVINO prefill"); 32 sits at the crossover.
-OV_MIN_PREFILL_TOKENS = 32
+# 100-token context, runtimes interleaved, 9 rounds (ms per chunk, onnxruntime / OpenVINO): 1: 37 / 51,
+# 4: 54 / 53, 8: 78 / 73, 16: 130 / 104, 32: 221 / 182, 64: 464 / 333, 256: 1923 / 1214, 640: 5097 / 2920
+# (benchmarks/openvino/prefill_chunks.py; docs/cpu.md, "OpenVINO prefill").
+OV_MIN_PREFILL_TOKENS = 8
 
 
 class PrefillEngine(str, Enum):
