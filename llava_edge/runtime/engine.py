@@ -57,6 +57,12 @@ def check_context(prompt_len: int, max_tokens: int, context: int, span: int | No
             f"positions) plus max_new_tokens={max_tokens} exceeds the model's context of {max_positions}")
 
 
+def unpruned_span(prompt_len: int, full: Seq[int], kept: Seq[int]) -> int:
+    """Positions a pruned prompt spans: its tokens plus the image tokens pruning dropped (``full`` less
+    ``kept`` per image), since kept tokens stay at their original positions (check_context's ``span``)."""
+    return prompt_len + sum(full) - sum(kept)
+
+
 def image_token_counts(images: Seq[Any], vision: Any, prune: PruneSetting,
                        max_image_pixels: int | None = MAX_IMAGE_PIXELS) -> list[int]:
     """Tokens each image takes in a prompt: the package's count (LLaVA-NeXT: a function of the image's size,
@@ -181,7 +187,7 @@ class Engine:
                 raise UsageError(f"the prompt has {placed} image tokens but its {len(seq.images)} image(s) take "
                                  f"{sum(seq.image_tokens)} (prune {params.prune}): lay it out with the same setting")
             if original_positions(params.prune, self.runner):
-                span = len(seq.ids) + sum(seq.full_image_tokens) - sum(seq.image_tokens)
+                span = unpruned_span(len(seq.ids), seq.full_image_tokens, seq.image_tokens)
         check_context(len(seq.ids), params.max_tokens, self.context, span, self.manifest.text.max_context)
         return seq
 

@@ -29,7 +29,8 @@ from . import prompt as prompts
 from .backend import SlotBackend, supports_prefix_reuse
 from .backends import open_backend
 from .inputs import check_count, check_stop, check_text, check_threads
-from .engine import Engine, PromptTooLongError, check_context, image_token_counts, original_positions
+from .engine import (Engine, PromptTooLongError, check_context, image_token_counts, original_positions,
+                     unpruned_span)
 from .model_runner import make_runner
 from .prefix_cache import PrefixCache, image_digest
 from .preprocess import MAX_IMAGE_PIXELS, load_image, preprocess
@@ -218,7 +219,8 @@ class Pipeline:
         # pruned images at their original positions (engine.original_positions): each row's unpruned count
         original = original_positions(self.prune, self.backend)
         full = [self._full_counts(r.images) for r in requests] if original else []
-        spans = [n + sum(f) - sum(map(self.prune.kept_count, f)) for n, f in zip(lengths, full)]
+        kept_counts = [[self.prune.kept_count(n) for n in f] for f in full]
+        spans = [unpruned_span(n, f, k) for n, f, k in zip(lengths, full, kept_counts)]
         check_context(longest, max_new_tokens, t.max_context, max(spans) if original else None, t.max_context)
         b = len(requests)
         timings = Timings()
@@ -242,9 +244,8 @@ class Pipeline:
             flat, kept = self._pruned_features(requests, encoded)
             timings.vision_ms = (time.perf_counter() - t0) * 1000
         if original:  # each row's positions, left-padded like its ids (only [start:] is run)
-            for i, (e, f, k) in enumerate(zip(encoded, full, kept)):
-                positions[i, longest - len(e) :] = prompt_positions(e, t.image_token_id, f,
-                                                                    [self.prune.kept_count(n) for n in f], k)
+            for i, (e, f, c, k) in enumerate(zip(encoded, full, kept_counts, kept)):
+                positions[i, longest - len(e) :] = prompt_positions(e, t.image_token_id, f, c, k)
 
         t0 = time.perf_counter()
         embeds = self.backend.embed(new_ids)

@@ -225,6 +225,22 @@ def test_engine_refuses_what_only_renumbering_fits(gqa_fast_package, old_fast_pa
     old.make_engine(max_slots=1).make_sequence(ids, pics[:1], GenerationParams(room, prune=s))
 
 
+def test_static_batch_refuses_what_only_renumbering_fits(gqa_fast_package, pics):
+    """The static batch (portable backend, several requests) applies the same bound as the engine, to its
+    longest span; renumbered (a backend without positions), the same batch fits."""
+    s = PruneSetting.parse("dart:0.75")
+    pipe = _pipe(gqa_fast_package, "ort", s)
+    m = pipe.manifest
+    reqs = [Request([(Q1, None)], pics[:1]), Request([(Q2, None)], pics[1:2])]
+    longest = max(len(pipe.encode_request(r)) for r in reqs)
+    dropped = m.vision.num_image_tokens - s.kept_count(m.vision.num_image_tokens)
+    room = m.text.max_context - longest
+    with pytest.raises(PromptTooLongError, match="original positions"):
+        drain(pipe.run(reqs, room))
+    assert len(drain(pipe.run(reqs, room - dropped))) == 2
+    assert len(drain(_renumbered(gqa_fast_package, s).run(reqs, room))) == 2  # only the cache bounds it
+
+
 def test_a_graph_without_positions_refuses_other_positions(old_fast_package):
     """Positions other than the cache fill would be silently ignored by GroupQueryAttention's own rotary: the old
     graph's backend refuses them in one line instead (the engine never sends them to it)."""
