@@ -259,6 +259,7 @@ class Engine:
         costs = self.scheduler.costs
         for chunk in plan.prefill:
             seq = chunk.seq
+            costed = not self._vision_running()
             t0 = self.clock()
             try:
                 off = seq.prefill_start
@@ -270,7 +271,8 @@ class Engine:
             seq.computed = chunk.end
             ms = (self.clock() - t0) * 1000
             seq.timings.prefill_ms += ms
-            costs.observe_prefill(chunk.tokens, ms)
+            if costed:
+                costs.observe_prefill(chunk.tokens, ms)
             if chunk.last:
                 seq.embeds = None
                 if self.prefix_cache is not None and self.runner.supports_prefix:
@@ -279,6 +281,7 @@ class Engine:
                 out.append((seq, logits[None]))
         if plan.decode:
             batch = plan.decode
+            costed = not self._vision_running()
             t0 = self.clock()
             try:
                 positions = ([s.decode_position for s in batch] if any(s.positions is not None for s in batch)
@@ -288,9 +291,15 @@ class Engine:
                 for seq in batch:
                     self._fail(seq, e, events)
                 return out
-            costs.observe_decode(len(batch), (self.clock() - t0) * 1000)
+            if costed:
+                costs.observe_decode(len(batch), (self.clock() - t0) * 1000)
             out += [(seq, logits[i : i + 1]) for i, seq in enumerate(batch)]
         return out
+
+    def _vision_running(self) -> bool:
+        """Whether the vision encoder is working now: a call started meanwhile shares the cores with it, so
+        its time is not what the scheduler's budget should be made of (StepCosts)."""
+        return any(s.vision is not None and not s.vision.future.done() for s in self.scheduler.running)
 
     def _postprocess(self, outputs: list[tuple[Sequence, np.ndarray]], events: list[TokenEvent]) -> None:
         """Sample each sequence's next token, append it (stop checks, text), retire the finished."""

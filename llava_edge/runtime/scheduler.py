@@ -65,7 +65,12 @@ class PrefillChunk:
 class StepCosts:
     """What the engine's backend calls have cost, as exponential moving averages (``weight`` on the newest):
     prefill per prompt token, and a decode call per number of rows. The budget is in decode calls, so
-    the numbers only need to be right relative to each other, on this machine, under its current load."""
+    the numbers only need to be right relative to each other, on this machine, under its current load.
+
+    The engine does not report calls that ran beside the vision encoder (``Engine._run``): they share the
+    cores with it (a 3-row decode on edge-1b, 2 cores: ~54 ms alone, 150-200 ms beside the encoder), and
+    an estimate inflated by them made the first steps after the encoder finished carry two or three
+    chunks each (steps of 480 ms against a steady 87), the stall the budget exists to prevent."""
 
     weight: float = 0.3
     prefill_ms_per_token: float | None = None

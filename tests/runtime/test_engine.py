@@ -3,6 +3,7 @@ never change a greedy token, and the scheduler keeps its promises (slots, budget
 
 from __future__ import annotations
 
+import threading
 
 import numpy as np
 import pytest
@@ -110,6 +111,38 @@ def test_chunked_prefill_never_stalls_running_decodes(pipe, images):
             assert long_seq.computed - before <= CHUNK  # at most one chunk of prefill per step
         assert {s.seq_id for s in short} <= got  # ... and every running stream got its token
     assert prefill_steps >= long_seq.prompt_len // CHUNK
+
+
+def test_calls_beside_the_vision_encoder_do_not_set_the_budget(fast_package, images):
+    """A decode call or chunk that starts while the vision encoder works shares the cores with it, so its time
+    must not become the budget's measure (an estimate inflated by them let the first steps after the encoder
+    carry several chunks each). While an image request's encoder runs (held here until released), the
+    measured costs stay as they were; once it is done, decode calls are measured again."""
+    pipe = Pipeline.from_package(fast_package, backend="ort-fast", threads=1, prefix_cache=0)
+    engine = pipe.make_engine(max_slots=3, prefill_chunk=CHUNK)
+    release, encode = threading.Event(), engine.runner.encode_images
+    engine.runner.encode_images = lambda px: release.wait(30) and encode(px)
+    streams = [pipe.sequences([Request([("Count.", None)], [])], 40, engine=engine)[0] for _ in range(2)]
+    for s in streams:
+        engine.add(s)
+    for _ in range(4):
+        engine.step()
+    costs = engine.scheduler.costs
+    (newcomer,) = pipe.sequences([Request([("What is in the picture?", None)], [images["landscape"]])], 3,
+                                 engine=engine)
+    engine.add(newcomer)
+    engine.step()  # admitted: its encoder starts (and waits)
+    measured = (dict(costs.decode_ms), costs.prefill_ms_per_token)
+    assert measured[0] and measured[1] is not None
+    for _ in range(4):
+        before = [len(s.generated) for s in streams]
+        engine.step()
+        assert [len(s.generated) for s in streams] == [n + 1 for n in before]  # the streams decode meanwhile
+    assert newcomer.vision is not None and (dict(costs.decode_ms), costs.prefill_ms_per_token) == measured
+    release.set()
+    list(engine.run_until_done([newcomer]))
+    assert dict(costs.decode_ms) != measured[0]
+    assert newcomer.generated == _alone(pipe, Request([("What is in the picture?", None)], [images["landscape"]]), 3)
 
 
 def test_cancel_frees_the_slot_and_admits_the_next(pipe, images):
