@@ -88,7 +88,8 @@ def test_engine_equals_pipeline_generate(pipe, images):
 
 
 def test_chunked_prefill_never_stalls_running_decodes(pipe, images):
-    engine = pipe.make_engine(max_slots=3, prefill_chunk=CHUNK, prefill_budget=0)  # one chunk per step
+    # one chunk per step; an image cache (the pipe's default has none) so the warm-up below really caches
+    engine = pipe.make_engine(max_slots=3, prefill_chunk=CHUNK, prefill_budget=0, image_cache_mb=1)
     long_req = Request([("Where is the small red circle, on the left or on the right of the image?", None)],
                        [images["rgba"]])
     # the image's features into the engine's image cache first: the measured request then skips the vision
@@ -111,6 +112,7 @@ def test_chunked_prefill_never_stalls_running_decodes(pipe, images):
             assert long_seq.computed - before <= CHUNK  # at most one chunk of prefill per step
         assert {s.seq_id for s in short} <= got  # ... and every running stream got its token
     assert prefill_steps >= long_seq.prompt_len // CHUNK
+    assert engine.image_cache.hits == 1  # the measured request's image came from the cache, as meant
 
 
 def test_calls_beside_the_vision_encoder_do_not_set_the_budget(fast_package, images):
