@@ -52,6 +52,7 @@ class PrefillEngine(str, Enum):
 
 
 def import_openvino() -> Any:
+    """The openvino module, or one BackendError naming the extra that installs it (it is optional)."""
     try:
         import openvino
     except ImportError as e:
