@@ -69,6 +69,11 @@ class FastKVCache:
     def length(self) -> int:
         return int(self.lengths.max()) if self.rows else 0
 
+    @property
+    def past(self) -> list[np.ndarray]:
+        """Every layer's keys then values, in the graph's past_key_values (and present) order."""
+        return [buf for pair in zip(self.keys, self.values) for buf in pair]
+
 
 
 class FastOrtBackend:
@@ -192,8 +197,7 @@ class FastOrtBackend:
         pos = self._given(positions, np.arange(old, new_len, dtype=np.int64))
         if self.ov_prefill is not None and self.ov_prefill.takes(t):
             self._check_positions(pos)
-            buffers = [buf for pair in zip(kv.keys, kv.values) for buf in pair]  # the graph's past order
-            logits = self.ov_prefill.prefill(buffers, slot, old, embeds, pos)
+            logits = self.ov_prefill.prefill(kv.past, slot, old, embeds, pos)
         else:
             self._execute(self._slot_binding(kv, slot, slot + 1), embeds, np.array([new_len], np.int32),
                           np.array([t - 1], np.int64), pos.reshape(1, t))
@@ -235,7 +239,7 @@ class FastOrtBackend:
     def _slot_binding(self, kv: FastKVCache, lo: int, hi: int) -> Any:
         binding = kv.bindings.get((lo, hi))
         if binding is None:
-            binding = kv.bindings[(lo, hi)] = self._bind(kv.keys, kv.values, kv.logits, lo, hi, kv.held)
+            binding = kv.bindings[(lo, hi)] = self._bind(kv, lo, hi)
         return binding
 
     # -- internals ----------------------------------------------------------------------------------
@@ -246,18 +250,16 @@ class FastOrtBackend:
         return ([np.zeros(shape, self.float_dtype) for _ in range(n)],
                 [np.zeros(shape, self.float_dtype) for _ in range(n)])
 
-    def _bind(self, keys: list[np.ndarray], values: list[np.ndarray], logits: np.ndarray, lo: int, hi: int,
-              held: list[Any]) -> Any:
+    def _bind(self, kv: FastKVCache, lo: int, hi: int) -> Any:
         """An IOBinding of rows [lo, hi) of the buffers as both past and present (in place) and of logits;
         a row range of a [rows, ...] buffer is contiguous, so the OrtValues wrap it without a copy."""
         binding = self.decoder.io_binding()
-        views = [buf[lo:hi] for pair in zip(keys, values) for buf in pair]
-        for name, out_name, view in zip(self.past_names, self.present_names, views):
-            ov = ort.OrtValue.ortvalue_from_numpy(view)
-            held.append(ov)
+        for name, out_name, buf in zip(self.past_names, self.present_names, kv.past):
+            ov = ort.OrtValue.ortvalue_from_numpy(buf[lo:hi])
+            kv.held.append(ov)
             binding.bind_ortvalue_input(name, ov)
             binding.bind_ortvalue_output(out_name, ov)
-        binding.bind_output("logits", "cpu", 0, np.float32, [hi - lo, self.vocab], logits[lo:hi].ctypes.data)
+        binding.bind_output("logits", "cpu", 0, np.float32, [hi - lo, self.vocab], kv.logits[lo:hi].ctypes.data)
         return binding
 
     def _given(self, positions: np.ndarray | None, cache_index: np.ndarray) -> np.ndarray:

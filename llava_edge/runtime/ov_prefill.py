@@ -80,7 +80,7 @@ class OpenVinoPrefill:
             raise BackendError(f"OpenVINO {ov.__version__} could not compile {graph.name}: {str(e)[:400]}") from None
         self.request = self.compiled.create_infer_request()
         self.inputs = {i.get_any_name() for i in self.compiled.inputs}
-        self.past_names, self.present_names = past_names, present_names
+        self.past_names = past_names
         self.presents = [self.compiled.output(n) for n in present_names]
         self.logits = self.compiled.output("logits")
         self.min_tokens = min_tokens
